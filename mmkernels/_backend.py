@@ -1,0 +1,113 @@
+"""Backend dispatch: the one place that decides which implementation runs.
+
+| tensors | backend `auto` (default) | `triton`                                   | `cpu`        |
+|---------|--------------------------|--------------------------------------------|--------------|
+| CUDA    | Triton kernels           | Triton kernels                             | error        |
+| CPU     | CPU path                 | Triton interpreter (needs TRITON_INTERPRET=1 before import) | CPU path |
+
+The choice is read at call time: ``mmkernels.set_backend(name)`` wins over the environment
+variable ``MMKERNELS_BACKEND``; ``set_backend(None)`` goes back to the variable.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu")
+ENV_VAR = "MMKERNELS_BACKEND"
+
+_override: Optional[str] = None
+
+
+class Impl(enum.Enum):
+    """What actually runs for one call."""
+
+    TRITON = "triton"  # Triton kernels on CUDA tensors, or under the interpreter on CPU tensors
+    CPU = "cpu"  # the CPU path (C++ extension where built, else vectorised torch)
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run these tensors (e.g. `triton` on CPU without the interpreter)."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Select the backend for later calls: ``"auto"``, ``"triton"``, ``"cpu"``, or ``None`` to use
+    the ``MMKERNELS_BACKEND`` environment variable again."""
+    global _override
+    _override = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force now (``set_backend`` first, then ``MMKERNELS_BACKEND``, else ``auto``)."""
+    if _override is not None:
+        return _override
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous choice on exit."""
+    global _override
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def interpreter_active() -> bool:
+    """True when Triton's interpreter was on at import time of the kernels (TRITON_INTERPRET=1)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from mmkernels._triton import softmax as _k
+    except ImportError:
+        return False
+    return isinstance(_k.softmax_fwd_fused_kernel, InterpretedFunction)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(device: torch.device) -> Impl:
+    """Decide which implementation runs for tensors on ``device`` under the current backend."""
+    backend = get_backend()
+    if device.type == "cuda":
+        if backend == "cpu":
+            raise BackendError(
+                "backend 'cpu' cannot run CUDA tensors; use set_backend('auto') or move the tensors to CPU"
+            )
+        if not triton_available():
+            raise BackendError("CUDA tensors need triton, which is not installed")
+        return Impl.TRITON
+    if device.type == "cpu":
+        if backend != "triton":
+            return Impl.CPU
+        if not triton_available():
+            raise BackendError("backend 'triton' needs triton, which is not installed")
+        if not interpreter_active():
+            raise BackendError(
+                "backend 'triton' on CPU tensors runs the kernels in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 in the environment before mmkernels is imported"
+            )
+        return Impl.TRITON
+    raise BackendError(f"mmkernels supports CPU and CUDA tensors, got device {device}")

@@ -1,0 +1,1 @@
+"""Op families: one module per family (launchers, autograd.Function, public functionals)."""

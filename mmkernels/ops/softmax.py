@@ -1,0 +1,443 @@
+"""Softmax family: softmax, log-softmax and softmin, forward and fused backward.
+
+Order in this file: config resolver -> launchers -> torch.library ops -> autograd.Function ->
+public functionals. Kernels live in ``triton_kernels/softmax.py`` (``mmkernels._triton.softmax``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Optional, Tuple
+
+import torch
+
+from mmkernels import _backend
+from mmkernels.ops._layout import (
+    INT32_LIMIT,
+    ReductionPlan,
+    collapsed_strides,
+    max_offset,
+    plan_reduction,
+)
+
+
+class Kind(enum.IntEnum):
+    SOFTMAX = 0
+    LOG_SOFTMAX = 1
+    SOFTMIN = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Config resolver (heuristic; configs are data, one resolver for the family)
+# ----------------------------------------------------------------------------------------------
+
+#: Longest reduced dim handled by the one-pass kernels (whole row on chip); longer rows take the
+#: online path (two reads of x forward; two reads of y and dy backward).
+MAX_FUSED_N = 16384
+#: Largest tile (elements) a one-pass program holds on chip.
+MAX_TILE = 16384
+#: Tile size the small-row configs aim for (several rows per program).
+TARGET_TILE = 4096
+#: Tile of the online / looped kernels (elements per loop step).
+LOOP_TILE = 4096
+#: Lanes along a contiguous non-reduced dim (``I``) when the reduced dim is strided.
+COLUMN_BLOCK_I = (64, 32, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxConfig:
+    """Launch configuration of one softmax-family kernel."""
+
+    block_i: int
+    block_n: int
+    num_warps: int
+    online: bool  # True: looped kernels (rows longer than the on-chip limit)
+
+    @property
+    def tile(self) -> int:
+        return self.block_i * self.block_n
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _warps(tile: int) -> int:
+    # ~16 fp32 values per thread, between 1 and 16 warps
+    return max(1, min(16, tile // 512))
+
+
+def resolve_config(N: int, I: int, columns: bool) -> SoftmaxConfig:
+    """Pick the tile for a reduction of length ``N`` over ``I`` independent lanes.
+
+    ``columns`` is True when the non-reduced lanes (``I``) are the contiguous axis in memory and
+    the reduced dim is strided; False for ordinary rows (reduced dim contiguous).
+    """
+    N, I = max(int(N), 1), max(int(I), 1)
+    if not columns:
+        if N <= MAX_FUSED_N:
+            bn = _p2(N)
+            bi = max(1, min(TARGET_TILE // bn, _p2(I)))
+            return SoftmaxConfig(bi, bn, _warps(bi * bn), online=False)
+        return SoftmaxConfig(1, LOOP_TILE, _warps(LOOP_TILE), online=True)
+    bn = _p2(N)
+    for bi in COLUMN_BLOCK_I:
+        bi = min(bi, _p2(I))
+        if bi * bn <= MAX_TILE:
+            bi = max(bi, min(_p2(I), TARGET_TILE // bn))  # short reductions: more lanes per program
+            return SoftmaxConfig(bi, bn, _warps(bi * bn), online=False)
+    bi = min(COLUMN_BLOCK_I[0], _p2(I))
+    return SoftmaxConfig(bi, max(1, LOOP_TILE // bi), _warps(LOOP_TILE), online=True)
+
+
+def launch_configs():
+    """Every config :func:`resolve_config` can return (for the compile tier)."""
+    seen = set()
+    for columns in (False, True):
+        for log_n in range(0, 21):
+            for log_i in range(0, 21, 2):
+                cfg = resolve_config(1 << log_n, 1 << log_i, columns)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    yield cfg
+        for n in (MAX_FUSED_N + 1, 3 * MAX_FUSED_N):
+            for i in (1, 3, 17, 1000):
+                cfg = resolve_config(n, i, columns)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    yield cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+_ACC = {torch.float64: "float64"}
+
+
+def _acc_dtype(*dtypes: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if torch.float64 in dtypes else tl.float32
+
+
+def _in_layout(t: torch.Tensor, ref: torch.Tensor, plan: ReductionPlan) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """``t`` with its collapsed strides; copied into ``ref``'s layout only when its non-reduced dims
+    do not collapse to one stride per group (e.g. a slice taken across two merged dims)."""
+    strides = collapsed_strides(t, plan)
+    if strides is None:
+        t = torch.empty_like(ref, dtype=t.dtype).copy_(t)
+        strides = collapsed_strides(t, plan)
+    return t, strides
+
+
+def _index_space(plan: ReductionPlan, *strides3):
+    """(N, I, lanes-are-columns, per-tensor (so, sn, si), O) for the kernels; folds O into I for rows."""
+    O, N, I = plan.O, plan.N, plan.I
+    columns = bool(plan.inner) and N > 1
+    if not plan.inner:  # rows: one program takes several rows; the rows become the I axis
+        strides3 = tuple((0, sn, so) for so, sn, _ in strides3)
+        O, I = 1, O
+    return O, N, I, columns, strides3
+
+
+def _needs_int64(cfg: SoftmaxConfig, tensors, strides3) -> bool:
+    for t, (so, sn, si) in zip(tensors, strides3):
+        if max_offset(t) + cfg.block_i * abs(si) + cfg.block_n * abs(sn) >= INT32_LIMIT:
+            return True
+    return False
+
+
+def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
+                    force_int64: bool = False) -> torch.Tensor:
+    from mmkernels._triton import softmax as K
+
+    y = torch.empty_like(x, dtype=out_dtype)
+    plan = plan_reduction(y, dim)
+    x, sx = _in_layout(x, y, plan)
+    sy = collapsed_strides(y, plan)
+    O, N, I, columns, (sx, sy) = _index_space(plan, sx, sy)
+    cfg = resolve_config(N, I, columns)
+    kernel = K.softmax_fwd_online_kernel if cfg.online else K.softmax_fwd_fused_kernel
+    grid = (O * triton_cdiv(I, cfg.block_i),)
+    kernel[grid](
+        x_ptr=x, y_ptr=y, N=N, I=I,
+        sx_o=sx[0], sx_n=sx[1], sx_i=sx[2],
+        sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
+        BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n,
+        LOG=kind == Kind.LOG_SOFTMAX, NEG=kind == Kind.SOFTMIN,
+        ACC=_acc_dtype(x.dtype, out_dtype),
+        USE_INT64=force_int64 or _needs_int64(cfg, (x, y), (sx, sy)),
+        num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
+                     in_dtype: torch.dtype, force_int64: bool = False) -> torch.Tensor:
+    from mmkernels._triton import softmax as K
+
+    dx = torch.empty_like(y, dtype=in_dtype)
+    plan = plan_reduction(dx, dim)
+    y, sy = _in_layout(y, dx, plan)
+    dy, sdy = _in_layout(dy, dx, plan)
+    sdx = collapsed_strides(dx, plan)
+    O, N, I, columns, (sy, sdy, sdx) = _index_space(plan, sy, sdy, sdx)
+    cfg = resolve_config(N, I, columns)
+    kernel = K.softmax_bwd_looped_kernel if cfg.online else K.softmax_bwd_fused_kernel
+    grid = (O * triton_cdiv(I, cfg.block_i),)
+    kernel[grid](
+        y_ptr=y, dy_ptr=dy, dx_ptr=dx, N=N, I=I,
+        sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
+        sdy_o=sdy[0], sdy_n=sdy[1], sdy_i=sdy[2],
+        sdx_o=sdx[0], sdx_n=sdx[1], sdx_i=sdx[2],
+        BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, KIND=int(kind),
+        ACC=_acc_dtype(y.dtype, dy.dtype, in_dtype),
+        USE_INT64=force_int64 or _needs_int64(cfg, (y, dy, dx), (sy, sdy, sdx)),
+        num_warps=cfg.num_warps,
+    )
+    return dx
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU path's result in the layout the op promises (that of ``empty_like(like)``)."""
+    out = torch.empty_like(like, dtype=dtype)
+    if result.stride() == out.stride():
+        return result
+    return out.copy_(result)
+
+
+def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
+    if kind == Kind.SOFTMAX:
+        y = torch.softmax(x, dim, dtype=out_dtype)
+    elif kind == Kind.LOG_SOFTMAX:
+        y = torch.log_softmax(x, dim, dtype=out_dtype)
+    else:
+        y = torch.nn.functional.softmin(x, dim, dtype=out_dtype)
+    return _same_layout(y, x, out_dtype)
+
+
+def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
+                  in_dtype: torch.dtype) -> torch.Tensor:
+    dy = dy.to(y.dtype)
+    if kind == Kind.LOG_SOFTMAX:
+        dx = torch._log_softmax_backward_data(dy, y, dim, in_dtype)
+    elif kind == Kind.SOFTMAX:
+        dx = torch._softmax_backward_data(dy, y, dim, in_dtype)
+    else:
+        dx = torch._softmax_backward_data(dy, y, dim, in_dtype).neg_()
+    return _same_layout(dx, y, in_dtype)
+
+
+def _forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x, dtype=out_dtype)
+    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+        return _triton_forward(x, dim, kind, out_dtype)
+    return _cpu_forward(x, dim, kind, out_dtype)
+
+
+def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
+              in_dtype: torch.dtype) -> torch.Tensor:
+    if y.numel() == 0:
+        return torch.empty_like(y, dtype=in_dtype)
+    if _backend.resolve(y.device) is _backend.Impl.TRITON:
+        return _triton_backward(y, dy, dim, kind, in_dtype)
+    return _cpu_backward(y, dy, dim, kind, in_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (so that torch.compile(fullgraph=True) traces them)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmkernels::softmax_fwd", mutates_args=())
+def softmax_fwd_op(x: torch.Tensor, dim: int, kind: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = softmax / log_softmax / softmin of ``x`` along ``dim`` (``kind`` 0 / 1 / 2), in ``out_dtype``."""
+    return _forward(x, dim, Kind(kind), out_dtype)
+
+
+@softmax_fwd_op.register_fake
+def _(x, dim, kind, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype)
+
+
+@torch.library.custom_op("mmkernels::softmax_bwd", mutates_args=())
+def softmax_bwd_op(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: int,
+                   in_dtype: torch.dtype) -> torch.Tensor:
+    """dx of the softmax-family op ``kind`` from its output ``y`` and incoming gradient ``dy``."""
+    return _backward(y, dy, dim, Kind(kind), in_dtype)
+
+
+@softmax_bwd_op.register_fake
+def _(y, dy, dim, kind, in_dtype):
+    return torch.empty_like(y, dtype=in_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves only ``y``; backward is one fused kernel (read y, dy; write dx)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, kind: int, out_dtype: torch.dtype) -> torch.Tensor:
+        y = softmax_fwd_op(x, dim, kind, out_dtype)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.kind, ctx.in_dtype = dim, kind, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        dx = softmax_bwd_op(y, dy, ctx.dim, ctx.kind, ctx.in_dtype)
+        return dx, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functionals
+# ----------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
+
+
+def _check_dim(dim, ndim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    lo, hi = -max(ndim, 1), max(ndim, 1) - 1
+    if not lo <= dim <= hi:
+        raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor (expected {lo}..{hi})")
+    return dim % max(ndim, 1)
+
+
+def _check_float_dtype(name: str, dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in _FLOATS:
+        raise TypeError(f"{name} must be one of float16, bfloat16, float32, float64; got {dtype}")
+    return dtype
+
+
+def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Kind) -> torch.Tensor:
+    _check_tensor("input", input)
+    d = _check_dim(dim, input.dim())
+    if dtype is None:
+        if input.dtype not in _FLOATS:
+            raise TypeError(
+                f"input must be a floating-point tensor (float16, bfloat16, float32, float64), got "
+                f"{input.dtype}; pass dtype= to compute in a floating type"
+            )
+        out_dtype = input.dtype
+    else:
+        out_dtype = _check_float_dtype("dtype", dtype)
+        if input.dtype not in _FLOATS:  # integer input: cast first, as torch does
+            input = input.to(out_dtype)
+    if input.dim() == 0:
+        return SoftmaxFunction.apply(input.reshape(1), 0, int(kind), out_dtype).reshape(())
+    return SoftmaxFunction.apply(input, d, int(kind), out_dtype)
+
+
+def softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""Softmax along ``dim``: ``y = exp(x - max x) / Σ exp(x - max x)``, like ``torch.softmax``.
+
+    Args:
+        input: tensor of any shape ``(*)`` (0-dim and empty included), float16 / bfloat16 /
+            float32 / float64, on CPU or CUDA, with any strides (transposed, sliced, expanded).
+        dim: the dim to normalise over, negative allowed.
+        dtype: output dtype; the math runs in float32 (float64 for float64) whatever the storage.
+            An integer ``input`` is cast to ``dtype`` first.
+
+    Returns:
+        Tensor of ``input``'s shape, dtype ``dtype or input.dtype``, laid out like
+        ``torch.empty_like(input)``. A row of only ``-inf`` gives NaN, as in torch; NaN and
+        ``+inf`` propagate as in torch.
+
+    Backward is one fused kernel (reads ``y`` and the incoming gradient once, writes ``dx``).
+    On CUDA the Triton kernels run; on CPU the CPU path (see :mod:`mmkernels._backend`).
+    The kernels read strided tensors in place; a tensor is copied only when its non-reduced dims
+    cannot be collapsed to one stride on each side of ``dim`` (e.g. a slice across merged dims).
+
+    Example:
+        >>> x = torch.randn(8, 1000)
+        >>> y = mmkernels.softmax(x, dim=-1)
+        >>> torch.allclose(y.sum(-1), torch.ones(8))
+        True
+    """
+    return _apply(input, dim, dtype, Kind.SOFTMAX)
+
+
+def log_softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""Log-softmax along ``dim``: ``y = x - max x - log Σ exp(x - max x)``, like ``torch.log_softmax``.
+
+    Shapes, dtypes, layouts and special values as in :func:`softmax`.
+
+    Example:
+        >>> y = mmkernels.log_softmax(torch.randn(4, 10), dim=1)   # (4, 10)
+    """
+    return _apply(input, dim, dtype, Kind.LOG_SOFTMAX)
+
+
+def softmin(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""Softmin along ``dim``: ``softmax(-x)``, like ``torch.nn.functional.softmin``.
+
+    Shapes, dtypes, layouts and special values as in :func:`softmax`.
+
+    Example:
+        >>> w = mmkernels.softmin(torch.randn(2, 3, 5), dim=0)   # (2, 3, 5), sums to 1 over dim 0
+    """
+    return _apply(input, dim, dtype, Kind.SOFTMIN)
+
+
+_KINDS = {"softmax": Kind.SOFTMAX, "log_softmax": Kind.LOG_SOFTMAX, "softmin": Kind.SOFTMIN}
+
+
+def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int = -1,
+                     kind: str = "softmax", input_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""Gradient of a softmax-family op from its ``output`` (no autograd graph needed).
+
+    ``softmax``: ``dx = y * (dy - Σ y·dy)``; ``log_softmax``: ``dx = dy - exp(y) · Σ dy``;
+    ``softmin``: ``dx = y * (Σ y·dy - dy)``, sums along ``dim``.
+
+    Args:
+        grad_output: ``dy``, same shape as ``output``, any strides (expanded zero-stride gradients
+            are read in place and never written).
+        output: ``y``, the forward result, shape ``(*)``.
+        dim: the dim the forward normalised over.
+        kind: ``"softmax"``, ``"log_softmax"`` or ``"softmin"``.
+        input_dtype: dtype of the returned ``dx`` (the forward input's dtype); default ``output.dtype``.
+
+    Returns:
+        ``dx`` with ``output``'s shape.
+    """
+    _check_tensor("grad_output", grad_output)
+    _check_tensor("output", output)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    if grad_output.device != output.device:
+        raise ValueError(
+            f"grad_output and output must be on the same device, got {grad_output.device} and {output.device}"
+        )
+    if grad_output.shape != output.shape:
+        raise ValueError(
+            f"grad_output must have output's shape {tuple(output.shape)}, got {tuple(grad_output.shape)}"
+        )
+    _check_float_dtype("output.dtype", output.dtype)
+    _check_float_dtype("grad_output.dtype", grad_output.dtype)
+    in_dtype = output.dtype if input_dtype is None else _check_float_dtype("input_dtype", input_dtype)
+    d = _check_dim(dim, output.dim())
+    if output.dim() == 0:
+        return softmax_bwd_op(output.reshape(1), grad_output.reshape(1), 0, int(_KINDS[kind]), in_dtype).reshape(())
+    return softmax_bwd_op(output, grad_output, d, int(_KINDS[kind]), in_dtype)
