@@ -186,3 +186,14 @@ def softmax_bwd_looped_kernel(
         dy = tl.load(dy_base + cols[None, :] * sdy_n, mask=mask, other=0.0).to(ACC)
         dx = _bwd_math(y, dy, red, KIND)
         tl.store(dx_base + cols[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+#: What the compile tier checks for each kernel at every config it can launch with
+#: (mmkernels/testing/compile_tier.py): no spills to local memory, and no tensor-core
+#: instructions are expected of a reduction kernel.
+EXPECTATIONS = {
+    "softmax_fwd_fused_kernel": {"local_memory": 0},
+    "softmax_fwd_online_kernel": {"local_memory": 0},
+    "softmax_bwd_fused_kernel": {"local_memory": 0},
+    "softmax_bwd_looped_kernel": {"local_memory": 0},
+}

@@ -1,0 +1,158 @@
+"""The case registry shared by tests and benches.
+
+A :class:`Case` names an op of a family, a logical shape, the op's arguments and how its inputs
+are laid out in memory; :func:`make_inputs` builds fresh random tensors for it. Tags select who
+uses a case: ``interp`` (small enough for Triton's interpreter), ``edge`` (boundary shapes and
+layouts), ``bench`` (the main job on CPU), ``gpu`` (the GPU suite).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+import torch
+
+#: Layouts an input can take. ``transposed``: stored with its dims reversed; ``sliced``: every other
+#: element of a twice-larger last dim; ``expanded``: size-1 storage broadcast along dim 0 (zero stride).
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    family: str
+    op: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    tags: FrozenSet[str]
+    params: Mapping[str, object] = dataclasses.field(default_factory=dict, compare=False)
+    layouts: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        shape = "x".join(map(str, self.shape)) or "scalar"
+        extra = "-".join(f"{k}{v}" for k, v in self.params.items())
+        lay = "-".join(f"{k}_{v}" for k, v in self.layouts.items() if v != "contiguous")
+        return "-".join(p for p in (self.op, shape, extra, dt, lay) if p)
+
+
+_REGISTRY: List[Case] = []
+_BUILDERS: Dict[str, Callable[[Case, torch.device, torch.Generator], Dict[str, torch.Tensor]]] = {}
+
+
+def register(case: Case) -> Case:
+    _REGISTRY.append(case)
+    return case
+
+
+def register_builder(family: str):
+    """Decorator: ``fn(case, device, generator) -> {name: tensor}`` builds a family's inputs."""
+
+    def deco(fn):
+        _BUILDERS[family] = fn
+        return fn
+
+    return deco
+
+
+def cases(family: Optional[str] = None, tag: Optional[str] = None, op: Optional[str] = None) -> List[Case]:
+    """Registered cases, filtered by family, tag and op."""
+    return [c for c in _REGISTRY
+            if (family is None or c.family == family)
+            and (tag is None or tag in c.tags)
+            and (op is None or c.op == op)]
+
+
+def make_inputs(case: Case, device="cpu", seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Fresh random inputs for ``case`` on ``device`` (CPU generator, so values match across devices)."""
+    gen = torch.Generator().manual_seed(seed)
+    return _BUILDERS[case.family](case, torch.device(device), gen)
+
+
+def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to ``values`` whose memory layout is ``layout`` (see :data:`LAYOUTS`)."""
+    if layout == "contiguous":
+        return values.clone()
+    if layout == "transposed":
+        dims = tuple(range(values.dim() - 1, -1, -1))
+        return values.permute(dims).contiguous().permute(dims)
+    if layout == "sliced":
+        if values.dim() == 0:
+            return values.clone()
+        big = torch.empty(*values.shape[:-1], 2 * values.shape[-1], dtype=values.dtype, device=values.device)
+        big[..., ::2] = values
+        return big[..., ::2]
+    if layout == "expanded":
+        if values.dim() == 0:
+            return values.clone()
+        return values[:1].clone().expand(values.shape)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _randn(shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax family: ops softmax / log_softmax / softmin; params: dim; inputs x and dy
+# ----------------------------------------------------------------------------------------------
+
+SOFTMAX_OPS = ("softmax", "log_softmax", "softmin")
+
+
+@register_builder("softmax")
+def _softmax_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    scale = float(case.params.get("scale", 3.0))
+    x = laid_out(_randn(case.shape, case.dtype, device, gen, scale), case.layouts.get("x", "contiguous"))
+    dy = laid_out(_randn(case.shape, case.dtype, device, gen), case.layouts.get("dy", "contiguous"))
+    return {"x": x, "dy": dy}
+
+
+def _softmax(op, shape, dim, dtype, tags, **layouts):
+    return register(Case("softmax", op, tuple(shape), dtype, frozenset(tags), {"dim": dim}, layouts))
+
+
+#: Row lengths every test covers; the long one goes through the online path (see
+#: mmkernels.ops.softmax.MAX_FUSED_N; kept in sync by a test).
+SOFTMAX_ROW_LENGTHS = (1, 2, 3, 31, 33, 127, 1023, 1024, 1025, 4097, 16385)
+
+for _n in SOFTMAX_ROW_LENGTHS:
+    for _dt in (torch.float32, torch.float16, torch.bfloat16):
+        for _op in SOFTMAX_OPS:
+            _rows = 3 if _n <= 4097 else 2
+            _softmax(_op, (_rows, _n), -1, _dt, {"interp", "edge"})
+
+for _shape in ((4, 5, 6), (3, 4, 5, 6)):
+    for _dim in (0, 1, -1):
+        for _dt in (torch.float32, torch.float16, torch.bfloat16):
+            for _op in SOFTMAX_OPS:
+                _softmax(_op, _shape, _dim, _dt, {"interp", "edge"})
+
+# layouts: transposed / sliced inputs, expanded (zero-stride) incoming gradients
+for _shape, _dim in (((7, 33), -1), ((7, 33), 0), ((3, 5, 17), 1), ((2, 3, 4, 9), 2)):
+    for _op in SOFTMAX_OPS:
+        for _lx, _ldy in (("transposed", "contiguous"), ("sliced", "expanded"),
+                          ("contiguous", "expanded"), ("transposed", "transposed")):
+            _softmax(_op, _shape, _dim, torch.float32, {"interp", "edge"}, x=_lx, dy=_ldy)
+
+# size-0 and 0-dim
+for _shape, _dim in (((0, 5), -1), ((4, 0), -1), ((0,), 0), ((), 0), ((), -1), ((1,), 0), ((1, 1), 0)):
+    for _op in SOFTMAX_OPS:
+        _softmax(_op, _shape, _dim, torch.float32, {"interp", "edge"})
+
+# the main job on CPU (sizes a CPU handles in well under a second per call)
+for _n in (128, 1024, 4096, 32768):
+    for _dt in (torch.float32, torch.bfloat16):
+        _softmax("softmax", (max(1, (1 << 22) // _n), _n), -1, _dt, {"bench"})
+_softmax("log_softmax", (1024, 4096), -1, torch.float32, {"bench"})
+_softmax("softmax", (64, 4096, 16), 1, torch.float32, {"bench"})
+
+# the GPU suite: M = 8192 rows, N from 128 to 262144, fp32 and bf16; plus one very long row set
+for _n in (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144):
+    for _dt in (torch.float32, torch.bfloat16):
+        _softmax("softmax", (8192, _n), -1, _dt, {"gpu"})
+for _dt in (torch.float32, torch.bfloat16):
+    _softmax("softmax", (64, 1 << 20), -1, _dt, {"gpu"})
+    _softmax("log_softmax", (8192, 4096), -1, _dt, {"gpu"})
+    _softmax("softmin", (8192, 4096), -1, _dt, {"gpu"})
+    _softmax("softmax", (32, 4096, 64), 1, _dt, {"gpu"})
