@@ -223,14 +223,15 @@ def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) 
 
 def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                   in_dtype: torch.dtype) -> torch.Tensor:
+    # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after
     dy = dy.to(y.dtype)
     if kind == Kind.LOG_SOFTMAX:
-        dx = torch._log_softmax_backward_data(dy, y, dim, in_dtype)
+        dx = torch._log_softmax_backward_data(dy, y, dim, y.dtype)
     elif kind == Kind.SOFTMAX:
-        dx = torch._softmax_backward_data(dy, y, dim, in_dtype)
+        dx = torch._softmax_backward_data(dy, y, dim, y.dtype)
     else:
-        dx = torch._softmax_backward_data(dy, y, dim, in_dtype).neg_()
-    return _same_layout(dx, y, in_dtype)
+        dx = torch._softmax_backward_data(dy, y, dim, y.dtype).neg_()
+    return _same_layout(dx.to(in_dtype), y, in_dtype)
 
 
 def _forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:

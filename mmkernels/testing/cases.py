@@ -13,7 +13,9 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 import torch
 
 #: Layouts an input can take. ``transposed``: stored with its dims reversed; ``sliced``: every other
-#: element of a twice-larger last dim; ``expanded``: size-1 storage broadcast along dim 0 (zero stride).
+#: element of a twice-larger last dim; ``expanded``: size-1 storage broadcast (zero stride) along the
+#: first dim that is not ``keep_dim`` (for a softmax gradient: not the reduced dim, where a constant
+#: gradient would make dx vanish).
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 
 
@@ -69,7 +71,7 @@ def make_inputs(case: Case, device="cpu", seed: int = 0) -> Dict[str, torch.Tens
     return _BUILDERS[case.family](case, torch.device(device), gen)
 
 
-def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+def laid_out(values: torch.Tensor, layout: str, keep_dim: Optional[int] = None) -> torch.Tensor:
     """A tensor equal to ``values`` whose memory layout is ``layout`` (see :data:`LAYOUTS`)."""
     if layout == "contiguous":
         return values.clone()
@@ -83,9 +85,10 @@ def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
         big[..., ::2] = values
         return big[..., ::2]
     if layout == "expanded":
-        if values.dim() == 0:
+        dims = [d for d in range(values.dim()) if d != (keep_dim % values.dim() if keep_dim is not None else None)]
+        if not dims:
             return values.clone()
-        return values[:1].clone().expand(values.shape)
+        return values.narrow(dims[0], 0, 1).clone().expand(values.shape)
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
 
@@ -104,7 +107,8 @@ SOFTMAX_OPS = ("softmax", "log_softmax", "softmin")
 def _softmax_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
     scale = float(case.params.get("scale", 3.0))
     x = laid_out(_randn(case.shape, case.dtype, device, gen, scale), case.layouts.get("x", "contiguous"))
-    dy = laid_out(_randn(case.shape, case.dtype, device, gen), case.layouts.get("dy", "contiguous"))
+    dy = laid_out(_randn(case.shape, case.dtype, device, gen), case.layouts.get("dy", "contiguous"),
+                  keep_dim=case.params["dim"] if case.shape else None)
     return {"x": x, "dy": dy}
 
 
@@ -134,6 +138,12 @@ for _shape, _dim in (((7, 33), -1), ((7, 33), 0), ((3, 5, 17), 1), ((2, 3, 4, 9)
         for _lx, _ldy in (("transposed", "contiguous"), ("sliced", "expanded"),
                           ("contiguous", "expanded"), ("transposed", "transposed")):
             _softmax(_op, _shape, _dim, torch.float32, {"interp", "edge"}, x=_lx, dy=_ldy)
+
+# reductions over a strided dim whose rows do not fit one tile (columns layout, online path)
+for _op in SOFTMAX_OPS:
+    _softmax(_op, (2, 200, 20), 1, torch.float32, {"interp", "edge"})
+    _softmax(_op, (2, 1100, 20), 1, torch.float32, {"interp", "edge"})
+    _softmax(_op, (2, 1100, 20), 1, torch.float16, {"interp", "edge"})
 
 # size-0 and 0-dim
 for _shape, _dim in (((0, 5), -1), ((4, 0), -1), ((0,), 0), ((), 0), ((), -1), ((1,), 0), ((1, 1), 0)):

@@ -1,0 +1,742 @@
+"""Compile tier: every kernel, at every config it can launch with, compiled ahead of time for
+``sm_80`` / ``sm_90`` on a CPU machine, with its resource usage checked (DESIGN.md, "Verification
+tiers", item 3).
+
+For each (kernel, config, variant, target) the kernel is compiled with
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
+options={"num_warps": ...})`` -- no GPU or driver needed -- and the cubin is inspected with the
+tools shipped in the triton wheel (``triton/backends/nvidia/bin/``):
+
+* ``cuobjdump --dump-resource-usage``: registers, stack frame, local memory (spills), static
+  shared memory (Triton's own shared memory is dynamic: ``compiled.metadata.shared``);
+* ``nvdisasm``: whether the SASS holds tensor-core instructions (``HGMMA`` = wgmma on sm_90,
+  ``HMMA`` = mma.sync).
+
+What each kernel must meet is declared next to the kernels, in an ``EXPECTATIONS`` dict of the
+kernel module (e.g. ``triton_kernels/softmax.py``)::
+
+    EXPECTATIONS = {
+        "softmax_fwd_fused_kernel": {"local_memory": 0},          # max bytes; 0 = no spills
+        "some_gemm_kernel": {"stack": 0, "max_registers": 232,    # max bytes / max registers
+                             "mma": {90: "HGMMA", 80: "HMMA"}},   # required on the named target
+    }
+
+Numeric limits may also be given per target (``{"max_registers": {80: 255, 90: 168}}``);
+``"mma": "HGMMA"`` is short for ``{90: "HGMMA"}`` and ``"mma": "HMMA"`` requires HMMA on every
+target. Whatever the declarations, a kernel must also be launchable on its target: shared memory
+within the per-block limit and ``registers * threads`` within the register file.
+
+Compile configurations: every config at one representative specialisation (fp32 in and out,
+softmax kind, rows layout -- or columns for the configs the resolver picks for a strided reduced
+dim --, aligned pointers and strides, int32 indexing); the largest one-pass config and the looped
+config of each kernel (per layout) additionally at every other variant: bf16 / fp16 / fp64
+storage, each kind (LOG / NEG / KIND), ``USE_INT64=True``, and unaligned pointers and strides.
+Strides that are 1 in real launches (``s*_n`` for rows, ``s*_i`` for columns) are constexpr 1,
+as Triton's launcher specialises them.
+
+Usage::
+
+    python -m mmkernels compile [--family softmax] [--targets 80,90] [--jobs 2] [--json out.json]
+
+or from Python: :func:`compile_all`. Triton's interpreter (``TRITON_INTERPRET=1`` when the
+kernels were imported) replaces the kernels by ``InterpretedFunction`` objects that cannot be
+compiled: :func:`compile_all` then re-runs itself in a subprocess with ``TRITON_INTERPRET``
+removed from the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+DEFAULT_TARGETS: Tuple[int, ...] = (80, 90)
+
+#: Per-block shared memory a kernel may use (opt-in maximum) and the register file per SM.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+REGISTER_FILE = 65536
+MAX_REGISTERS_PER_THREAD = 255
+
+#: Tensor-core instructions looked for in the SASS.
+MMA_OPCODES = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA")
+
+EXPECTATION_KEYS = ("local_memory", "stack", "max_registers", "mma")
+
+_DIV16 = [["tt.divisibility", 16]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs and results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    """One ahead-of-time compile: a kernel at one config and one specialisation, for one target.
+
+    ``signature`` maps every kernel argument to its Triton type (``"*fp32"``, ``"i32"``,
+    ``"constexpr"``); ``constexprs`` gives the value of each constexpr argument (dtypes as the
+    string ``"tl.float32"``); ``attrs`` maps argument names to Triton attributes
+    (``[["tt.divisibility", 16]]``).
+    """
+
+    family: str
+    module: str
+    kernel: str
+    config: str
+    variant: str
+    target: int
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    attrs: Dict[str, list]
+    options: Dict[str, object]
+
+
+@dataclasses.dataclass
+class Result:
+    """What one compile gave, and what it violated."""
+
+    family: str
+    kernel: str
+    config: str
+    variant: str
+    target: int
+    num_warps: int
+    compiled: bool = False
+    error: Optional[str] = None
+    registers: Optional[int] = None
+    stack: Optional[int] = None
+    local_memory: Optional[int] = None
+    shared_static: Optional[int] = None
+    shared_dynamic: Optional[int] = None
+    mma: List[str] = dataclasses.field(default_factory=list)
+    n_spills: Optional[int] = None  # compiled.metadata's, where the runtime filled it in
+    compile_s: float = 0.0
+    violations: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def shared(self) -> Optional[int]:
+        if self.shared_static is None and self.shared_dynamic is None:
+            return None
+        return (self.shared_static or 0) + (self.shared_dynamic or 0)
+
+    @property
+    def passed(self) -> bool:
+        return self.compiled and not self.violations
+
+    @property
+    def status(self) -> str:
+        if not self.compiled:
+            return "COMPILE FAILED"
+        return "ok" if not self.violations else "FAIL"
+
+    def label(self) -> str:
+        return f"{self.kernel} [{self.config}] [{self.variant}] sm_{self.target}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shared"] = self.shared
+        d["passed"] = self.passed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Result":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------
+# Expectations
+# ----------------------------------------------------------------------------------------------
+
+
+def _target_key(t) -> int:
+    if isinstance(t, int):
+        return t
+    s = str(t).lower().replace("sm_", "").replace("sm", "").rstrip("a")
+    return int(s)
+
+
+def _for_target(value, target: int):
+    """A limit given either for every target or as ``{target: value}``; None when not for this one."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _target_key(k) == target:
+                return v
+        return None
+    return value
+
+
+def _mma_required(value, target: int) -> Optional[str]:
+    if isinstance(value, dict):
+        return _for_target(value, target)
+    if isinstance(value, str):
+        if value.upper() in ("HGMMA", "QGMMA", "IGMMA"):  # warpgroup MMA exists on sm_90 only
+            return value if target == 90 else None
+        return value
+    raise TypeError(f"mma expectation must be a str or {{target: str}}, got {value!r}")
+
+
+def check_expectations(result: Result, expectations: Optional[dict]) -> List[str]:
+    """Violations of ``expectations`` (a kernel's entry of ``EXPECTATIONS``) and of the target's
+    launch limits by a compiled ``result``; empty when it meets them all. A result that did not
+    compile has no resource usage to check: it fails on its own (``Result.compiled``)."""
+    out: List[str] = []
+    if not result.compiled:
+        return out
+    exp = dict(expectations or {})
+    for key in exp:
+        if key not in EXPECTATION_KEYS:
+            out.append(f"unknown expectation {key!r} (known: {', '.join(EXPECTATION_KEYS)})")
+
+    def limit(key: str, measured: Optional[int], what: str) -> None:
+        if key not in exp:
+            return
+        bound = _for_target(exp[key], result.target)
+        if bound is None:
+            return
+        if measured is None:
+            out.append(f"{key}: {what} unknown (resource usage not parsed), expected <= {bound}")
+        elif measured > bound:
+            out.append(f"{key}: {what} is {measured}, expected <= {bound}")
+
+    limit("local_memory", result.local_memory, "local memory (spills) in bytes")
+    limit("stack", result.stack, "stack frame in bytes")
+    limit("max_registers", result.registers, "registers per thread")
+    if "mma" in exp:
+        need = _mma_required(exp["mma"], result.target)
+        if need and need.upper() not in result.mma:
+            found = ", ".join(result.mma) or "none"
+            out.append(f"mma: {need.upper()} required on sm_{result.target}, SASS has {found}")
+
+    # Launchability on the target, whatever the declarations.
+    smem_cap = SHARED_LIMIT.get(result.target)
+    if smem_cap is not None and result.shared is not None and result.shared > smem_cap:
+        out.append(f"shared memory {result.shared} B exceeds the sm_{result.target} limit {smem_cap} B")
+    if result.registers is not None:
+        threads = 32 * result.num_warps
+        if result.registers * threads > REGISTER_FILE:
+            out.append(f"{result.registers} registers x {threads} threads exceeds the register file "
+                       f"({REGISTER_FILE})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Families: which (kernel, config, specialisation) each compiles
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Family:
+    """A kernel module and the jobs that cover all its kernels at all their launch configs."""
+
+    name: str
+    module: str
+    jobs: Callable[[Sequence[int]], List[Job]]
+
+
+_STORAGE = {  # storage dtype -> (pointer type, ACC)
+    "fp32": ("*fp32", "tl.float32"),
+    "bf16": ("*bf16", "tl.float32"),
+    "fp16": ("*fp16", "tl.float32"),
+    "fp64": ("*fp64", "tl.float64"),
+}
+_SOFTMAX_KINDS = ("softmax", "log_softmax", "softmin")
+_SOFTMAX_MODULE = "mmkernels._triton.softmax"
+
+
+#: Warnings of the last job enumeration (coverage gaps in a family's own config list).
+WARNINGS: List[str] = []
+
+
+def _warn(msg: str) -> None:
+    WARNINGS.append(msg)
+    print(f"compile tier: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _softmax_layouts() -> Dict[object, set]:
+    """Config -> the layouts ("rows" / "columns") :func:`resolve_config` picks it for.
+
+    ``launch_configs()`` yields the configs without the layout they serve, so the resolver is
+    scanned here over the lengths it distinguishes (powers of two, odd sizes, past the fused limit).
+    """
+    from mmkernels.ops import softmax as S
+
+    lengths = sorted({1 << k for k in range(0, 22)}
+                     | {3, 17, 100, 1000, 3000, S.MAX_FUSED_N + 1, 3 * S.MAX_FUSED_N})
+    layouts: Dict[object, set] = {}
+    for columns in (False, True):
+        for n in lengths:
+            for i in lengths:
+                if columns and (n < 2 or i < 2):  # size-1 dims are dropped: no such column launch
+                    continue
+                cfg = S.resolve_config(n, i, columns)
+                layouts.setdefault(cfg, set()).add("columns" if columns else "rows")
+    return layouts
+
+
+def _softmax_spec(kernel: str, cfg, layout: str, storage: str = "fp32", kind: int = 0,
+                  int64: bool = False, aligned: bool = True):
+    """(signature, constexprs, attrs) of a softmax-family kernel as ``_triton_forward`` /
+    ``_triton_backward`` launch it for ``layout``."""
+    fwd = "_fwd_" in kernel
+    tensors = ("x", "y") if fwd else ("y", "dy", "dx")
+    ptr_type, acc = _STORAGE[storage]
+    sig: Dict[str, str] = {}
+    cons: Dict[str, object] = {}
+    attrs: Dict[str, list] = {}
+    for t in tensors:
+        sig[f"{t}_ptr"] = ptr_type
+        if aligned:
+            attrs[f"{t}_ptr"] = _DIV16
+    sig["N"] = "i32"
+    sig["I"] = "i32"
+    for t in tensors:
+        so, sn, si = f"s{t}_o", f"s{t}_n", f"s{t}_i"
+        if layout == "rows":  # (0, 1, row stride): O is folded into I, so s*_o is always 0
+            sig[so] = "i32"
+            attrs[so] = _DIV16  # Triton specialises 0 as divisible by 16
+            sig[sn], cons[sn] = "constexpr", 1
+            sig[si] = "i32"
+            if aligned:
+                attrs[si] = _DIV16
+        else:  # columns: (O stride, N stride, 1)
+            sig[so] = "i32"
+            sig[sn] = "i32"
+            if aligned:
+                attrs[so] = attrs[sn] = _DIV16
+            sig[si], cons[si] = "constexpr", 1
+    cons["BLOCK_I"] = cfg.block_i
+    cons["BLOCK_N"] = cfg.block_n
+    if fwd:
+        cons["LOG"] = kind == 1
+        cons["NEG"] = kind == 2
+    else:
+        cons["KIND"] = kind
+    cons["ACC"] = acc
+    cons["USE_INT64"] = bool(int64)
+    for k in cons:
+        sig.setdefault(k, "constexpr")
+    return sig, cons, attrs
+
+
+def _softmax_config_label(cfg) -> str:
+    return f"BLOCK_I={cfg.block_i} BLOCK_N={cfg.block_n} w={cfg.num_warps}" + (" online" if cfg.online else "")
+
+
+def _softmax_jobs(targets: Sequence[int]) -> List[Job]:
+    from mmkernels.ops import softmax as S
+
+    configs = list(S.launch_configs())
+    scanned = _softmax_layouts()
+    missed = [c for c in scanned if c not in set(configs)]
+    if missed:
+        _warn(f"softmax: launch_configs() misses {len(missed)} of the configs resolve_config() "
+              f"returns (compiled anyway), e.g. {missed[0]}")
+        configs += missed
+    pairs: List[Tuple[object, str]] = []  # (config, layout)
+    for cfg in configs:
+        # a config launch_configs() yields that the scan did not meet: compile it both ways
+        for layout in sorted(scanned.get(cfg, {"rows", "columns"}), reverse=True):  # rows first
+            pairs.append((cfg, layout))
+
+    def kernels_for(cfg):
+        if cfg.online:
+            return ("softmax_fwd_online_kernel", "softmax_bwd_looped_kernel")
+        return ("softmax_fwd_fused_kernel", "softmax_bwd_fused_kernel")
+
+    # specialisations: (variant label, storage, kind, int64, aligned)
+    base = ("fp32 softmax", "fp32", 0, False, True)
+    others = [(f"{s} softmax", s, 0, False, True) for s in ("bf16", "fp16", "fp64")]
+    others += [(f"fp32 {_SOFTMAX_KINDS[k]}", "fp32", k, False, True) for k in (1, 2)]
+    others += [("fp32 softmax int64", "fp32", 0, True, True),
+               ("fp32 softmax unaligned", "fp32", 0, False, False)]
+
+    # the configs that get every variant: per layout, the largest one-pass config and the looped one
+    full: set = set()
+    for layout in ("rows", "columns"):
+        for online in (False, True):
+            cands = [c for c, l in pairs if l == layout and c.online == online]
+            if cands:
+                best = max(cands, key=lambda c: (c.tile, c.num_warps, c.block_i, c.block_n))
+                full.add((best, layout))
+
+    jobs: List[Job] = []
+    for target in targets:
+        for cfg, layout in pairs:
+            variants = [base] + (others if (cfg, layout) in full else [])
+            for kernel in kernels_for(cfg):
+                for label, storage, kind, int64, aligned in variants:
+                    sig, cons, attrs = _softmax_spec(kernel, cfg, layout, storage, kind, int64, aligned)
+                    jobs.append(Job(
+                        family="softmax", module=_SOFTMAX_MODULE, kernel=kernel,
+                        config=_softmax_config_label(cfg), variant=f"{label} {layout}",
+                        target=int(target), signature=sig, constexprs=cons, attrs=attrs,
+                        options={"num_warps": cfg.num_warps},
+                    ))
+    return jobs
+
+
+#: Every op family the compile tier covers. A new family adds its kernel module and job builder.
+FAMILIES: Dict[str, Family] = {
+    "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling one job (runs in a worker process)
+# ----------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    try:
+        from triton import knobs
+
+        path = getattr(knobs.nvidia, name).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # noqa: BLE001 - fall back to the wheel's bin folder
+        pass
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_USAGE_RE = re.compile(
+    r"Function\s+(\S+):\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", re.MULTILINE)
+
+
+def parse_resource_usage(text: str, kernel: str) -> Dict[str, int]:
+    """``cuobjdump --dump-resource-usage`` output -> registers / stack / shared / local of ``kernel``."""
+    found = {m.group(1): m for m in _USAGE_RE.finditer(text)}
+    m = found.get(kernel) or (next(iter(found.values())) if len(found) == 1 else None)
+    if m is None:
+        raise RuntimeError(f"no resource usage for {kernel} in cuobjdump output:\n{text}")
+    return {"registers": int(m.group(2)), "stack": int(m.group(3)),
+            "shared_static": int(m.group(4)), "local_memory": int(m.group(5))}
+
+
+def parse_mma(sass: str) -> List[str]:
+    """Tensor-core opcodes present in SASS text."""
+    return [op for op in MMA_OPCODES if re.search(rf"\b{op}\b", sass)]
+
+
+def _inspect_cubin(cubin: bytes, kernel: str) -> dict:
+    fd, path = tempfile.mkstemp(suffix=".cubin", prefix="mmk_compile_tier_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        out = parse_resource_usage(usage, kernel)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path],
+                              capture_output=True, text=True, check=True).stdout
+        out["mma"] = parse_mma(sass)
+        return out
+    finally:
+        os.unlink(path)
+
+
+def _resolve_constexpr(v):
+    if isinstance(v, str) and v.startswith("tl."):
+        import triton.language as tl
+
+        return getattr(tl, v[3:])
+    return v
+
+
+def compile_job(job: Job) -> Result:
+    """Compile ``job`` and read its resource usage (no expectation checks here)."""
+    res = Result(job.family, job.kernel, job.config, job.variant, job.target,
+                 int(job.options.get("num_warps", 4)))
+    t0 = time.perf_counter()
+    try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
+
+        fn = getattr(importlib.import_module(job.module), job.kernel)
+        if not isinstance(fn, JITFunction):
+            raise TypeError(
+                f"{job.module}.{job.kernel} is a {type(fn).__name__}, not a JITFunction (was "
+                f"TRITON_INTERPRET set when the kernels were imported in this process?)")
+        names = list(fn.arg_names)
+        missing = [a for a in names if a not in job.signature]
+        extra = [a for a in job.signature if a not in names]
+        if missing or extra:
+            raise ValueError(f"signature does not match {job.kernel}{tuple(names)}: "
+                             f"missing {missing}, unknown {extra}")
+        signature = {a: job.signature[a] for a in names}
+        constexprs = {a: _resolve_constexpr(v) for a, v in job.constexprs.items()}
+        attrs = {(names.index(a),): v for a, v in job.attrs.items()}
+        src = ASTSource(fn, signature, constexprs, attrs)
+        # triton prints the whole PTX on a ptxas failure; the exception carries the log
+        with contextlib.redirect_stdout(io.StringIO()):
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.target, 32),
+                                      options=dict(job.options))
+        md = compiled.metadata
+        res.shared_dynamic = int(getattr(md, "shared", 0) or 0)
+        n_spills = getattr(md, "n_spills", None)
+        res.n_spills = int(n_spills) if isinstance(n_spills, int) else None
+        usage = _inspect_cubin(compiled.asm["cubin"], getattr(md, "name", job.kernel))
+        res.registers = usage["registers"]
+        res.stack = usage["stack"]
+        res.local_memory = usage["local_memory"]
+        res.shared_static = usage["shared_static"]
+        res.mma = usage["mma"]
+        res.compiled = True
+    except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
+        msg = f"{type(e).__name__}: {e}"
+        res.error = msg if len(msg) <= 4000 else msg[:4000] + " ..."
+    res.compile_s = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def _worker_init() -> None:
+    # the kernels are imported in the worker: they must be JITFunctions, not interpreted ones
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def interpreter_requested() -> bool:
+    """True when this process's kernel objects are (or would be) Triton-interpreted functions."""
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
+        return True
+    for fam in FAMILIES.values():
+        mod = sys.modules.get(fam.module)
+        if mod is None:
+            continue
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except Exception:  # noqa: BLE001
+            return False
+        if any(isinstance(v, InterpretedFunction) for v in vars(mod).values()):
+            return True
+    return False
+
+
+def _select(families: Optional[Iterable[str]]) -> List[Family]:
+    if families is None:
+        return list(FAMILIES.values())
+    names = [f for f in families]
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                         f"known: {sorted(FAMILIES)}")
+    return [FAMILIES[f] for f in names]
+
+
+def _coverage(fam: Family, jobs: List[Job], expectations: dict) -> List[Result]:
+    """Failures for kernels of the module that no job compiles, and for expectations that name
+    no kernel of the module."""
+    from triton.runtime.jit import JITFunction
+
+    mod = importlib.import_module(fam.module)
+    kernels = {n for n, v in vars(mod).items()
+               if isinstance(v, JITFunction) and not n.startswith("_")}
+    compiled = {j.kernel for j in jobs}
+    out = []
+    for name in sorted(kernels - compiled):
+        out.append(Result(fam.name, name, "-", "-", 0, 0, compiled=False,
+                          error=f"kernel {fam.module}.{name} is not covered by the compile tier"))
+    for name in sorted(set(expectations) - kernels):
+        out.append(Result(fam.name, name, "-", "-", 0, 0, compiled=False,
+                          error=f"EXPECTATIONS names {name!r}, which is no kernel of {fam.module}"))
+    return out
+
+
+def _progress(i: int, n: int, r: Result) -> None:
+    regs = "-" if r.registers is None else r.registers
+    local = "-" if r.local_memory is None else r.local_memory
+    extra = "" if r.passed else (": " + (r.error.splitlines()[0] if r.error else "; ".join(r.violations)))
+    print(f"[{i}/{n}] {r.status:<14} {r.label()} regs={regs} local={local} "
+          f"({r.compile_s:.1f}s){extra}", file=sys.stderr, flush=True)
+
+
+def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int] = DEFAULT_TARGETS,
+                jobs: int = 2, progress: bool = True) -> List[Result]:
+    """Compile every kernel of ``families`` (default: all) at every launch config for ``targets``
+    in a pool of ``jobs`` processes; check each kernel module's ``EXPECTATIONS``.
+
+    Returns one :class:`Result` per compile (``Result.passed`` tells), plus a failed result for a
+    kernel of a module that no job compiles. Under Triton's interpreter the whole run happens in
+    a subprocess without ``TRITON_INTERPRET``.
+    """
+    fams = _select(families)
+    targets = tuple(_target_key(t) for t in targets)
+    if interpreter_requested():
+        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress)
+
+    all_jobs: List[Job] = []
+    results: List[Result] = []
+    expectations: Dict[Tuple[str, str], dict] = {}
+    for fam in fams:
+        fam_jobs = fam.jobs(targets)
+        mod = importlib.import_module(fam.module)
+        exp = dict(getattr(mod, "EXPECTATIONS", {}) or {})
+        for k, v in exp.items():
+            expectations[(fam.name, k)] = v
+        results += _coverage(fam, fam_jobs, exp)
+        all_jobs += fam_jobs
+
+    n = len(all_jobs)
+    done: List[Result] = []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=max(1, int(jobs)), mp_context=ctx,
+                                initializer=_worker_init) as pool:
+        futures = [pool.submit(compile_job, j) for j in all_jobs]
+        for i, fut in enumerate(cf.as_completed(futures), 1):
+            r = fut.result()
+            r.violations = check_expectations(r, expectations.get((r.family, r.kernel)))
+            done.append(r)
+            if progress:
+                _progress(i, n, r)
+    order = {id(j): k for k, j in enumerate(all_jobs)}
+    key = {(j.kernel, j.config, j.variant, j.target): order[id(j)] for j in all_jobs}
+    done.sort(key=lambda r: key.get((r.kernel, r.config, r.variant, r.target), 0))
+    return results + done
+
+
+def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: int,
+                           progress: bool) -> List[Result]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="mmk_compile_tier_")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, "-m", "mmkernels.testing.compile_tier",
+               "--targets", ",".join(str(t) for t in targets), "--jobs", str(jobs),
+               "--json", path, "--no-table"]
+        for f in families:
+            cmd += ["--family", f]
+        if not progress:
+            cmd.append("--quiet")
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            raise RuntimeError(f"compile tier subprocess exited with {proc.returncode} without "
+                               f"results:\n{' '.join(cmd)}\n{proc.stdout}") from None
+        return [Result.from_dict(d) for d in data["results"]]
+    finally:
+        os.unlink(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """One block per kernel x target: variant/config, registers, stack, local, smem, MMA, status."""
+    def cell(v):
+        return "-" if v is None else str(v)
+
+    groups: Dict[Tuple[str, int], List[Result]] = {}
+    for r in results:
+        groups.setdefault((r.kernel, r.target), []).append(r)
+    head = ("kernel", "variant / config", "target", "regs", "stack", "local", "smem", "MMA", "status")
+    lines = []
+    for (kernel, target), rs in groups.items():
+        rows = [(r.kernel, f"{r.variant} / {r.config}", f"sm_{r.target}" if r.target else "-",
+                 cell(r.registers), cell(r.stack), cell(r.local_memory), cell(r.shared),
+                 ",".join(r.mma) or "-",
+                 r.status + ("" if r.passed else ": " + (r.error.splitlines()[0] if r.error
+                                                          else "; ".join(r.violations))))
+                for r in rs]
+        w = [max(len(head[c]), *(len(row[c]) for row in rows)) for c in range(len(head) - 1)]
+        fmt = "  ".join(f"{{:<{x}}}" if c < 3 else f"{{:>{x}}}" for c, x in enumerate(w)) + "  {}"
+        nfail = sum(not r.passed for r in rs)
+        lines.append(f"== {kernel} sm_{target}: {len(rs)} compiles, "
+                     f"{'all ok' if not nfail else f'{nfail} FAILED'}")
+        lines.append(fmt.format(*head))
+        lines += [fmt.format(*row) for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(results: Sequence[Result]) -> Tuple[int, List[Result]]:
+    """(exit code, failed results): 0 when every compile succeeded and met its expectations."""
+    failed = [r for r in results if not r.passed]
+    return (1 if failed or not results else 0), failed
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _targets_arg(s: str) -> Tuple[int, ...]:
+    try:
+        out = tuple(_target_key(t) for t in s.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"targets must look like 80,90 (got {s!r})") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no target given")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", action="append", default=None, choices=sorted(FAMILIES),
+                        help="op family to compile (repeatable; default: all)")
+    parser.add_argument("--targets", type=_targets_arg, default=DEFAULT_TARGETS,
+                        help="compute capabilities, comma-separated (default: 80,90)")
+    parser.add_argument("--jobs", "-j", type=int, default=2,
+                        help="compile processes (default: 2)")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write every result to PATH")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    results = compile_all(families=args.family, targets=args.targets, jobs=args.jobs,
+                          progress=not args.quiet)
+    wall = time.perf_counter() - t0
+    code, failed = summary(results)
+    if args.json:
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "targets": list(args.targets),
+                       "families": args.family or sorted(FAMILIES), "wall_s": round(wall, 2),
+                       "passed": code == 0, "results": [r.to_dict() for r in results]}, f, indent=1)
+    if not getattr(args, "no_table", False):
+        print(format_table(results))
+        print(f"{len(results)} compiles for {', '.join(f'sm_{t}' for t in args.targets)} in "
+              f"{wall:.1f}s: {len(results) - len(failed)} ok, {len(failed)} failed")
+        for r in failed:
+            why = r.error if r.error else "; ".join(r.violations)
+            print(f"FAILED {r.label()}: {why}")
+    return code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmkernels.testing.compile_tier",
+                                     description="compile tier (see python -m mmkernels compile)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    # run through the imported module, so that worker processes unpickle its functions by name
+    from mmkernels.testing import compile_tier as _self
+
+    sys.exit(_self.main())

@@ -1,0 +1,305 @@
+"""Softmax family: forward and backward against the float64 references, on the CPU path and the
+Triton path (interpreter on CPU, native on CUDA); properties, special values, bad input, layouts,
+int64 offsets, torch.compile, gradcheck and the nn modules."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import mmkernels
+from mmkernels import testing as mt
+from mmkernels._backend import interpreter_active
+from mmkernels.ops import softmax as ops
+from mmkernels.ops._layout import collapsed_strides, plan_reduction
+from tests.conftest import DEVICE, backends
+from tests.reference import FORWARD, softmax_backward_ref
+
+FUNCS = {"softmax": mmkernels.softmax, "log_softmax": mmkernels.log_softmax, "softmin": mmkernels.softmin}
+TORCH = {"softmax": torch.softmax, "log_softmax": torch.log_softmax, "softmin": F.softmin}
+
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("case", mt.cases("softmax", tag="interp"), ids=lambda c: c.id)
+def test_forward_backward(case, backend, device, poison_outputs):
+    """y and dx against the float64 reference, in one test; the incoming gradient is not mutated."""
+    # bf16 runs under the interpreter too: the kernels only load bf16 and convert (math is fp32),
+    # which the interpreter gets right; bf16 *arithmetic* there is what DESIGN.md warns about.
+    dim = case.params["dim"]
+    inputs = mt.make_inputs(case, device, seed=hash(case.id) % 2**31)
+    x, dy = inputs["x"].requires_grad_(), inputs["dy"]
+    dy_before = dy.detach().clone()
+
+    with mmkernels.use_backend(backend):
+        y = FUNCS[case.op](x, dim)
+        y.backward(dy)
+
+    assert y.dtype == case.dtype and y.shape == x.shape
+    y_ref = FORWARD[case.op](x, dim)
+    mt.assert_close(y, y_ref, backend=backend, what=f"{case.op} forward")
+    # the backward sees the forward's (rounded) output: reference it from that y, so a float16 y's
+    # rounding, amplified by the cancellation in y * (dy - Σ y·dy), is not charged to the backward
+    dx_ref = softmax_backward_ref(y, dy, dim, case.op)
+    assert x.grad.dtype == case.dtype and x.grad.shape == x.shape
+    mt.assert_close(x.grad, dx_ref, backend=backend, what=f"{case.op} backward")
+    assert torch.equal(dy, dy_before), "the incoming gradient was mutated"
+
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("kind", list(FUNCS))
+def test_softmax_backward_functional(kind, backend, device, poison_outputs):
+    """The functional backward with an expanded (zero-stride) gradient and a float16 input dtype."""
+    x = torch.randn(5, 37, device=device, dtype=torch.float64)
+    y = FORWARD[kind](x, 1).to(device=device, dtype=torch.float32)
+    dy = torch.randn(1, 37, device=device).expand(5, 37)
+    with mmkernels.use_backend(backend):
+        dx = mmkernels.softmax_backward(dy, y, dim=1, kind=kind, input_dtype=torch.float16)
+    assert dx.dtype == torch.float16
+    mt.assert_close(dx, softmax_backward_ref(y, dy, 1, kind), backend=backend)
+    assert dy.stride() == (0, 1)
+
+
+def test_row_lengths_cover_the_online_path():
+    assert ops.MAX_FUSED_N + 1 in mt.cases.__globals__["SOFTMAX_ROW_LENGTHS"]
+    assert ops.resolve_config(ops.MAX_FUSED_N, 2, columns=False).online is False
+    assert ops.resolve_config(ops.MAX_FUSED_N + 1, 2, columns=False).online is True
+    assert ops.resolve_config(1100, 20, columns=True).online is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", backends())
+def test_million_column_row(backend, device):
+    """One row of 2**20 + 1 columns through the online forward and the looped backward."""
+    x = torch.randn(1, (1 << 20) + 1, device=device).requires_grad_()
+    dy = torch.randn_like(x)
+    with mmkernels.use_backend(backend):
+        y = mmkernels.softmax(x, -1)
+        y.backward(dy)
+    mt.assert_close(y, FORWARD["softmax"](x, -1), backend=backend)
+    mt.assert_close(x.grad, softmax_backward_ref(y, dy, -1, "softmax"), backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# properties
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backends())
+@settings(max_examples=15, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), data=st.data())
+def test_properties(backend, device, shape, data):
+    """Rows sum to 1, softmax(x + c) == softmax(x), exp(log_softmax) == softmax, softmin(x) == softmax(-x)."""
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = (torch.randn(shape, generator=gen) * 4).to(device)
+    shift = torch.randn([1 if i == dim % len(shape) else s for i, s in enumerate(shape)], generator=gen).to(device) * 50
+    with mmkernels.use_backend(backend):
+        y = mmkernels.softmax(x, dim)
+        y_shift = mmkernels.softmax(x + shift, dim)
+        log_y = mmkernels.log_softmax(x, dim)
+        y_min = mmkernels.softmin(x, dim)
+        y_neg = mmkernels.softmax(-x, dim)
+    mt.assert_close(y.sum(dim), torch.ones_like(y.sum(dim), dtype=torch.float64), backend=backend)
+    mt.assert_close(y_shift, y, backend=backend)
+    mt.assert_close(log_y.exp(), y, backend=backend)
+    mt.assert_close(y_min, y_neg, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# special values: NaN / ±inf propagate exactly as torch does
+# ------------------------------------------------------------------------------------------------
+
+def _special_rows(n: int) -> torch.Tensor:
+    x = torch.randn(6, n)
+    x[0, n // 2] = float("nan")
+    x[1, :] = float("-inf")          # fully -inf row: NaN, like torch
+    x[2, n // 3] = float("inf")
+    x[3, : n // 2] = float("-inf")   # partly -inf: zeros there
+    x[4, -1] = float("-inf")
+    x[5, 0] = float("inf"); x[5, 1 % n] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("n", [7, 1025, ops.MAX_FUSED_N + 3], ids=["fused", "fused-1025", "online"])
+@pytest.mark.parametrize("kind", list(FUNCS))
+def test_special_values_like_torch(kind, n, backend, device, poison_outputs):
+    x = _special_rows(n).to(device)
+    with mmkernels.use_backend(backend):
+        y = FUNCS[kind](x, -1)
+    expected = TORCH[kind](x, -1)
+    rep = mt.error_report(y, expected)
+    assert rep.special_mismatch == 0, rep.describe()
+    mt.assert_close(y, expected, backend=backend, what="finite part")
+
+
+# ------------------------------------------------------------------------------------------------
+# dtype=, 0-dim, empty, layouts without copies, int64 offsets
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("kind", list(FUNCS))
+def test_dtype_argument(kind, backend, device, poison_outputs):
+    x = (torch.randn(4, 50, dtype=torch.float64) * 3).to(device, torch.float16).requires_grad_()
+    with mmkernels.use_backend(backend):
+        y = FUNCS[kind](x, -1, dtype=torch.float32)
+        assert y.dtype == torch.float32
+        y.backward(torch.ones_like(y))
+        yi = FUNCS[kind](torch.arange(12, device=device).reshape(3, 4), 1, dtype=torch.float64)
+    assert x.grad.dtype == torch.float16
+    mt.assert_close(y, FORWARD[kind](x, -1), backend=backend, dtype=torch.float32,
+                    tol=mt.tolerance(backend, torch.float16), what="fp16 input computed to fp32")
+    mt.assert_close(yi, FORWARD[kind](torch.arange(12.0).reshape(3, 4), 1), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backends())
+def test_scalar_and_empty(backend, device):
+    with mmkernels.use_backend(backend):
+        s = torch.tensor(2.5, device=device, requires_grad=True)
+        y = mmkernels.softmax(s, 0)
+        y.backward()
+        assert y.shape == () and y.item() == 1.0 and s.grad.item() == 0.0
+        assert mmkernels.log_softmax(torch.tensor(-3.0, device=device), -1).item() == 0.0
+        e = torch.empty(0, 7, device=device, requires_grad=True)
+        ye = mmkernels.softmax(e, 1)
+        ye.sum().backward()
+        assert ye.shape == (0, 7) and e.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("shape,dim,make", [
+    ((8, 16), -1, lambda t: t.t()),
+    ((8, 16), 0, lambda t: t.t()),
+    ((4, 6, 10), 1, lambda t: t),
+    ((4, 6, 10), 0, lambda t: t.permute(2, 0, 1)),
+    ((2, 3, 4, 5), 2, lambda t: t.transpose(1, 3)),
+    ((2, 3, 20), 1, lambda t: t[..., ::2]),
+    ((1, 6), -1, lambda t: t.expand(5, 6)),
+])
+def test_strided_inputs_read_in_place(shape, dim, make):
+    """Transposed, permuted, sliced and expanded inputs collapse to (O, N, I) strides: no copy."""
+    x = make(torch.randn(shape))
+    plan = plan_reduction(torch.empty_like(x), dim)
+    assert collapsed_strides(x, plan) is not None
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("kind", list(ops.Kind))
+@pytest.mark.parametrize("shape,dim", [((3, 70), -1), ((3, 70, 5), 1), ((2, ops.MAX_FUSED_N + 5), -1)])
+def test_int64_offsets(kind, shape, dim, poison_outputs):
+    """The int64 index path (taken when a tensor can pass 2**31 elements) gives the same results."""
+    if not (torch.cuda.is_available() or interpreter_active()):
+        pytest.skip("needs CUDA or the interpreter")
+    x = torch.randn(shape, device=DEVICE)
+    dy = torch.randn(shape, device=DEVICE)
+    name = ops.Kind(kind).name.lower()
+    y = ops._triton_forward(x, dim % x.dim(), kind, x.dtype, force_int64=True)
+    dx = ops._triton_backward(y, dy, dim % x.dim(), kind, x.dtype, force_int64=True)
+    mt.assert_close(y, FORWARD[name](x, dim), backend="triton")
+    mt.assert_close(dx, softmax_backward_ref(y, dy, dim, name), backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd, torch.compile, nn modules
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("kind", list(FUNCS))
+def test_gradcheck_float64(kind, backend, device):
+    x = torch.randn(3, 11, dtype=torch.float64, device=device, requires_grad=True)
+    xt = torch.randn(4, 5, 3, dtype=torch.float64, device=device).transpose(0, 2).requires_grad_()
+    with mmkernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda t: FUNCS[kind](t, -1), (x,))
+        assert torch.autograd.gradcheck(lambda t: FUNCS[kind](t, 1), (xt,))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    """The ops are torch.library custom ops with fake kernels: fullgraph compile, forward and backward."""
+    backend = "triton" if (torch.cuda.is_available() or interpreter_active()) else "cpu"
+
+    def f(x):
+        return (mmkernels.log_softmax(x * 2, -1) + mmkernels.softmax(x, 0)).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with mmkernels.use_backend(backend):
+        out = compiled(x)
+        out.backward()
+        ref = f(x2)
+        ref.backward()
+    mt.assert_close(out, ref.detach(), backend=backend)
+    mt.assert_close(x.grad, x2.grad, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("ours,theirs", [(mmkernels.nn.Softmax, torch.nn.Softmax),
+                                         (mmkernels.nn.LogSoftmax, torch.nn.LogSoftmax),
+                                         (mmkernels.nn.Softmin, torch.nn.Softmin)])
+def test_nn_modules_drop_in(ours, theirs, backend, device):
+    m, t = ours(dim=1), theirs(dim=1)
+    assert isinstance(m, theirs) and repr(m) == repr(t) and m.state_dict() == t.state_dict() == {}
+    x = torch.randn(3, 6, 4, device=device)
+    with mmkernels.use_backend(backend):
+        y = m(x)
+        with pytest.warns(UserWarning, match="Implicit dimension"):
+            y_legacy = ours()(x)
+    mt.assert_close(y, t(x).double(), backend=backend)
+    mt.assert_close(y_legacy, theirs(dim=0)(x).double(), backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: clear errors naming the argument, never a crash
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: mmkernels.softmax(torch.randn(3, 4), 2), ValueError, "dim=2 is out of range"),
+    (lambda: mmkernels.softmax(torch.randn(3, 4), -3), ValueError, "dim=-3"),
+    (lambda: mmkernels.softmax(torch.randn(()), 1), ValueError, "dim=1"),
+    (lambda: mmkernels.softmax(torch.randn(3), 0.5), TypeError, "dim must be an int"),
+    (lambda: mmkernels.softmax(torch.arange(4), 0), TypeError, "input must be a floating-point"),
+    (lambda: mmkernels.log_softmax(torch.randn(4), 0, dtype=torch.int32), TypeError, "dtype must be one of"),
+    (lambda: mmkernels.softmin([1.0, 2.0], 0), TypeError, "input must be a torch.Tensor"),
+    (lambda: mmkernels.softmax(torch.randn(2, 3, dtype=torch.complex64), 1), TypeError, "input must be"),
+    (lambda: mmkernels.softmax_backward(torch.randn(3, 4), torch.randn(3, 5)), ValueError, "grad_output must have"),
+    (lambda: mmkernels.softmax_backward(torch.randn(3, 4), torch.randn(3, 4), kind="relu"), ValueError, "kind"),
+    (lambda: mmkernels.softmax_backward(torch.randn(3, 4, device="meta"), torch.randn(3, 4)), ValueError,
+     "grad_output must be on a CPU or CUDA device"),
+    (lambda: mmkernels.set_backend("gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input_raises_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a CPU/CUDA mismatch")
+def test_mismatched_devices():
+    with pytest.raises(ValueError, match="same device"):
+        mmkernels.softmax_backward(torch.randn(3, 4, device="cuda"), torch.randn(3, 4))
+
+
+def test_triton_backend_without_interpreter_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MMKERNELS_BACKEND"] = "triton"
+    code = ("import torch, mmkernels\n"
+            "try:\n    mmkernels.softmax(torch.randn(3, 4), -1)\n"
+            "except mmkernels.BackendError as e:\n    print('BackendError:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_backend_env_var_is_read_at_call_time(monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.setenv("MMKERNELS_BACKEND", "cpu")
+    assert mmkernels.get_backend() == "cpu"
+    mmkernels.softmax(x)
+    monkeypatch.setenv("MMKERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MMKERNELS_BACKEND"):
+        mmkernels.softmax(x)
+    mmkernels.set_backend("cpu")  # set_backend wins over the variable
+    assert mmkernels.get_backend() == "cpu"
