@@ -16,6 +16,7 @@ import mmkernels
 from mmkernels import testing as mt
 from mmkernels._backend import interpreter_active
 from mmkernels.ops import softmax as ops
+from mmkernels.testing import registry
 from mmkernels.ops._layout import collapsed_strides, plan_reduction
 from tests.conftest import DEVICE, backends
 from tests.reference import FORWARD, softmax_backward_ref
@@ -65,7 +66,7 @@ def test_softmax_backward_functional(kind, backend, device, poison_outputs):
 
 
 def test_row_lengths_cover_the_online_path():
-    assert ops.MAX_FUSED_N + 1 in mt.cases.__globals__["SOFTMAX_ROW_LENGTHS"]
+    assert ops.MAX_FUSED_N + 1 in registry.SOFTMAX_ROW_LENGTHS
     assert ops.resolve_config(ops.MAX_FUSED_N, 2, columns=False).online is False
     assert ops.resolve_config(ops.MAX_FUSED_N + 1, 2, columns=False).online is True
     assert ops.resolve_config(1100, 20, columns=True).online is True

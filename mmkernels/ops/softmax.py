@@ -67,15 +67,19 @@ def _warps(tile: int) -> int:
     return max(1, min(16, tile // 512))
 
 
-def resolve_config(N: int, I: int, columns: bool) -> SoftmaxConfig:
+def resolve_config(N: int, I: int, columns: bool, f64: bool = False) -> SoftmaxConfig:
     """Pick the tile for a reduction of length ``N`` over ``I`` independent lanes.
 
     ``columns`` is True when the non-reduced lanes (``I``) are the contiguous axis in memory and
-    the reduced dim is strided; False for ordinary rows (reduced dim contiguous).
+    the reduced dim is strided; False for ordinary rows (reduced dim contiguous). ``f64``: the
+    math runs in float64 (twice the registers per element), so the on-chip limits are halved —
+    the compile tier showed the fp64 backward spilling at 16384-element tiles.
     """
     N, I = max(int(N), 1), max(int(I), 1)
+    max_tile = MAX_TILE // 2 if f64 else MAX_TILE
+    max_fused_n = MAX_FUSED_N // 2 if f64 else MAX_FUSED_N
     if not columns:
-        if N <= MAX_FUSED_N:
+        if N <= max_fused_n:
             bn = _p2(N)
             bi = max(1, min(TARGET_TILE // bn, _p2(I)))
             return SoftmaxConfig(bi, bn, _warps(bi * bn), online=False)
@@ -83,7 +87,7 @@ def resolve_config(N: int, I: int, columns: bool) -> SoftmaxConfig:
     bn = _p2(N)
     for bi in COLUMN_BLOCK_I:
         bi = min(bi, _p2(I))
-        if bi * bn <= MAX_TILE:
+        if bi * bn <= max_tile:
             bi = max(bi, min(_p2(I), TARGET_TILE // bn))  # short reductions: more lanes per program
             return SoftmaxConfig(bi, bn, _warps(bi * bn), online=False)
     bi = min(COLUMN_BLOCK_I[0], _p2(I))
@@ -91,29 +95,28 @@ def resolve_config(N: int, I: int, columns: bool) -> SoftmaxConfig:
 
 
 def launch_configs():
-    """Every config :func:`resolve_config` can return (for the compile tier)."""
+    """Every ``(config, layout, f64)`` :func:`resolve_config` can return, for the compile tier;
+    ``layout`` is ``"rows"`` or ``"columns"``. The resolver only distinguishes lengths by their
+    power-of-two ceiling and the fused limits, so scanning powers of two (and one past each limit)
+    finds them all."""
+    lengths = sorted({1 << k for k in range(0, 22)}
+                     | {3, 17, 1000, MAX_FUSED_N // 2 + 1, MAX_FUSED_N + 1, 3 * MAX_FUSED_N})
     seen = set()
-    for columns in (False, True):
-        for log_n in range(0, 21):
-            for log_i in range(0, 21, 2):
-                cfg = resolve_config(1 << log_n, 1 << log_i, columns)
-                if cfg not in seen:
-                    seen.add(cfg)
-                    yield cfg
-        for n in (MAX_FUSED_N + 1, 3 * MAX_FUSED_N):
-            for i in (1, 3, 17, 1000):
-                cfg = resolve_config(n, i, columns)
-                if cfg not in seen:
-                    seen.add(cfg)
-                    yield cfg
+    for f64 in (False, True):
+        for columns in (False, True):
+            for n in lengths:
+                for i in lengths:
+                    if columns and (n < 2 or i < 2):  # size-1 dims are dropped: no such launch
+                        continue
+                    key = (resolve_config(n, i, columns, f64), "columns" if columns else "rows", f64)
+                    if key not in seen:
+                        seen.add(key)
+                        yield key
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-_ACC = {torch.float64: "float64"}
-
 
 def _acc_dtype(*dtypes: torch.dtype):
     import triton.language as tl
@@ -150,6 +153,8 @@ def _needs_int64(cfg: SoftmaxConfig, tensors, strides3) -> bool:
 
 def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
                     force_int64: bool = False) -> torch.Tensor:
+    import triton.language as tl
+
     from mmkernels._triton import softmax as K
 
     y = torch.empty_like(x, dtype=out_dtype)
@@ -157,7 +162,8 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
     x, sx = _in_layout(x, y, plan)
     sy = collapsed_strides(y, plan)
     O, N, I, columns, (sx, sy) = _index_space(plan, sx, sy)
-    cfg = resolve_config(N, I, columns)
+    acc = _acc_dtype(x.dtype, out_dtype)
+    cfg = resolve_config(N, I, columns, f64=acc == tl.float64)
     kernel = K.softmax_fwd_online_kernel if cfg.online else K.softmax_fwd_fused_kernel
     grid = (O * triton_cdiv(I, cfg.block_i),)
     kernel[grid](
@@ -166,7 +172,7 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
         sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
         BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n,
         LOG=kind == Kind.LOG_SOFTMAX, NEG=kind == Kind.SOFTMIN,
-        ACC=_acc_dtype(x.dtype, out_dtype),
+        ACC=acc,
         USE_INT64=force_int64 or _needs_int64(cfg, (x, y), (sx, sy)),
         num_warps=cfg.num_warps,
     )
@@ -175,6 +181,8 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
 
 def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                      in_dtype: torch.dtype, force_int64: bool = False) -> torch.Tensor:
+    import triton.language as tl
+
     from mmkernels._triton import softmax as K
 
     dx = torch.empty_like(y, dtype=in_dtype)
@@ -183,7 +191,8 @@ def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
     dy, sdy = _in_layout(dy, dx, plan)
     sdx = collapsed_strides(dx, plan)
     O, N, I, columns, (sy, sdy, sdx) = _index_space(plan, sy, sdy, sdx)
-    cfg = resolve_config(N, I, columns)
+    acc = _acc_dtype(y.dtype, dy.dtype, in_dtype)
+    cfg = resolve_config(N, I, columns, f64=acc == tl.float64)
     kernel = K.softmax_bwd_looped_kernel if cfg.online else K.softmax_bwd_fused_kernel
     grid = (O * triton_cdiv(I, cfg.block_i),)
     kernel[grid](
@@ -192,7 +201,7 @@ def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
         sdy_o=sdy[0], sdy_n=sdy[1], sdy_i=sdy[2],
         sdx_o=sdx[0], sdx_n=sdx[1], sdx_i=sdx[2],
         BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, KIND=int(kind),
-        ACC=_acc_dtype(y.dtype, dy.dtype, in_dtype),
+        ACC=acc,
         USE_INT64=force_int64 or _needs_int64(cfg, (y, dy, dx), (sy, sdy, sdx)),
         num_warps=cfg.num_warps,
     )
@@ -205,10 +214,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The CPU path's result in the layout the op promises (that of ``empty_like(like)``)."""
-    out = torch.empty_like(like, dtype=dtype)
-    if result.stride() == out.stride():
+    promised = torch.empty_like(like, dtype=dtype, device="meta").stride()  # no allocation
+    if result.stride() == promised:
         return result
-    return out.copy_(result)
+    return torch.empty_like(like, dtype=dtype).copy_(result)
 
 
 def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:

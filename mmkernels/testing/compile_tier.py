@@ -7,17 +7,23 @@ For each (kernel, config, variant, target) the kernel is compiled with
 options={"num_warps": ...})`` -- no GPU or driver needed -- and the cubin is inspected with the
 tools shipped in the triton wheel (``triton/backends/nvidia/bin/``):
 
-* ``cuobjdump --dump-resource-usage``: registers, stack frame, local memory (spills), static
-  shared memory (Triton's own shared memory is dynamic: ``compiled.metadata.shared``);
+* ``cuobjdump --dump-resource-usage``: registers, stack frame, local memory, static shared memory
+  (Triton's own shared memory is dynamic: ``compiled.metadata.shared``, added in);
+* ``ptxas -v`` re-run on the kernel's PTX (tens of ms): spill stores / loads. cuobjdump's LOCAL
+  stays 0 for a kernel whose spills live in its stack frame, so ``local_memory`` here is the
+  larger of the stack frame and LOCAL: ``{"local_memory": 0}`` means no spills;
 * ``nvdisasm``: whether the SASS holds tensor-core instructions (``HGMMA`` = wgmma on sm_90,
-  ``HMMA`` = mma.sync).
+  ``HMMA`` = mma.sync). SASS tensor-core instructions only come from PTX ``mma`` / ``wgmma``, and
+  nvdisasm costs ~0.3 s a call, so the SASS is disassembled where the PTX has one (``--sass``:
+  always); the reduction kernels then report no MMA without the call.
 
 What each kernel must meet is declared next to the kernels, in an ``EXPECTATIONS`` dict of the
 kernel module (e.g. ``triton_kernels/softmax.py``)::
 
     EXPECTATIONS = {
         "softmax_fwd_fused_kernel": {"local_memory": 0},          # max bytes; 0 = no spills
-        "some_gemm_kernel": {"stack": 0, "max_registers": 232,    # max bytes / max registers
+        "some_gemm_kernel": {"stack": 0, "spills": 0,             # max bytes (stack frame / spill
+                             "max_registers": 232,                # stores) / max registers
                              "mma": {90: "HGMMA", 80: "HMMA"}},   # required on the named target
     }
 
@@ -27,12 +33,17 @@ target. Whatever the declarations, a kernel must also be launchable on its targe
 within the per-block limit and ``registers * threads`` within the register file.
 
 Compile configurations: every config at one representative specialisation (fp32 in and out,
-softmax kind, rows layout -- or columns for the configs the resolver picks for a strided reduced
+or fp64 for the configs the resolver picks for float64 math; softmax kind, rows layout -- or columns for the configs the resolver picks for a strided reduced
 dim --, aligned pointers and strides, int32 indexing); the largest one-pass config and the looped
-config of each kernel (per layout) additionally at every other variant: bf16 / fp16 / fp64
+config of each kernel (per layout) additionally at every other variant: bf16 / fp16
 storage, each kind (LOG / NEG / KIND), ``USE_INT64=True``, and unaligned pointers and strides.
 Strides that are 1 in real launches (``s*_n`` for rows, ``s*_i`` for columns) are constexpr 1,
-as Triton's launcher specialises them.
+as Triton's launcher specialises them (``tests/test_compile_tier.py`` checks the job signatures
+against launches captured from the launchers and specialised by Triton's own binder). The configs
+are exactly those the family's ``launch_configs()`` yields: ``(config, layout, f64)`` triples.
+
+A failed compile, a compile that kills its worker process, and a violated expectation are
+failures: ``run`` (``python -m mmkernels compile``) then returns 1 and lists them.
 
 Usage::
 
@@ -71,7 +82,7 @@ MAX_REGISTERS_PER_THREAD = 255
 #: Tensor-core instructions looked for in the SASS.
 MMA_OPCODES = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA")
 
-EXPECTATION_KEYS = ("local_memory", "stack", "max_registers", "mma")
+EXPECTATION_KEYS = ("local_memory", "stack", "spills", "max_registers", "mma")
 
 _DIV16 = [["tt.divisibility", 16]]
 
@@ -101,6 +112,9 @@ class Job:
     constexprs: Dict[str, object]
     attrs: Dict[str, list]
     options: Dict[str, object]
+    #: disassemble the cubin: None = only when the PTX holds an MMA instruction (SASS tensor-core
+    #: instructions come from nowhere else; nvdisasm costs ~0.3 s a call), True = always.
+    disassemble: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -116,8 +130,12 @@ class Result:
     compiled: bool = False
     error: Optional[str] = None
     registers: Optional[int] = None
-    stack: Optional[int] = None
+    stack: Optional[int] = None  # stack frame, bytes per thread (cuobjdump STACK)
+    #: local memory per thread in bytes: the stack frame, where ptxas puts spills, or cuobjdump's
+    #: LOCAL if larger (cuobjdump reports LOCAL 0 for a kernel that spills to its stack frame)
     local_memory: Optional[int] = None
+    spill_stores: Optional[int] = None  # bytes, from ``ptxas -v`` on the kernel's PTX
+    spill_loads: Optional[int] = None
     shared_static: Optional[int] = None
     shared_dynamic: Optional[int] = None
     mma: List[str] = dataclasses.field(default_factory=list)
@@ -211,8 +229,9 @@ def check_expectations(result: Result, expectations: Optional[dict]) -> List[str
         elif measured > bound:
             out.append(f"{key}: {what} is {measured}, expected <= {bound}")
 
-    limit("local_memory", result.local_memory, "local memory (spills) in bytes")
+    limit("local_memory", result.local_memory, "local memory (stack frame / spills) in bytes")
     limit("stack", result.stack, "stack frame in bytes")
+    limit("spills", result.spill_stores, "spill stores in bytes")
     limit("max_registers", result.registers, "registers per thread")
     if "mma" in exp:
         need = _mma_required(exp["mma"], result.target)
@@ -243,7 +262,7 @@ class Family:
 
     name: str
     module: str
-    jobs: Callable[[Sequence[int]], List[Job]]
+    jobs: Callable[[Sequence[int], bool], List[Job]]  # (targets, exhaustive) -> jobs
 
 
 _STORAGE = {  # storage dtype -> (pointer type, ACC)
@@ -261,29 +280,10 @@ WARNINGS: List[str] = []
 
 
 def _warn(msg: str) -> None:
+    if msg in WARNINGS:
+        return
     WARNINGS.append(msg)
     print(f"compile tier: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _softmax_layouts() -> Dict[object, set]:
-    """Config -> the layouts ("rows" / "columns") :func:`resolve_config` picks it for.
-
-    ``launch_configs()`` yields the configs without the layout they serve, so the resolver is
-    scanned here over the lengths it distinguishes (powers of two, odd sizes, past the fused limit).
-    """
-    from mmkernels.ops import softmax as S
-
-    lengths = sorted({1 << k for k in range(0, 22)}
-                     | {3, 17, 100, 1000, 3000, S.MAX_FUSED_N + 1, 3 * S.MAX_FUSED_N})
-    layouts: Dict[object, set] = {}
-    for columns in (False, True):
-        for n in lengths:
-            for i in lengths:
-                if columns and (n < 2 or i < 2):  # size-1 dims are dropped: no such column launch
-                    continue
-                cfg = S.resolve_config(n, i, columns)
-                layouts.setdefault(cfg, set()).add("columns" if columns else "rows")
-    return layouts
 
 
 def _softmax_spec(kernel: str, cfg, layout: str, storage: str = "fp32", kind: int = 0,
@@ -335,21 +335,14 @@ def _softmax_config_label(cfg) -> str:
     return f"BLOCK_I={cfg.block_i} BLOCK_N={cfg.block_n} w={cfg.num_warps}" + (" online" if cfg.online else "")
 
 
-def _softmax_jobs(targets: Sequence[int]) -> List[Job]:
+def _softmax_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """Every ``(config, layout, f64)`` that :func:`mmkernels.ops.softmax.launch_configs` yields,
+    at the representative specialisation (fp32 storage, or fp64 for the float64 configs); the
+    largest one-pass and the looped config of each layout also at every other variant.
+    (``exhaustive`` is accepted for the CLI; the resolver's own list is already complete.)"""
     from mmkernels.ops import softmax as S
 
-    configs = list(S.launch_configs())
-    scanned = _softmax_layouts()
-    missed = [c for c in scanned if c not in set(configs)]
-    if missed:
-        _warn(f"softmax: launch_configs() misses {len(missed)} of the configs resolve_config() "
-              f"returns (compiled anyway), e.g. {missed[0]}")
-        configs += missed
-    pairs: List[Tuple[object, str]] = []  # (config, layout)
-    for cfg in configs:
-        # a config launch_configs() yields that the scan did not meet: compile it both ways
-        for layout in sorted(scanned.get(cfg, {"rows", "columns"}), reverse=True):  # rows first
-            pairs.append((cfg, layout))
+    triples = list(S.launch_configs())
 
     def kernels_for(cfg):
         if cfg.online:
@@ -357,8 +350,7 @@ def _softmax_jobs(targets: Sequence[int]) -> List[Job]:
         return ("softmax_fwd_fused_kernel", "softmax_bwd_fused_kernel")
 
     # specialisations: (variant label, storage, kind, int64, aligned)
-    base = ("fp32 softmax", "fp32", 0, False, True)
-    others = [(f"{s} softmax", s, 0, False, True) for s in ("bf16", "fp16", "fp64")]
+    others = [(f"{s} softmax", s, 0, False, True) for s in ("bf16", "fp16")]
     others += [(f"fp32 {_SOFTMAX_KINDS[k]}", "fp32", k, False, True) for k in (1, 2)]
     others += [("fp32 softmax int64", "fp32", 0, True, True),
                ("fp32 softmax unaligned", "fp32", 0, False, False)]
@@ -367,15 +359,16 @@ def _softmax_jobs(targets: Sequence[int]) -> List[Job]:
     full: set = set()
     for layout in ("rows", "columns"):
         for online in (False, True):
-            cands = [c for c, l in pairs if l == layout and c.online == online]
+            cands = [c for c, l, f64 in triples if l == layout and c.online == online and not f64]
             if cands:
                 best = max(cands, key=lambda c: (c.tile, c.num_warps, c.block_i, c.block_n))
                 full.add((best, layout))
 
     jobs: List[Job] = []
     for target in targets:
-        for cfg, layout in pairs:
-            variants = [base] + (others if (cfg, layout) in full else [])
+        for cfg, layout, f64 in triples:
+            base = ("fp64 softmax", "fp64", 0, False, True) if f64 else ("fp32 softmax", "fp32", 0, False, True)
+            variants = [base] + (others if not f64 and (cfg, layout) in full else [])
             for kernel in kernels_for(cfg):
                 for label, storage, kind, int64, aligned in variants:
                     sig, cons, attrs = _softmax_spec(kernel, cfg, layout, storage, kind, int64, aligned)
@@ -432,7 +425,45 @@ def parse_mma(sass: str) -> List[str]:
     return [op for op in MMA_OPCODES if re.search(rf"\b{op}\b", sass)]
 
 
-def _inspect_cubin(cubin: bytes, kernel: str) -> dict:
+_PTX_MMA_RE = re.compile(r"\b(?:wgmma|mma)\.")  # mma.sync, wgmma.mma_async, tcgen05.mma
+
+
+_PTXAS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas_spills(log: str) -> Dict[str, int]:
+    """``ptxas -v`` output -> stack frame and spill store / load bytes."""
+    m = _PTXAS_RE.search(log)
+    if m is None:
+        raise RuntimeError(f"no spill information in the ptxas -v output:\n{log}")
+    return {"ptxas_stack": int(m.group(1)), "spill_stores": int(m.group(2)),
+            "spill_loads": int(m.group(3))}
+
+
+def _ptxas_spills(ptx: str, target: int, metadata) -> Dict[str, int]:
+    """Spills as ptxas reports them (cuobjdump has no spill counts, and its LOCAL stays 0 for a
+    kernel whose spills live in the stack frame): ptxas -v on the kernel's PTX with the flags
+    Triton compiled it with. ptxas is fast (tens of ms); only its log is kept."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    fd, src = tempfile.mkstemp(suffix=".ptx", prefix="mmk_compile_tier_")
+    out = src + ".cubin"
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(ptx)
+        fmad = [] if getattr(metadata, "enable_fp_fusion", True) else ["--fmad=false"]
+        extra = (getattr(metadata, "ptx_options", None) or "").split()
+        cmd = [get_ptxas(target).path, "-lineinfo", *fmad, "-v", *extra,
+               f"--gpu-name={sm_arch_from_capability(target)}", src, "-o", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return parse_ptxas_spills(proc.stdout + proc.stderr)
+    finally:
+        for p in (src, out):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def _inspect_cubin(cubin: bytes, kernel: str, disassemble: bool = True) -> dict:
     fd, path = tempfile.mkstemp(suffix=".cubin", prefix="mmk_compile_tier_")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -440,6 +471,9 @@ def _inspect_cubin(cubin: bytes, kernel: str) -> dict:
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path],
                                capture_output=True, text=True, check=True).stdout
         out = parse_resource_usage(usage, kernel)
+        out["mma"] = []
+        if not disassemble:
+            return out
         sass = subprocess.run([_tool("nvdisasm"), "-c", path],
                               capture_output=True, text=True, check=True).stdout
         out["mma"] = parse_mma(sass)
@@ -454,6 +488,20 @@ def _resolve_constexpr(v):
 
         return getattr(tl, v[3:])
     return v
+
+
+def _error_text(e: BaseException, limit: int = 4000) -> str:
+    """The innermost cause first (Triton's CompilationError wraps the reason), then the chain."""
+    chain = [e]
+    while chain[-1].__cause__ is not None or (chain[-1].__context__ is not None
+                                              and not chain[-1].__suppress_context__):
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain or len(chain) > 8:
+            break
+        chain.append(nxt)
+    parts = [f"{type(x).__name__}: {str(x).strip()}" for x in reversed(chain)]
+    msg = "\n".join(parts)
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
 def compile_job(job: Job) -> Result:
@@ -483,26 +531,60 @@ def compile_job(job: Job) -> Result:
         constexprs = {a: _resolve_constexpr(v) for a, v in job.constexprs.items()}
         attrs = {(names.index(a),): v for a, v in job.attrs.items()}
         src = ASTSource(fn, signature, constexprs, attrs)
-        # triton prints the whole PTX on a ptxas failure; the exception carries the log
-        with contextlib.redirect_stdout(io.StringIO()):
+        # ptxas's -v log (spills) is printed by Triton with dump_ptxas_log; on a ptxas failure
+        # Triton prints the whole PTX: the exception carries the log
+        from triton import knobs
+
+        knobs.nvidia.dump_ptxas_log = True
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
             compiled = triton.compile(src, target=GPUTarget("cuda", job.target, 32),
                                       options=dict(job.options))
         md = compiled.metadata
         res.shared_dynamic = int(getattr(md, "shared", 0) or 0)
         n_spills = getattr(md, "n_spills", None)
         res.n_spills = int(n_spills) if isinstance(n_spills, int) else None
-        usage = _inspect_cubin(compiled.asm["cubin"], getattr(md, "name", job.kernel))
+        disassemble = job.disassemble
+        if disassemble is None:
+            disassemble = bool(_PTX_MMA_RE.search(compiled.asm.get("ptx", "") or "x"))
+        usage = _inspect_cubin(compiled.asm["cubin"], getattr(md, "name", job.kernel), disassemble)
+        try:
+            spills = parse_ptxas_spills(stdout.getvalue())
+        except RuntimeError:  # a hit in Triton's cache: no ptxas ran
+            spills = _ptxas_spills(compiled.asm["ptx"], job.target, md)
         res.registers = usage["registers"]
         res.stack = usage["stack"]
-        res.local_memory = usage["local_memory"]
+        res.local_memory = max(usage["local_memory"], usage["stack"], spills["ptxas_stack"])
+        res.spill_stores = spills["spill_stores"]
+        res.spill_loads = spills["spill_loads"]
         res.shared_static = usage["shared_static"]
         res.mma = usage["mma"]
         res.compiled = True
     except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
-        msg = f"{type(e).__name__}: {e}"
-        res.error = msg if len(msg) <= 4000 else msg[:4000] + " ..."
+        res.error = _error_text(e)
     res.compile_s = round(time.perf_counter() - t0, 3)
     return res
+
+
+def jit_specialization(kernel, kwargs: dict, target: int = 90):
+    """(signature, constexprs, attrs, options) that Triton's launcher would compile ``kernel``
+    with for a launch ``kernel[grid](**kwargs)``, keyed by argument name -- to check a family's
+    job builder against real launches (the arguments may be CPU tensors; no GPU needed).
+    ``kernel`` may be an interpreted function: its Python function is re-wrapped."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+    backend = make_backend(GPUTarget("cuda", int(target), 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(**kwargs)
+    names = list(fn.arg_names)
+    signature = {n: s[0] for n, s in zip(names, spec)}
+    constexprs = {n: s[1] for n, s in zip(names, spec) if s[0] == "constexpr"}
+    attrs = {n: backend.parse_attr(s[1]) for n, s in zip(names, spec)
+             if s[0] != "constexpr" and isinstance(s[1], str) and backend.parse_attr(s[1])}
+    return signature, constexprs, attrs, dict(opts)
 
 
 def _worker_init() -> None:
@@ -571,24 +653,35 @@ def _progress(i: int, n: int, r: Result) -> None:
 
 
 def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int] = DEFAULT_TARGETS,
-                jobs: int = 2, progress: bool = True) -> List[Result]:
+                jobs: int = 2, progress: bool = True, exhaustive: bool = False,
+                disassemble: Optional[bool] = None) -> List[Result]:
     """Compile every kernel of ``families`` (default: all) at every launch config for ``targets``
     in a pool of ``jobs`` processes; check each kernel module's ``EXPECTATIONS``.
 
     Returns one :class:`Result` per compile (``Result.passed`` tells), plus a failed result for a
     kernel of a module that no job compiles. Under Triton's interpreter the whole run happens in
-    a subprocess without ``TRITON_INTERPRET``.
+    a subprocess without ``TRITON_INTERPRET``. ``exhaustive``: every config in every layout it
+    serves, not one; ``disassemble=True``: run nvdisasm on every cubin (default: only where the
+    PTX holds an MMA instruction).
     """
     fams = _select(families)
     targets = tuple(_target_key(t) for t in targets)
+    WARNINGS.clear()
     if interpreter_requested():
-        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress)
+        if os.environ.get("MMKERNELS_COMPILE_TIER_CHILD"):
+            raise RuntimeError("compile tier: Triton's interpreter is still on in the subprocess "
+                               "started without TRITON_INTERPRET")
+        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress, exhaustive,
+                                      disassemble)
 
     all_jobs: List[Job] = []
     results: List[Result] = []
     expectations: Dict[Tuple[str, str], dict] = {}
     for fam in fams:
-        fam_jobs = fam.jobs(targets)
+        fam_jobs = fam.jobs(targets, exhaustive)
+        if disassemble is not None:
+            for j in fam_jobs:
+                j.disassemble = disassemble
         mod = importlib.import_module(fam.module)
         exp = dict(getattr(mod, "EXPECTATIONS", {}) or {})
         for k, v in exp.items():
@@ -596,27 +689,75 @@ def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int]
         results += _coverage(fam, fam_jobs, exp)
         all_jobs += fam_jobs
 
-    n = len(all_jobs)
-    done: List[Result] = []
+    return results + run_jobs(all_jobs, expectations, jobs=jobs, progress=progress)
+
+
+def _pool_starts(ctx) -> bool:
+    """Whether a spawned worker can run anything at all."""
+    try:
+        with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init) as pool:
+            return pool.submit(os.getpid).result() > 0
+    except cf.process.BrokenProcessPool:
+        return False
+
+
+def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str], dict]] = None,
+             jobs: int = 2, progress: bool = False) -> List[Result]:
+    """Compile ``job_list`` in a pool of ``jobs`` fresh (spawned) processes without
+    ``TRITON_INTERPRET`` and check ``expectations`` (``{(family, kernel): {...}}``); results in the
+    order of the jobs. A compile that kills its worker process (a crash in LLVM / MLIR) becomes a
+    failed result of its own: the jobs left when a pool breaks are retried, one process per job
+    once a pool breaks without finishing anything."""
+    expectations = expectations or {}
+    n = len(job_list)
+    out: List[Optional[Result]] = [None] * n
+    pending = list(range(n))
+    finished = 0
+    isolate = 0  # > 0: run that many of the next jobs one process each (a pool broke at once)
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=max(1, int(jobs)), mp_context=ctx,
-                                initializer=_worker_init) as pool:
-        futures = [pool.submit(compile_job, j) for j in all_jobs]
-        for i, fut in enumerate(cf.as_completed(futures), 1):
-            r = fut.result()
-            r.violations = check_expectations(r, expectations.get((r.family, r.kernel)))
-            done.append(r)
-            if progress:
-                _progress(i, n, r)
-    order = {id(j): k for k, j in enumerate(all_jobs)}
-    key = {(j.kernel, j.config, j.variant, j.target): order[id(j)] for j in all_jobs}
-    done.sort(key=lambda r: key.get((r.kernel, r.config, r.variant, r.target), 0))
-    return results + done
+
+    def record(k: int, r: Result) -> None:
+        nonlocal finished
+        r.violations = check_expectations(r, expectations.get((r.family, r.kernel)))
+        out[k] = r
+        finished += 1
+        if progress:
+            _progress(finished, n, r)
+
+    while pending:
+        batch = pending[:1] if isolate else pending
+        workers = 1 if isolate else max(1, min(int(jobs), len(batch)))
+        isolate = max(0, isolate - 1)
+        done_here = 0
+        try:
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                        initializer=_worker_init) as pool:
+                futures = {pool.submit(compile_job, job_list[k]): k for k in batch}
+                for fut in cf.as_completed(futures):
+                    record(futures[fut], fut.result())
+                    done_here += 1
+        except cf.process.BrokenProcessPool:
+            if workers == 1 and len(batch) == 1 and finished == 0 and not _pool_starts(ctx):
+                raise RuntimeError(
+                    "compile tier: worker processes die at start-up (spawn start method: a script "
+                    "that calls the compile tier needs an `if __name__ == '__main__':` guard)"
+                ) from None
+            if len(batch) == 1:  # this one job kills its process
+                job = job_list[batch[0]]
+                record(batch[0], Result(job.family, job.kernel, job.config, job.variant, job.target,
+                                        int(job.options.get("num_warps", 4)), compiled=False,
+                                        error="the compiler process died (crash in triton / LLVM)"))
+            elif done_here == 0:  # the crash is among the first jobs, those the workers had taken
+                isolate = workers
+        pending = [k for k in pending if out[k] is None]
+    return out  # type: ignore[return-value]
 
 
 def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: int,
-                           progress: bool) -> List[Result]:
+                           progress: bool, exhaustive: bool = False,
+                           disassemble: Optional[bool] = None) -> List[Result]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MMKERNELS_COMPILE_TIER_CHILD"] = "1"
     fd, path = tempfile.mkstemp(suffix=".json", prefix="mmk_compile_tier_")
     os.close(fd)
     try:
@@ -627,6 +768,10 @@ def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: in
             cmd += ["--family", f]
         if not progress:
             cmd.append("--quiet")
+        if exhaustive:
+            cmd.append("--exhaustive")
+        if disassemble:
+            cmd.append("--sass")
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
         try:
             with open(path) as f:
@@ -634,6 +779,7 @@ def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: in
         except (OSError, ValueError):
             raise RuntimeError(f"compile tier subprocess exited with {proc.returncode} without "
                                f"results:\n{' '.join(cmd)}\n{proc.stdout}") from None
+        WARNINGS.extend(data.get("warnings", []))
         return [Result.from_dict(d) for d in data["results"]]
     finally:
         os.unlink(path)
@@ -652,11 +798,13 @@ def format_table(results: Sequence[Result]) -> str:
     groups: Dict[Tuple[str, int], List[Result]] = {}
     for r in results:
         groups.setdefault((r.kernel, r.target), []).append(r)
-    head = ("kernel", "variant / config", "target", "regs", "stack", "local", "smem", "MMA", "status")
+    head = ("kernel", "variant / config", "target", "regs", "stack", "local", "spills", "smem", "MMA",
+            "status")
     lines = []
     for (kernel, target), rs in groups.items():
         rows = [(r.kernel, f"{r.variant} / {r.config}", f"sm_{r.target}" if r.target else "-",
-                 cell(r.registers), cell(r.stack), cell(r.local_memory), cell(r.shared),
+                 cell(r.registers), cell(r.stack), cell(r.local_memory),
+                 "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}", cell(r.shared),
                  ",".join(r.mma) or "-",
                  r.status + ("" if r.passed else ": " + (r.error.splitlines()[0] if r.error
                                                           else "; ".join(r.violations))))
@@ -664,7 +812,7 @@ def format_table(results: Sequence[Result]) -> str:
         w = [max(len(head[c]), *(len(row[c]) for row in rows)) for c in range(len(head) - 1)]
         fmt = "  ".join(f"{{:<{x}}}" if c < 3 else f"{{:>{x}}}" for c, x in enumerate(w)) + "  {}"
         nfail = sum(not r.passed for r in rs)
-        lines.append(f"== {kernel} sm_{target}: {len(rs)} compiles, "
+        lines.append(f"== {kernel} {f'sm_{target}' if target else '(no target)'}: {len(rs)} compiles, "
                      f"{'all ok' if not nfail else f'{nfail} FAILED'}")
         lines.append(fmt.format(*head))
         lines += [fmt.format(*row) for row in rows]
@@ -702,13 +850,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile processes (default: 2)")
     parser.add_argument("--json", metavar="PATH", default=None, help="write every result to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="compile every config in every layout it serves (default: one)")
+    parser.add_argument("--sass", action="store_true",
+                        help="disassemble every cubin (default: only where the PTX has MMA)")
     parser.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = compile_all(families=args.family, targets=args.targets, jobs=args.jobs,
-                          progress=not args.quiet)
+                          progress=not args.quiet, exhaustive=getattr(args, "exhaustive", False),
+                          disassemble=True if getattr(args, "sass", False) else None)
     wall = time.perf_counter() - t0
     code, failed = summary(results)
     if args.json:
@@ -717,11 +870,14 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "targets": list(args.targets),
                        "families": args.family or sorted(FAMILIES), "wall_s": round(wall, 2),
-                       "passed": code == 0, "results": [r.to_dict() for r in results]}, f, indent=1)
+                       "passed": code == 0, "warnings": list(WARNINGS),
+                       "results": [r.to_dict() for r in results]}, f, indent=1)
     if not getattr(args, "no_table", False):
         print(format_table(results))
         print(f"{len(results)} compiles for {', '.join(f'sm_{t}' for t in args.targets)} in "
               f"{wall:.1f}s: {len(results) - len(failed)} ok, {len(failed)} failed")
+        for w in WARNINGS:
+            print(f"warning: {w}")
         for r in failed:
             why = r.error if r.error else "; ".join(r.violations)
             print(f"FAILED {r.label()}: {why}")

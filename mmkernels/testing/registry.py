@@ -65,9 +65,13 @@ def cases(family: Optional[str] = None, tag: Optional[str] = None, op: Optional[
             and (op is None or c.op == op)]
 
 
-def make_inputs(case: Case, device="cpu", seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Fresh random inputs for ``case`` on ``device`` (CPU generator, so values match across devices)."""
-    gen = torch.Generator().manual_seed(seed)
+def make_inputs(case: Case, device="cpu", seed: int = 0, generator_device="cpu") -> Dict[str, torch.Tensor]:
+    """Fresh random inputs for ``case`` on ``device``.
+
+    The default CPU generator (float64 draws) gives the same values on every device; pass
+    ``generator_device="cuda"`` to draw large inputs on the GPU instead (float32 draws, other values).
+    """
+    gen = torch.Generator(device=generator_device).manual_seed(seed)
     return _BUILDERS[case.family](case, torch.device(device), gen)
 
 
@@ -93,7 +97,9 @@ def laid_out(values: torch.Tensor, layout: str, keep_dim: Optional[int] = None) 
 
 
 def _randn(shape, dtype, device, gen, scale=1.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    draw = torch.float64 if gen.device.type == "cpu" else torch.float32
+    t = torch.randn(shape, generator=gen, dtype=draw, device=gen.device).mul_(scale)
+    return t.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +150,11 @@ for _op in SOFTMAX_OPS:
     _softmax(_op, (2, 200, 20), 1, torch.float32, {"interp", "edge"})
     _softmax(_op, (2, 1100, 20), 1, torch.float32, {"interp", "edge"})
     _softmax(_op, (2, 1100, 20), 1, torch.float16, {"interp", "edge"})
+
+# float64 rows past the float64 fused limit (mmkernels.ops.softmax: half of MAX_FUSED_N)
+for _op in SOFTMAX_OPS:
+    _softmax(_op, (2, 9000), -1, torch.float64, {"interp", "edge"})
+    _softmax(_op, (3, 40, 5), 1, torch.float64, {"interp", "edge"})
 
 # size-0 and 0-dim
 for _shape, _dim in (((0, 5), -1), ((4, 0), -1), ((0,), 0), ((), 0), ((), -1), ((1,), 0), ((1, 1), 0)):

@@ -1,0 +1,176 @@
+"""The measurement side: the main job ``python -m mmkernels bench`` on CPU, the GPU suite's dry run,
+and the pieces they share (mmkernels/bench.py). Kept to a few tiny runs (well under a minute)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import bench
+from mmkernels.__main__ import main as cli_main
+from mmkernels.testing import Case
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the smallest `bench` case (4M elements), fp32 only: one case, forward and backward
+SMALL = "softmax-32768x128-dim-1-float32"
+
+
+def _case(op="softmax", shape=(4, 33), dtype=torch.float32, dim=-1):
+    return Case("softmax", op, shape, dtype, frozenset({"test"}), {"dim": dim})
+
+
+@pytest.mark.cputier
+def test_main_job_cpu_table_json_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    with mmkernels.use_backend("cpu"):
+        rc = cli_main(["bench", "--device", "cpu", "--quick", "--repeats", "3", "--filter", SMALL,
+                       "--json", str(js), "--plot", str(png)])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    # the table: header and one row per variant
+    assert "ours ms" in out.out and "ratio" in out.out and "%copy" in out.out
+    assert "softmax fwd" in out.out and "softmax bwd" in out.out
+    assert "[1/" in out.err  # one progress line per case on stderr
+
+    data = json.loads(js.read_text())
+    assert data["kind"] == "mmkernels-bench"
+    for key in ("device", "torch", "triton", "commit", "date", "impl"):
+        assert key in data["environment"]
+    assert data["environment"]["impl"] == "cpu"
+    assert data["ceilings"]["copy"]["GBps"] > 0 and data["ceilings"]["mm"]["TFLOPs"] > 0
+    rows = data["results"]
+    assert [r["direction"] for r in rows] == ["fwd", "bwd"]
+    for r in rows:
+        assert r["case"] == SMALL and r["check"]["passed"]
+        assert r["ours_ms"] > 0 and r["baseline_ms"]["eager"] > 0 and r["ratio"] > 0
+        assert r["check"]["max_rel"] <= r["check"]["tol_max_rel"]
+        assert len(r["timings"]["ours"]["samples_ms"]) == 3
+        assert r["bytes"] == r["passes"] * 32768 * 128 * 4
+        assert r["peak_bytes"] >= 32768 * 128 * 4  # the output, at least
+        assert 0 < r["frac_copy"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.interp
+def test_gpu_suite_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MMKERNELS_BACKEND")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "== summary" in proc.stdout and "elapsed" in proc.stdout
+    data = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert data["dry_run"] is True and data["environment"]["triton_interpreter"] is True
+    assert data["environment"]["impl"] == "triton"
+    assert data["reference"].startswith("tests/reference.py")
+    rows = data["results"]
+    assert rows and all("error" not in r and r["check"]["passed"] for r in rows)
+    assert {r["op"] for r in rows} == {"softmax", "log_softmax", "softmin"}
+    assert {r["direction"] for r in rows} == {"fwd", "bwd"}
+    assert any(r["check"]["sampled_elements"] < r["bytes"] // 8 for r in rows)  # a row sample ran
+    assert {t["status"] for t in data["targets"]} == {"NO DATA"}  # no M=8192 cases in a dry run
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "## Correctness" in md and f"{len(rows)}/{len(rows)} passed" in md
+    assert "## Acceptance targets" in md and "## Raw medians" in md
+
+
+#: Runs the dry run with mmkernels.softmax made wrong by 1%: the suite must say so and exit 1.
+_BROKEN_RUN = """
+import importlib.util, os, sys
+os.environ["TRITON_INTERPRET"] = "1"; os.environ["MMKERNELS_BACKEND"] = "triton"
+import torch, mmkernels
+mmkernels.softmax = lambda x, dim=-1, dtype=None: torch.softmax(x, dim) * 1.01
+spec = importlib.util.spec_from_file_location("gpu_suite", sys.argv[1])
+suite = importlib.util.module_from_spec(spec); spec.loader.exec_module(suite)
+sys.exit(suite.main(["--dry-run", "--out", sys.argv[2], "--filter", "4x128 float32 fwd"]))
+"""
+
+
+@pytest.mark.interp
+def test_gpu_suite_exits_nonzero_on_a_failed_check(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _BROKEN_RUN, str(ROOT / "bench" / "gpu_suite.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "correctness: 0/1 passed" in proc.stdout and "FAILED softmax-4x128-dim-1-float32 fwd" in proc.stdout
+    rows = json.loads((tmp_path / "gpu_suite.json").read_text())["results"]
+    assert len(rows) == 1 and not rows[0]["check"]["passed"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def test_check_catches_unwritten_and_wrong_outputs():
+    case = _case()
+    raw = bench.random_inputs(case, torch.device("cpu"), seed=3)
+    fwd, bwd = bench.variants_for(case)
+    with mmkernels.use_backend("cpu"):
+        assert bench.check_variant(fwd, raw, backend="cpu")["passed"]
+        assert bench.check_variant(bwd, raw, backend="cpu")["passed"]
+
+    def unwritten(i):
+        y = torch.softmax(i["x"], -1)
+        y[1, 5] = float("nan")
+        return y
+
+    def wrong(i):
+        return torch.softmax(i["x"], -1) * (1 + 1e-4)
+
+    fwd.ours = unwritten
+    rep = bench.check_variant(fwd, raw, backend="cpu")
+    assert not rep["passed"] and rep["nonfinite_mismatch"] == 1
+    fwd.ours = wrong
+    rep = bench.check_variant(fwd, raw, backend="cpu")
+    assert not rep["passed"] and rep["max_rel"] > rep["tol_max_rel"]
+
+
+def test_row_sample_keeps_whole_rows_first_and_last():
+    gen = torch.Generator().manual_seed(0)
+    d, idx = bench._sample_index((100, 64), keep=(1,), max_elems=640, gen=gen)
+    assert d == 0 and len(idx) == 10 and idx[0] == 0 and idx[-1] == 99
+    assert bench._sample_index((4, 64), keep=(1,), max_elems=640, gen=gen) == (None, None)
+    d, idx = bench._sample_index((8, 50, 16), keep=(1,), max_elems=400, gen=gen)
+    assert d == 2 and idx[0] == 0 and idx[-1] == 15  # the largest free dim, the reduced dim whole
+
+
+def test_copy_like_keeps_layouts():
+    base = torch.randn(6, 8)
+    for t in (base, base.t(), base[:, ::2], base[:1].expand(6, 8)):
+        c = bench._copy_like(t)
+        assert torch.equal(c, t) and c.stride() == t.stride() and c.data_ptr() != t.data_ptr()
+
+
+def test_time_fn_and_rotation_on_cpu():
+    x = [torch.randn(256, 256) for _ in range(3)]
+    t = bench.time_fn([lambda i=i: torch.softmax(x[i], -1) for i in range(3)], torch.device("cpu"),
+                      warmup=1, repeats=4)
+    assert t.method == "perf_counter" and len(t.samples_ms) == 4 and t.buffer_sets == 3 and t.median_ms > 0
+    assert bench.rotation_sets(100 << 20, 32 << 20) == 1
+    assert bench.rotation_sets(8 << 20, 32 << 20) == 16
+    assert bench.rotation_sets(32 << 20, 32 << 20) == 4
+
+
+def test_peak_memory_cpu_counts_the_output():
+    peak, method = bench.peak_memory(lambda: torch.empty(1 << 20), torch.device("cpu"))
+    assert "profiler" in method and peak is not None and peak >= 4 << 20
+
+
+def test_targets_pass_fail_no_data():
+    def row(n, direction, ratio, frac):
+        return {"family": "softmax", "op": "softmax", "direction": direction, "shape": [8192, n], "dim": -1,
+                "dtype": "float32", "case": f"c{n}", "ratio": ratio, "frac_copy": frac, "check": {"passed": True}}
+
+    rows = [row(4096, "fwd", 1.2, 0.9), row(65536, "fwd", 1.1, 0.6), row(2048, "bwd", 1.7, 0.85)]
+    res = {t["target"].split(" (")[0]: t for t in bench.evaluate_targets(rows, bench.all_targets())}
+    assert res["softmax fwd >= 85% of copy bandwidth"]["status"] == "FAIL"
+    assert res["softmax fwd >= 85% of copy bandwidth"]["failing"] == ["c65536:fwd frac_copy=0.600"]
+    assert res["softmax fwd never slower than torch.softmax"]["status"] == "PASS"
+    assert res["softmax bwd >= 1.6x torch eager backward"]["status"] == "PASS"
+    assert bench.evaluate_targets([], bench.all_targets())[0]["status"] == "NO DATA"
