@@ -1,5 +1,5 @@
 """The measurement side: the main job ``python -m mmkernels bench`` on CPU, the GPU suite's dry run,
-and the pieces they share (mmkernels/bench.py). Kept to a few tiny runs (well under a minute)."""
+and the pieces they share (the package mmkernels/bench/). Kept to a few tiny runs (well under a minute)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,8 @@ import torch
 import mmkernels
 from mmkernels import bench
 from mmkernels.__main__ import main as cli_main
+from mmkernels.bench.check import _sample_index
+from mmkernels.bench.inputs import _copy_like
 from mmkernels.testing import Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,17 +135,17 @@ def test_check_catches_unwritten_and_wrong_outputs():
 
 def test_row_sample_keeps_whole_rows_first_and_last():
     gen = torch.Generator().manual_seed(0)
-    d, idx = bench._sample_index((100, 64), keep=(1,), max_elems=640, gen=gen)
+    d, idx = _sample_index((100, 64), keep=(1,), max_elems=640, gen=gen)
     assert d == 0 and len(idx) == 10 and idx[0] == 0 and idx[-1] == 99
-    assert bench._sample_index((4, 64), keep=(1,), max_elems=640, gen=gen) == (None, None)
-    d, idx = bench._sample_index((8, 50, 16), keep=(1,), max_elems=400, gen=gen)
+    assert _sample_index((4, 64), keep=(1,), max_elems=640, gen=gen) == (None, None)
+    d, idx = _sample_index((8, 50, 16), keep=(1,), max_elems=400, gen=gen)
     assert d == 2 and idx[0] == 0 and idx[-1] == 15  # the largest free dim, the reduced dim whole
 
 
 def test_copy_like_keeps_layouts():
     base = torch.randn(6, 8)
     for t in (base, base.t(), base[:, ::2], base[:1].expand(6, 8)):
-        c = bench._copy_like(t)
+        c = _copy_like(t)
         assert torch.equal(c, t) and c.stride() == t.stride() and c.data_ptr() != t.data_ptr()
 
 

@@ -277,3 +277,24 @@ def test_compile_errors_and_crashes_are_failures_of_their_own(tmp_path, monkeypa
     assert not results[1].compiled and "power of 2" in results[1].error
     assert not results[2].compiled and "died" in results[2].error
     assert C.summary(results) == (1, [results[1], results[2]])
+
+
+def test_softmax_aligned_launches_use_16_byte_loads(softmax_results):
+    """With sizes and strides that are multiples of 16 (what Triton specialises for N = 4096 etc.),
+    every load of at least 16 contiguous bytes per thread is a 128-bit vector load: the
+    representative fp32 / fp64 builds, rows along BLOCK_N and columns along BLOCK_I."""
+    import re
+
+    checked = 0
+    for r in softmax_results:
+        if "unaligned" in r.variant or not r.variant.startswith(("fp32 softmax", "fp64 softmax")):
+            continue
+        bi, bn = (int(v) for v in re.findall(r"BLOCK_[IN]=(\d+)", r.config))
+        contiguous = bn if r.variant.endswith("rows") else bi
+        elem_bits = 64 if r.variant.startswith("fp64") else 32
+        threads = 32 * r.num_warps
+        if contiguous * elem_bits < 128 or bi * bn * elem_bits < 128 * threads:
+            continue  # too few contiguous elements per thread for a 16-byte vector
+        checked += 1
+        assert r.load_bits == 128, f"{r.label()}: widest global load {r.load_bits} bits"
+    assert checked > 50

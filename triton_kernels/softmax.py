@@ -59,6 +59,9 @@ def softmax_fwd_fused_kernel(
     s = tl.sum(e, axis=1)
     if LOG:
         y = z - tl.log(s)[:, None]
+    elif ACC == tl.float64:
+        # no fp64 division: its SASS slow-path subroutine keeps a stack frame (local memory)
+        y = tl.exp(z - tl.log(s)[:, None])
     else:
         y = e * (1.0 / s)[:, None]
     tl.store(y_ptr + o * sy_o + offs_i[:, None] * sy_i + offs_n[None, :] * sy_n,
@@ -98,7 +101,7 @@ def softmax_fwd_online_kernel(
     s = tl.sum(tl.where(m_l == float("-inf"), 0.0, s_l * tl.exp(m_l - m[:, None])), axis=1)
     # A row of only -inf gives m = -inf and s = 0: the outputs below are NaN, as in torch.
     log_s = tl.log(s)
-    inv_s = 1.0 / s
+    inv_s = 1.0 / s.to(tl.float32)  # fp32 division (fp64's subroutine keeps a stack frame)
     y_base = y_ptr + o * sy_o + offs_i[:, None] * sy_i
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
@@ -109,6 +112,8 @@ def softmax_fwd_online_kernel(
         z = x - m[:, None]
         if LOG:
             y = z - log_s[:, None]
+        elif ACC == tl.float64:
+            y = tl.exp(z - log_s[:, None])
         else:
             y = tl.exp(z) * inv_s[:, None]
         tl.store(y_base + cols[None, :] * sy_n, y.to(y_ptr.dtype.element_ty), mask=mask)

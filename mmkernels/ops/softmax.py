@@ -62,9 +62,9 @@ def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _warps(tile: int) -> int:
-    # ~16 fp32 values per thread, between 1 and 16 warps
-    return max(1, min(16, tile // 512))
+def _warps(tile: int, f64: bool = False) -> int:
+    # ~16 fp32 (8 fp64) values per thread, between 1 and 16 warps
+    return max(1, min(16, tile * (2 if f64 else 1) // 512))
 
 
 def resolve_config(N: int, I: int, columns: bool, f64: bool = False) -> SoftmaxConfig:
@@ -72,26 +72,26 @@ def resolve_config(N: int, I: int, columns: bool, f64: bool = False) -> SoftmaxC
 
     ``columns`` is True when the non-reduced lanes (``I``) are the contiguous axis in memory and
     the reduced dim is strided; False for ordinary rows (reduced dim contiguous). ``f64``: the
-    math runs in float64 (twice the registers per element), so the on-chip limits are halved —
-    the compile tier showed the fp64 backward spilling at 16384-element tiles.
+    math runs in float64 (twice the registers per element), so the tile sizes are halved — the
+    compile tier showed fp64 spilling at 16384-element backward tiles and 2048-element forward tiles.
     """
     N, I = max(int(N), 1), max(int(I), 1)
-    max_tile = MAX_TILE // 2 if f64 else MAX_TILE
-    max_fused_n = MAX_FUSED_N // 2 if f64 else MAX_FUSED_N
+    shrink = 2 if f64 else 1
+    max_tile, max_fused_n, target_tile = MAX_TILE // shrink, MAX_FUSED_N // shrink, TARGET_TILE // shrink
     if not columns:
         if N <= max_fused_n:
             bn = _p2(N)
-            bi = max(1, min(TARGET_TILE // bn, _p2(I)))
-            return SoftmaxConfig(bi, bn, _warps(bi * bn), online=False)
-        return SoftmaxConfig(1, LOOP_TILE, _warps(LOOP_TILE), online=True)
+            bi = max(1, min(target_tile // bn, _p2(I)))
+            return SoftmaxConfig(bi, bn, _warps(bi * bn, f64), online=False)
+        return SoftmaxConfig(1, LOOP_TILE, _warps(LOOP_TILE, f64), online=True)
     bn = _p2(N)
     for bi in COLUMN_BLOCK_I:
         bi = min(bi, _p2(I))
         if bi * bn <= max_tile:
-            bi = max(bi, min(_p2(I), TARGET_TILE // bn))  # short reductions: more lanes per program
-            return SoftmaxConfig(bi, bn, _warps(bi * bn), online=False)
+            bi = max(bi, min(_p2(I), target_tile // bn))  # short reductions: more lanes per program
+            return SoftmaxConfig(bi, bn, _warps(bi * bn, f64), online=False)
     bi = min(COLUMN_BLOCK_I[0], _p2(I))
-    return SoftmaxConfig(bi, max(1, LOOP_TILE // bi), _warps(LOOP_TILE), online=True)
+    return SoftmaxConfig(bi, max(1, LOOP_TILE // bi), _warps(LOOP_TILE, f64), online=True)
 
 
 def launch_configs():

@@ -139,6 +139,7 @@ class Result:
     shared_static: Optional[int] = None
     shared_dynamic: Optional[int] = None
     mma: List[str] = dataclasses.field(default_factory=list)
+    load_bits: Optional[int] = None  # widest global load in the PTX (128: 16-byte vectors)
     n_spills: Optional[int] = None  # compiled.metadata's, where the runtime filled it in
     compile_s: float = 0.0
     violations: List[str] = dataclasses.field(default_factory=list)
@@ -302,6 +303,8 @@ def _softmax_spec(kernel: str, cfg, layout: str, storage: str = "fp32", kind: in
             attrs[f"{t}_ptr"] = _DIV16
     sig["N"] = "i32"
     sig["I"] = "i32"
+    if aligned:  # sizes that are multiples of 16, as Triton specialises them: vector loads
+        attrs["N"] = attrs["I"] = _DIV16
     for t in tensors:
         so, sn, si = f"s{t}_o", f"s{t}_n", f"s{t}_i"
         if layout == "rows":  # (0, 1, row stride): O is folded into I, so s*_o is always 0
@@ -426,6 +429,15 @@ def parse_mma(sass: str) -> List[str]:
 
 
 _PTX_MMA_RE = re.compile(r"\b(?:wgmma|mma)\.")  # mma.sync, wgmma.mma_async, tcgen05.mma
+
+
+_PTX_LD_RE = re.compile(r"\bld\.global(?:\.[a-z0-9:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def parse_load_bits(ptx: str) -> Optional[int]:
+    """Widest global load in the PTX, in bits (128 = 16-byte vector loads); None if no load."""
+    widths = [int(v or 1) * int(b) for v, b in _PTX_LD_RE.findall(ptx)]
+    return max(widths) if widths else None
 
 
 _PTXAS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -559,6 +571,7 @@ def compile_job(job: Job) -> Result:
         res.spill_loads = spills["spill_loads"]
         res.shared_static = usage["shared_static"]
         res.mma = usage["mma"]
+        res.load_bits = parse_load_bits(compiled.asm.get("ptx", "") or "")
         res.compiled = True
     except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
         res.error = _error_text(e)
@@ -798,13 +811,14 @@ def format_table(results: Sequence[Result]) -> str:
     groups: Dict[Tuple[str, int], List[Result]] = {}
     for r in results:
         groups.setdefault((r.kernel, r.target), []).append(r)
-    head = ("kernel", "variant / config", "target", "regs", "stack", "local", "spills", "smem", "MMA",
-            "status")
+    head = ("kernel", "variant / config", "target", "regs", "stack", "local", "spills", "smem", "ld bits",
+            "MMA", "status")
     lines = []
     for (kernel, target), rs in groups.items():
         rows = [(r.kernel, f"{r.variant} / {r.config}", f"sm_{r.target}" if r.target else "-",
                  cell(r.registers), cell(r.stack), cell(r.local_memory),
                  "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}", cell(r.shared),
+                 cell(r.load_bits),
                  ",".join(r.mma) or "-",
                  r.status + ("" if r.passed else ": " + (r.error.splitlines()[0] if r.error
                                                           else "; ".join(r.violations))))

@@ -1,0 +1,120 @@
+"""The main job, ``python -m mmkernels bench``: its options (:func:`add_arguments`), the cases it
+runs (:func:`select_cases`) and the run itself (:func:`run`: table on stdout, progress on stderr,
+optional JSON and PNG)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+from mmkernels.testing import Case, cases as registry_cases
+
+from .ceilings import measure_ceilings
+from .environment import default_device, environment
+from .measure import MeasureOptions, evaluate_targets, measure_cases
+from .report import ceilings_line, fmt_num, plot_results, result_table, write_json
+from .specs import FAMILIES, TorchReferences, all_targets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device to run on (default: cuda when available, else cpu)")
+    parser.add_argument("--tag", default=None,
+                        help="registry tag of the cases (default: 'gpu' on CUDA, 'bench' on CPU)")
+    parser.add_argument("--family", action="append", default=None, choices=sorted(FAMILIES),
+                        help="op family to run (repeatable; default: all)")
+    parser.add_argument("--filter", default=None, metavar="SUBSTR",
+                        help="only variants whose '<case id> <op> <fwd|bwd>' contains every "
+                             "space-separated word of SUBSTR (e.g. 'float32 bwd')")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and smaller ceiling measurements (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed samples per measurement (default: as many as fit ~0.2 s)")
+    parser.add_argument("--compile-baseline", action="store_true",
+                        help="also time torch.compile of each baseline (a second baseline)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice; recorded in the JSON)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", default=None, help="write a PNG plot (matplotlib)")
+
+
+def select_cases(tag: str, families: Optional[Sequence[str]] = None) -> List[Case]:
+    """Registry cases of ``families`` (default: every family with a bench spec) tagged ``tag``."""
+    out: List[Case] = []
+    for fam in families or sorted(FAMILIES):
+        out.extend(registry_cases(fam, tag))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m mmkernels bench``: returns 0 when every correctness check passed, 1 otherwise."""
+    t_start = time.perf_counter()
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    tag = args.tag or ("gpu" if device.type == "cuda" else "bench")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.plot:  # fail before measuring, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib; install it with `pip install matplotlib`", file=sys.stderr)
+            return 2
+    case_list = select_cases(tag, args.family)
+    if not case_list:
+        print(f"error: no registry cases tagged {tag!r}", file=sys.stderr)
+        return 2
+    opts = MeasureOptions(
+        repeats=args.repeats,
+        warmup=2 if args.quick else 3,
+        target_s=0.05 if args.quick else 0.2,
+        min_repeats=3 if args.quick else 5,
+        compile_baseline=args.compile_baseline,
+        memory=not args.no_memory,
+    )
+    env = environment(device)
+    print(f"mmkernels bench on {env['device']} ({device.type}, impl {env['impl']}), torch {env['torch']}, "
+          f"triton {env['triton']}, {len(case_list)} '{tag}' cases", file=sys.stderr, flush=True)
+    ceilings = measure_ceilings(device, quick=args.quick)
+    print(ceilings_line(ceilings), file=sys.stderr, flush=True)
+    rows = measure_cases(case_list, device, ceilings, opts, refs=TorchReferences, name_filter=args.filter)
+    if not rows:
+        print(f"error: no variant matches --filter {args.filter!r}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - t_start
+
+    print(f"\nmmkernels bench: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"commit {env['commit']}")
+    print(ceilings_line(ceilings))
+    print("ratio = baseline / ours (> 1: ours faster); err = max |out - ref| / max |ref| vs float64 "
+          f"({TorchReferences.name}); mem = {rows[0].get('memory_method', 'n/a')}; "
+          "%copy = (min bytes / time) / copy ceiling")
+    print(result_table(rows))
+    failed = [r for r in rows if not r["check"]["passed"]]
+    targets = evaluate_targets(rows, all_targets())
+    on_gpu = [t for t in targets if t["status"] != "NO DATA"]
+    for t in on_gpu:
+        print(f"target {t['status']}: {t['target']} (worst {fmt_num(t['worst'], '.3f')})")
+    for r in failed:
+        print(f"CHECK FAILED {r['case']} {r['direction']}: {r['check'].get('detail')}")
+    print(f"{len(rows)} results, {len(failed)} failed checks, {elapsed:.1f} s")
+
+    if args.json:
+        write_json(args.json, {
+            "kind": "mmkernels-bench", "environment": env, "ceilings": ceilings,
+            "options": dataclasses.asdict(opts), "tag": tag, "filter": args.filter,
+            "reference": TorchReferences.name, "elapsed_s": elapsed, "results": rows,
+            "targets": targets,
+        })
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_results(rows, args.plot, ceilings, title=f"mmkernels bench: {env['device']}")
+        print(f"wrote {args.plot}")
+    return 1 if failed else 0

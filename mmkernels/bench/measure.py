@@ -1,0 +1,217 @@
+"""The measurement loop: :class:`MeasureOptions`; :func:`measure_cases` -> :func:`measure_case`
+(checks on one random draw, then timings on another) -> :func:`measure_variant` (one result row);
+and :func:`evaluate_targets` (PASS / FAIL / NO DATA of the acceptance targets over the rows)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+from mmkernels import _backend
+from mmkernels.testing import Case
+
+from .check import check_variant, peak_memory
+from .environment import _free, cache_bytes
+from .inputs import Inputs, _copy_like, random_inputs
+from .specs import Target, Variant, variants_for
+from .timing import rotation_sets, time_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureOptions:
+    """How :func:`measure_case` measures.
+
+    ``repeats`` fixes the samples per timing; else they fill ``target_s`` within
+    ``[min_repeats, max_repeats]``. ``graph``: replay CUDA graphs for sub-millisecond calls.
+    ``eager_timing``: on CUDA also time ours and the eager baseline call by call (launch overhead
+    included), stored as ``*_percall_ms``. ``check_max_elems`` bounds the reference sample.
+    """
+
+    repeats: Optional[int] = None
+    warmup: int = 3
+    target_s: float = 0.2
+    min_repeats: int = 5
+    max_repeats: int = 100
+    graph: bool = True
+    eager_timing: bool = False
+    compile_baseline: bool = False
+    memory: bool = True
+    check_max_elems: int = 1 << 22
+    max_sets: int = 16
+    device_draw_above: Optional[int] = None
+    seed: int = 0
+
+    def timing_kwargs(self) -> Dict[str, Any]:
+        return dict(warmup=self.warmup, repeats=self.repeats, target_s=self.target_s,
+                    min_repeats=self.min_repeats, max_repeats=self.max_repeats)
+
+
+def _case_row(case: Case) -> Dict[str, Any]:
+    return {
+        "family": case.family, "op": case.op, "case": case.id, "shape": list(case.shape),
+        "dim": case.params.get("dim"), "dtype": str(case.dtype).replace("torch.", ""),
+        "layouts": dict(case.layouts),
+    }
+
+
+def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str, Any], device: torch.device,
+                    ceilings: Optional[Mapping[str, Any]], opts: MeasureOptions) -> Dict[str, Any]:
+    """Time one variant on the input ``sets`` (rotated) and build its result row around ``check``
+    (from :func:`check_variant`); see :func:`result_table` for the columns."""
+    row = _case_row(variant.case)
+    row.update(direction=variant.direction, label=variant.label, bytes=variant.bytes_moved,
+               passes=variant.passes, impl=check.get("backend"), check=dict(check))
+    prepared = [variant.prepare(s) for s in sets]
+    kw = opts.timing_kwargs()
+
+    def calls(fn):
+        return [functools.partial(fn, p) for p in prepared]
+
+    timings = {"ours": time_fn(calls(variant.ours), device, graph=opts.graph, **kw)}
+    for name, fn in variant.baselines.items():
+        try:
+            timings[name] = time_fn(calls(fn), device, graph=opts.graph, **kw)
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            row.setdefault("baseline_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if opts.eager_timing and device.type == "cuda":
+        for name, fn in (("ours", variant.ours), ("eager", variant.baselines["eager"])):
+            row[f"{name}_percall_ms"] = time_fn(calls(fn), device, graph=False, **kw).median_ms
+    row["timings"] = {k: t.to_json() for k, t in timings.items()}
+    ours_ms = timings["ours"].median_ms
+    row["ours_ms"] = ours_ms
+    row["baseline_ms"] = {k: t.median_ms for k, t in timings.items() if k != "ours"}
+    row["ratio"] = row["baseline_ms"]["eager"] / ours_ms if "eager" in row["baseline_ms"] else None
+    if "compile" in row["baseline_ms"]:
+        row["ratio_compile"] = row["baseline_ms"]["compile"] / ours_ms
+    row["GBps"] = variant.bytes_moved / (ours_ms * 1e-3) / 1e9
+    row["baseline_GBps"] = {k: variant.bytes_moved / (v * 1e-3) / 1e9 for k, v in row["baseline_ms"].items()}
+    if ceilings:
+        copy = ceilings["copy"]["GBps"]
+        row["frac_copy"] = row["GBps"] / copy
+        row["baseline_frac_copy"] = {k: v / copy for k, v in row["baseline_GBps"].items()}
+        row["floor_ms"] = variant.bytes_moved / (copy * 1e9) * 1e3
+    if opts.memory:
+        p = prepared[0]
+        row["peak_bytes"], row["memory_method"] = peak_memory(lambda: variant.ours(p), device)
+        row["baseline_peak_bytes"], _ = peak_memory(lambda: variant.baselines["eager"](p), device)
+    del prepared
+    return row
+
+
+def measure_case(case: Case, device: torch.device, ceilings: Optional[Mapping[str, Any]],
+                 opts: MeasureOptions, refs=None, name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Every variant of ``case`` (those whose ``"<case id> <op> <fwd|bwd>"`` contains every word
+    of ``name_filter``), in two phases so that large cases hold one input draw at a time:
+
+    1. checks (:func:`check_variant`) on a fresh random draw;
+    2. timings on another draw, copied into :func:`rotation_sets` buffer sets when it fits in cache.
+
+    A variant that raises becomes a failed row (``error``)."""
+    variants = [v for v in variants_for(case, refs, compile_baseline=opts.compile_baseline)
+                if _matches(v, name_filter)]
+    if not variants:
+        return []
+    backend = _backend.resolve(device).value
+    checks: Dict[str, Dict[str, Any]] = {}
+    crashed: Dict[str, Dict[str, Any]] = {}
+    check_raw = random_inputs(case, device, seed=opts.seed + 1000, device_draw_above=opts.device_draw_above)
+    for v in variants:
+        try:
+            checks[v.key] = check_variant(v, check_raw, backend=backend,
+                                          max_elems=opts.check_max_elems, seed=opts.seed + 7)
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the run goes on
+            crashed[v.key] = _error_row(case, exc, v.direction)
+        _free(device)
+    del check_raw
+    _free(device)
+
+    rows = []
+    raw = random_inputs(case, device, seed=opts.seed, device_draw_above=opts.device_draw_above)
+    n_sets = rotation_sets(max(v.bytes_moved for v in variants), cache_bytes(device), opts.max_sets)
+    sets = [raw] + [{k: _copy_like(t) for k, t in raw.items()} for _ in range(n_sets - 1)]
+    for v in variants:
+        if v.key in crashed:
+            rows.append(crashed[v.key])
+            continue
+        try:
+            rows.append(measure_variant(v, sets, checks[v.key], device, ceilings, opts))
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the run goes on
+            rows.append(_error_row(case, exc, v.direction))
+        _free(device)
+    del sets, raw
+    _free(device)
+    return rows
+
+
+def _matches(variant: Variant, name_filter: Optional[str]) -> bool:
+    if not name_filter:
+        return True
+    hay = f"{variant.case.id} {variant.label}"
+    return all(part in hay for part in name_filter.split())
+
+
+def _error_row(case: Case, exc: BaseException, direction: str = "?") -> Dict[str, Any]:
+    """A failed result row for a variant (or a whole case) that raised."""
+    row = _case_row(case)
+    row.update(direction=direction, label=f"{case.op} {direction}", error=f"{type(exc).__name__}: {str(exc)[:300]}",
+               check={"passed": False, "detail": f"crashed: {type(exc).__name__}: {str(exc)[:300]}"})
+    return row
+
+
+def measure_cases(case_list: Iterable[Case], device: torch.device, ceilings: Optional[Mapping[str, Any]],
+                  opts: MeasureOptions, refs=None, name_filter: Optional[str] = None,
+                  progress: Any = True) -> List[Dict[str, Any]]:
+    """:func:`measure_case` over ``case_list`` with one progress line per case on ``progress``
+    (True: ``sys.stderr`` at call time; a file; False / None: silent).
+
+    A case that raises becomes a failed row (``error``) and the loop goes on."""
+    case_list = list(case_list)
+    if progress is True:
+        progress = sys.stderr
+    elif not progress:
+        progress = None
+    rows: List[Dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for i, case in enumerate(case_list, 1):
+        t0 = time.perf_counter()
+        try:
+            new = measure_case(case, device, ceilings, opts, refs, name_filter)
+        except Exception as exc:  # noqa: BLE001 - recorded as a failure, the run goes on
+            new = [_error_row(case, exc)]
+            _free(device)
+        rows.extend(new)
+        if progress and new:
+            parts = []
+            for r in new:
+                if "error" in r:
+                    parts.append(f"ERROR {r['error']}")
+                    continue
+                ok = "ok" if r["check"]["passed"] else "CHECK FAILED"
+                ratio = f"x{r['ratio']:.2f}" if r.get("ratio") else "x?"
+                parts.append(f"{r['direction']} {r['ours_ms']:.3f} ms {ratio} {ok}")
+            print(f"[{i}/{len(case_list)}] {case.id}: " + "; ".join(parts)
+                  + f"  ({time.perf_counter() - t0:.1f} s, total {time.perf_counter() - t_start:.0f} s)",
+                  file=progress, flush=True)
+    return rows
+
+
+def evaluate_targets(rows: Sequence[Mapping[str, Any]], targets: Sequence[Target]) -> List[Dict[str, Any]]:
+    """PASS when every selected row meets the target, FAIL otherwise, NO DATA when none applies."""
+    out = []
+    for t in targets:
+        sel = [r for r in rows if "error" not in r and t.applies(r)]
+        values = [(r.get(t.metric), r) for r in sel]
+        failing = [(v, r) for v, r in values if v is None or v < t.threshold]
+        status = "NO DATA" if not sel else ("FAIL" if failing else "PASS")
+        worst = min((v for v, _ in values if v is not None), default=None)
+        out.append({
+            "target": t.name, "metric": t.metric, "threshold": t.threshold, "status": status,
+            "rows": len(sel), "worst": worst,
+            "failing": [f"{r['case']}:{r['direction']} {t.metric}={v:.3f}" if v is not None
+                        else f"{r['case']}:{r['direction']} {t.metric}=n/a" for v, r in failing],
+        })
+    return out

@@ -1,0 +1,148 @@
+"""Timing one call: :func:`time_fn` -> :class:`Timing` (CUDA-graph replays or CUDA events on CUDA,
+``perf_counter`` on CPU; warm-up, median over repeats), and :func:`rotation_sets` (how many input
+buffer sets to rotate among so that no call finds its inputs in the cache)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    """Median of ``samples_ms`` (milliseconds per call) and how they were taken.
+
+    ``method``: ``perf_counter`` (CPU; one call per sample), ``cuda-events`` (events around each
+    call, calls enqueued back to back: includes launch overhead when the host is the bottleneck),
+    ``cuda-graph`` (events around the replay of a graph of ``calls_per_sample`` calls: device time
+    without launch gaps).
+    """
+
+    median_ms: float
+    samples_ms: List[float]
+    method: str
+    calls_per_sample: int = 1
+    buffer_sets: int = 1
+    note: str = ""
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the samples: how noisy this timing was."""
+        if not self.samples_ms or self.median_ms <= 0:
+            return float("nan")
+        return (max(self.samples_ms) - min(self.samples_ms)) / self.median_ms
+
+    def to_json(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["spread"] = self.spread
+        return d
+
+
+#: Below this per-call time, CUDA timings replay a graph of many calls so launch gaps do not count.
+GRAPH_BELOW_MS = 1.0
+#: A CUDA-graph sample aims at this much device time.
+GRAPH_SAMPLE_MS = 0.5
+
+
+def _repeats(est_ms: float, repeats: Optional[int], target_s: float, min_repeats: int, max_repeats: int) -> int:
+    if repeats:
+        return int(repeats)
+    if est_ms <= 0:
+        return max_repeats
+    return int(min(max_repeats, max(min_repeats, target_s * 1e3 / est_ms)))
+
+
+def time_fn(calls: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 3,
+            repeats: Optional[int] = None, target_s: float = 0.2, min_repeats: int = 5,
+            max_repeats: int = 100, graph: bool = True) -> Timing:
+    """Median time of one call, rotating among ``calls`` (one per input buffer set).
+
+    Warm-up runs ``max(warmup, len(calls))`` calls first (compilation, autotuning, allocator growth
+    stay out of the numbers). The number of samples is ``repeats`` or what fits in ``target_s``,
+    clamped to ``[min_repeats, max_repeats]``. On CUDA, calls faster than :data:`GRAPH_BELOW_MS`
+    are captured ``calls_per_sample`` at a time into a CUDA graph when ``graph`` is True (falls
+    back to per-call events if capture fails, saying so in ``note``).
+    """
+    calls = list(calls)
+    if not calls:
+        raise ValueError("time_fn needs at least one callable")
+    k = len(calls)
+    if device.type != "cuda":
+        for i in range(max(warmup, k)):
+            calls[i % k]()
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        est_ms = (time.perf_counter() - t0) * 1e3 / k
+        n = _repeats(est_ms, repeats, target_s, min_repeats, max_repeats)
+        samples = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            calls[i % k]()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return Timing(statistics.median(samples), samples, "perf_counter", 1, k)
+
+    # CUDA: warm up on a side stream (as graph capture requires), then estimate with events.
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for i in range(max(warmup, k)):
+            calls[i % k]()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for c in calls:
+        c()
+    end.record()
+    end.synchronize()
+    est_ms = start.elapsed_time(end) / k
+
+    note = ""
+    if graph and est_ms < GRAPH_BELOW_MS:
+        inner = max(1, math.ceil(GRAPH_SAMPLE_MS / max(est_ms, 1e-4)))
+        inner = min(512, k * math.ceil(inner / k))
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                for j in range(inner):
+                    calls[j % k]()
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to events
+            note = f"graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); per-call events"
+            torch.cuda.synchronize(device)
+            del g
+        else:
+            g.replay()
+            torch.cuda.synchronize(device)
+            n = _repeats(est_ms * inner, repeats, target_s, min_repeats, max_repeats)
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(n)]
+            for s, e in events:
+                s.record()
+                g.replay()
+                e.record()
+            torch.cuda.synchronize(device)
+            samples = [s.elapsed_time(e) / inner for s, e in events]
+            del g
+            return Timing(statistics.median(samples), samples, "cuda-graph", inner, k)
+
+    n = _repeats(est_ms, repeats, target_s, min_repeats, max_repeats)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for i, (s, e) in enumerate(events):
+        s.record()
+        calls[i % k]()
+        e.record()
+    torch.cuda.synchronize(device)
+    samples = [s.elapsed_time(e) for s, e in events]
+    return Timing(statistics.median(samples), samples, "cuda-events", 1, k, note)
+
+
+def rotation_sets(bytes_per_call: int, cache: int, max_sets: int = 16) -> int:
+    """How many input buffer sets to rotate among so that no call finds its inputs in the cache:
+    one set when a call moves at least twice the cache, else enough to cycle ~4x the cache."""
+    if bytes_per_call <= 0 or bytes_per_call >= 2 * cache:
+        return 1
+    return int(min(max_sets, max(2, math.ceil(4 * cache / bytes_per_call))))
