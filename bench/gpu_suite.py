@@ -16,8 +16,10 @@ In order:
    rows that always holds the first and last); then median timings of ours and of the baselines
    (CUDA-graph replays of sub-millisecond calls, CUDA events otherwise; rotation among buffer sets
    when the inputs fit in L2), as ratio vs torch eager and as a fraction of the copy bandwidth;
-3. the acceptance targets of each family, PASS / FAIL;
-4. ``gpu_suite.json`` (everything: environment, ceilings, raw medians and samples) and
+3. config exploration: alternative launch configs timed next to the resolver's choice
+   (:mod:`mmkernels.bench.explore`), checked against the resolver's output;
+4. the acceptance targets of each family, PASS / FAIL;
+5. ``gpu_suite.json`` (everything: environment, ceilings, raw medians and samples) and
    ``gpu_suite.md`` in ``--out``; a results table, then a short summary last.
 
 Exit status: 0 when every correctness check passed, 1 when one failed or a case crashed (and with
@@ -203,6 +205,13 @@ def write_markdown(path: Path, payload: dict) -> None:
     lines.append(format_table(["case", "dir", "ours", "eager", "compile", "ours per call", "eager per call",
                                "method", "calls/sample", "samples", "buffer sets", "spread", "floor"],
                               raw, markdown=True))
+    if payload.get("explore"):
+        from mmkernels.bench.explore import EXPLORE_HEADERS, explore_table_rows
+
+        lines += ["", "## Config exploration", "",
+                  "The resolver's config and alternatives on the same data (bench/NOTES.md has the "
+                  "predictions); %copy = (minimum bytes / time) / copy bandwidth.", ""]
+        lines.append(format_table(EXPLORE_HEADERS, explore_table_rows(payload["explore"]), markdown=True))
     if payload.get("skipped"):
         lines += ["", f"Skipped (time budget): {', '.join(payload['skipped'])}"]
     path.write_text("\n".join(lines) + "\n")
@@ -278,12 +287,23 @@ def main(argv=None) -> int:
     if skipped:
         print(f"time budget ({args.max_minutes} min) spent: skipped {len(skipped)} cases", flush=True)
 
+    from mmkernels.bench import explore as ex
+
+    explored = []
+    if time.perf_counter() - t_start < budget_s:
+        probes = ex.SOFTMAX_DRY_PROBES if args.dry_run else ex.SOFTMAX_PROBES
+        print(f"config exploration: {len(probes)} probes", flush=True)
+        explored = ex.explore(probes, device, ceilings, **opts.timing_kwargs())
+    else:
+        print("time budget spent: config exploration skipped", flush=True)
+
     targets = bench.evaluate_targets(rows, bench.all_targets())
     elapsed = time.perf_counter() - t_start
     payload = {
         "kind": "mmkernels-gpu-suite", "dry_run": args.dry_run, "environment": env,
         "reference": ref_name, "ceilings": ceilings, "options": {**vars(args), "measure": dataclasses.asdict(opts)},
         "elapsed_s": elapsed, "results": rows, "targets": targets, "skipped": skipped,
+        "explore": explored,
     }
     bench.write_json(out / JSON_NAME, payload)
     write_markdown(out / MD_NAME, payload)
@@ -291,14 +311,20 @@ def main(argv=None) -> int:
         bench.plot_results(rows, out / "gpu_suite.png", ceilings, title=f"gpu_suite: {env['device']}")
 
     failed = [r for r in rows if not r["check"]["passed"]]
+    failed_probes = [r for r in explored if not r["check"]]
     print()
     print(bench.result_table(rows, compact=True))
+    if explored:
+        print()
+        print(bench.format_table(ex.EXPLORE_HEADERS, ex.explore_table_rows(explored)))
     print()
     print(f"== summary: {env['device']}{' (DRY RUN: timings meaningless)' if args.dry_run else ''} ==")
     print(bench.ceilings_line(ceilings))
     print(f"correctness: {len(rows) - len(failed)}/{len(rows)} passed vs {ref_name}")
     for r in failed:
         print(f"  FAILED {r['case']} {r['direction']}: {r['check'].get('detail')}")
+    for r in failed_probes:
+        print(f"  MISMATCH config {r['config']} of {r['probe']}: max_rel {r['max_rel_vs_resolver']:.2e} vs the resolver's")
     print(bench.format_table(["target", "status", "worst", "rows"],
                              [[t["target"], t["status"], bench.fmt_num(t["worst"], ".3f"), t["rows"]] for t in targets]))
     for t in targets:
@@ -307,7 +333,7 @@ def main(argv=None) -> int:
     if skipped:
         print(f"skipped (budget): {len(skipped)} cases")
     print(f"wrote {out / JSON_NAME} and {out / MD_NAME}; elapsed {elapsed:.1f} s")
-    if failed:
+    if failed or failed_probes:
         return 1
     if args.strict and any(t["status"] == "FAIL" for t in targets):
         return 1

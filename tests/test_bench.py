@@ -80,6 +80,11 @@ def test_gpu_suite_dry_run(tmp_path):
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## Correctness" in md and f"{len(rows)}/{len(rows)} passed" in md
     assert "## Acceptance targets" in md and "## Raw medians" in md
+    # config exploration: the resolver's config and each alternative, checked against it and timed
+    explored = data["explore"]
+    assert len({r["probe"] for r in explored}) == 3 and {r["config"] for r in explored} >= {"resolver"}
+    assert all(r["check"] and r["ms"] > 0 for r in explored)
+    assert "## Config exploration" in md
 
 
 #: Runs the dry run with mmkernels.softmax made wrong by 1%: the suite must say so and exit 1.

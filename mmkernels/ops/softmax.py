@@ -152,7 +152,8 @@ def _needs_int64(cfg: SoftmaxConfig, tensors, strides3) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
-                    force_int64: bool = False) -> torch.Tensor:
+                    force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
+    """Launch the forward kernel; ``config`` overrides the resolver (tests, config exploration)."""
     import triton.language as tl
 
     from mmkernels._triton import softmax as K
@@ -163,7 +164,7 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
     sy = collapsed_strides(y, plan)
     O, N, I, columns, (sx, sy) = _index_space(plan, sx, sy)
     acc = _acc_dtype(x.dtype, out_dtype)
-    cfg = resolve_config(N, I, columns, f64=acc == tl.float64)
+    cfg = config or resolve_config(N, I, columns, f64=acc == tl.float64)
     kernel = K.softmax_fwd_online_kernel if cfg.online else K.softmax_fwd_fused_kernel
     grid = (O * triton_cdiv(I, cfg.block_i),)
     kernel[grid](
@@ -179,8 +180,9 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
     return y
 
 
-def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
-                     in_dtype: torch.dtype, force_int64: bool = False) -> torch.Tensor:
+def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in_dtype: torch.dtype,
+                     force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
+    """Launch the backward kernel; ``config`` overrides the resolver (tests, config exploration)."""
     import triton.language as tl
 
     from mmkernels._triton import softmax as K
@@ -192,7 +194,7 @@ def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
     sdx = collapsed_strides(dx, plan)
     O, N, I, columns, (sy, sdy, sdx) = _index_space(plan, sy, sdy, sdx)
     acc = _acc_dtype(y.dtype, dy.dtype, in_dtype)
-    cfg = resolve_config(N, I, columns, f64=acc == tl.float64)
+    cfg = config or resolve_config(N, I, columns, f64=acc == tl.float64)
     kernel = K.softmax_bwd_looped_kernel if cfg.online else K.softmax_bwd_fused_kernel
     grid = (O * triton_cdiv(I, cfg.block_i),)
     kernel[grid](
