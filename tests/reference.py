@@ -44,4 +44,13 @@ def softmax_backward_ref(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: str)
     raise ValueError(kind)
 
 
+def softmax_backward_magnitude(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
+    """Size of the terms each dx element is made from (|y|·(|dy| + |Σ y·dy|), or |dy| + e^y·|Σ dy|):
+    the scale its rounding error is measured against, since dx itself can cancel to near zero."""
+    y, dy = _f64(y), _f64(dy)
+    if kind == "log_softmax":
+        return dy.abs() + y.exp() * dy.sum(dim=dim, keepdim=True).abs()
+    return y.abs() * (dy.abs() + (y * dy).sum(dim=dim, keepdim=True).abs())
+
+
 FORWARD = {"softmax": softmax_ref, "log_softmax": log_softmax_ref, "softmin": softmin_ref}

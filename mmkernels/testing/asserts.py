@@ -27,8 +27,13 @@ class ErrorReport:
         return s
 
 
-def error_report(actual: torch.Tensor, expected: torch.Tensor) -> ErrorReport:
-    """Normwise errors of ``actual`` against ``expected`` (computed in float64 on CPU)."""
+def error_report(actual: torch.Tensor, expected: torch.Tensor,
+                 magnitude: Optional[torch.Tensor] = None) -> ErrorReport:
+    """Normwise errors of ``actual`` against ``expected`` (computed in float64 on CPU).
+
+    Errors are relative to ``expected`` itself, or to ``magnitude`` when given: the size of the
+    terms that were summed to make each element (for a result that cancels, such as a softmax
+    gradient, ``|expected|`` can be far smaller than the rounding of the terms it came from)."""
     if actual.shape != expected.shape:
         raise AssertionError(f"shape mismatch: got {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     a = actual.detach().to("cpu", torch.float64)
@@ -39,6 +44,9 @@ def error_report(actual: torch.Tensor, expected: torch.Tensor) -> ErrorReport:
     both = a_fin & r_fin
     diff = torch.where(both, (a - r).abs(), torch.zeros_like(a))
     rz = torch.where(both, r, torch.zeros_like(r))
+    if magnitude is not None:
+        mag = magnitude.detach().to("cpu", torch.float64).expand(r.shape)
+        rz = torch.where(both & torch.isfinite(mag), mag.abs().maximum(rz.abs()), torch.zeros_like(r))
     scale = rz.abs().max().item() if rz.numel() else 0.0
     norm = rz.norm().item() if rz.numel() else 0.0
     if diff.numel():
@@ -61,13 +69,14 @@ def error_report(actual: torch.Tensor, expected: torch.Tensor) -> ErrorReport:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, backend: str,
                  dtype: Optional[torch.dtype] = None, tol: Optional[Tolerance] = None,
-                 what: str = "") -> ErrorReport:
+                 magnitude: Optional[torch.Tensor] = None, what: str = "") -> ErrorReport:
     """Raise AssertionError unless ``actual`` matches ``expected`` within the (backend, dtype) bound.
 
-    ``dtype`` defaults to ``actual.dtype``; ``tol`` overrides the table (say why where you use it).
+    ``dtype`` defaults to ``actual.dtype``; ``tol`` overrides the table (say why where you use it);
+    ``magnitude``: see :func:`error_report`.
     """
     tol = tol or tolerance(backend, dtype or actual.dtype)
-    rep = error_report(actual, expected)
+    rep = error_report(actual, expected, magnitude)
     if rep.special_mismatch or rep.max_rel > tol.max_rel or rep.rms_rel > tol.rms_rel:
         raise AssertionError(
             f"{what or 'result'} ({backend}, {dtype or actual.dtype}) out of tolerance "
