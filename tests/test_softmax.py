@@ -352,3 +352,16 @@ def test_random_layouts(backend, device, data, kind, grad_layout):
     mt.assert_close(y, FORWARD[kind](x, dim), backend=backend, what=f"{kind} forward")
     mt.assert_close(x.grad, softmax_backward_ref(y, dy, dim, kind), backend=backend, what=f"{kind} backward",
                     magnitude=softmax_backward_magnitude(y, dy, dim, kind))
+
+
+def test_tracers_and_fake_tensors_see_the_custom_ops():
+    """Eager calls skip the torch.library dispatch; FakeTensor and make_fx still go through the ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        y = mmkernels.log_softmax(torch.randn(3, 5), 0)
+        dx = mmkernels.softmax_backward(torch.randn(3, 5), torch.randn(3, 5), 1)
+    assert type(y).__name__ == "FakeTensor" and y.shape == (3, 5) and dx.shape == (3, 5)
+    gm = make_fx(lambda t: mmkernels.softmax(t, -1))(torch.randn(2, 4))
+    assert "mmkernels.softmax_fwd" in gm.code

@@ -290,6 +290,18 @@ def _(y, dy, dim, kind, in_dtype):
     return torch.empty_like(y, dtype=in_dtype)
 
 
+def _direct(*tensors: torch.Tensor) -> bool:
+    """True when nothing can be watching this call — no torch.compile / export tracing, no
+    dispatch or torch-function mode, no tensor subclass (FakeTensor, FunctionalTensor, ...). Then
+    the autograd wrapper calls the implementation directly and skips the torch.library dispatch
+    (about 13 µs a call on CPU); otherwise it goes through the custom op, so tracers see one op
+    with its fake kernel."""
+    return (not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +312,10 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, kind: int, out_dtype: torch.dtype) -> torch.Tensor:
-        y = softmax_fwd_op(x, dim, kind, out_dtype)
+        if _direct(x):
+            y = _forward(x, dim, Kind(kind), out_dtype)
+        else:
+            y = softmax_fwd_op(x, dim, kind, out_dtype)
         ctx.save_for_backward(y)
         ctx.dim, ctx.kind, ctx.in_dtype = dim, kind, x.dtype
         return y
@@ -308,7 +323,10 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
-        dx = softmax_bwd_op(y, dy, ctx.dim, ctx.kind, ctx.in_dtype)
+        if _direct(y, dy):
+            dx = _backward(y, dy, ctx.dim, Kind(ctx.kind), ctx.in_dtype)
+        else:
+            dx = softmax_bwd_op(y, dy, ctx.dim, ctx.kind, ctx.in_dtype)
         return dx, None, None, None
 
 
@@ -450,6 +468,9 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
     _check_float_dtype("grad_output.dtype", grad_output.dtype)
     in_dtype = output.dtype if input_dtype is None else _check_float_dtype("input_dtype", input_dtype)
     d = _check_dim(dim, output.dim())
-    if output.dim() == 0:
-        return softmax_bwd_op(output.reshape(1), grad_output.reshape(1), 0, int(_KINDS[kind]), in_dtype).reshape(())
-    return softmax_bwd_op(output, grad_output, d, int(_KINDS[kind]), in_dtype)
+    y, dy = (output.reshape(1), grad_output.reshape(1)) if output.dim() == 0 else (output, grad_output)
+    if _direct(y, dy) and not (y.requires_grad or dy.requires_grad):
+        dx = _backward(y, dy, d, _KINDS[kind], in_dtype)
+    else:
+        dx = softmax_bwd_op(y, dy, d, int(_KINDS[kind]), in_dtype)
+    return dx.reshape(()) if output.dim() == 0 else dx
