@@ -1,9 +1,10 @@
 """mmkernels: fused Triton kernels for the multiplicative modules of neural networks.
 
 Public API (functional): :func:`softmax`, :func:`log_softmax`, :func:`softmin`,
-:func:`softmax_backward`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
+:func:`softmax_backward`, :func:`bilinear`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
 """
 from mmkernels._backend import BackendError, get_backend, set_backend, use_backend
+from mmkernels.ops.bilinear import bilinear
 from mmkernels.ops.softmax import log_softmax, softmax, softmax_backward, softmin
 from mmkernels import nn  # noqa: E402  (after the ops it wraps)
 
@@ -14,6 +15,7 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "bilinear",
     "softmax",
     "log_softmax",
     "softmin",

@@ -54,3 +54,43 @@ def softmax_backward_magnitude(y: torch.Tensor, dy: torch.Tensor, dim: int, kind
 
 
 FORWARD = {"softmax": softmax_ref, "log_softmax": log_softmax_ref, "softmin": softmin_ref}
+
+
+def bilinear_ref(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """y[..., j] = Σ_h Σ_i z[..., h] x[..., i] w[j, h, i] + bias[j], as a float64 einsum."""
+    y = torch.einsum("...h,...i,jhi->...j", _f64(z), _f64(x), _f64(w))
+    return y + _f64(bias) if bias is not None else y
+
+
+def bilinear_grads_ref(z, x, w, dy):
+    """(dz, dx, dw, db) of bilinear_ref for the incoming gradient dy, as float64 einsums."""
+    z, x, w, dy = _f64(z), _f64(x), _f64(w), _f64(dy)
+    dz = torch.einsum("...j,...i,jhi->...h", dy, x, w)
+    dx = torch.einsum("...j,...h,jhi->...i", dy, z, w)
+    dw = torch.einsum("...j,...h,...i->jhi", dy, z, x)
+    db = dy.reshape(-1, dy.shape[-1]).sum(0)
+    return dz, dx, dw, db
+
+
+def _f64_grad(t: torch.Tensor) -> torch.Tensor:
+    """float64 on the CPU, keeping autograd history (for references differentiated by autograd)."""
+    return t.to("cpu", torch.float64)
+
+
+def quadratic_ref(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """y[..., j] = Σ_{i<=k} weight[j, p(i,k)] x[..., i] x[..., k] + bias[j], p in triu_indices order.
+    Differentiable (autograd gives the reference gradients)."""
+    x, weight = _f64_grad(x), _f64_grad(weight)
+    c = x.shape[-1]
+    feats = [x[..., i] * x[..., k] for i in range(c) for k in range(i, c)]
+    y = torch.stack(feats, -1) @ weight.t()
+    return y + _f64_grad(bias) if bias is not None else y
+
+
+def hyperlinear_ref(x, cond, weight, hyper_weight, bias=None):
+    """y[n] = W(z[n]) x[n] + b with the per-sample weight W(z) = W0 + Σ_h z_h U_h formed explicitly.
+    Differentiable (autograd gives the reference gradients)."""
+    x, cond, weight, hyper_weight = (_f64_grad(t) for t in (x, cond, weight, hyper_weight))
+    per_sample = weight + torch.einsum("...h,ohi->...oi", cond, hyper_weight)
+    y = torch.einsum("...oi,...i->...o", per_sample, x)
+    return y + _f64_grad(bias) if bias is not None else y

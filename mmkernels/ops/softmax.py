@@ -12,6 +12,10 @@ from typing import Optional, Tuple
 import torch
 
 from mmkernels import _backend
+from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._checks import check_dim as _check_dim
+from mmkernels.ops._checks import check_float_dtype as _check_float_dtype
+from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops._layout import (
     INT32_LIMIT,
     ReductionPlan,
@@ -290,18 +294,6 @@ def _(y, dy, dim, kind, in_dtype):
     return torch.empty_like(y, dtype=in_dtype)
 
 
-def _direct(*tensors: torch.Tensor) -> bool:
-    """True when nothing can be watching this call — no torch.compile / export tracing, no
-    dispatch or torch-function mode, no tensor subclass (FakeTensor, FunctionalTensor, ...). Then
-    the autograd wrapper calls the implementation directly and skips the torch.library dispatch
-    (about 13 µs a call on CPU); otherwise it goes through the custom op, so tracers see one op
-    with its fake kernel."""
-    return (not torch.compiler.is_compiling()
-            and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._is_torch_function_mode_enabled()
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
-
-
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +304,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, kind: int, out_dtype: torch.dtype) -> torch.Tensor:
-        if _direct(x):
+        if _backend.direct_call_ok(x):
             y = _forward(x, dim, Kind(kind), out_dtype)
         else:
             y = softmax_fwd_op(x, dim, kind, out_dtype)
@@ -323,7 +315,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
-        if _direct(y, dy):
+        if _backend.direct_call_ok(y, dy):
             dx = _backward(y, dy, ctx.dim, Kind(ctx.kind), ctx.in_dtype)
         else:
             dx = softmax_bwd_op(y, dy, ctx.dim, ctx.kind, ctx.in_dtype)
@@ -333,33 +325,6 @@ class SoftmaxFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Public functionals
 # ----------------------------------------------------------------------------------------------
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
-
-
-def _check_dim(dim, ndim: int, name: str = "dim") -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
-    lo, hi = -max(ndim, 1), max(ndim, 1) - 1
-    if not lo <= dim <= hi:
-        raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor (expected {lo}..{hi})")
-    return dim % max(ndim, 1)
-
-
-def _check_float_dtype(name: str, dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
-    if dtype not in _FLOATS:
-        raise TypeError(f"{name} must be one of float16, bfloat16, float32, float64; got {dtype}")
-    return dtype
-
 
 def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Kind) -> torch.Tensor:
     _check_tensor("input", input)
@@ -469,7 +434,7 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
     in_dtype = output.dtype if input_dtype is None else _check_float_dtype("input_dtype", input_dtype)
     d = _check_dim(dim, output.dim())
     y, dy = (output.reshape(1), grad_output.reshape(1)) if output.dim() == 0 else (output, grad_output)
-    if _direct(y, dy) and not (y.requires_grad or dy.requires_grad):
+    if _backend.direct_call_ok(y, dy) and not (y.requires_grad or dy.requires_grad):
         dx = _backward(y, dy, d, _KINDS[kind], in_dtype)
     else:
         dx = softmax_bwd_op(y, dy, d, int(_KINDS[kind]), in_dtype)

@@ -177,3 +177,41 @@ for _dt in (torch.float32, torch.bfloat16):
     _softmax("log_softmax", (8192, 4096), -1, _dt, {"gpu"})
     _softmax("softmin", (8192, 4096), -1, _dt, {"gpu"})
     _softmax("softmax", (32, 4096, 64), 1, _dt, {"gpu"})
+
+
+# ----------------------------------------------------------------------------------------------
+# bilinear family (sigma-pi): op "bilinear"; shape = batch shape; params b, c, d, bias;
+# inputs z (*, b), x (*, c), w (d, b, c), bias (d,) or absent, dy (*, d)
+# ----------------------------------------------------------------------------------------------
+
+
+@register_builder("bilinear")
+def _bilinear_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    b, c, d = (int(case.params[k]) for k in ("b", "c", "d"))
+    batch = tuple(case.shape)
+    out = {
+        "z": laid_out(_randn(batch + (b,), case.dtype, device, gen), case.layouts.get("z", "contiguous")),
+        "x": laid_out(_randn(batch + (c,), case.dtype, device, gen), case.layouts.get("x", "contiguous")),
+        "w": laid_out(_randn((d, b, c), case.dtype, device, gen, (b * c) ** -0.5), case.layouts.get("w", "contiguous")),
+        "dy": _randn(batch + (d,), case.dtype, device, gen),
+    }
+    if case.params.get("bias", True):
+        out["bias"] = _randn((d,), case.dtype, device, gen)
+    return out
+
+
+def _bilinear(batch, b, c, d, dtype, tags, bias=True, **layouts):
+    return register(Case("bilinear", "bilinear", tuple(batch), dtype, frozenset(tags),
+                         {"b": b, "c": c, "d": d, "bias": bias}, layouts))
+
+
+for _batch in ((), (0,), (1,), (7,), (2, 3)):
+    for _bcd in ((1, 1, 1), (3, 5, 7), (17, 13, 11), (16, 32, 8)):
+        for _bias in (True, False):
+            _bilinear(_batch, *_bcd, torch.float32, {"interp", "edge"}, bias=_bias)
+for _dt in (torch.float16, torch.bfloat16):
+    _bilinear((7,), 17, 13, 11, _dt, {"interp", "edge"})
+    _bilinear((33,), 16, 32, 8, _dt, {"interp", "edge"})
+_bilinear((5,), 64, 65, 3, torch.float32, {"interp", "edge"})          # b·c >= 4096: long fp32 sums
+_bilinear((6,), 9, 10, 5, torch.float32, {"interp", "edge"}, z="sliced", x="transposed", w="transposed")
+_bilinear((2, 3), 9, 10, 5, torch.float32, {"interp", "edge"}, bias=False, z="transposed", x="sliced")

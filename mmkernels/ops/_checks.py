@@ -1,0 +1,42 @@
+"""Argument checks shared by the op families: clear ``TypeError`` / ``ValueError`` naming the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
+
+
+def check_dim(dim, ndim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    lo, hi = -max(ndim, 1), max(ndim, 1) - 1
+    if not lo <= dim <= hi:
+        raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor (expected {lo}..{hi})")
+    return dim % max(ndim, 1)
+
+
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in FLOATS:
+        raise TypeError(f"{name} must be one of float16, bfloat16, float32, float64; got {dtype}")
+    return dtype
+
+
+def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor], what: str) -> None:
+    """All ``tensors`` share ``what`` (``"dtype"`` or ``"device"``); else a TypeError / ValueError
+    naming each argument with its value."""
+    values = [getattr(t, what) for t in tensors]
+    if any(v != values[0] for v in values[1:]):
+        listing = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
+        exc = TypeError if what == "dtype" else ValueError
+        raise exc(f"{', '.join(names)} must have the same {what}, got {listing}")

@@ -1,0 +1,167 @@
+"""Sigma-pi / bilinear family: forward and every gradient against the float64 einsum reference and
+against F.bilinear, on the CPU path and the Triton path; gradcheck, nn.Bilinear, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmkernels
+from mmkernels import testing as mt
+from tests.conftest import backends
+from tests.reference import bilinear_grads_ref, bilinear_ref
+
+try:  # the Triton kernels of this family land in issue 3 (in progress): until then the CPU path
+    import mmkernels.ops._bilinear_triton  # noqa: F401
+    BACKENDS = backends()
+except ImportError:
+    BACKENDS = [b for b in backends() if b.id == "cpu"]
+
+
+def _magnitude(z, x, w, dy):
+    """Size of the summed terms for each output and gradient (their errors are measured against it)."""
+    za, xa, wa, dya = (t.detach().double().abs().cpu() for t in (z, x, w, dy))
+    y = torch.einsum("...h,...i,jhi->...j", za, xa, wa)
+    dz = torch.einsum("...j,...i,jhi->...h", dya, xa, wa)
+    dx = torch.einsum("...j,...h,jhi->...i", dya, za, wa)
+    dw = torch.einsum("...j,...h,...i->jhi", dya, za, xa)
+    return y, dz, dx, dw, dya.reshape(-1, dya.shape[-1]).sum(0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", mt.cases("bilinear", tag="interp"), ids=lambda c: c.id)
+def test_forward_and_all_gradients(case, backend, device, poison_outputs):
+    ins = mt.make_inputs(case, device, seed=hash(case.id) % 2**31)
+    z, x, w = (ins[k].requires_grad_() for k in ("z", "x", "w"))
+    bias = ins.get("bias")
+    if bias is not None:
+        bias.requires_grad_()
+    dy = ins["dy"]
+    with mmkernels.use_backend(backend):
+        y = mmkernels.bilinear(z, x, w, bias)
+        y.backward(dy)
+    mags = _magnitude(z, x, w, dy)
+    assert y.shape == case.shape + (case.params["d"],) and y.dtype == case.dtype
+    mt.assert_close(y, bilinear_ref(z, x, w, bias), backend=backend, magnitude=mags[0], what="y")
+    refs = bilinear_grads_ref(z, x, w, dy)
+    for name, got, ref, mag in zip(("dz", "dx", "dw", "db"), (z.grad, x.grad, w.grad, None if bias is None else bias.grad),
+                                   refs, mags[1:]):
+        if name == "db" and bias is None:
+            continue
+        assert got is not None and got.dtype == case.dtype, name
+        mt.assert_close(got, ref, backend=backend, magnitude=mag, what=name)
+    if case.dtype == torch.float32 and backend == "cpu":  # and torch's own op agrees
+        zt, xt, wt = (t.detach().clone().requires_grad_() for t in (z, x, w))
+        torch.testing.assert_close(y, F.bilinear(zt, xt, wt, None if bias is None else bias.detach()),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck_float64(backend, device):
+    z = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64, device=device).t().contiguous().t().requires_grad_()
+    w = torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    with mmkernels.use_backend(backend):
+        assert torch.autograd.gradcheck(mmkernels.bilinear, (z, x, w, b))
+        assert torch.autograd.gradcheck(lambda z, x, w: mmkernels.bilinear(z, x, w), (z, x, w))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nn_bilinear_loads_torch_state_dict(backend, device):
+    torch.manual_seed(0)
+    theirs = torch.nn.Bilinear(6, 4, 3).to(device)
+    ours = mmkernels.nn.Bilinear(6, 4, 3).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours, torch.nn.Bilinear) and repr(ours) == repr(theirs)
+    a = torch.randn(2, 5, 6, device=device, requires_grad=True)
+    b = torch.randn(2, 5, 4, device=device, requires_grad=True)
+    a2, b2 = (t.detach().clone().requires_grad_() for t in (a, b))
+    with mmkernels.use_backend(backend):
+        y = ours(a, b)
+        y.sum().backward()
+    y_ref = theirs(a2, b2)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for p, q in [(a.grad, a2.grad), (b.grad, b2.grad), (ours.weight.grad, theirs.weight.grad),
+                 (ours.bias.grad, theirs.bias.grad)]:
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(2, 5), torch.randn(2, 4, 5)), ValueError,
+     "same batch shape"),
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 5, 4)), ValueError,
+     r"input1 must have shape \(\*, 5\)"),
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4, 6)), ValueError,
+     r"input2 must have shape \(\*, 6\)"),
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(3, 5), torch.randn(4, 5)), ValueError,
+     "weight must have shape"),
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4, 5), torch.randn(3)),
+     ValueError, r"bias must have shape \(2,\)"),
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(3, 5).double(), torch.randn(2, 4, 5)), TypeError,
+     "same dtype.*input2: torch.float64"),
+    (lambda: mmkernels.bilinear(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4, 5, device="meta")),
+     ValueError, "weight must be on a CPU or CUDA device"),
+    (lambda: mmkernels.bilinear(torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 5, dtype=torch.int64),
+                                torch.ones(2, 4, 5, dtype=torch.int64)), TypeError, "input1 must be float"),
+    (lambda: mmkernels.bilinear(torch.randn(4), torch.randn(3, 5), torch.randn(2, 4, 5)), ValueError,
+     "same batch shape"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a CPU/CUDA mismatch")
+def test_mixed_devices():
+    with pytest.raises(ValueError, match="same device"):
+        mmkernels.bilinear(torch.randn(3, 4, device="cuda"), torch.randn(3, 5), torch.randn(2, 4, 5))
+
+
+def test_tracers_see_the_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda z, x, w: mmkernels.bilinear(z, x, w))(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4, 5))
+    assert "mmkernels.bilinear_fwd" in gm.code
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("c,d,bias", [(1, 1, True), (5, 3, True), (7, 4, False)])
+def test_quadratic_layer(c, d, bias, backend, device):
+    from tests.reference import quadratic_ref
+
+    torch.manual_seed(c * 10 + d)
+    layer = mmkernels.nn.Quadratic(c, d, bias=bias).to(device).double()
+    x = torch.randn(2, 3, c, device=device, dtype=torch.float64, requires_grad=True)
+    with mmkernels.use_backend(backend):
+        y = layer(x)
+        y.sum().backward()
+    mt.assert_close(y, quadratic_ref(x, layer.weight, layer.bias), backend=backend)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = layer.weight.detach().clone().requires_grad_()
+    quadratic_ref(x2, w2, layer.bias).sum().backward()
+    mt.assert_close(x.grad, x2.grad, backend=backend)
+    mt.assert_close(layer.weight.grad, w2.grad, backend=backend)
+    assert layer.weight.shape == (d, c * (c + 1) // 2)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_hyperlinear_layer(bias, backend, device):
+    from tests.reference import hyperlinear_ref
+
+    torch.manual_seed(3)
+    layer = mmkernels.nn.HyperLinear(4, 6, 5, bias=bias).to(device).double()
+    x = torch.randn(7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(7, 4, device=device, dtype=torch.float64, requires_grad=True)
+    with mmkernels.use_backend(backend):
+        y = layer(x, z)
+        y.sum().backward()
+    mt.assert_close(y, hyperlinear_ref(x, z, layer.weight, layer.hyper_weight, layer.bias), backend=backend)
+    x2, z2 = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    u2 = layer.hyper_weight.detach().clone().requires_grad_()
+    hyperlinear_ref(x2, z2, layer.weight, u2, layer.bias).sum().backward()
+    mt.assert_close(x.grad, x2.grad, backend=backend)
+    mt.assert_close(z.grad, z2.grad, backend=backend)
+    mt.assert_close(layer.hyper_weight.grad, u2.grad, backend=backend)
