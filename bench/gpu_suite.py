@@ -15,7 +15,9 @@ In order:
    (every element must be written; errors within the tolerance table, on a bounded sample of whole
    rows that always holds the first and last); then median timings of ours and of the baselines
    (CUDA-graph replays of sub-millisecond calls, CUDA events otherwise; rotation among buffer sets
-   when the inputs fit in L2), as ratio vs torch eager and as a fraction of the copy bandwidth;
+   when the inputs fit in L2), as ratio vs torch eager and as a fraction of the copy bandwidth
+   (matmul families also: useful FLOPs / time as a fraction of the bf16 mm rate); a family whose
+   Triton module does not import is skipped, and the output says so;
 3. config exploration: alternative launch configs timed next to the resolver's choice
    (:mod:`mmkernels.bench.explore`), checked against the resolver's output;
 4. the acceptance targets of each family, PASS / FAIL;
@@ -62,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, Triton interpreter, tiny fp32/fp16 cases: check that the script runs")
     p.add_argument("--filter", default=None, metavar="SUBSTR",
-                   help="only variants whose '<case id> <op> <fwd|bwd>' contains every word of SUBSTR")
+                   help="only variants whose '<case id> <op> <direction>' (fwd, bwd, fwd+bwd) contains "
+                        "every word of SUBSTR")
     p.add_argument("--compile-baseline", action="store_true",
                    help="also time torch.compile of the baselines (inductor compiles each case: "
                         "seconds per case; combine with --filter to stay in budget)")
@@ -94,7 +97,8 @@ def load_references(dry_run: bool):
             spec = importlib.util.spec_from_file_location("mmkernels_tests_reference", path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
-        missing = [n for n in ("softmax_ref", "log_softmax_ref", "softmin_ref", "softmax_backward_ref")
+        missing = [n for n in ("softmax_ref", "log_softmax_ref", "softmin_ref", "softmax_backward_ref",
+                               "bilinear_ref", "bilinear_grads_ref")
                    if not hasattr(mod, n)]
         if not missing:
             return mod, "tests/reference.py (float64)"
@@ -109,10 +113,28 @@ def load_references(dry_run: bool):
     return TorchReferences, f"{TorchReferences.name} (FALLBACK: {problem})"
 
 
+#: The Triton launcher module of each family that has one apart from its op module: a family whose
+#: module does not import (not written yet, or broken) is skipped, and the output says so.
+TRITON_MODULES = {"bilinear": "mmkernels.ops._bilinear_triton"}
+
+
+def unavailable_families() -> dict:
+    """{family: why} for the families whose Triton module fails to import (e.g. not written yet)."""
+    out = {}
+    for family, module in TRITON_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            out[family] = f"{module} does not import ({type(exc).__name__}: {str(exc)[:160]})"
+    return out
+
+
 def dry_run_cases():
     """Tiny cases through the same code paths as the GPU cases: rows (one-pass kernels, with and
     without a row sample for the reference), a row longer than the on-chip limit (online / looped
-    kernels), a reduction over a non-last dim, every op, fp32 and fp16."""
+    kernels), a reduction over a non-last dim, every op, fp32 and fp16; one bilinear case (fp32,
+    forward and forward+backward; more rows than the 4096-element check bound allows, so the
+    check's row sample runs)."""
     import torch
 
     from mmkernels.ops.softmax import MAX_FUSED_N
@@ -127,6 +149,7 @@ def dry_run_cases():
         c("softmax", (3, 1000), f16), c("softmax", (2, MAX_FUSED_N + 17), f32),
         c("log_softmax", (4, 256), f32), c("softmin", (4, 256), f16),
         c("softmax", (2, 64, 8), f32, dim=1),
+        Case("bilinear", "bilinear", (40,), f32, frozenset({"dry-run"}), {"b": 12, "c": 10, "d": 6, "bias": True}),
     ]
 
 
@@ -136,6 +159,8 @@ def _progress(r: dict) -> str:
         return f"{r['direction']} ERROR {r['error'][:80]}"
     ratio = f"x{r['ratio']:.2f}" if r.get("ratio") else "x?"
     frac = f"{100 * r['frac_copy']:.0f}%copy" if "frac_copy" in r else ""
+    if "frac_mm" in r:
+        frac = f"{r['TFLOPs']:.1f} TFLOP/s {100 * r['frac_mm']:.0f}%mm {frac}"
     return f"{r['direction']} {r['ours_ms']:.4f} ms {ratio} {frac} {'ok' if r['check']['passed'] else 'CHECK FAILED'}"
 
 
@@ -189,11 +214,13 @@ def write_markdown(path: Path, payload: dict) -> None:
          for t in payload["targets"]], markdown=True))
     lines += ["", "## Results", "",
               "ratio = torch eager time / ours (> 1: ours faster); %copy = (minimum bytes / time) / "
-              "measured copy bandwidth; mem = peak bytes allocated by one call, output included.", ""]
+              "measured copy bandwidth; TFLOP/s = useful FLOPs / time (matmul families); %mm = that / "
+              "measured bf16 mm rate; mem = peak bytes allocated by one call, output included.", ""]
     lines.append(result_table(rows, markdown=True))
     lines += ["", "## Raw medians (ms)", "",
               "`graph`: CUDA-graph replays (device time); `per call`: CUDA events around each call "
-              "enqueued back to back (launch overhead shows when the host is the bottleneck).", ""]
+              "enqueued back to back (launch overhead shows when the host is the bottleneck); `floor`: "
+              "minimum bytes at the copy bandwidth; `mm floor`: useful FLOPs at the mm rate.", ""]
     raw = []
     for r in checked:
         t = r["timings"]
@@ -201,9 +228,12 @@ def write_markdown(path: Path, payload: dict) -> None:
                     fmt_num(r["baseline_ms"].get("eager"), ".5f"), fmt_num(r["baseline_ms"].get("compile"), ".5f"),
                     fmt_num(r.get("ours_percall_ms"), ".5f"), fmt_num(r.get("eager_percall_ms"), ".5f"),
                     t["ours"]["method"], t["ours"]["calls_per_sample"], len(t["ours"]["samples_ms"]),
-                    t["ours"]["buffer_sets"], fmt_num(t["ours"]["spread"], ".2f"), fmt_num(r.get("floor_ms"), ".5f")])
+                    t["ours"]["buffer_sets"], fmt_num(t["ours"]["spread"], ".2f"), fmt_num(r.get("floor_ms"), ".5f"),
+                    fmt_num(r.get("mm_floor_ms"), ".5f"),
+                    ", ".join(f"{k} {v:.5f}" for k, v in r["baseline_ms"].items() if k not in ("eager", "compile"))])
     lines.append(format_table(["case", "dir", "ours", "eager", "compile", "ours per call", "eager per call",
-                               "method", "calls/sample", "samples", "buffer sets", "spread", "floor"],
+                               "method", "calls/sample", "samples", "buffer sets", "spread", "floor",
+                               "mm floor", "other baselines"],
                               raw, markdown=True))
     if payload.get("explore"):
         from mmkernels.bench.explore import EXPLORE_HEADERS, explore_table_rows
@@ -212,6 +242,8 @@ def write_markdown(path: Path, payload: dict) -> None:
                   "The resolver's config and alternatives on the same data (bench/NOTES.md has the "
                   "predictions); %copy = (minimum bytes / time) / copy bandwidth.", ""]
         lines.append(format_table(EXPLORE_HEADERS, explore_table_rows(payload["explore"]), markdown=True))
+    if payload.get("skipped_families"):
+        lines += [""] + [f"Skipped family {f}: {why}" for f, why in payload["skipped_families"].items()]
     if payload.get("skipped"):
         lines += ["", f"Skipped (time budget): {', '.join(payload['skipped'])}"]
     path.write_text("\n".join(lines) + "\n")
@@ -271,6 +303,11 @@ def main(argv=None) -> int:
                                     graph=True, eager_timing=True, compile_baseline=args.compile_baseline)
         ceilings = bench.measure_ceilings(device)
     print(bench.ceilings_line(ceilings), flush=True)
+    skipped_families = unavailable_families()
+    for family, why in skipped_families.items():
+        n = sum(c.family == family for c in case_list)
+        print(f"SKIPPING the {family} family ({n} cases): {why}", flush=True)
+    case_list = [c for c in case_list if c.family not in skipped_families]
 
     rows, skipped = [], []
     budget_s = args.max_minutes * 60
@@ -303,7 +340,7 @@ def main(argv=None) -> int:
         "kind": "mmkernels-gpu-suite", "dry_run": args.dry_run, "environment": env,
         "reference": ref_name, "ceilings": ceilings, "options": {**vars(args), "measure": dataclasses.asdict(opts)},
         "elapsed_s": elapsed, "results": rows, "targets": targets, "skipped": skipped,
-        "explore": explored,
+        "skipped_families": skipped_families, "explore": explored,
     }
     bench.write_json(out / JSON_NAME, payload)
     write_markdown(out / MD_NAME, payload)
@@ -330,6 +367,8 @@ def main(argv=None) -> int:
     for t in targets:
         for line in t["failing"][:4]:
             print(f"  {t['status']} {line}")
+    for family, why in skipped_families.items():
+        print(f"SKIPPED family {family}: {why}")
     if skipped:
         print(f"skipped (budget): {len(skipped)} cases")
     print(f"wrote {out / JSON_NAME} and {out / MD_NAME}; elapsed {elapsed:.1f} s")

@@ -3,7 +3,8 @@
 Every op family is run on the cases of the registry (:mod:`mmkernels.testing`) tagged ``bench``
 (CPU) or ``gpu`` (CUDA), on the present device, against its PyTorch baseline, and a table is
 printed: times, the ratio ``baseline / ours`` (> 1: we are faster), the error against a float64
-reference, peak memory, and the fraction of the measured copy bandwidth.
+reference, peak memory, and the fraction of the measured copy bandwidth (matmul families also:
+useful FLOPs / time and its fraction of the measured mm rate).
 
 ``bench/gpu_suite.py`` holds no measurement code of its own: it adds the float64 references of
 ``tests/reference.py``, the acceptance targets' verdicts and its own output files to the pieces
@@ -18,11 +19,13 @@ below. One concern per module, in the order a run uses them:
   :func:`measure_ceilings`;
 * :mod:`~mmkernels.bench.specs` (the only family-specific module; how to add a family is at its
   top): :class:`Variant` (one measurable function of one case: ours, baselines, float64 reference,
-  minimum bytes), :class:`Target`, :class:`TorchReferences`, one spec class per family in
-  :data:`FAMILIES`, :func:`variants_for`, :func:`all_targets`;
+  minimum bytes, useful FLOPs, its named outputs), :class:`CheckSample` (what the check compares
+  when a row sample will not do), :class:`Target`, :class:`TorchReferences`, one spec class per
+  family in :data:`FAMILIES` (:class:`SoftmaxBench`, :class:`BilinearBench`), :func:`variants_for`,
+  :func:`all_targets`;
 * :mod:`~mmkernels.bench.inputs`: :func:`random_inputs`, ``_copy_like`` (buffer sets);
 * :mod:`~mmkernels.bench.check`: :func:`check_variant` (NaN-poisoned run, every element written,
-  normwise error on a bounded sample of rows against the float64 reference, tolerance table),
+  normwise error of each output on a bounded sample against the float64 reference, tolerance table),
   :func:`peak_memory`;
 * :mod:`~mmkernels.bench.measure`: the loop: :class:`MeasureOptions`, :func:`measure_variant`,
   :func:`measure_case`, :func:`measure_cases`; and :func:`evaluate_targets`;
@@ -34,7 +37,9 @@ below. One concern per module, in the order a run uses them:
 Definitions used throughout: *bytes* is the minimum traffic of one call (each input read once,
 each output written once, storage dtypes); *GB/s* is bytes / median time; *%copy* is that over the
 copy bandwidth measured in the same run (bytes read + bytes written of a large device-to-device
-copy). Ratios compare times measured the same way in the same run.
+copy); *TFLOP/s* is a matmul family's useful FLOPs / median time and *%mm* (``frac_mm``) that over
+the ``torch.mm`` rate measured in the same run (bf16 on CUDA). Ratios compare times measured the
+same way in the same run.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ from .environment import cache_bytes, default_device, device_name, environment, 
 from .inputs import DEVICE_DRAW_ABOVE, Inputs, random_inputs
 from .measure import MeasureOptions, evaluate_targets, measure_case, measure_cases, measure_variant
 from .report import ceilings_line, fmt_num, format_table, plot_results, result_table, write_json
-from .specs import FAMILIES, SoftmaxBench, Target, TorchReferences, Variant, all_targets, compiled, variants_for
+from .specs import (FAMILIES, BilinearBench, CheckSample, SoftmaxBench, Target, TorchReferences, Variant,
+                    all_targets, compiled, variants_for)
 from .timing import GRAPH_BELOW_MS, GRAPH_SAMPLE_MS, Timing, rotation_sets, time_fn
 
 __all__ = [
@@ -56,8 +62,8 @@ __all__ = [
     # ceilings
     "measure_ceilings", "measure_copy_bandwidth", "measure_mm_rate",
     # specs
-    "FAMILIES", "SoftmaxBench", "Target", "TorchReferences", "Variant", "all_targets", "compiled",
-    "variants_for",
+    "FAMILIES", "BilinearBench", "CheckSample", "SoftmaxBench", "Target", "TorchReferences", "Variant",
+    "all_targets", "compiled", "variants_for",
     # inputs
     "DEVICE_DRAW_ABOVE", "Inputs", "random_inputs",
     # check

@@ -1,6 +1,6 @@
 """Correctness of one variant against its float64 reference (:func:`check_variant`: NaN-poisoned
-run, every element written, normwise error on a bounded sample of whole rows, tolerance table) and
-its peak memory (:func:`peak_memory`)."""
+run, every element of every output written, normwise error of each output on a bounded sample,
+tolerance table) and its peak memory (:func:`peak_memory`)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 from mmkernels.testing import error_report, poison_allocations, tolerance
 
 from .inputs import Inputs
-from .specs import Variant
+from .specs import CheckSample, Variant
 
 
 def _sample_index(shape: Sequence[int], keep: Sequence[int], max_elems: int,
@@ -42,46 +42,87 @@ def _nonfinite_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((torch.isfinite(a) != torch.isfinite(b)).sum().item())
 
 
+def _row_sample(variant: Variant, inputs: Inputs, shape: Sequence[int], max_elems: int,
+                gen: torch.Generator) -> CheckSample:
+    """The default sample: whole rows of the (single) output and of every input along one dim."""
+    d, idx = _sample_index(shape, variant.reduced_dims, max_elems, gen)
+    return CheckSample({k: _take(v, d, idx) for k, v in inputs.items()}, variant.outputs,
+                       lambda name, t: _take(t, d, idx))
+
+
 def check_variant(variant: Variant, raw: Inputs, *, backend: str, max_elems: int = 1 << 22,
                   seed: int = 0) -> Dict[str, Any]:
     """Run ``ours`` once with its outputs poisoned with NaN and compare with the float64 reference.
 
-    Over the whole output: every element is finite exactly where the eager baseline's is (an
-    unwritten element stays NaN). On a sample of at most ``max_elems`` elements (whole reduced
-    dims; always the first and last slice): normwise errors against ``variant.reference`` run in
-    float64 on the CPU, within the (backend, dtype) bound of the tolerance table. The baseline's
-    error on the same sample is reported for comparison.
+    Over each whole output: every element is finite exactly where the eager baseline's is (an
+    unwritten element stays NaN). On the samples of ``variant.check_samples`` (default: at most
+    ``max_elems`` elements of whole reduced dims, always the first and last slice): normwise errors
+    against the reference run in float64 on the CPU, within the (backend, dtype) bound of the
+    tolerance table, for each output on its own scale. The baseline's error on the same sample is
+    reported for comparison. A variant with several outputs also gets ``parts`` (the same numbers
+    per output); the top-level errors are the worst part's.
     """
     inputs = variant.prepare(raw)
     with poison_allocations():
-        ours = variant.ours(inputs)
-    base = variant.baselines["eager"](inputs)
-    mismatch = _nonfinite_mismatch(ours, base)
+        ours = variant.named(variant.ours(inputs))
+    base = variant.named(variant.baselines["eager"](inputs))
+    mismatch = {n: _nonfinite_mismatch(ours[n], base[n]) for n in variant.outputs}
     gen = torch.Generator().manual_seed(seed)
-    d, idx = _sample_index(ours.shape, variant.reduced_dims, max_elems, gen)
-    ours_s = _take(ours, d, idx).cpu()
-    base_s = _take(base, d, idx).cpu()
-    del ours, base
-    ref = variant.reference({k: _take(v, d, idx).to("cpu", torch.float64) for k, v in inputs.items()})
-    rep = error_report(ours_s, ref)
-    rep_base = error_report(base_s, ref)
-    tol = tolerance(backend, ours_s.dtype)
-    passed = (mismatch == 0 and rep.special_mismatch == 0
-              and rep.max_rel <= tol.max_rel and rep.rms_rel <= tol.rms_rel)
-    return {
-        "passed": bool(passed),
+    if variant.check_samples is not None:
+        samples = variant.check_samples(inputs, max_elems, gen)
+    else:
+        samples = [_row_sample(variant, inputs, ours[variant.outputs[0]].shape, max_elems, gen)]
+    taken = [({n: s.take(n, ours[n]).detach().cpu() for n in s.parts},
+              {n: s.take(n, base[n]).detach().cpu() for n in s.parts}) for s in samples]
+    del ours, base  # the reference may need the memory (2**31-element cases)
+    parts: Dict[str, Dict[str, Any]] = {}
+    for s, (ours_s, base_s) in zip(samples, taken):
+        ref_inputs = {k: v.detach().to("cpu", torch.float64) for k, v in s.inputs.items()}
+        if s.reference is None:
+            ref = variant.named(variant.reference(ref_inputs))
+        else:
+            ref = variant.named(s.reference(ref_inputs), s.parts)
+        del ref_inputs
+        for n in s.parts:
+            rep, rep_base = error_report(ours_s[n], ref[n]), error_report(base_s[n], ref[n])
+            tol = tolerance(backend, ours_s[n].dtype)
+            parts[n] = {
+                "passed": bool(mismatch[n] == 0 and rep.special_mismatch == 0
+                               and rep.max_rel <= tol.max_rel and rep.rms_rel <= tol.rms_rel),
+                "max_rel": rep.max_rel,
+                "rms_rel": rep.rms_rel,
+                "nonfinite_mismatch": mismatch[n],
+                "special_mismatch": rep.special_mismatch,
+                "detail": rep.describe(),
+                "tol_max_rel": tol.max_rel,
+                "tol_rms_rel": tol.rms_rel,
+                "sampled_elements": int(ref[n].numel()),
+                "baseline_max_rel": rep_base.max_rel,
+                "baseline_rms_rel": rep_base.rms_rel,
+            }
+    missing = [n for n in variant.outputs if n not in parts]
+    if missing:
+        raise ValueError(f"{variant.label}: the check samples leave outputs {missing} unchecked")
+    order = [parts[n] for n in variant.outputs]
+    worst = max(order, key=lambda p: p["max_rel"] / p["tol_max_rel"])
+    out = {
+        "passed": all(p["passed"] for p in order),
         "backend": backend,
-        "max_rel": rep.max_rel,
-        "rms_rel": rep.rms_rel,
-        "nonfinite_mismatch": mismatch,
-        "special_mismatch": rep.special_mismatch,
-        "detail": rep.describe(),
-        "tol_max_rel": tol.max_rel,
-        "tol_rms_rel": tol.rms_rel,
-        "sampled_elements": int(ref.numel()),
-        "baseline_max_rel": rep_base.max_rel,
-        "baseline_rms_rel": rep_base.rms_rel,
+        "max_rel": max(p["max_rel"] for p in order),
+        "rms_rel": max(p["rms_rel"] for p in order),
+        "nonfinite_mismatch": sum(p["nonfinite_mismatch"] for p in order),
+        "special_mismatch": sum(p["special_mismatch"] for p in order),
+        "detail": worst["detail"] if len(order) == 1 else "; ".join(
+            f"{n}{'' if parts[n]['passed'] else ' FAILED'}: {parts[n]['detail']}" for n in variant.outputs),
+        "tol_max_rel": worst["tol_max_rel"],
+        "tol_rms_rel": worst["tol_rms_rel"],
+        "sampled_elements": sum(p["sampled_elements"] for p in order),
+        "baseline_max_rel": max(p["baseline_max_rel"] for p in order),
+        "baseline_rms_rel": max(p["baseline_rms_rel"] for p in order),
     }
+    if len(order) > 1:
+        out["parts"] = parts
+    return out
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[Optional[int], str]:

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", action="append", default=None, choices=sorted(FAMILIES),
                         help="op family to run (repeatable; default: all)")
     parser.add_argument("--filter", default=None, metavar="SUBSTR",
-                        help="only variants whose '<case id> <op> <fwd|bwd>' contains every "
-                             "space-separated word of SUBSTR (e.g. 'float32 bwd')")
+                        help="only variants whose '<case id> <op> <direction>' (direction: fwd, "
+                             "bwd, fwd+bwd) contains every space-separated word of SUBSTR "
+                             "(e.g. 'float32 bwd', 'bilinear')")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and smaller ceiling measurements (a smoke run)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -44,9 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select_cases(tag: str, families: Optional[Sequence[str]] = None) -> List[Case]:
-    """Registry cases of ``families`` (default: every family with a bench spec) tagged ``tag``."""
+    """Registry cases of ``families`` (default: every family with a bench spec, in the order of
+    :data:`FAMILIES`) tagged ``tag``."""
     out: List[Case] = []
-    for fam in families or sorted(FAMILIES):
+    for fam in families or list(FAMILIES):
         out.extend(registry_cases(fam, tag))
     return out
 
@@ -95,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     print(ceilings_line(ceilings))
     print("ratio = baseline / ours (> 1: ours faster); err = max |out - ref| / max |ref| vs float64 "
           f"({TorchReferences.name}); mem = {rows[0].get('memory_method', 'n/a')}; "
-          "%copy = (min bytes / time) / copy ceiling")
+          "%copy = (min bytes / time) / copy ceiling"
+          + ("; TFLOP/s = useful FLOPs / time; %mm = that / mm ceiling" if any("flops" in r for r in rows) else ""))
     print(result_table(rows))
     failed = [r for r in rows if not r["check"]["passed"]]
     targets = evaluate_targets(rows, all_targets())

@@ -54,17 +54,36 @@ def _case_row(case: Case) -> Dict[str, Any]:
     return {
         "family": case.family, "op": case.op, "case": case.id, "shape": list(case.shape),
         "dim": case.params.get("dim"), "dtype": str(case.dtype).replace("torch.", ""),
-        "layouts": dict(case.layouts),
+        "params": dict(case.params), "layouts": dict(case.layouts),
     }
+
+
+def _add_rate(row: Dict[str, Any], amount: float, unit: float, rate: str, ceiling: Optional[float],
+              frac: str, floor: str) -> None:
+    """``row[rate]``: ``amount`` (bytes or FLOPs) per second of ours in ``unit`` (1e9: GB/s, 1e12:
+    TFLOP/s), ``row["baseline_" + rate]`` the same per baseline; with a ``ceiling`` (same unit),
+    ``row[frac]`` (and per baseline) the fraction of it and ``row[floor]`` the time at it (ms)."""
+    row[rate] = amount / (row["ours_ms"] * 1e-3) / unit
+    row[f"baseline_{rate}"] = {k: amount / (v * 1e-3) / unit for k, v in row["baseline_ms"].items()}
+    if ceiling:
+        row[frac] = row[rate] / ceiling
+        row[f"baseline_{frac}"] = {k: v / ceiling for k, v in row[f"baseline_{rate}"].items()}
+        row[floor] = amount / (ceiling * unit) * 1e3
 
 
 def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str, Any], device: torch.device,
                     ceilings: Optional[Mapping[str, Any]], opts: MeasureOptions) -> Dict[str, Any]:
     """Time one variant on the input ``sets`` (rotated) and build its result row around ``check``
-    (from :func:`check_variant`); see :func:`result_table` for the columns."""
+    (from :func:`check_variant`); see :func:`result_table` for the columns. Where the variant has
+    ``flops`` (matmul families), the row also holds ``TFLOPs`` (useful FLOPs / time), ``frac_mm``
+    (that over the measured mm rate) and ``mm_floor_ms``, and the same per baseline."""
     row = _case_row(variant.case)
     row.update(direction=variant.direction, label=variant.label, bytes=variant.bytes_moved,
                passes=variant.passes, impl=check.get("backend"), check=dict(check))
+    if variant.shape_text:
+        row["shape_text"] = variant.shape_text
+    if variant.flops is not None:
+        row["flops"] = variant.flops
     prepared = [variant.prepare(s) for s in sets]
     kw = opts.timing_kwargs()
 
@@ -87,13 +106,10 @@ def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str
     row["ratio"] = row["baseline_ms"]["eager"] / ours_ms if "eager" in row["baseline_ms"] else None
     if "compile" in row["baseline_ms"]:
         row["ratio_compile"] = row["baseline_ms"]["compile"] / ours_ms
-    row["GBps"] = variant.bytes_moved / (ours_ms * 1e-3) / 1e9
-    row["baseline_GBps"] = {k: variant.bytes_moved / (v * 1e-3) / 1e9 for k, v in row["baseline_ms"].items()}
-    if ceilings:
-        copy = ceilings["copy"]["GBps"]
-        row["frac_copy"] = row["GBps"] / copy
-        row["baseline_frac_copy"] = {k: v / copy for k, v in row["baseline_GBps"].items()}
-        row["floor_ms"] = variant.bytes_moved / (copy * 1e9) * 1e3
+    _add_rate(row, variant.bytes_moved, 1e9, "GBps", ceilings and ceilings["copy"]["GBps"], "frac_copy", "floor_ms")
+    if variant.flops is not None:
+        _add_rate(row, variant.flops, 1e12, "TFLOPs", ceilings and ceilings["mm"]["TFLOPs"], "frac_mm",
+                  "mm_floor_ms")
     if opts.memory:
         p = prepared[0]
         row["peak_bytes"], row["memory_method"] = peak_memory(lambda: variant.ours(p), device)
@@ -104,7 +120,7 @@ def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str
 
 def measure_case(case: Case, device: torch.device, ceilings: Optional[Mapping[str, Any]],
                  opts: MeasureOptions, refs=None, name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Every variant of ``case`` (those whose ``"<case id> <op> <fwd|bwd>"`` contains every word
+    """Every variant of ``case`` (those whose ``"<case id> <op> <direction>"`` contains every word
     of ``name_filter``), in two phases so that large cases hold one input draw at a time:
 
     1. checks (:func:`check_variant`) on a fresh random draw;
@@ -192,7 +208,8 @@ def measure_cases(case_list: Iterable[Case], device: torch.device, ceilings: Opt
                     continue
                 ok = "ok" if r["check"]["passed"] else "CHECK FAILED"
                 ratio = f"x{r['ratio']:.2f}" if r.get("ratio") else "x?"
-                parts.append(f"{r['direction']} {r['ours_ms']:.3f} ms {ratio} {ok}")
+                rate = f" {r['TFLOPs']:.3g} TFLOP/s" if "TFLOPs" in r else ""
+                parts.append(f"{r['direction']} {r['ours_ms']:.3f} ms{rate} {ratio} {ok}")
             print(f"[{i}/{len(case_list)}] {case.id}: " + "; ".join(parts)
                   + f"  ({time.perf_counter() - t0:.1f} s, total {time.perf_counter() - t_start:.0f} s)",
                   file=progress, flush=True)

@@ -35,9 +35,12 @@ def _mib(v: Optional[int]) -> str:
 
 def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, compact: bool = False) -> str:
     """The results table: op, shape, dtype, ours (ms), baseline (ms), ratio = baseline / ours
-    (> 1: we are faster), max error of ours (and of the baseline) vs the float64 reference, peak
-    memory, GB/s and the fraction of the measured copy bandwidth."""
+    (> 1: we are faster), max error of ours (and of the baseline) vs the float64 reference (the
+    worst output's, for variants with several), peak memory, GB/s and the fraction of the
+    measured copy bandwidth; when some row has useful FLOPs (matmul families), also TFLOP/s and
+    the fraction of the measured mm rate (blank on the other rows)."""
     has_compile = any("compile" in r.get("baseline_ms", {}) for r in rows)
+    has_flops = any("flops" in r for r in rows)
     headers = ["op", "shape", "dtype", "ours ms", "base ms", "ratio"]
     if has_compile:
         headers += ["compile ms", "ratio c"]
@@ -45,9 +48,12 @@ def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, comp
     if not compact:
         headers += ["mem ours MiB", "mem base MiB"]
     headers += ["GB/s", "%copy"]
+    if has_flops:
+        headers += ["TFLOP/s", "%mm"]
     body = []
     for r in rows:
-        shape = "x".join(map(str, r["shape"])) + (f" d{r['dim']}" if r.get("dim") not in (None, -1) else "")
+        shape = r.get("shape_text") or (
+            "x".join(map(str, r["shape"])) + (f" d{r['dim']}" if r.get("dim") not in (None, -1) else ""))
         if "error" in r:  # the message is listed under the table
             line = [r["label"], shape, r["dtype"], "ERROR"] + [""] * (len(headers) - 4)
             line[headers.index("check")] = "CRASH"
@@ -63,6 +69,8 @@ def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, comp
         if not compact:
             line += [_mib(r.get("peak_bytes")), _mib(r.get("baseline_peak_bytes"))]
         line += [fmt_num(r.get("GBps"), ".1f"), fmt_num(100 * r["frac_copy"], ".0f") if "frac_copy" in r else ""]
+        if has_flops:
+            line += [fmt_num(r.get("TFLOPs"), ".3g"), fmt_num(100 * r["frac_mm"], ".0f") if "frac_mm" in r else ""]
         body.append(line)
     return format_table(headers, body, markdown=markdown)
 

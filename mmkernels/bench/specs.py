@@ -1,7 +1,8 @@
 """Bench specs: what to run for one registry case. The only family-specific module of the package.
 
 A :class:`Variant` is one measurable function of one case (ours, the PyTorch baselines, the float64
-reference, the minimum bytes); a :class:`Target` an acceptance target on the result rows.
+reference, the minimum bytes, the useful FLOPs of a matmul family); a :class:`Target` an acceptance
+target on the result rows.
 
 Adding an op family (its cases and input builder already in :mod:`mmkernels.testing`, tagged
 ``bench`` for CPU and ``gpu`` for CUDA):
@@ -9,7 +10,11 @@ Adding an op family (its cases and input builder already in :mod:`mmkernels.test
 1. write a spec class like :class:`SoftmaxBench`: ``family`` (the registry family name),
    ``variants(case, refs, compile_baseline)`` -> the case's :class:`Variant` list (``baselines``
    holds ``"eager"`` first; :func:`compiled` wraps a baseline for ``--compile-baseline``) and
-   ``targets()`` -> its :class:`Target` list (may be empty);
+   ``targets()`` -> its :class:`Target` list (may be empty). A variant that returns several
+   tensors (e.g. an output and its gradients) names them in ``outputs``: each is checked on its own
+   scale. A matmul family sets ``flops`` (rows then show TFLOP/s and ``frac_mm``) and, when a row
+   sample of the inputs is no sample of its outputs (a reduction over rows, such as a weight
+   gradient), its own ``check_samples`` (:class:`CheckSample`; see :class:`BilinearBench`);
 2. give :class:`TorchReferences` the family's float64 references under the names
    ``tests/reference.py`` uses (the GPU suite runs against that file, this class is the fallback);
 3. add the class to :data:`FAMILIES`.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,24 +39,54 @@ from .inputs import Inputs
 # ----------------------------------------------------------------------------------------------
 
 
+#: What ours, a baseline or a reference returns: one tensor, or one per name of ``Variant.outputs``.
+Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclasses.dataclass
+class CheckSample:
+    """Some of a variant's outputs, recomputed by the float64 reference from part of the inputs.
+
+    ``inputs``: what the reference runs on (the check makes float64 CPU copies), e.g. a sample of
+    rows; ``parts``: the names of the outputs this sample checks; ``take(name, tensor)``: the same
+    elements of that output of ours (and of the baseline); ``reference``: returns ``parts`` in
+    order (None: the variant's ``reference``, which returns every output).
+    """
+
+    inputs: Inputs
+    parts: Tuple[str, ...]
+    take: Callable[[str, torch.Tensor], torch.Tensor]
+    reference: Optional[Callable[[Inputs], Outputs]] = None
+
+
 @dataclasses.dataclass
 class Variant:
     """One measurable function of one registry case (e.g. the softmax backward of a 8192x4096 case).
 
     All callables take this variant's inputs (from :meth:`prepare`): ``ours`` runs the package,
     each of ``baselines`` a PyTorch baseline (the first, ``"eager"``, is what ratios refer to),
-    ``reference`` the float64 reference (on float64 copies of the inputs).
+    ``reference`` the float64 reference (on float64 copies of the inputs). Each returns one tensor,
+    or a tuple with one tensor per name of ``outputs`` (checked one by one, each on its own scale).
+
+    ``check_samples(inputs, max_elems, generator)`` -> the :class:`CheckSample` list that the
+    check compares; None: one sample of whole rows of the (single) output and of every input along
+    the same dim, keeping ``reduced_dims`` whole (right when each output row depends on the same
+    row of every input only, as in softmax).
     """
 
     case: Case
-    direction: str  # "fwd" | "bwd"
-    ours: Callable[[Inputs], torch.Tensor]
-    baselines: Dict[str, Callable[[Inputs], torch.Tensor]]
-    reference: Callable[[Inputs], torch.Tensor]
+    direction: str  # "fwd" | "bwd" | "fwd+bwd"
+    ours: Callable[[Inputs], Outputs]
+    baselines: Dict[str, Callable[[Inputs], Outputs]]
+    reference: Callable[[Inputs], Outputs]
     prepare: Callable[[Inputs], Inputs]  # registry inputs (make_inputs) -> this variant's inputs
     bytes_moved: int  # minimum traffic of one call
-    passes: int  # minimum tensor passes (bytes_moved in units of one tensor)
+    passes: Optional[int]  # minimum tensor passes (bytes_moved in units of one tensor); None: not one size
     reduced_dims: Tuple[int, ...]  # dims a row sample for the reference must keep whole
+    outputs: Tuple[str, ...] = ("out",)  # names of the returned tensors
+    flops: Optional[int] = None  # useful FLOPs of one call (matmul families): TFLOP/s and frac_mm
+    check_samples: Optional[Callable[[Inputs, int, torch.Generator], List[CheckSample]]] = None
+    shape_text: Optional[str] = None  # the shape as tables show it (default: the case's shape)
 
     @property
     def label(self) -> str:
@@ -60,6 +95,14 @@ class Variant:
     @property
     def key(self) -> str:
         return f"{self.case.id}:{self.direction}"
+
+    def named(self, result: Outputs, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """``result`` (one tensor or a sequence) by name: ``names`` or :attr:`outputs`."""
+        names = tuple(names or self.outputs)
+        parts = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        if len(parts) != len(names):
+            raise ValueError(f"{self.label}: expected {len(names)} outputs {names}, got {len(parts)}")
+        return dict(zip(names, parts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +172,20 @@ class TorchReferences:
             return torch._log_softmax_backward_data(dy, y, dim, torch.float64)
         dx = torch._softmax_backward_data(dy, y, dim, torch.float64)
         return dx.neg() if kind == "softmin" else dx
+
+    @staticmethod
+    def bilinear_ref(z, x, w, bias=None):
+        f64 = [t.detach().double() for t in (z, x, w)]
+        return torch.nn.functional.bilinear(*f64, None if bias is None else bias.detach().double())
+
+    @staticmethod
+    def bilinear_grads_ref(z, x, w, dy):
+        """(dz, dx, dw, db) by autograd through the float64 ``F.bilinear``."""
+        z, x, w = (t.detach().double().requires_grad_() for t in (z, x, w))
+        dy = dy.detach().double()
+        y = torch.nn.functional.bilinear(z, x, w)
+        dz, dx, dw = torch.autograd.grad(y, (z, x, w), dy)
+        return dz, dx, dw, dy.reshape(-1, dy.shape[-1]).sum(0)
 
 
 class SoftmaxBench:
@@ -231,12 +288,201 @@ class SoftmaxBench:
 
 
 # ----------------------------------------------------------------------------------------------
+# The sigma-pi / bilinear family
+# ----------------------------------------------------------------------------------------------
+
+
+class BilinearBench:
+    """Bench spec of the sigma-pi / bilinear family (``mmkernels.bilinear``, F.bilinear semantics:
+    z (*, b), x (*, c), w (d, b, c), bias (d,) -> y (*, d)).
+
+    Variants: ``fwd`` (y) and ``fwd+bwd`` (the forward, then all four gradients (dz, dx, dw, db)
+    by ``torch.autograd.grad``: the timed call runs both; outputs y, dz, dx, dw, db, each checked
+    on its own scale). Baselines: ``eager`` = ``F.bilinear`` (ratios refer to it), ``einsum`` =
+    ``torch.einsum("...h,...i,jhi->...j")`` (+ bias), ``gemm`` = plain ``torch.mm`` of the same
+    FLOPs on the ``(N, b·c)`` outer product and the ``(d, b·c)`` weight (fwd: ``A @ W^T``; fwd+bwd
+    also ``dy @ W`` and ``dy^T @ A``, the backward of a linear layer on A): its operands are built
+    at the first call of each buffer set (the timing's warm-up), outside the timed calls.
+
+    Useful FLOPs (DESIGN.md): forward ``2·N·b·c·d``, backward twice that, fwd+bwd 3x the forward;
+    rows show TFLOP/s and ``frac_mm`` (over the mm rate measured in the same run: bf16 on CUDA).
+    Bytes: each input read once, each output written once (fwd+bwd: z, x, w, bias, dy read;
+    y, dz, dx, dw, db written).
+
+    The float64 reference materialises 3-D products, so the check bounds its largest intermediate
+    by ``max_elems``: y, dz, dx on a sample of whole rows (``k·max(b·c, d·c, d·b)`` elements; first
+    and last row always in); dw and db, sums over every row, on a sample of output features j
+    (``N·k·max(b, c)`` elements; at least 8, first and last always in) with every row.
+    """
+
+    family = "bilinear"
+
+    @staticmethod
+    def _fwd_bwd(fwd: Callable[[Inputs], torch.Tensor], leaves: Sequence[str]) -> Callable[[Inputs], Outputs]:
+        """Forward, then the gradients of ``leaves`` for the incoming ``dy``: (y, *grads)."""
+
+        def call(i: Inputs) -> Outputs:
+            y = fwd(i)
+            grads = torch.autograd.grad(y, [i[k] for k in leaves], i["dy"])
+            return (y.detach(), *grads)
+
+        return call
+
+    @staticmethod
+    def _gemm(n: int, b: int, c: int, d: int, backward: bool) -> Callable[[Inputs], Outputs]:
+        """Plain ``torch.mm`` of the bilinear FLOPs; operands built once per buffer set (first call)."""
+
+        def call(i: Inputs) -> Outputs:
+            ops = i.get("_gemm")
+            if ops is None:  # the warm-up call of this buffer set: not timed
+                with torch.no_grad():
+                    z, x = i["z"].detach().reshape(n, b), i["x"].detach().reshape(n, c)
+                    a = (z[:, :, None] * x[:, None, :]).reshape(n, b * c)
+                    w2 = i["w"].detach().reshape(d, b * c).contiguous()
+                    dy = i["dy"].reshape(n, d).contiguous() if backward else None
+                ops = i["_gemm"] = (a, w2, dy)
+            a, w2, dy = ops
+            y = torch.mm(a, w2.t())
+            if not backward:
+                return y
+            return y, torch.mm(dy, w2), torch.mm(dy.t(), a)
+
+        return call
+
+    @classmethod
+    def _check_samples(cls, refs, n: int, b: int, c: int, d: int, backward: bool, has_bias: bool):
+        def samples(inputs: Inputs, max_elems: int, gen: torch.Generator) -> List[CheckSample]:
+            from .check import _sample_index  # check imports this module
+
+            z, x = inputs["z"].detach().reshape(n, b), inputs["x"].detach().reshape(n, c)
+            w = inputs["w"].detach()
+            bias = inputs["bias"].detach() if has_bias else None
+            _, rows = _sample_index((n, max(b * c, d * c, d * b)), (1,), max_elems, gen)
+            width = {"y": d, "dz": b, "dx": c}
+
+            def take_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+                t = t.reshape(n, width[name])
+                return t if rows is None else t.index_select(0, rows.to(t.device))
+
+            def sel(t: torch.Tensor, idx, dim: int = 0) -> torch.Tensor:
+                return t if idx is None else t.index_select(dim, idx.to(t.device))
+
+            r_in = {"z": sel(z, rows), "x": sel(x, rows), "w": w}
+            if bias is not None:
+                r_in["bias"] = bias
+            if not backward:
+                return [CheckSample(r_in, ("y",), take_rows,
+                                    lambda r: refs.bilinear_ref(r["z"], r["x"], r["w"], r.get("bias")))]
+            dy = inputs["dy"].reshape(n, d)
+            r_in["dy"] = sel(dy, rows)
+
+            def ref_rows(r: Inputs) -> Outputs:
+                dz, dx = refs.bilinear_grads_ref(r["z"], r["x"], r["w"], r["dy"])[:2]
+                return refs.bilinear_ref(r["z"], r["x"], r["w"], r.get("bias")), dz, dx
+
+            per_j = n * max(b, c)
+            _, cols = _sample_index((d, per_j), (1,), max(max_elems, 8 * per_j), gen)
+            c_in = {"z": z, "x": x, "w": sel(w, cols), "dy": sel(dy, cols, 1)}
+            parts = ("dw", "db") if has_bias else ("dw",)
+
+            def ref_cols(r: Inputs) -> Outputs:
+                return refs.bilinear_grads_ref(r["z"], r["x"], r["w"], r["dy"])[2:2 + len(parts)]
+
+            return [CheckSample(r_in, ("y", "dz", "dx"), take_rows, ref_rows),
+                    CheckSample(c_in, parts, lambda name, t: sel(t, cols), ref_cols)]
+
+        return samples
+
+    @classmethod
+    def variants(cls, case: Case, refs=TorchReferences, compile_baseline: bool = False) -> List[Variant]:
+        import mmkernels
+
+        F = torch.nn.functional
+        b, c, d = (int(case.params[k]) for k in ("b", "c", "d"))
+        has_bias = bool(case.params.get("bias", True))
+        n = math.prod(case.shape)
+        names = ("z", "x", "w", "bias") if has_bias else ("z", "x", "w")
+        esize = torch.empty((), dtype=case.dtype).element_size()
+        inputs = n * (b + c) + d * b * c + (d if has_bias else 0)  # z, x, w, bias (elements)
+        fwd_flops = 2 * n * b * c * d
+        shape_text = f"{'x'.join(map(str, case.shape)) or 'scalar'} ({b}x{c}->{d}){'' if has_bias else ' nobias'}"
+
+        def fwd_of(fn):
+            return lambda i: fn(i["z"], i["x"], i["w"], i.get("bias"))
+
+        def einsum(z, x, w, bias=None):
+            y = torch.einsum("...h,...i,jhi->...j", z, x, w)
+            return y if bias is None else y + bias
+
+        ours_fwd, eager_fwd, einsum_fwd = fwd_of(mmkernels.bilinear), fwd_of(F.bilinear), fwd_of(einsum)
+        common = dict(case=case, passes=None, reduced_dims=(), shape_text=shape_text)
+
+        fwd_base = {"eager": eager_fwd, "einsum": einsum_fwd, "gemm": cls._gemm(n, b, c, d, False)}
+        fwd = Variant(
+            direction="fwd", ours=ours_fwd, baselines=fwd_base,
+            reference=lambda i: refs.bilinear_ref(i["z"], i["x"], i["w"], i.get("bias")),
+            prepare=lambda raw: {k: raw[k] for k in names},
+            bytes_moved=(inputs + n * d) * esize, outputs=("y",), flops=fwd_flops,
+            check_samples=cls._check_samples(refs, n, b, c, d, False, has_bias), **common,
+        )
+
+        def prepare_fb(raw: Inputs) -> Inputs:
+            out = {k: raw[k].detach().requires_grad_() for k in names}
+            out["dy"] = raw["dy"]
+            return out
+
+        def reference_fb(i: Inputs) -> Outputs:
+            dz, dx, dw, db = refs.bilinear_grads_ref(i["z"], i["x"], i["w"], i["dy"])
+            y = refs.bilinear_ref(i["z"], i["x"], i["w"], i.get("bias"))
+            return (y, dz, dx, dw, db) if has_bias else (y, dz, dx, dw)
+
+        fb_base = {"eager": cls._fwd_bwd(eager_fwd, names), "einsum": cls._fwd_bwd(einsum_fwd, names),
+                   "gemm": cls._gemm(n, b, c, d, True)}
+        fwd_bwd = Variant(
+            direction="fwd+bwd", ours=cls._fwd_bwd(ours_fwd, names), baselines=fb_base,
+            reference=reference_fb, prepare=prepare_fb,
+            bytes_moved=2 * (inputs + n * d) * esize,  # read z, x, w, bias, dy; write y, dz, dx, dw, db
+            outputs=("y", "dz", "dx", "dw", "db") if has_bias else ("y", "dz", "dx", "dw"),
+            flops=3 * fwd_flops, check_samples=cls._check_samples(refs, n, b, c, d, True, has_bias), **common,
+        )
+        if compile_baseline:
+            fwd_base["compile"] = compiled(_unpack(eager_fwd, names), names)
+            fb_base["compile"] = cls._fwd_bwd(compiled(_unpack(eager_fwd, names), names), names)
+        return [fwd, fwd_bwd]
+
+    @staticmethod
+    def targets() -> List[Target]:
+        """Acceptance targets of the family (GPU, bf16, b = c = d = 256; N = 8192 and N = 64).
+
+        ratio = F.bilinear time / ours; frac_mm = (useful FLOPs / time) / measured bf16 mm rate.
+        """
+
+        def rows(direction: str, n: int):
+            def applies(r: Mapping[str, Any]) -> bool:
+                p = r.get("params") or {}
+                return (r.get("family") == "bilinear" and r.get("direction") == direction
+                        and list(r.get("shape", ())) == [n] and r.get("dtype") == "bfloat16"
+                        and (p.get("b"), p.get("c"), p.get("d")) == (256, 256, 256))
+            return applies
+
+        big, small = "(N=8192, b=c=d=256, bf16)", "(N=64, b=c=d=256, bf16)"
+        return [
+            Target(f"bilinear fwd >= 70% of the bf16 mm rate {big}", "frac_mm", 0.70, rows("fwd", 8192)),
+            Target(f"bilinear fwd >= 10x F.bilinear {big}", "ratio", 10.0, rows("fwd", 8192)),
+            Target(f"bilinear fwd+bwd >= 55% of the bf16 mm rate {big}", "frac_mm", 0.55, rows("fwd+bwd", 8192)),
+            Target(f"bilinear fwd+bwd >= 10x F.bilinear {big}", "ratio", 10.0, rows("fwd+bwd", 8192)),
+            Target(f"bilinear fwd faster than F.bilinear {small}", "ratio", 1.0, rows("fwd", 64)),
+            Target(f"bilinear fwd+bwd faster than F.bilinear {small}", "ratio", 1.0, rows("fwd+bwd", 64)),
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
 # Every family
 # ----------------------------------------------------------------------------------------------
 
 
 #: Bench spec of each op family, by registry family name.
-FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench}
+FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench, "bilinear": BilinearBench}
 
 
 def variants_for(case: Case, refs=None, compile_baseline: bool = False) -> List[Variant]:

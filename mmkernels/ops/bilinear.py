@@ -41,6 +41,7 @@ def _cpu_forward(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
         zc, xc = z[s:s + rows], x[s:s + rows]
         a = (zc[:, :, None] * xc[:, None, :]).reshape(zc.shape[0], b * c)
         torch.mm(a, w2.t(), out=y[s:s + rows])
+        del a  # before the next chunk's is built: one chunk live at a time
     if bias is not None:
         y += bias
     return y
@@ -68,6 +69,7 @@ def _cpu_backward(z, x, w, dy, need_dz: bool, need_dx: bool, need_dw: bool):
         if need_dw:
             a = (zc[:, :, None] * xc[:, None, :]).reshape(n, b * c)
             dw2.addmm_(dyc.t().to(dw2.dtype), a.to(dw2.dtype))
+            del a
     dw = dw2.view(d, b, c).to(w.dtype) if need_dw else None
     return dz, dx, dw
 

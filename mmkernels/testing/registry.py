@@ -215,3 +215,12 @@ for _dt in (torch.float16, torch.bfloat16):
 _bilinear((5,), 64, 65, 3, torch.float32, {"interp", "edge"})          # b·c >= 4096: long fp32 sums
 _bilinear((6,), 9, 10, 5, torch.float32, {"interp", "edge"}, z="sliced", x="transposed", w="transposed")
 _bilinear((2, 3), 9, 10, 5, torch.float32, {"interp", "edge"}, bias=False, z="transposed", x="sliced")
+
+# the main job on CPU (F.bilinear's CPU backward is slow: sizes that keep the job short)
+_bilinear((2048,), 64, 64, 32, torch.float32, {"bench"})
+_bilinear((256,), 128, 128, 64, torch.float32, {"bench"})
+
+# the GPU suite: the acceptance sizes (bf16, b = c = d = 256, N = 8192 and N = 64) and fp32
+_bilinear((8192,), 256, 256, 256, torch.bfloat16, {"gpu"})
+_bilinear((64,), 256, 256, 256, torch.bfloat16, {"gpu"})
+_bilinear((8192,), 256, 256, 64, torch.float32, {"gpu"})
