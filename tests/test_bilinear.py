@@ -11,11 +11,7 @@ from mmkernels import testing as mt
 from tests.conftest import backends
 from tests.reference import bilinear_grads_ref, bilinear_ref
 
-try:  # the Triton kernels of this family land in issue 3 (in progress): until then the CPU path
-    import mmkernels.ops._bilinear_triton  # noqa: F401
-    BACKENDS = backends()
-except ImportError:
-    BACKENDS = [b for b in backends() if b.id == "cpu"]
+BACKENDS = backends()
 
 
 def _magnitude(z, x, w, dy):

@@ -115,6 +115,9 @@ class Job:
     #: disassemble the cubin: None = only when the PTX holds an MMA instruction (SASS tensor-core
     #: instructions come from nowhere else; nvdisasm costs ~0.3 s a call), True = always.
     disassemble: Optional[bool] = None
+    #: overrides of the kernel's EXPECTATIONS for this job only (a key set to None drops it), e.g.
+    #: no tensor-core requirement for an fp32 build with IEEE dots
+    expect: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -384,9 +387,131 @@ def _softmax_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
     return jobs
 
 
+_BILINEAR_MODULE = "mmkernels._triton.bilinear"
+#: per kernel: its tensors, each (pointer name, stride names); the last stride is 1 when contiguous
+_BILINEAR_TENSORS = {
+    "bilinear_fwd_kernel": (("z", ("s_zn", "s_zh")), ("x", ("s_xn", "s_xi")),
+                            ("w", ("s_wj", "s_wh", "s_wi")), ("bias", ("s_b",)), ("y", ("s_yn", "s_yj"))),
+    "bilinear_bwd_dzdx_kernel": (("z", ("s_zn", "s_zh")), ("x", ("s_xn", "s_xi")),
+                                 ("w", ("s_wj", "s_wh", "s_wi")), ("dy", ("s_dyn", "s_dyj")),
+                                 ("dz", ("s_dzn", "s_dzh")), ("dzacc", ("s_an", "s_ah")),
+                                 ("dx", ("s_dxn", "s_dxi"))),
+    "bilinear_bwd_dw_kernel": (("z", ("s_zn", "s_zh")), ("x", ("s_xn", "s_xi")),
+                               ("dy", ("s_dyn", "s_dyj")), ("dw", ("s_dwj", "s_dwk"))),
+}
+
+
+def _bilinear_config_label(cfg) -> str:
+    return " ".join(f"{f.name.upper()}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                    if f.name not in ("num_warps", "num_stages")) + f" w={cfg.num_warps} s={cfg.num_stages}"
+
+
+def _bilinear_spec(kernel: str, cfg, storage: str, precision: str, int64: bool = False,
+                   aligned: bool = True, w_flat: bool = True, need=(True, True), multi_i: bool = False):
+    """(signature, constexprs, attrs) of a bilinear kernel as ``mmkernels.ops._bilinear_triton``
+    launches it for contiguous inputs (the innermost strides are 1: constexpr 1, as Triton
+    specialises them; ``dzacc`` is dz itself unless it carries partial sums, in the ACC dtype)."""
+    ptr_type = _STORAGE[storage][0]
+    sig: Dict[str, str] = {}
+    cons: Dict[str, object] = {}
+    attrs: Dict[str, list] = {}
+    tensors = _BILINEAR_TENSORS[kernel]
+    for t, _ in tensors:  # the launcher passes dz as dzacc unless it carries sums (fp32 then)
+        sig[f"{t}_ptr"] = ("*fp64" if storage == "fp64" else "*fp32") if t == "dzacc" and multi_i else ptr_type
+        if aligned:
+            attrs[f"{t}_ptr"] = _DIV16
+    for n in ("N", "B", "C", "D"):
+        sig[n] = "i32"
+        if aligned:
+            attrs[n] = _DIV16
+    for t, strides in tensors:
+        for k, sname in enumerate(strides):
+            if k == len(strides) - 1 and (w_flat or t != "w" or kernel != "bilinear_fwd_kernel"):
+                sig[sname], cons[sname] = "constexpr", 1
+            else:
+                sig[sname] = "i32"
+                if aligned:
+                    attrs[sname] = _DIV16
+    if kernel == "bilinear_fwd_kernel" and not w_flat:  # a permuted weight: no stride is 1
+        for sname in ("s_wj", "s_wh", "s_wi"):
+            sig[sname] = "i32"
+            cons.pop(sname, None)
+    for f in dataclasses.fields(cfg):
+        if f.name not in ("num_warps", "num_stages"):
+            cons[f.name.upper()] = getattr(cfg, f.name)
+    if kernel == "bilinear_fwd_kernel":
+        cons["HAS_BIAS"] = True
+        cons["W_FLAT"] = bool(w_flat)
+    elif kernel == "bilinear_bwd_dzdx_kernel":
+        cons["NEED_DZ"], cons["NEED_DX"] = bool(need[0]), bool(need[1])
+        cons["MULTI_I"] = bool(multi_i)
+    cons["PRECISION"] = precision
+    cons["USE_INT64"] = bool(int64)
+    cons["DOT_F32"] = False  # interpreter-only (bf16 there)
+    cons["ACC"] = _STORAGE[storage][1]
+    for k in cons:
+        sig.setdefault(k, "constexpr")
+    return sig, cons, attrs
+
+
+def _bilinear_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """Every ``(kernel, config, dtype class)`` of :func:`mmkernels.ops._bilinear_triton.launch_configs`:
+    16-bit configs in bf16 (fp16 too at the largest config), ``tf32`` configs in fp32 with TF32 dots, ``ieee`` configs in
+    fp32 with IEEE dots and ``fp64`` configs in float64 (FMA units: no tensor-core requirement); each also with unaligned pointers /
+    sizes / strides. The largest config of each kernel and dtype class also at int64 indexing, a permuted weight
+    (forward) and dz-only / dx-only (dz/dx kernel); the dz/dx configs whose i-block can be
+    smaller than c also with carried dz partial sums (``MULTI_I``)."""
+    from mmkernels.ops import _bilinear_triton as B
+
+    triples = list(B.launch_configs())
+
+    def size(cfg):
+        return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
+
+    largest = {}
+    for kernel, cfg, dclass in triples:
+        key = (kernel, dclass)
+        if key not in largest or size(cfg) > size(largest[key]):
+            largest[key] = cfg
+    jobs: List[Job] = []
+    for target in targets:
+        for kernel, cfg, dclass in triples:
+            storages = {"16bit": ("bf16", "fp16"), "fp64": ("fp64",)}.get(dclass, ("fp32",))
+            if dclass == "16bit" and cfg != largest[(kernel, dclass)]:
+                storages = ("bf16",)  # fp16 builds the same code: at the largest config only
+            precision = "tf32" if dclass == "tf32" else "ieee"
+            expect = {"mma": None} if dclass in ("ieee", "fp64") else None
+            # unaligned (odd sizes and strides) at every config: launches with them are common
+            variants = [(s, {}) for s in storages] + [(f"{storages[0]} unaligned", dict(aligned=False))]
+            if cfg == largest[(kernel, dclass)]:
+                extra = [("int64", dict(int64=True))]
+                if kernel == "bilinear_fwd_kernel":
+                    extra.append(("strided w", dict(w_flat=False)))
+                if kernel == "bilinear_bwd_dzdx_kernel":
+                    extra += [("dz only", dict(need=(True, False))), ("dx only", dict(need=(False, True)))]
+                variants += [(f"{storages[0]} {label}", kw) for label, kw in extra]
+            if kernel == "bilinear_bwd_dzdx_kernel" and cfg.block_i == B.MAX_BLOCK_I:
+                # c > block_i: several i-blocks, dz partial sums carried in fp32 (MULTI_I)
+                variants += [(f"{s} multi-i", dict(multi_i=True)) for s in storages]
+                variants += [(f"{storages[0]} multi-i {lab}", dict(kw, multi_i=True))
+                             for lab, kw in (("int64", dict(int64=True)), ("unaligned", dict(aligned=False)))]
+            for label, kw in variants:
+                storage = label.split()[0]
+                sig, cons, attrs = _bilinear_spec(kernel, cfg, storage, precision, **kw)
+                jobs.append(Job(
+                    family="bilinear", module=_BILINEAR_MODULE, kernel=kernel,
+                    config=_bilinear_config_label(cfg), variant=f"{label} {dclass}" if dclass != "16bit" else label,
+                    target=int(target), signature=sig, constexprs=cons, attrs=attrs,
+                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    expect=expect,
+                ))
+    return jobs
+
+
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
 FAMILIES: Dict[str, Family] = {
     "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
+    "bilinear": Family("bilinear", _BILINEAR_MODULE, _bilinear_jobs),
 }
 
 
@@ -731,7 +856,10 @@ def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str
 
     def record(k: int, r: Result) -> None:
         nonlocal finished
-        r.violations = check_expectations(r, expectations.get((r.family, r.kernel)))
+        exp = expectations.get((r.family, r.kernel))
+        if job_list[k].expect:
+            exp = {kk: v for kk, v in {**(exp or {}), **job_list[k].expect}.items() if v is not None}
+        r.violations = check_expectations(r, exp)
         out[k] = r
         finished += 1
         if progress:

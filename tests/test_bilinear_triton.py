@@ -1,0 +1,326 @@
+"""Sigma-pi / bilinear family, Triton side: the launchers of ``mmkernels.ops._bilinear_triton``
+against a float64 einsum reference (interpreter tier on CPU, natively on CUDA), and the compile
+tier for the family's kernels.
+
+fp32, fp16, bf16 and fp64 storage (bf16 under the interpreter with fp32 dot operands, DOT_F32).
+The reference is written inline for now (``tests/reference.py`` is another session's file).
+Outputs the launchers allocate are poisoned with NaN, so an unwritten element fails.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mmkernels.ops import _bilinear_triton as BT
+from mmkernels.testing.asserts import assert_close
+from mmkernels.testing.poison import poison_allocations
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = "triton"
+
+
+def _reference(z, x, w, bias, dy):
+    """float64 (y, dz, dx, dw) of y = bilinear(z, x, w, bias), for the output gradient dy."""
+    z, x, w, dy = (t.detach().to("cpu", torch.float64) for t in (z, x, w, dy))
+    y = torch.einsum("nh,ni,jhi->nj", z, x, w)
+    if bias is not None:
+        y = y + bias.detach().to("cpu", torch.float64)
+    dz = torch.einsum("nj,ni,jhi->nh", dy, x, w)
+    dx = torch.einsum("nj,nh,jhi->ni", dy, z, w)
+    dw = torch.einsum("nj,nh,ni->jhi", dy, z, x)
+    return y, dz, dx, dw
+
+
+def _magnitudes(z, x, w, dy):
+    """Σ of |terms| for each output (its rounding scale, for results that cancel)."""
+    return _reference(z.abs(), x.abs(), w.abs(), None, dy.abs())
+
+
+def _inputs(N, b, c, d, dtype, layout, bias, seed=0):
+    """(z, x, w, bias, dy) on DEVICE in ``dtype``; ``layout="strided"``: z transposed, x a
+    column slice, w permuted (no stride of w is 1 along c), dy transposed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    if layout == "contiguous":
+        z, x, w, dy = r(N, b), r(N, c), r(d, b, c), r(N, d)
+    else:
+        z = r(b, N).t()                       # (N, b), stride (1, N)
+        x = r(N, 2 * c + 1)[:, 1::2]          # (N, c), stride (2c+1, 2)
+        w = r(c, d, b).permute(1, 2, 0)       # (d, b, c), stride (b, 1, d*b)
+        dy = r(d, N).t()
+    bvec = r(d) if bias else None
+    return z, x, w, bvec, dy
+
+
+def _check(N, b, c, d, dtype, layout, bias, need=(True, True, True), seed=0):
+    z, x, w, bvec, dy = _inputs(N, b, c, d, dtype, layout, bias, seed)
+    ry, rdz, rdx, rdw = _reference(z, x, w, bvec, dy)
+    my, mdz, mdx, mdw = _magnitudes(z, x, w, dy)
+    if bvec is not None:
+        my = my + bvec.abs().to("cpu", torch.float64)
+    with poison_allocations():
+        y = BT.bilinear_forward_triton(z, x, w, bvec)
+        dz, dx, dw = BT.bilinear_backward_triton(z, x, w, dy, *need)
+    assert y.shape == (N, d) and y.dtype == dtype
+    assert_close(y, ry, backend=BACKEND, magnitude=my, what="y")
+    for name, got, want, mag, wanted, shape in (("dz", dz, rdz, mdz, need[0], (N, b)),
+                                                ("dx", dx, rdx, mdx, need[1], (N, c)),
+                                                ("dw", dw, rdw, mdw, need[2], (d, b, c))):
+        if not wanted:
+            assert got is None, name
+            continue
+        assert got.shape == shape and got.dtype == dtype, (name, got.shape, got.dtype)
+        assert_close(got, want, backend=BACKEND, magnitude=mag, what=name)
+
+
+# (N, b, c, d): sizes 1, primes, non-multiples of 16; c > 16 takes the dz/dx kernel's several
+# i-blocks (carried dz partial sums) under the interpreter's 16-wide tiles
+_SHAPES = [
+    (1, 1, 1, 1),
+    (5, 3, 5, 7),
+    (33, 17, 13, 11),
+    (33, 2, 37, 3),
+    (5, 1, 20, 17),
+]
+_CASES = [
+    pytest.param(*shape, dtype, layout, bias, id=f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{layout}-"
+                 f"{'bias' if bias else 'nobias'}")
+    for shape, dtype, layout, bias in [
+        (_SHAPES[0], torch.float32, "contiguous", True),
+        (_SHAPES[0], torch.float16, "strided", False),
+        (_SHAPES[1], torch.float32, "contiguous", False),
+        (_SHAPES[1], torch.float32, "strided", True),
+        (_SHAPES[1], torch.float16, "contiguous", True),
+        (_SHAPES[2], torch.float32, "contiguous", True),
+        (_SHAPES[2], torch.float16, "strided", True),
+        (_SHAPES[3], torch.float32, "strided", False),
+        (_SHAPES[3], torch.float16, "contiguous", False),
+        (_SHAPES[4], torch.float32, "strided", True),
+        (_SHAPES[4], torch.float16, "contiguous", True),
+        # bf16: under the interpreter the launchers feed tl.dot fp32 operands (DOT_F32)
+        (_SHAPES[2], torch.bfloat16, "strided", True),
+        (_SHAPES[3], torch.bfloat16, "contiguous", False),
+        (_SHAPES[2], torch.float64, "strided", True),   # fp64 math throughout (ACC)
+    ]
+]
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("N, b, c, d, dtype, layout, bias", _CASES)
+def test_forward_and_backward_match_reference(N, b, c, d, dtype, layout, bias):
+    _check(N, b, c, d, dtype, layout, bias)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
+                                  (True, False, True)], ids=["dz", "dx", "dw", "dz+dw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_subsets(need, dtype):
+    _check(5, 3, 19, 7, dtype, "strided", False, need=need)
+
+
+@pytest.mark.interp
+def test_int64_indexing(monkeypatch):
+    """The USE_INT64 code paths (taken for tensors past 2**31 elements) give the same results."""
+    monkeypatch.setattr(BT, "_needs_int64", lambda *t: True)
+    _check(5, 3, 19, 7, torch.float32, "strided", True)
+    _check(5, 3, 5, 7, torch.float16, "contiguous", False)
+
+
+@pytest.mark.interp
+def test_dw_only_from_a_larger_n_loop():
+    """N spanning several n-blocks of the dW kernel (and several forward / dz-dx programs)."""
+    _check(50, 4, 6, 5, torch.float32, "contiguous", True, seed=3)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("N, b, c, d", [(0, 3, 4, 5), (4, 3, 4, 0), (0, 3, 4, 0)])
+def test_empty(N, b, c, d):
+    z, x, w, bvec, dy = _inputs(N, b, c, d, torch.float32, "contiguous", True)
+    with poison_allocations():
+        y = BT.bilinear_forward_triton(z, x, w, bvec)
+        dz, dx, dw = BT.bilinear_backward_triton(z, x, w, dy)
+    assert y.shape == (N, d)
+    assert dz.shape == (N, b) and dx.shape == (N, c) and dw.shape == (d, b, c)
+    for t in (dz, dx, dw):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_validation():
+    z, x, w = torch.randn(4, 3), torch.randn(4, 5), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="weight"):
+        BT.bilinear_forward_triton(z, x, torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="x must be"):
+        BT.bilinear_forward_triton(z, torch.randn(3, 5), w)
+    with pytest.raises(ValueError, match="bias"):
+        BT.bilinear_forward_triton(z, x, w, torch.randn(3))
+    with pytest.raises(TypeError, match="share a dtype"):
+        BT.bilinear_forward_triton(z.double().float().half(), x, w)
+    with pytest.raises(ValueError, match="dy"):
+        BT.bilinear_backward_triton(z, x, w, torch.randn(4, 3))
+
+
+def test_resolver_configs_are_valid():
+    """Every GPU config: power-of-two blocks, dot dims >= 16, G tile of block_h·block_i columns."""
+    seen = list(BT.launch_configs())
+    assert {k for k, _, _ in seen} == {"bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel",
+                                      "bilinear_bwd_dw_kernel"}
+    for kernel, cfg, dclass in seen:
+        assert dclass in BT.DTYPE_CLASSES
+        if kernel == "bilinear_bwd_dzdx_kernel":
+            assert cfg.block_h * cfg.block_i >= 16 and cfg.block_j >= 16 and cfg.block_n >= 16
+        for v in (getattr(cfg, f) for f in cfg.__dataclass_fields__ if f.startswith("block_")):
+            assert v & (v - 1) == 0, cfg
+    for c in (1, 3, 16, 17, 64, 65, 1000):
+        cfgs = BT.resolve_configs(1000, 7, c, 100, "16bit")
+        assert cfgs.dzdx.block_i >= min(c, 64)  # c <= 64: one i-block, dz stored once
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile tier: every bilinear kernel at every launch config (sm_90 here)
+# ----------------------------------------------------------------------------------------------
+
+
+#: sm_90 only here (about 35 s on 2 cores; the interpreter tests take ~7 s): the sweep over both
+#: targets is ``python -m mmkernels compile --family bilinear`` (192 compiles, about 60-100 s).
+COMPILE_TARGETS = (90,)
+
+
+@pytest.fixture(scope="module")
+def bilinear_results():
+    from mmkernels.testing import compile_tier as C
+
+    t0 = time.perf_counter()
+    results = C.compile_all(families=["bilinear"], targets=COMPILE_TARGETS, jobs=2, progress=False)
+    print(f"\ncompile tier: {len(results)} bilinear compiles in {time.perf_counter() - t0:.1f}s")
+    return results
+
+
+def _describe(results):
+    return "\n".join(f"{r.label()}: {r.error or '; '.join(r.violations)} (regs={r.registers} "
+                     f"local={r.local_memory})" for r in results)
+
+
+@pytest.mark.compile
+def test_bilinear_compiles_without_local_memory(bilinear_results):
+    from mmkernels.testing import compile_tier as C
+
+    assert bilinear_results
+    not_compiled = [r for r in bilinear_results if not r.compiled]
+    assert not not_compiled, "compile failures:\n" + _describe(not_compiled)
+    spills = [r for r in bilinear_results if r.local_memory != 0 or r.spill_stores != 0]
+    assert not spills, "local memory / spills:\n" + _describe(spills)
+    violated = [r for r in bilinear_results if r.violations]
+    assert not violated, "expectations violated:\n" + _describe(violated)
+    assert C.summary(bilinear_results)[0] == 0
+    kernels = {(r.kernel, r.target) for r in bilinear_results}
+    for k in ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"):
+        for t in COMPILE_TARGETS:
+            assert (k, t) in kernels, (k, t)
+
+
+@pytest.mark.compile
+def test_bilinear_wgmma_on_sm90(bilinear_results):
+    """Report HGMMA (wgmma) presence per kernel for the bf16 / fp16 (and TF32) builds on sm_90;
+    every such build must have it (EXPECTATIONS); the IEEE fp32 and the fp64 builds run on FMA
+    units."""
+    lines, missing = [], []
+    for r in bilinear_results:
+        if r.target != 90 or not r.compiled:
+            continue
+        tc = not r.variant.endswith(("ieee", "fp64"))
+        lines.append(f"{r.kernel} [{r.config}] [{r.variant}]: {','.join(r.mma) or 'no MMA'}")
+        if tc and "HGMMA" not in r.mma:
+            missing.append(lines[-1])
+    print("\n" + "\n".join(lines))
+    assert any(r.variant.startswith("bf16") and "HGMMA" in r.mma for r in bilinear_results)
+    assert not missing, "tensor-core builds without HGMMA on sm_90:\n" + "\n".join(missing)
+
+
+_LAUNCHES = [  # (N, b, c, d, dtype, allow_tf32): aligned contiguous launches, one per dtype class
+    (64, 16, 32, 128, "bfloat16", False),
+    (128, 16, 128, 64, "float16", False),   # c > 64: several i-blocks (MULTI_I, fp32 dzacc)
+    (64, 16, 32, 128, "float32", True),
+    (64, 16, 32, 128, "float32", False),
+    (64, 16, 128, 128, "float64", False),  # MULTI_I with an fp64 accumulator
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("N, b, c, d, dtype, tf32", _LAUNCHES)
+def test_job_signatures_match_real_launches(monkeypatch, N, b, c, d, dtype, tf32):
+    """The launchers' real launches (kernels replaced by recorders, CPU tensors, GPU configs),
+    specialised by Triton's own binder, are what the compile tier compiles: same argument types
+    (strides of 1 as constexpr 1), constexprs and warps, at a config launch_configs() yields."""
+    from mmkernels._triton import bilinear as K
+    from mmkernels.testing import compile_tier as C
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, self.real, kw))
+
+    for name in ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"):
+        monkeypatch.setattr(K, name, Recorder(name, getattr(K, name)))
+    monkeypatch.setattr(BT, "_dot_f32", lambda t: False)  # as on CUDA (CPU bf16 sets it)
+    dt = getattr(torch, dtype)
+    z, x, w, bvec, dy = (torch.randn(N, b).to(dt), torch.randn(N, c).to(dt), torch.randn(d, b, c).to(dt),
+                         torch.randn(d).to(dt), torch.randn(N, d).to(dt))
+    dclass = BT.dtype_class(dt, tf32)
+    cfgs = BT.resolve_configs(N, b, c, d, dclass)
+    previous = torch.backends.cuda.matmul.allow_tf32  # a property: not monkeypatch-able
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        BT.bilinear_forward_triton(z, x, w, bvec, config=cfgs.fwd)
+        BT.bilinear_backward_triton(z, x, w, dy, configs=cfgs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert [n for n, _, _ in calls] == ["bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel",
+                                        "bilinear_bwd_dw_kernel"]
+    storage = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}[dtype]
+    configs = set(BT.launch_configs())
+    jobs = {(j.kernel, j.config, j.variant) for j in C._bilinear_jobs((90,))}
+    for (name, real, kw), cfg in zip(calls, (cfgs.fwd, cfgs.dzdx, cfgs.dw)):
+        assert (name, cfg, dclass) in configs
+        sig, cons, attrs, opts = C.jit_specialization(real, kw, target=90)
+        multi_i = bool(cons.get("MULTI_I", False))
+        want_sig, want_cons, want_attrs = C._bilinear_spec(name, cfg, storage, cons["PRECISION"],
+                                                           multi_i=multi_i)
+        assert cons["PRECISION"] == ("tf32" if dclass == "tf32" else "ieee")
+        assert sig == want_sig, name
+        assert {k: C._resolve_constexpr(v) for k, v in want_cons.items()} == cons, name
+        assert attrs == {k: v for k, v in want_attrs.items()}, name
+        assert (opts["num_warps"], opts["num_stages"]) == (cfg.num_warps, cfg.num_stages)
+        label = storage + (" multi-i" if multi_i else "") + ("" if dclass == "16bit" else f" {dclass}")
+        # fp16 is compiled at each kernel's largest 16-bit config; elsewhere bf16 stands for it
+        assert ((name, C._bilinear_config_label(cfg), label) in jobs
+                or (name, C._bilinear_config_label(cfg), label.replace("fp16", "bf16")) in jobs), (name, label)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("dclass, dtype", [("16bit", torch.float16), ("tf32", torch.float32),
+                                           ("ieee", torch.float32), ("fp64", torch.float64)])
+def test_gpu_configs_under_the_interpreter(dclass, dtype):
+    """The resolver's GPU tiles (not the interpreter's 16-wide ones) give the same results: one
+    small shape per dtype class, c > 64 so that the dz/dx kernel carries dz over i-blocks."""
+    N, b, c, d = 9, 2, 67, 70
+    z, x, w, bvec, dy = _inputs(N, b, c, d, dtype, "strided", True, seed=5)
+    cfgs = BT.resolve_configs(N, b, c, d, dclass)
+    assert cfgs.dzdx.block_i == BT.MAX_BLOCK_I < c
+    ry, rdz, rdx, rdw = _reference(z, x, w, bvec, dy)
+    my, mdz, mdx, mdw = _magnitudes(z, x, w, dy)
+    with poison_allocations():
+        y = BT.bilinear_forward_triton(z, x, w, bvec, config=cfgs.fwd)
+        dz, dx, dw = BT.bilinear_backward_triton(z, x, w, dy, configs=cfgs)
+    for name, got, want, mag in (("y", y, ry, my + bvec.abs().double()), ("dz", dz, rdz, mdz),
+                                 ("dx", dx, rdx, mdx), ("dw", dw, rdw, mdw)):
+        assert_close(got, want, backend=BACKEND, magnitude=mag, what=name)
