@@ -46,10 +46,15 @@ def test_forward_and_all_gradients(case, backend, device, poison_outputs):
             continue
         assert got is not None and got.dtype == case.dtype, name
         mt.assert_close(got, ref, backend=backend, magnitude=mag, what=name)
-    if case.dtype == torch.float32 and backend == "cpu":  # and torch's own op agrees
-        zt, xt, wt = (t.detach().clone().requires_grad_() for t in (z, x, w))
-        torch.testing.assert_close(y, F.bilinear(zt, xt, wt, None if bias is None else bias.detach()),
-                                   rtol=1e-4, atol=1e-4)
+    if case.dtype == torch.float32:  # and torch's own op agrees, output and every gradient
+        leaves = [t.detach().clone().requires_grad_() for t in (z, x, w)]
+        b2 = None if bias is None else bias.detach().clone().requires_grad_()
+        y_torch = F.bilinear(*leaves, b2)
+        y_torch.backward(dy)
+        ours = [y, z.grad, x.grad, w.grad] + ([] if bias is None else [bias.grad])
+        theirs = [y_torch] + [t.grad for t in leaves] + ([] if b2 is None else [b2.grad])
+        for name, a, t, mag in zip(("y", "dz", "dx", "dw", "db"), ours, theirs, mags):
+            mt.assert_close(a, t.double(), backend=backend, magnitude=mag, what=f"{name} vs F.bilinear")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
