@@ -94,3 +94,10 @@ def hyperlinear_ref(x, cond, weight, hyper_weight, bias=None):
     per_sample = weight + torch.einsum("...h,ohi->...oi", cond, hyper_weight)
     y = torch.einsum("...oi,...i->...o", per_sample, x)
     return y + _f64_grad(bias) if bias is not None else y
+
+
+def bilinear_magnitudes(z, x, w, dy):
+    """(y, dz, dx, dw, db) of the absolute values: the size of the terms each result element sums,
+    the scale its rounding error is measured against (a result can cancel to near zero)."""
+    za, xa, wa, dya = (_f64(t).abs() for t in (z, x, w, dy))
+    return (bilinear_ref(za, xa, wa),) + bilinear_grads_ref(za, xa, wa, dya)

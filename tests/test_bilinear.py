@@ -9,19 +9,9 @@ import torch.nn.functional as F
 import mmkernels
 from mmkernels import testing as mt
 from tests.conftest import backends
-from tests.reference import bilinear_grads_ref, bilinear_ref
+from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
 BACKENDS = backends()
-
-
-def _magnitude(z, x, w, dy):
-    """Size of the summed terms for each output and gradient (their errors are measured against it)."""
-    za, xa, wa, dya = (t.detach().double().abs().cpu() for t in (z, x, w, dy))
-    y = torch.einsum("...h,...i,jhi->...j", za, xa, wa)
-    dz = torch.einsum("...j,...i,jhi->...h", dya, xa, wa)
-    dx = torch.einsum("...j,...h,jhi->...i", dya, za, wa)
-    dw = torch.einsum("...j,...h,...i->jhi", dya, za, xa)
-    return y, dz, dx, dw, dya.reshape(-1, dya.shape[-1]).sum(0)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -36,7 +26,7 @@ def test_forward_and_all_gradients(case, backend, device, poison_outputs):
     with mmkernels.use_backend(backend):
         y = mmkernels.bilinear(z, x, w, bias)
         y.backward(dy)
-    mags = _magnitude(z, x, w, dy)
+    mags = bilinear_magnitudes(z, x, w, dy)
     assert y.shape == case.shape + (case.params["d"],) and y.dtype == case.dtype
     mt.assert_close(y, bilinear_ref(z, x, w, bias), backend=backend, magnitude=mags[0], what="y")
     refs = bilinear_grads_ref(z, x, w, dy)
