@@ -35,3 +35,27 @@ def _reset_backend():
     mmkernels.set_backend(None)
     yield
     mmkernels.set_backend(None)
+
+
+_COMPILED = {}
+
+
+def compile_family(family: str, targets=(80, 90)):
+    """The compile tier's results for one op family (every kernel at every launch config, for
+    ``targets``), compiled once per test session."""
+    import time
+
+    from mmkernels.testing import compile_tier
+
+    key = (family, tuple(targets))
+    if key not in _COMPILED:
+        t0 = time.perf_counter()
+        _COMPILED[key] = compile_tier.compile_all(families=[family], targets=targets, jobs=2, progress=False)
+        print(f"\ncompile tier: {len(_COMPILED[key])} {family} compiles in {time.perf_counter() - t0:.1f}s")
+    return _COMPILED[key]
+
+
+def describe_results(results) -> str:
+    """One line per compile-tier result: what failed and its resource usage."""
+    return "\n".join(f"{r.label()}: {r.error or '; '.join(r.violations)} (regs={r.registers} "
+                     f"local={r.local_memory})" for r in results)

@@ -8,7 +8,6 @@ Outputs the launchers allocate are poisoned with NaN, so an unwritten element fa
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch
 from mmkernels.ops import _bilinear_triton as BT
 from mmkernels.testing.asserts import assert_close
 from mmkernels.testing.poison import poison_allocations
+from tests.conftest import compile_family, describe_results
 from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,28 +176,16 @@ def test_resolver_configs_are_valid():
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile tier: every bilinear kernel at every launch config (sm_90 here)
+# Compile tier: every bilinear kernel at every launch config, sm_80 and sm_90
 # ----------------------------------------------------------------------------------------------
 
 
-#: sm_90 only here (about 35 s on 2 cores; the interpreter tests take ~7 s): the sweep over both
-#: targets is ``python -m mmkernels compile --family bilinear`` (192 compiles, about 60-100 s).
-COMPILE_TARGETS = (90,)
+COMPILE_TARGETS = (80, 90)
 
 
 @pytest.fixture(scope="module")
 def bilinear_results():
-    from mmkernels.testing import compile_tier as C
-
-    t0 = time.perf_counter()
-    results = C.compile_all(families=["bilinear"], targets=COMPILE_TARGETS, jobs=2, progress=False)
-    print(f"\ncompile tier: {len(results)} bilinear compiles in {time.perf_counter() - t0:.1f}s")
-    return results
-
-
-def _describe(results):
-    return "\n".join(f"{r.label()}: {r.error or '; '.join(r.violations)} (regs={r.registers} "
-                     f"local={r.local_memory})" for r in results)
+    return compile_family("bilinear", COMPILE_TARGETS)
 
 
 @pytest.mark.compile
@@ -206,11 +194,11 @@ def test_bilinear_compiles_without_local_memory(bilinear_results):
 
     assert bilinear_results
     not_compiled = [r for r in bilinear_results if not r.compiled]
-    assert not not_compiled, "compile failures:\n" + _describe(not_compiled)
+    assert not not_compiled, "compile failures:\n" + describe_results(not_compiled)
     spills = [r for r in bilinear_results if r.local_memory != 0 or r.spill_stores != 0]
-    assert not spills, "local memory / spills:\n" + _describe(spills)
+    assert not spills, "local memory / spills:\n" + describe_results(spills)
     violated = [r for r in bilinear_results if r.violations]
-    assert not violated, "expectations violated:\n" + _describe(violated)
+    assert not violated, "expectations violated:\n" + describe_results(violated)
     assert C.summary(bilinear_results)[0] == 0
     kernels = {(r.kernel, r.target) for r in bilinear_results}
     for k in ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"):

@@ -8,11 +8,11 @@ subprocess without it). ``pytest -m compile tests/test_compile_tier.py``.
 from __future__ import annotations
 
 import textwrap
-import time
 
 import pytest
 
 from mmkernels.testing import compile_tier as C
+from tests.conftest import compile_family, describe_results
 
 pytestmark = pytest.mark.compile
 
@@ -27,22 +27,15 @@ SOFTMAX_KERNELS = (
 
 @pytest.fixture(scope="module")
 def softmax_results():
-    t0 = time.perf_counter()
-    results = C.compile_all(families=["softmax"], targets=TARGETS, jobs=2, progress=False)
-    print(f"\ncompile tier: {len(results)} softmax compiles in {time.perf_counter() - t0:.1f}s")
-    return results
-
-
-def _describe(results):
-    return "\n".join(f"{r.label()}: {r.error or '; '.join(r.violations)}" for r in results)
+    return compile_family("softmax", TARGETS)
 
 
 def test_softmax_every_config_compiles_and_meets_expectations(softmax_results):
     assert softmax_results, "the compile tier compiled nothing"
     not_compiled = [r for r in softmax_results if not r.compiled]
-    assert not not_compiled, "compile failures:\n" + _describe(not_compiled)
+    assert not not_compiled, "compile failures:\n" + describe_results(not_compiled)
     violated = [r for r in softmax_results if r.violations]
-    assert not violated, "expectations violated:\n" + _describe(violated)
+    assert not violated, "expectations violated:\n" + describe_results(violated)
     code, failed = C.summary(softmax_results)
     assert code == 0 and not failed
 
@@ -186,7 +179,7 @@ def test_mma_found_in_sass_of_a_gemm(tmp_path, monkeypatch):
             for t in TARGETS]
     expect = {"mma": {80: "HMMA", 90: "HGMMA"}, "local_memory": 0}
     r80, r90 = C.run_jobs(jobs, {("probe", "probe_gemm_kernel"): expect}, jobs=2)
-    assert r80.passed and r90.passed, _describe([r80, r90])
+    assert r80.passed and r90.passed, describe_results([r80, r90])
     assert "HMMA" in r80.mma and "HGMMA" not in r80.mma
     assert "HGMMA" in r90.mma
     # and the same SASS fails an expectation it does not meet
