@@ -115,7 +115,7 @@ def load_references(dry_run: bool):
 
 #: The Triton launcher module of each family that has one apart from its op module: a family whose
 #: module does not import (not written yet, or broken) is skipped, and the output says so.
-TRITON_MODULES = {"bilinear": "mmkernels.ops._bilinear_triton"}
+TRITON_MODULES = {"bilinear": "mmkernels._triton.bilinear"}
 
 
 def unavailable_families() -> dict:

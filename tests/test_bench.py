@@ -140,14 +140,14 @@ sys.exit(suite.main(["--dry-run", "--out", sys.argv[2], "--filter", "4x128 float
 """
 
 
-#: Runs the dry run with mmkernels.ops._bilinear_triton made unimportable: skipped and said so.
+#: Runs the dry run with mmkernels._triton.bilinear made unimportable: skipped and said so.
 _NO_BILINEAR_TRITON = """
 import importlib.abc, importlib.util, os, sys
 os.environ["TRITON_INTERPRET"] = "1"; os.environ["MMKERNELS_BACKEND"] = "triton"
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "mmkernels.ops._bilinear_triton":
+        if name == "mmkernels._triton.bilinear":
             raise ImportError("blocked by the test")
 
 sys.meta_path.insert(0, Block())

@@ -1,4 +1,4 @@
-"""Sigma-pi / bilinear family, Triton side: the launchers of ``mmkernels.ops._bilinear_triton``
+"""Sigma-pi / bilinear family, Triton side: the launchers of ``mmkernels.ops.bilinear``
 against a float64 einsum reference (interpreter tier on CPU, natively on CUDA), and the compile
 tier for the family's kernels.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmkernels.ops import _bilinear_triton as BT
+from mmkernels.ops import bilinear as BT
 from mmkernels.testing.asserts import assert_close
 from mmkernels.testing.poison import poison_allocations
 from tests.conftest import compile_family, describe_results

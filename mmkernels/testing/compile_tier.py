@@ -408,7 +408,7 @@ def _bilinear_config_label(cfg) -> str:
 
 def _bilinear_spec(kernel: str, cfg, storage: str, precision: str, int64: bool = False,
                    aligned: bool = True, w_flat: bool = True, need=(True, True), multi_i: bool = False):
-    """(signature, constexprs, attrs) of a bilinear kernel as ``mmkernels.ops._bilinear_triton``
+    """(signature, constexprs, attrs) of a bilinear kernel as ``mmkernels.ops.bilinear``
     launches it for contiguous inputs (the innermost strides are 1: constexpr 1, as Triton
     specialises them; ``dzacc`` is dz itself unless it carries partial sums, in the ACC dtype)."""
     ptr_type = _STORAGE[storage][0]
@@ -455,13 +455,13 @@ def _bilinear_spec(kernel: str, cfg, storage: str, precision: str, int64: bool =
 
 
 def _bilinear_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """Every ``(kernel, config, dtype class)`` of :func:`mmkernels.ops._bilinear_triton.launch_configs`:
+    """Every ``(kernel, config, dtype class)`` of :func:`mmkernels.ops.bilinear.launch_configs`:
     16-bit configs in bf16 (fp16 too at the largest config), ``tf32`` configs in fp32 with TF32 dots, ``ieee`` configs in
     fp32 with IEEE dots and ``fp64`` configs in float64 (FMA units: no tensor-core requirement); each also with unaligned pointers /
     sizes / strides. The largest config of each kernel and dtype class also at int64 indexing, a permuted weight
     (forward) and dz-only / dx-only (dz/dx kernel); the dz/dx configs whose i-block can be
     smaller than c also with carried dz partial sums (``MULTI_I``)."""
-    from mmkernels.ops import _bilinear_triton as B
+    from mmkernels.ops import bilinear as B
 
     triples = list(B.launch_configs())
 
