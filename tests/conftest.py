@@ -59,3 +59,20 @@ def describe_results(results) -> str:
     """One line per compile-tier result: what failed and its resource usage."""
     return "\n".join(f"{r.label()}: {r.error or '; '.join(r.violations)} (regs={r.registers} "
                      f"local={r.local_memory})" for r in results)
+
+
+def record_launches(monkeypatch, module, names):
+    """Replace the kernels ``names`` of ``module`` by recorders: launching one appends
+    ``(name, real kernel, launch kwargs)`` to the returned list and runs nothing."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, self.real, kw))
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorder(name, getattr(module, name)))
+    return calls

@@ -15,7 +15,7 @@ import torch
 from mmkernels.ops import bilinear as BT
 from mmkernels.testing.asserts import assert_close
 from mmkernels.testing.poison import poison_allocations
-from tests.conftest import compile_family, describe_results
+from tests.conftest import compile_family, describe_results, record_launches
 from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -242,17 +242,7 @@ def test_job_signatures_match_real_launches(monkeypatch, N, b, c, d, dtype, tf32
     from mmkernels._triton import bilinear as K
     from mmkernels.testing import compile_tier as C
 
-    calls = []
-
-    class Recorder:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            return lambda **kw: calls.append((self.name, self.real, kw))
-
-    for name in ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"):
-        monkeypatch.setattr(K, name, Recorder(name, getattr(K, name)))
+    calls = record_launches(monkeypatch, K, ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"))
     monkeypatch.setattr(BT, "_dot_f32", lambda t: False)  # as on CUDA (CPU bf16 sets it)
     dt = getattr(torch, dtype)
     z, x, w, bvec, dy = (torch.randn(N, b).to(dt), torch.randn(N, c).to(dt), torch.randn(d, b, c).to(dt),

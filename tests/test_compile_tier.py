@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from mmkernels.testing import compile_tier as C
-from tests.conftest import compile_family, describe_results
+from tests.conftest import compile_family, describe_results, record_launches
 
 pytestmark = pytest.mark.compile
 
@@ -213,17 +213,7 @@ def test_job_signatures_match_real_launches(monkeypatch, direction, shape, dim, 
     from mmkernels._triton import softmax as K
     from mmkernels.ops import softmax as S
 
-    calls = []
-
-    class Recorder:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            return lambda **kw: calls.append((self.name, self.real, kw))
-
-    for name in SOFTMAX_KERNELS:
-        monkeypatch.setattr(K, name, Recorder(name, getattr(K, name)))
+    calls = record_launches(monkeypatch, K, SOFTMAX_KERNELS)
     dt = getattr(torch, dtype)
     x = torch.randn(shape).to(dt)
     dim = dim % x.dim()  # the launchers take the normalised dim

@@ -33,11 +33,15 @@ def test_poisoning_exposes_an_unwritten_output(monkeypatch):
         mt.assert_close(y, torch.softmax(x.double(), -1), backend="triton")
 
 
-def test_poisoning_leaves_other_allocations_alone():
+def test_poisoning_is_scoped():
+    """Only allocations made from mmkernels modules are poisoned, and only inside the block."""
+    from mmkernels.testing import poison
+
+    originals = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
     with mt.poison_allocations():
-        t = torch.empty(16)
-        t.zero_()
-        assert torch.equal(t, torch.zeros(16))
+        assert torch.empty is not originals[0]
+        assert not poison._from_package(1)  # this test module is not the package
+    assert (torch.empty, torch.empty_like, torch.Tensor.new_empty) == originals
 
 
 def test_assert_close_reports_the_worst_coordinate():
