@@ -1,0 +1,8 @@
+"""Mixture-of-experts: routing (:func:`route`, :class:`Routing`) and the balancing losses.
+
+``from mmkernels import moe``; ``moe.route(router_logits, top_k, ...)``.
+"""
+from mmkernels.ops.routing import Routing, route  # noqa: F401
+from mmkernels.ops.routing import load_balancing_loss, router_z_loss, update_selection_bias  # noqa: F401
+
+__all__ = ["Routing", "route", "load_balancing_loss", "router_z_loss", "update_selection_bias"]

@@ -1,0 +1,763 @@
+"""MoE routing: router scores -> top-k -> renormalisation -> exact dispatch metadata.
+
+Order in this file: the :class:`Routing` result and its options -> argument checks -> Triton
+launchers -> CPU path -> torch.library ops -> autograd.Function -> public functionals (``route``
+and the balancing losses). Kernels live in ``triton_kernels/routing.py``
+(``mmkernels._triton.routing``).
+
+One routing is three launches on the Triton path, none of which waits on the host:
+
+1. ``route_topk_kernel`` — per block of tokens: scores, top-k, weights, per-block expert
+   histogram and each slot's rank among the block's slots of its expert;
+2. ``route_scan_kernel`` (one program) — prefix sums over the block histograms: per-expert counts,
+   offsets, capacity drops, the tile count;
+3. ``route_scatter_kernel`` — the stable scatter (``sorted_slots`` and its inverse) and the tile
+   table of the grouped GEMM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from mmkernels import _backend
+from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._checks import check_tensor as _check_tensor
+
+#: Row block of the grouped GEMM that the default tile table is made for.
+DEFAULT_BLOCK_M = 64
+#: Largest number of experts one router kernel holds on chip (a row of logits per token).
+MAX_EXPERTS = 4096
+_SCORINGS = ("softmax", "sigmoid")
+#: Added to the renormalisation denominator of sigmoid scores, as DeepSeek-V3 does.
+SIGMOID_RENORM_EPS = 1e-20
+_NO_CAPACITY = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The result of :func:`route` for ``T`` tokens, ``E`` experts and ``k`` experts per token.
+
+    A *slot* is one (token, choice) pair; slot ``s = t·k + j`` is token ``t``'s ``j``-th choice
+    (``0 <= j < k``, choices in descending selection score, ties to the lower expert index).
+    Rows ``0 .. offsets[E]`` of the expert-ordered view are the kept slots grouped by expert in
+    token order; rows ``offsets[E] .. T·k`` hold the slots dropped by the capacity, grouped by
+    expert in token order too. Every tensor lives on the logits' device and is produced there
+    without a host synchronisation.
+    """
+
+    #: (T, k) float32 (float64 for float64 logits): the weight of each choice, after
+    #: renormalisation and ``routed_scaling``. Differentiable w.r.t. ``router_logits``.
+    weights: torch.Tensor
+    #: (T, k) int32: the expert of each choice, in ``[0, E)``; the experts of one token are distinct
+    #: when selected here (caller-supplied ``expert_ids`` are kept as given).
+    expert_ids: torch.Tensor
+    #: (E,) int32: slots each expert keeps (after capacity drops); sums to ``offsets[E]``.
+    counts: torch.Tensor
+    #: (E + 1,) int32: exclusive prefix sums of ``counts``; expert ``e`` owns rows
+    #: ``offsets[e] .. offsets[e+1]`` of the expert-ordered view; ``offsets[E]`` = slots kept.
+    offsets: torch.Tensor
+    #: (T·k,) int32: the flat slot at each row of the expert-ordered view — the stable sort of the
+    #: slots by (dropped, expert). Token of row ``r``: ``sorted_slots[r] // k``.
+    sorted_slots: torch.Tensor
+    #: (T·k,) int32: the inverse permutation: ``slot_rows[sorted_slots[r]] == r``; the row of slot
+    #: ``s`` in the expert-ordered view.
+    slot_rows: torch.Tensor
+    #: (T, k) bool: the choices dropped by the capacity (all False when dropless).
+    dropped: torch.Tensor
+    #: (max_tiles,) int32: the expert of each ``block_m``-row tile of the kept rows, -1 past
+    #: ``num_tiles`` (a grouped GEMM launched over ``max_tiles`` programs exits on -1).
+    tile_experts: torch.Tensor
+    #: (max_tiles,) int32: first row of each tile in the expert-ordered view (-1 past
+    #: ``num_tiles``); a tile covers rows ``start .. min(start + block_m, offsets[e + 1])``.
+    tile_row_starts: torch.Tensor
+    #: (1,) int32: tiles in use, ``Σ_e ceil(counts[e] / block_m)``.
+    num_tiles: torch.Tensor
+    #: rows per tile of the tile table.
+    block_m: int
+    #: per-expert slot limit, ``None`` when dropless.
+    capacity: Optional[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.weights.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_experts.shape[0]
+
+
+def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of ``Σ_e ceil(c_e / block_m)`` over counts summing to ``num_slots``: the length of
+    the tile table, known from shapes alone (no host synchronisation)."""
+    return num_slots // block_m + min(num_experts, num_slots)
+
+
+def capacity_for(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
+    """``ceil(capacity_factor · T · k / E)``, or ``None`` (dropless) when ``capacity_factor`` is None."""
+    if capacity_factor is None:
+        return None
+    return int(math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    """How scores, selection and weights are computed (everything of :func:`route` but the data)."""
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    n_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    #: select on ``scores + selection_bias`` (or grouped scores), else on the logits themselves
+    key_on_scores: bool = False
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.scoring == "sigmoid"
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_groups > 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Config resolver
+# ----------------------------------------------------------------------------------------------
+
+#: Elements of the ``[BLOCK_T, E_PAD]`` logit tile one router program aims for.
+TARGET_TILE = 2048
+#: Elements of one step of the scan over the block histograms.
+SCAN_TILE = 8192
+#: Tiles of the tile table filled per scatter program.
+TILE_CHUNK = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    """Launch configuration of one routing: the router / scatter / backward token block, warps,
+    and the scan's step."""
+
+    block_t: int
+    e_pad: int
+    k_pad: int
+    num_warps: int
+    chunk_b: int
+    scan_warps: int = 4
+
+    @property
+    def tile(self) -> int:
+        return self.block_t * self.e_pad
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def resolve_config(T: int, E: int, K: int) -> RoutingConfig:
+    """Token block so that one program holds about :data:`TARGET_TILE` logits (at most 64 tokens,
+    at least one, no more than the tokens there are); the scan takes :data:`SCAN_TILE` histogram
+    entries a step."""
+    e_pad, k_pad = _p2(E), _p2(K)
+    block_t = max(1, min(64, TARGET_TILE // e_pad, _p2(max(T, 1))))
+    tile = block_t * e_pad
+    num_warps = max(1, min(8, tile // 512))
+    chunk_b = max(1, SCAN_TILE // e_pad)
+    return RoutingConfig(block_t, e_pad, k_pad, num_warps, chunk_b)
+
+
+def launch_configs():
+    """Representative ``RoutingConfig`` s for the compile tier: every expert-count class the resolver
+    distinguishes (powers of two up to :data:`MAX_EXPERTS`), with top-k 1, 8 and E."""
+    seen = set()
+    for e_pad in (1, 2, 8, 64, 128, 256, 1024, MAX_EXPERTS):
+        for k in sorted({1, min(8, e_pad), e_pad}):
+            for T in (1, 1 << 20):
+                cfg = resolve_config(T, e_pad, k)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    yield cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias, n_groups, topk_groups,
+                      routed_scaling, softmax_after_topk, capacity_factor, expert_ids, block_m) -> RouterSpec:
+    _check_tensor("router_logits", router_logits)
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be 2-D (tokens, experts), got shape {tuple(router_logits.shape)}")
+    if router_logits.dtype not in _FLOATS:
+        raise TypeError(f"router_logits must be float16, bfloat16, float32 or float64, got {router_logits.dtype}")
+    T, E = router_logits.shape
+    if E < 1:
+        raise ValueError("router_logits must have at least one expert column (E >= 1)")
+    if E > MAX_EXPERTS:
+        raise ValueError(f"router_logits has E={E} experts; at most {MAX_EXPERTS} are supported")
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..E={E}, got {top_k}")
+    if scoring not in _SCORINGS:
+        raise ValueError(f"scoring must be one of {_SCORINGS}, got {scoring!r}")
+    if softmax_after_topk and scoring != "softmax":
+        raise ValueError("softmax_after_topk=True needs scoring='softmax' (it is a softmax over the chosen logits)")
+    if not isinstance(routed_scaling, (int, float)) or isinstance(routed_scaling, bool) or not math.isfinite(routed_scaling):
+        raise TypeError(f"routed_scaling must be a finite number, got {routed_scaling!r}")
+    if selection_bias is not None:
+        _check_tensor("selection_bias", selection_bias)
+        if selection_bias.shape != (E,):
+            raise ValueError(f"selection_bias must have shape (E,) = ({E},), got {tuple(selection_bias.shape)}")
+        if selection_bias.dtype not in _FLOATS:
+            raise TypeError(f"selection_bias must be a floating-point tensor, got {selection_bias.dtype}")
+        if selection_bias.device != router_logits.device:
+            raise ValueError(f"selection_bias must be on router_logits' device {router_logits.device}, "
+                             f"got {selection_bias.device}")
+    groups, kept_groups = 1, 1
+    if n_groups is not None or topk_groups is not None:
+        if n_groups is None or topk_groups is None:
+            raise ValueError("group-limited routing needs both n_groups and topk_groups")
+        if not (_is_int(n_groups) and _is_int(topk_groups)):
+            raise TypeError("n_groups and topk_groups must be ints")
+        if n_groups < 1 or E % n_groups:
+            raise ValueError(f"n_groups={n_groups} must divide the number of experts E={E}")
+        if n_groups > 1 and E // n_groups < 2:
+            raise ValueError(f"each group needs at least 2 experts for its top-2 group score; "
+                             f"E={E} in n_groups={n_groups} gives {E // n_groups}")
+        if not 1 <= topk_groups <= n_groups:
+            raise ValueError(f"topk_groups must be in 1..n_groups={n_groups}, got {topk_groups}")
+        if top_k > topk_groups * (E // n_groups):
+            raise ValueError(f"top_k={top_k} is more than the {topk_groups * (E // n_groups)} experts of "
+                             f"topk_groups={topk_groups} groups of {E // n_groups}")
+        groups, kept_groups = n_groups, topk_groups
+    if capacity_factor is not None:
+        if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool):
+            raise TypeError(f"capacity_factor must be a number or None, got {capacity_factor!r}")
+        if not capacity_factor > 0 or not math.isfinite(capacity_factor):
+            raise ValueError(f"capacity_factor must be a positive finite number, got {capacity_factor}")
+    if not _is_int(block_m) or block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a positive power of two, got {block_m!r}")
+    if expert_ids is not None:
+        _check_tensor("expert_ids", expert_ids)
+        if expert_ids.shape != (T, top_k):
+            raise ValueError(f"expert_ids must have shape (T, top_k) = ({T}, {top_k}), got {tuple(expert_ids.shape)}")
+        if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
+            raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
+        if expert_ids.device != router_logits.device:
+            raise ValueError(f"expert_ids must be on router_logits' device {router_logits.device}, got {expert_ids.device}")
+        if expert_ids.numel():
+            if expert_ids.device.type == "cpu":
+                lo, hi = int(expert_ids.min()), int(expert_ids.max())
+                if lo < 0 or hi >= E:
+                    raise ValueError(f"expert_ids must lie in [0, E={E}), got values in [{lo}, {hi}]")
+            else:  # no host synchronisation: a device-side assert, as torch's own indexing does
+                torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(),
+                                    f"expert_ids must lie in [0, E={E})")
+    return RouterSpec(top_k=top_k, scoring=scoring, renormalize=bool(renormalize or softmax_after_topk), n_groups=groups,
+                      topk_groups=kept_groups, routed_scaling=float(routed_scaling),
+                      key_on_scores=selection_bias is not None or n_groups is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _weights_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
+                  config: Optional[RoutingConfig] = None):
+    """The three routing launches; returns the tensors of :class:`Routing` in field order."""
+    from mmkernels._triton import routing as K
+
+    T, E = logits.shape
+    k = spec.top_k
+    dev = logits.device
+    cfg = config or resolve_config(T, E, k)
+    nb = -(-T // cfg.block_t)
+    n_tiles = max_tiles(T * k, E, block_m)
+    i32 = dict(dtype=torch.int32, device=dev)
+    weights = torch.empty((T, k), dtype=_weights_dtype(logits.dtype), device=dev)
+    ids = torch.empty((T, k), **i32)
+    rank = torch.empty((T, k), **i32)
+    hist = torch.empty((nb, E), **i32)
+    base = torch.empty((nb, E), **i32)
+    counts = torch.empty((E,), **i32)
+    offsets = torch.empty((E + 1,), **i32)
+    drop_base = torch.empty((E,), **i32)
+    tile_end = torch.empty((E,), **i32)
+    num_tiles = torch.empty((1,), **i32)
+    sorted_slots = torch.empty((T * k,), **i32)
+    slot_rows = torch.empty((T * k,), **i32)
+    dropped = torch.empty((T, k), dtype=torch.bool, device=dev)
+    tile_experts = torch.empty((n_tiles,), **i32)
+    tile_row_starts = torch.empty((n_tiles,), **i32)
+    given = ids_in is not None
+    K.route_topk_kernel[(nb,)](
+        logits_ptr=logits, bias_ptr=bias if bias is not None else logits,
+        ids_in_ptr=ids_in if given else ids,
+        weights_ptr=weights, ids_ptr=ids, rank_ptr=rank, hist_ptr=hist,
+        T=T, E=E, K=k, N_GROUPS=spec.n_groups, GROUP_SIZE=E // spec.n_groups, TOPK_GROUPS=spec.topk_groups,
+        s_lt=logits.stride(0), s_le=logits.stride(1),
+        s_it=ids_in.stride(0) if given else k, s_ij=ids_in.stride(1) if given else 1,
+        scaling=spec.routed_scaling,
+        BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
+        SCORING=int(spec.sigmoid), RENORM=spec.renormalize, KEY_ON_SCORES=spec.key_on_scores,
+        HAS_BIAS=bias is not None, G_PAD=_p2(spec.n_groups) if spec.grouped else 1,
+        GIVEN_IDS=given, EPS=SIGMOID_RENORM_EPS, ACC=_acc(logits.dtype),
+        num_warps=cfg.num_warps,
+    )
+    K.route_scan_kernel[(1,)](
+        hist_ptr=hist, base_ptr=base, counts_ptr=counts, offsets_ptr=offsets, drop_base_ptr=drop_base,
+        tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
+        NB=nb, E=E, CAP=cap,
+        E_PAD=cfg.e_pad, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
+        num_warps=cfg.scan_warps,
+    )
+    grid = max(nb, -(-n_tiles // TILE_CHUNK))
+    K.route_scatter_kernel[(grid,)](
+        ids_ptr=ids, rank_ptr=rank, base_ptr=base, offsets_ptr=offsets, drop_base_ptr=drop_base,
+        tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
+        sorted_ptr=sorted_slots, slot_rows_ptr=slot_rows, dropped_ptr=dropped,
+        tile_expert_ptr=tile_experts, tile_start_ptr=tile_row_starts,
+        T=T, E=E, K=k, CAP=cap, MAX_TILES=n_tiles,
+        BLOCK_T=cfg.block_t, K_PAD=cfg.k_pad, E_PAD=cfg.e_pad, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m,
+        num_warps=cfg.num_warps,
+    )
+    return (weights, ids, counts, offsets, sorted_slots, slot_rows, dropped,
+            tile_experts, tile_row_starts, num_tiles)
+
+
+def _triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
+                           config: Optional[RoutingConfig] = None) -> torch.Tensor:
+    from mmkernels._triton import routing as K
+
+    T, E = logits.shape
+    cfg = config or resolve_config(T, E, spec.top_k)
+    dl = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
+    K.route_bwd_kernel[(-(-T // cfg.block_t),)](
+        logits_ptr=logits, ids_ptr=ids, dw_ptr=grad_weights, dl_ptr=dl,
+        T=T, E=E, K=spec.top_k,
+        s_lt=logits.stride(0), s_le=logits.stride(1),
+        s_dt=grad_weights.stride(0), s_dj=grad_weights.stride(1),
+        scaling=spec.routed_scaling,
+        BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
+        SCORING=int(spec.sigmoid), RENORM=spec.renormalize, EPS=SIGMOID_RENORM_EPS,
+        ACC=_acc(logits.dtype),
+        num_warps=cfg.num_warps,
+    )
+    return dl
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path (vectorised torch; the same math and the same tie rules as the kernels)
+# ----------------------------------------------------------------------------------------------
+
+def _scores(l: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    return torch.sigmoid(l) if sigmoid else torch.softmax(l, dim=-1)
+
+
+def _best_first(key: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Column order per row: allowed columns first, then by descending key (NaN lowest), ties to
+    the lower column."""
+    key = torch.where(torch.isnan(key), float("-inf"), key)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    if allowed is not None:
+        rank = torch.sort((~allowed.gather(-1, order)).to(torch.uint8), dim=-1, stable=True).indices
+        order = order.gather(-1, rank)
+    return order
+
+
+def _cpu_select(l: torch.Tensor, bias, spec: RouterSpec) -> torch.Tensor:
+    if not spec.key_on_scores:
+        return _best_first(l)[:, :spec.top_k]
+    key = _scores(l, spec.sigmoid)
+    if bias is not None:
+        key = key + bias.to(key.dtype)
+    allowed = None
+    if spec.grouped:
+        T, E = key.shape
+        clean = torch.where(torch.isnan(key), float("-inf"), key)
+        gscore = clean.view(T, spec.n_groups, E // spec.n_groups).topk(2, dim=-1).values.sum(-1)
+        kept = _best_first(gscore)[:, :spec.topk_groups]
+        gmask = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, kept, True)
+        allowed = gmask.repeat_interleave(E // spec.n_groups, dim=1)
+    return _best_first(key, allowed)[:, :spec.top_k]
+
+
+def _cpu_weights(l: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    lsel = l.gather(1, ids)
+    if spec.sigmoid:
+        w = torch.sigmoid(lsel)
+        if spec.renormalize:
+            w = w / (w.sum(-1, keepdim=True) + SIGMOID_RENORM_EPS)
+    elif spec.renormalize:
+        w = torch.softmax(lsel, dim=-1)
+    else:
+        w = torch.softmax(l, dim=-1).gather(1, ids)
+    return w * spec.routed_scaling
+
+
+def _metadata(ids: torch.Tensor, E: int, cap: int, block_m: int):
+    """Counting-sort metadata of the (T, k) choices: the fields of :class:`Routing` after ``expert_ids``."""
+    T, k = ids.shape
+    dev = ids.device
+    flat = ids.reshape(-1).long()
+    n = flat.numel()
+    order = torch.sort(flat, stable=True).indices
+    total = torch.bincount(flat, minlength=E)
+    first = torch.cumsum(total, 0) - total
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(n, device=dev) - first[flat[order]]
+    kept_n = torch.clamp(total, max=cap)
+    offsets = torch.zeros(E + 1, dtype=torch.long, device=dev)
+    offsets[1:] = torch.cumsum(kept_n, 0)
+    drops = total - kept_n
+    drop_base = torch.cumsum(drops, 0) - drops + offsets[E]
+    kept = rank < cap
+    rows = torch.where(kept, offsets[flat] + rank, drop_base[flat] + rank - cap)
+    sorted_slots = torch.empty_like(flat)
+    sorted_slots[rows] = torch.arange(n, device=dev)
+    tiles = (kept_n + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    n_tiles = max_tiles(n, E, block_m)
+    idx = torch.arange(n_tiles, device=dev)
+    te = torch.clamp(torch.searchsorted(tile_end, idx, right=True), max=E - 1)
+    use = idx < tile_end[-1]
+    start = offsets[te] + (idx - (tile_end[te] - tiles[te])) * block_m
+    i32 = lambda t: t.to(torch.int32)  # noqa: E731
+    return (i32(kept_n), i32(offsets), i32(sorted_slots), i32(rows), (~kept).view(T, k),
+            i32(torch.where(use, te, -1)), i32(torch.where(use, start, -1)), i32(tile_end[-1:]))
+
+
+def _cpu_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
+    l = logits.to(_weights_dtype(logits.dtype))
+    ids = ids_in.long() if ids_in is not None else _cpu_select(l, bias, spec)
+    weights = _cpu_weights(l, ids, spec)
+    return (weights, ids.to(torch.int32)) + _metadata(ids, logits.shape[1], cap, block_m)
+
+
+def _cpu_route_backward(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:
+    l = logits.to(_weights_dtype(logits.dtype))
+    ids = ids.long()
+    g = grad_weights.to(l.dtype) * spec.routed_scaling
+    lsel = l.gather(1, ids)
+    if spec.sigmoid:
+        s = torch.sigmoid(lsel)
+        if spec.renormalize:
+            denom = s.sum(-1, keepdim=True) + SIGMOID_RENORM_EPS
+            dsel = (g - (g * s).sum(-1, keepdim=True) / denom) / denom
+        else:
+            dsel = g
+        dsel = dsel * s * (1 - s)
+    elif spec.renormalize:
+        q = torch.softmax(lsel, dim=-1)
+        dsel = q * (g - (q * g).sum(-1, keepdim=True))
+    else:
+        dsel = g
+    dense = torch.zeros_like(l).scatter_add_(1, ids, dsel)
+    if not spec.sigmoid and not spec.renormalize:
+        p = torch.softmax(l, dim=-1)
+        dense = p * (dense - (p * dense).sum(-1, keepdim=True))
+    return dense.to(logits.dtype)
+
+
+def _route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
+    T, E = logits.shape
+    if T == 0:
+        return _cpu_route(logits, bias, ids_in, spec, cap, block_m)  # nothing to launch
+    if _backend.resolve(logits.device) is _backend.Impl.TRITON:
+        return _triton_route(logits, bias, ids_in, spec, cap, block_m)
+    return _cpu_route(logits, bias, ids_in, spec, cap, block_m)
+
+
+def _route_backward_impl(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:
+    if logits.shape[0] == 0:
+        return torch.zeros_like(logits)
+    if _backend.resolve(logits.device) is _backend.Impl.TRITON:
+        return _triton_route_backward(grad_weights, logits, ids, spec)
+    return _cpu_route_backward(grad_weights, logits, ids, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (so that torch.compile(fullgraph=True) traces them)
+# ----------------------------------------------------------------------------------------------
+
+def _spec_args(spec: RouterSpec):
+    return (spec.top_k, spec.scoring, spec.renormalize, spec.n_groups, spec.topk_groups,
+            spec.routed_scaling, spec.key_on_scores)
+
+
+@torch.library.custom_op("mmkernels::route_fwd", mutates_args=())
+def route_fwd_op(logits: torch.Tensor, bias: Optional[torch.Tensor], ids_in: Optional[torch.Tensor],
+                 top_k: int, scoring: str, renormalize: bool, n_groups: int, topk_groups: int,
+                 routed_scaling: float, key_on_scores: bool, cap: int,
+                 block_m: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors of :class:`Routing`, in field order."""
+    spec = RouterSpec(top_k, scoring, renormalize, n_groups, topk_groups, routed_scaling, key_on_scores)
+    return _route_impl(logits, bias, ids_in, spec, cap, block_m)
+
+
+@route_fwd_op.register_fake
+def _(logits, bias, ids_in, top_k, scoring, renormalize, n_groups, topk_groups, routed_scaling,
+      key_on_scores, cap, block_m):
+    T, E = logits.shape
+    n = T * top_k
+    i32 = dict(dtype=torch.int32, device=logits.device)
+    nt = max_tiles(n, E, block_m)
+    return (logits.new_empty((T, top_k), dtype=_weights_dtype(logits.dtype)), logits.new_empty((T, top_k), **i32),
+            logits.new_empty((E,), **i32), logits.new_empty((E + 1,), **i32), logits.new_empty((n,), **i32),
+            logits.new_empty((n,), **i32), logits.new_empty((T, top_k), dtype=torch.bool),
+            logits.new_empty((nt,), **i32), logits.new_empty((nt,), **i32), logits.new_empty((1,), **i32))
+
+
+@torch.library.custom_op("mmkernels::route_bwd", mutates_args=())
+def route_bwd_op(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, top_k: int,
+                 scoring: str, renormalize: bool, n_groups: int, topk_groups: int,
+                 routed_scaling: float, key_on_scores: bool) -> torch.Tensor:
+    """d router_logits from d weights."""
+    spec = RouterSpec(top_k, scoring, renormalize, n_groups, topk_groups, routed_scaling, key_on_scores)
+    return _route_backward_impl(grad_weights, logits, ids, spec)
+
+
+@route_bwd_op.register_fake
+def _(grad_weights, logits, ids, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class RouteFunction(torch.autograd.Function):
+    """Autograd wrapper: only ``weights`` is differentiable (w.r.t. the logits); backward recomputes
+    the chosen scores from the saved logits and expert ids in one kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
+        if _backend.direct_call_ok(*(t for t in (logits, bias, ids_in) if t is not None)):
+            out = _route_impl(logits, bias, ids_in, spec, cap, block_m)
+        else:
+            out = route_fwd_op(logits, bias, ids_in, *_spec_args(spec), cap, block_m)
+        ctx.save_for_backward(logits, out[1])
+        ctx.spec = spec
+        ctx.mark_non_differentiable(*out[1:])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, grad_weights, *unused):
+        logits, ids = ctx.saved_tensors
+        if grad_weights is None:
+            return None, None, None, None, None, None
+        if _backend.direct_call_ok(logits, ids, grad_weights):
+            dl = _route_backward_impl(grad_weights, logits, ids, ctx.spec)
+        else:
+            dl = route_bwd_op(grad_weights, logits, ids, *_spec_args(ctx.spec))
+        return dl, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functionals
+# ----------------------------------------------------------------------------------------------
+
+def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+          selection_bias: Optional[torch.Tensor] = None, n_groups: Optional[int] = None,
+          topk_groups: Optional[int] = None, routed_scaling: float = 1.0, softmax_after_topk: bool = False,
+          capacity_factor: Optional[float] = None, expert_ids: Optional[torch.Tensor] = None,
+          block_m: int = DEFAULT_BLOCK_M) -> Routing:
+    r"""Route ``T`` tokens to ``top_k`` of ``E`` experts: weights and the exact dispatch metadata.
+
+    The routers in use, on their ``router_logits``:
+
+    * Mixtral: ``route(l, 2)`` — softmax over experts in fp32, top-k, renormalise;
+    * Qwen2-MoE / Qwen3-MoE / OLMoE: ``route(l, k, renormalize=norm_topk_prob)``;
+    * DeepSeek-V3: ``route(l, 8, scoring="sigmoid", selection_bias=e_score_correction_bias,
+      n_groups=8, topk_groups=4, routed_scaling=2.5)`` — selection on ``sigmoid(l) + bias`` within
+      the ``topk_groups`` groups of best top-2 sum, weights from the unbiased scores;
+    * gpt-oss: ``route(l, 4, softmax_after_topk=True)`` — top-k of the logits, softmax over them.
+
+    Args:
+        router_logits: ``(T, E)`` float16 / bfloat16 / float32 / float64, any strides; math in
+            float32 (float64 for float64). ``T = 0`` is allowed; ``1 <= E <= 4096``.
+        top_k: experts per token, ``1 <= top_k <= E`` (any value, not only powers of two).
+        scoring: ``"softmax"`` (over all experts) or ``"sigmoid"`` (per expert).
+        renormalize: divide the chosen scores by their sum (sigmoid: plus 1e-20, as DeepSeek-V3).
+        selection_bias: ``(E,)`` added to the scores for the selection only (DeepSeek-V3's
+            ``e_score_correction_bias``); it never changes the weights and gets no gradient.
+        n_groups, topk_groups: group-limited routing: ``E`` splits into ``n_groups`` contiguous
+            groups (of at least 2); a group's score is the sum of its top-2 selection scores; the
+            choice is made within the ``topk_groups`` best groups.
+        routed_scaling: factor on the final weights.
+        softmax_after_topk: choose on the logits, then softmax over the chosen (gpt-oss); the same
+            weights as ``renormalize=True``.
+        capacity_factor: ``None`` for dropless; else each expert keeps the first
+            ``ceil(capacity_factor · T · top_k / E)`` of its slots in token order, and the rest are
+            reported in ``dropped`` and placed after the kept rows.
+        expert_ids: ``(T, top_k)`` integer, in ``[0, E)``: skip selection and weigh these choices
+            (CPU tensors are checked on the host; CUDA ones by a device-side assert, which needs
+            no host synchronisation).
+        block_m: rows per tile of the grouped-GEMM tile table (a power of two).
+
+    Returns:
+        :class:`Routing`: ``weights`` (T, k), ``expert_ids`` (T, k) int32, ``counts`` (E,),
+        ``offsets`` (E+1,), ``sorted_slots`` / ``slot_rows`` (T·k,), ``dropped`` (T, k), and the
+        tile table; see its field comments. The selection is deterministic: ties go to the lower
+        expert index on every backend; without ``selection_bias`` or groups it compares the logits
+        themselves (softmax and sigmoid preserve their order), so rounding of the scores never
+        changes the choice.
+
+    NaN logits: a NaN selection score ranks below every number (also ``-inf``), so the expert ids
+    stay in ``[0, E)`` and all metadata stays exact and in bounds; the weights of a token whose
+    chosen logits (softmax without renormalisation: any logit of its row) are NaN are NaN.
+
+    On CUDA this is three Triton launches and no host synchronisation; on CPU, vectorised torch.
+    Only ``weights`` is differentiable.
+
+    Example:
+        >>> logits = torch.randn(5, 8)
+        >>> r = route(logits, 2)
+        >>> r.weights.shape, r.counts.sum().item(), r.offsets[-1].item()
+        (torch.Size([5, 2]), 10, 10)
+    """
+    spec = _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias, n_groups, topk_groups,
+                             routed_scaling, softmax_after_topk, capacity_factor, expert_ids, block_m)
+    T, E = router_logits.shape
+    cap = capacity_for(capacity_factor, T, top_k, E)
+    ids_in = expert_ids.to(torch.int32) if expert_ids is not None else None
+    out = RouteFunction.apply(router_logits, selection_bias, ids_in, spec,
+                              _NO_CAPACITY if cap is None else cap, block_m)
+    return Routing(*out, block_m=block_m, capacity=cap)
+
+
+# ----------------------------------------------------------------------------------------------
+# Balancing
+# ----------------------------------------------------------------------------------------------
+
+def _top_k_choices(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(T, top_k) expert ids of the largest probabilities, ties to the lower index."""
+    return _best_first(probs)[:, :top_k]
+
+
+def load_balancing_loss(gate_logits: Union[torch.Tensor, Sequence[torch.Tensor], None],
+                        num_experts: Optional[int] = None, top_k: int = 2,
+                        attention_mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, int]:
+    r"""Switch-Transformer auxiliary loss, with the signature and value of transformers'
+    ``load_balancing_loss_func``: ``E · Σ_e f_e · P_e`` where ``f_e`` is the fraction of top-k
+    assignments to expert ``e`` and ``P_e`` the mean router probability, over all layers' tokens
+    (a balanced router scores ``top_k``).
+
+    Args:
+        gate_logits: a tuple / list of ``(B·S, E)`` router logits, one per layer, or one such
+            tensor (transformers returns 0 for a lone tensor; here it counts as one layer).
+            ``None`` gives 0, as in transformers.
+        num_experts: ``E``.
+        top_k: experts per token.
+        attention_mask: ``(B, S)``; padding tokens (0) are left out of both averages.
+
+    Returns:
+        A 0-dim float32 tensor (differentiable w.r.t. the logits through ``P_e``).
+    """
+    if gate_logits is None:
+        return 0
+    layers = [gate_logits] if isinstance(gate_logits, torch.Tensor) else list(gate_logits)
+    if not layers:
+        return 0
+    for i, g in enumerate(layers):
+        _check_tensor(f"gate_logits[{i}]", g)
+        if g.dim() != 2:
+            raise ValueError(f"gate_logits[{i}] must be 2-D (tokens, experts), got shape {tuple(g.shape)}")
+        if not g.dtype.is_floating_point:
+            raise TypeError(f"gate_logits[{i}] must be floating-point, got {g.dtype}")
+    E = layers[0].shape[1] if num_experts is None else num_experts
+    if not _is_int(E) or E < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if any(g.shape[1] != E for g in layers):
+        raise ValueError(f"every gate_logits tensor must have num_experts={E} columns, got "
+                         f"{[tuple(g.shape) for g in layers]}")
+    if not _is_int(top_k) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..num_experts={E}, got {top_k!r}")
+    dev = layers[0].device
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.reshape(-1).to(device=dev, dtype=torch.float32)
+        if any(g.shape[0] != mask.numel() for g in layers):
+            raise ValueError(f"attention_mask has {mask.numel()} tokens; every gate_logits tensor must have that "
+                             f"many rows, got {[g.shape[0] for g in layers]}")
+    assigned = torch.zeros(E, dtype=torch.float32, device=dev)
+    prob_sum = torch.zeros(E, dtype=torch.float32, device=dev)
+    rows = torch.zeros((), dtype=torch.float32, device=dev)
+    for g in layers:
+        probs = torch.softmax(g.to(dev).float(), dim=-1)
+        chosen = _top_k_choices(probs.detach(), top_k).reshape(-1)
+        w = torch.ones_like(chosen, dtype=torch.float32) if mask is None else mask.repeat_interleave(top_k)
+        assigned = assigned + torch.zeros(E, dtype=torch.float32, device=dev).scatter_add_(0, chosen, w)
+        prob_sum = prob_sum + (probs.sum(0) if mask is None else (probs * mask[:, None]).sum(0))
+        rows = rows + (probs.shape[0] if mask is None else mask.sum())
+    return torch.sum((assigned / rows) * (prob_sum / rows)) * E
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    r"""ST-MoE router z-loss: ``mean_t (log Σ_e exp logits[t, e])²`` in float32.
+
+    Args:
+        logits: ``(..., E)`` router logits (any leading dims; the mean runs over all of them).
+
+    Returns:
+        A 0-dim float32 tensor, differentiable.
+    """
+    _check_tensor("logits", logits)
+    if logits.dim() < 1 or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating-point tensor of at least 1 dim, got {logits.dtype} "
+                        f"of shape {tuple(logits.shape)}")
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+@torch.no_grad()
+def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float = 1e-3) -> torch.Tensor:
+    r"""Auxiliary-loss-free balancing (DeepSeek-V3): ``bias += rate · sign(mean(counts) - counts)``,
+    in place — experts that received fewer slots than the mean get a higher selection bias, those
+    that received more a lower one.
+
+    Args:
+        bias: ``(E,)`` floating-point ``selection_bias`` of :func:`route`, updated in place.
+        counts: ``(E,)`` slots per expert observed since the last update (e.g. ``Routing.counts``,
+            summed over steps), any numeric dtype, on ``bias``' device.
+        rate: the update speed ``γ``.
+
+    Returns:
+        ``bias``.
+    """
+    _check_tensor("bias", bias)
+    _check_tensor("counts", counts)
+    if not bias.dtype.is_floating_point or bias.dim() != 1:
+        raise TypeError(f"bias must be a 1-D floating-point tensor, got {bias.dtype} of shape {tuple(bias.shape)}")
+    if counts.shape != bias.shape:
+        raise ValueError(f"counts must have bias' shape {tuple(bias.shape)}, got {tuple(counts.shape)}")
+    c = counts.to(device=bias.device, dtype=torch.float32)
+    bias.add_(torch.sign(c.mean() - c).to(bias.dtype), alpha=rate)
+    return bias

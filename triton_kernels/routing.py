@@ -1,0 +1,313 @@
+"""MoE routing kernels: scores, top-k and weights; the counting sort of slots by expert; the
+backward of the weights.
+
+Index space. ``T`` tokens, ``E`` experts, ``K`` choices per token; a *slot* is ``s = t·K + j``.
+A router program owns ``BLOCK_T`` consecutive tokens and holds their whole logit rows on chip as a
+``[BLOCK_T, E_PAD]`` tile (``E_PAD`` = E rounded up to a power of two; padded columns are -inf),
+so one read of the logits gives scores, selection and weights. Slot-shaped values are kept as
+``[BLOCK_T, K_PAD]`` tiles and written once, coalesced.
+
+Counting sort, deterministic, with no atomics:
+
+1. ``route_topk_kernel``: block ``b`` writes ``hist[b, e]`` (its slots of expert ``e``) and each
+   slot's ``rank`` among the block's earlier slots of its expert (an exclusive scan over the
+   tokens of the block);
+2. ``route_scan_kernel`` (one program): ``base[b, e] = Σ_{b' < b} hist[b', e]`` (the expert's slots
+   in earlier blocks), per-expert totals, capacity, ``offsets``, the tile counts;
+3. ``route_scatter_kernel``: slot ``s`` of expert ``e`` is ``r = base[b, e] + rank``-th of its
+   expert, so its row is ``offsets[e] + r`` (kept, ``r < CAP``) or
+   ``drop_base[e] + r - CAP`` (dropped); it writes ``sorted_slots[row] = s`` and
+   ``slot_rows[s] = row``, and fills the tile table.
+
+Selection: ``K`` rounds of arg-max over the row (ties to the lowest column; NaN keys rank below
+-inf), so any ``K <= E`` works. Weight math runs in ``ACC`` (float32, float64 for float64 logits).
+"""
+import triton
+import triton.language as tl
+
+# scoring functions
+SOFTMAX = 0
+SIGMOID = 1
+
+
+@triton.jit
+def _column(tile, cols, j):
+    """Column ``j`` of a 2-D tile, as a vector over its rows."""
+    return tl.sum(tl.where(cols[None, :] == j, tile, 0), axis=1)
+
+
+@triton.jit
+def _slot_weights(lsel, valid, SCORING: tl.constexpr, RENORM: tl.constexpr, m_row, z_row, scaling,
+                  EPS: tl.constexpr):
+    """Weights of the chosen slots from their logits ``lsel`` ``[BLOCK_T, K_PAD]``; ``valid`` masks
+    the real slots. ``m_row`` / ``z_row``: max and Σexp of the whole row (softmax without renorm)."""
+    if SCORING == 0:
+        if RENORM:  # softmax over the chosen logits == p_j / Σ p_i
+            m = tl.max(tl.where(valid, lsel, float("-inf")), axis=1)
+            e = tl.where(valid, tl.exp(lsel - m[:, None]), 0.0)
+            w = e / tl.sum(e, axis=1)[:, None]
+        else:
+            w = tl.exp(lsel - m_row[:, None]) / z_row[:, None]
+    else:
+        s = 1.0 / (1.0 + tl.exp(-lsel))
+        if RENORM:
+            s = tl.where(valid, s, 0.0)
+            w = s / (tl.sum(s, axis=1)[:, None] + EPS)
+        else:
+            w = s
+    return w * scaling
+
+
+@triton.jit
+def route_topk_kernel(
+    logits_ptr, bias_ptr, ids_in_ptr,
+    weights_ptr, ids_ptr, rank_ptr, hist_ptr,
+    T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS,
+    s_lt, s_le, s_it, s_ij,
+    scaling,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, KEY_ON_SCORES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    G_PAD: tl.constexpr, GIVEN_IDS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+):
+    """Scores, top-k, weights, block histogram and in-block ranks for ``BLOCK_T`` tokens.
+
+    Writes ``weights`` (T, K), ``ids`` (T, K) int32, ``rank`` (T, K) int32 (the slot's rank among
+    the earlier slots of the block with the same expert) and ``hist[pid, :E]`` int32.
+    ``KEY_ON_SCORES``: select on ``scores (+ bias)``, else on the logits (same order, no rounding).
+    ``G_PAD > 1``: group-limited selection (group score = sum of its top-2 keys; keep
+    ``TOPK_GROUPS`` of ``N_GROUPS`` groups of ``GROUP_SIZE`` experts; ``G_PAD`` = N_GROUPS
+    rounded up to a power of two). ``GIVEN_IDS``: read the choices from
+    ``ids_in`` (clamped into ``[0, E)``) instead of selecting.
+    """
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    kcols = tl.arange(0, K_PAD)
+    tmask = offs_t < T
+    cmask = cols < E
+    l = tl.load(logits_ptr + offs_t[:, None] * s_lt + cols[None, :] * s_le,
+                mask=tmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+    l = tl.where(cmask[None, :], l, float("-inf"))
+    m_row = tl.max(l, axis=1)
+    z_row = tl.sum(tl.where(cmask[None, :], tl.exp(l - m_row[:, None]), 0.0), axis=1)
+
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    if GIVEN_IDS:
+        kmask = tmask[:, None] & (kcols[None, :] < K)
+        ids = tl.load(ids_in_ptr + offs_t[:, None] * s_it + kcols[None, :] * s_ij, mask=kmask, other=0).to(tl.int32)
+        ids = tl.minimum(tl.maximum(ids, 0), E - 1)
+    else:
+        if KEY_ON_SCORES:
+            if SCORING == 0:
+                key = tl.exp(l - m_row[:, None]) / z_row[:, None]
+            else:
+                key = 1.0 / (1.0 + tl.exp(-l))
+            if HAS_BIAS:
+                key += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        else:
+            key = l
+        key = tl.where(key != key, float("-inf"), key)  # NaN ranks lowest ...
+        avail = (cols[None, :] < E) & (offs_t[:, None] >= 0)  # [BLOCK_T, E_PAD]
+        if G_PAD > 1:
+            # group score: the sum of the group's two best keys; keep the TOPK_GROUPS best groups
+            gcols = tl.arange(0, G_PAD)
+            gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), dtype=ACC)
+            group = cols // GROUP_SIZE
+            for g in range(N_GROUPS):
+                in_g = avail & (group[None, :] == g)
+                k1 = tl.where(in_g, key, float("-inf"))
+                top1 = tl.max(k1, axis=1)
+                at1 = tl.min(tl.where(in_g & (k1 == top1[:, None]), cols[None, :], E_PAD), axis=1)
+                top2 = tl.max(tl.where(cols[None, :] == at1[:, None], float("-inf"), k1), axis=1)
+                gscore = tl.where(gcols[None, :] == g, (top1 + top2)[:, None], gscore)
+            gscore = tl.where(gscore != gscore, float("-inf"), gscore)
+            gvalid = (gcols[None, :] < N_GROUPS) & (offs_t[:, None] >= 0)
+            gkept = tl.zeros([BLOCK_T, G_PAD], dtype=tl.int32)
+            for _ in range(TOPK_GROUPS):
+                gk = tl.where(gkept > 0, float("-inf"), gscore)
+                best = tl.max(tl.where(gvalid, gk, float("-inf")), axis=1)
+                gi = tl.min(tl.where(gvalid & (gkept == 0) & (gk == best[:, None]), gcols[None, :], G_PAD), axis=1)
+                gkept = tl.where(gcols[None, :] == gi[:, None], 1, gkept)
+            col_kept = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32)
+            for g in range(N_GROUPS):
+                col_kept += tl.where(group[None, :] == g, _column(gkept, gcols, g)[:, None], 0)
+            avail = avail & (col_kept > 0)
+        for j in range(K):
+            kj = tl.where(avail, key, float("-inf"))
+            best = tl.max(kj, axis=1)
+            idx = tl.min(tl.where(avail & (kj == best[:, None]), cols[None, :], E_PAD), axis=1)
+            idx = tl.minimum(idx, E - 1)  # never out of bounds, whatever the keys
+            avail = avail & (cols[None, :] != idx[:, None])
+            ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+
+    # chosen logits, earlier same-expert slots of each token, per-token counts per expert
+    lsel = tl.zeros([BLOCK_T, K_PAD], dtype=ACC)
+    prior = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    cnt = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32)
+    for j in range(K):
+        idx = _column(ids, kcols, j)
+        hit = cols[None, :] == idx[:, None]
+        lsel = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, l, 0.0), axis=1)[:, None], lsel)
+        prior = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, cnt, 0), axis=1)[:, None], prior)
+        cnt += hit.to(tl.int32)
+    cnt = tl.where(tmask[:, None], cnt, 0)
+    before = tl.cumsum(cnt, axis=0) - cnt  # slots of each expert in earlier tokens of the block
+    rank = prior
+    for j in range(K):
+        idx = _column(ids, kcols, j)
+        r = tl.sum(tl.where(cols[None, :] == idx[:, None], before, 0), axis=1)
+        rank += tl.where(kcols[None, :] == j, r[:, None], 0)
+
+    valid = kcols[None, :] < K
+    w = _slot_weights(lsel, valid, SCORING, RENORM, m_row, z_row, scaling, EPS)
+    smask = tmask[:, None] & valid
+    out = offs_t[:, None] * K + kcols[None, :]
+    tl.store(weights_ptr + out, w.to(weights_ptr.dtype.element_ty), mask=smask)
+    tl.store(ids_ptr + out, ids, mask=smask)
+    tl.store(rank_ptr + out, rank, mask=smask)
+    tl.store(hist_ptr + pid * E + cols, tl.sum(cnt, axis=0), mask=cmask)
+
+
+@triton.jit
+def route_scan_kernel(
+    hist_ptr, base_ptr, counts_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr,
+    NB, E, CAP,
+    E_PAD: tl.constexpr, CHUNK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One program: ``base[b, e] = Σ_{b'<b} hist[b', e]``; ``counts`` (kept, ``min(total, CAP)``),
+    ``offsets`` (E + 1), ``drop_base`` (first row of each expert's dropped slots), ``tile_end``
+    (inclusive prefix sum of the tiles per expert) and ``num_tiles``."""
+    cols = tl.arange(0, E_PAD)
+    cmask = cols < E
+    rows = tl.arange(0, CHUNK_B)
+    carry = tl.zeros([E_PAD], dtype=tl.int32)
+    for b0 in range(0, NB, CHUNK_B):
+        b = b0 + rows
+        m = (b[:, None] < NB) & cmask[None, :]
+        h = tl.load(hist_ptr + b[:, None] * E + cols[None, :], mask=m, other=0)
+        tl.store(base_ptr + b[:, None] * E + cols[None, :], tl.cumsum(h, axis=0) - h + carry[None, :], mask=m)
+        carry += tl.sum(h, axis=0)
+    kept = tl.minimum(carry, CAP)
+    off = tl.cumsum(kept, axis=0) - kept
+    total_kept = tl.sum(kept, axis=0)
+    drops = carry - kept
+    tl.store(counts_ptr + cols, kept, mask=cmask)
+    tl.store(offsets_ptr + cols, off, mask=cmask)
+    tl.store(offsets_ptr + E, total_kept)
+    tl.store(drop_base_ptr + cols, tl.cumsum(drops, axis=0) - drops + total_kept, mask=cmask)
+    tiles = (kept + BLOCK_M - 1) // BLOCK_M
+    tl.store(tile_end_ptr + cols, tl.cumsum(tiles, axis=0), mask=cmask)
+    tl.store(num_tiles_ptr, tl.sum(tiles, axis=0))
+
+
+@triton.jit
+def route_scatter_kernel(
+    ids_ptr, rank_ptr, base_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr,
+    sorted_ptr, slot_rows_ptr, dropped_ptr, tile_expert_ptr, tile_start_ptr,
+    T, E, K, CAP, MAX_TILES,
+    BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, TILE_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Program ``pid``: the slots of token block ``pid`` (stable rows, inverse, drop flags) and
+    tiles ``pid·TILE_CHUNK ..`` of the tile table (expert, first row; -1 past ``num_tiles``)."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    kcols = tl.arange(0, K_PAD)
+    smask = (offs_t[:, None] < T) & (kcols[None, :] < K)
+    slot = offs_t[:, None] * K + kcols[None, :]
+    e = tl.load(ids_ptr + slot, mask=smask, other=0)
+    r = tl.load(base_ptr + pid * E + e, mask=smask, other=0) + tl.load(rank_ptr + slot, mask=smask, other=0)
+    kept = r < CAP
+    row = tl.where(kept, tl.load(offsets_ptr + e, mask=smask, other=0) + r,
+                   tl.load(drop_base_ptr + e, mask=smask, other=0) + r - CAP)
+    tl.store(sorted_ptr + row, slot, mask=smask)
+    tl.store(slot_rows_ptr + slot, row, mask=smask)
+    tl.store(dropped_ptr + slot, (~kept).to(tl.int1), mask=smask)
+
+    # tile table: tile i belongs to the expert e with tile_end[e-1] <= i < tile_end[e]
+    cols = tl.arange(0, E_PAD)
+    idx = pid * TILE_CHUNK + tl.arange(0, TILE_CHUNK)
+    tend = tl.load(tile_end_ptr + cols, mask=cols < E, other=2**31 - 1)
+    te = tl.sum((tend[None, :] <= idx[:, None]).to(tl.int32), axis=1)
+    te = tl.minimum(te, E - 1)  # idx past the last tile: any expert, masked below
+    first = tl.load(offsets_ptr + te)
+    tiles_e = (tl.load(offsets_ptr + te + 1) - first + BLOCK_M - 1) // BLOCK_M
+    start_tile = tl.load(tile_end_ptr + te) - tiles_e
+    use = idx < tl.load(num_tiles_ptr)
+    tmask = idx < MAX_TILES
+    tl.store(tile_expert_ptr + idx, tl.where(use, te, -1), mask=tmask)
+    tl.store(tile_start_ptr + idx, tl.where(use, first + (idx - start_tile) * BLOCK_M, -1), mask=tmask)
+
+
+@triton.jit
+def route_bwd_kernel(
+    logits_ptr, ids_ptr, dw_ptr, dl_ptr,
+    T, E, K,
+    s_lt, s_le, s_dt, s_dj,
+    scaling,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+):
+    """``d logits`` (T, E) from ``d weights`` (T, K): recomputes the chosen scores from the logits.
+
+    softmax, no renorm: ``dl = p ⊙ (g - Σ p g)`` with ``g`` the slot gradients scattered to their
+    experts; softmax renorm: ``dl_j = q_j (g_j - Σ q g)`` at the chosen experts; sigmoid:
+    ``ds_j`` (renorm: ``(g_j - Σ g w/scaling) / (Σ s + eps)``) times ``s_j (1 - s_j)``; all times
+    ``scaling``. Slots choosing the same expert add up.
+    """
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    kcols = tl.arange(0, K_PAD)
+    tmask = offs_t < T
+    cmask = cols < E
+    valid = kcols[None, :] < K
+    smask = tmask[:, None] & valid
+    l = tl.load(logits_ptr + offs_t[:, None] * s_lt + cols[None, :] * s_le,
+                mask=tmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+    l = tl.where(cmask[None, :], l, float("-inf"))
+    ids = tl.load(ids_ptr + offs_t[:, None] * K + kcols[None, :], mask=smask, other=0)
+    g = tl.load(dw_ptr + offs_t[:, None] * s_dt + kcols[None, :] * s_dj, mask=smask, other=0.0).to(ACC)
+    g = g * scaling
+    lsel = tl.zeros([BLOCK_T, K_PAD], dtype=ACC)
+    for j in range(K):
+        idx = _column(ids, kcols, j)
+        lsel = tl.where(kcols[None, :] == j,
+                        tl.sum(tl.where(cols[None, :] == idx[:, None], l, 0.0), axis=1)[:, None], lsel)
+    if SCORING == 0:
+        if RENORM:
+            m = tl.max(tl.where(valid, lsel, float("-inf")), axis=1)
+            e = tl.where(valid, tl.exp(lsel - m[:, None]), 0.0)
+            q = e / tl.sum(e, axis=1)[:, None]
+            dsel = q * (g - tl.sum(q * g, axis=1)[:, None])
+        else:
+            dsel = g  # gradient w.r.t. the chosen probabilities; the dense softmax backward follows
+    else:
+        s = tl.where(valid, 1.0 / (1.0 + tl.exp(-lsel)), 0.0)
+        if RENORM:
+            denom = tl.sum(s, axis=1)[:, None] + EPS
+            dsel = (g - tl.sum(g * s, axis=1)[:, None] / denom) / denom
+        else:
+            dsel = g
+        dsel = dsel * s * (1.0 - s)
+    dsel = tl.where(valid, dsel, 0.0)
+    dense = tl.zeros([BLOCK_T, E_PAD], dtype=ACC)
+    for j in range(K):
+        idx = _column(ids, kcols, j)
+        dense += tl.where(cols[None, :] == idx[:, None], _column(dsel, kcols, j)[:, None], 0.0)
+    if SCORING == 0:
+        if not RENORM:
+            m_row = tl.max(l, axis=1)
+            p = tl.where(cmask[None, :], tl.exp(l - m_row[:, None]), 0.0)
+            p = p / tl.sum(p, axis=1)[:, None]
+            dense = p * (dense - tl.sum(p * dense, axis=1)[:, None])
+    tl.store(dl_ptr + offs_t[:, None] * E + cols[None, :], dense.to(dl_ptr.dtype.element_ty),
+             mask=tmask[:, None] & cmask[None, :])
+
+
+EXPECTATIONS = {
+    "route_topk_kernel": {"local_memory": 0},
+    "route_scan_kernel": {"local_memory": 0},
+    "route_scatter_kernel": {"local_memory": 0},
+    "route_bwd_kernel": {"local_memory": 0},
+}
