@@ -102,21 +102,23 @@ def test_gpu_suite_dry_run(tmp_path):
     assert data["reference"].startswith("tests/reference.py")
     rows = data["results"]
     assert rows and all("error" not in r and r["check"]["passed"] for r in rows)
-    skipped = data["skipped_families"]
-    assert set(skipped) <= {"bilinear"}
-    assert {r["op"] for r in rows} == {"softmax", "log_softmax", "softmin"} | (set() if skipped else {"bilinear"})
-    assert {r["direction"] for r in rows} == {"fwd", "bwd"} | (set() if skipped else {"fwd+bwd"})
+    assert not data["skipped_families"]
+    assert {r["op"] for r in rows} == {"softmax", "log_softmax", "softmin", "bilinear", "mixtral", "deepseek", "qwen3"}
+    assert {r["direction"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     soft = [r for r in rows if r["family"] == "softmax"]
     assert any(r["check"]["sampled_elements"] < r["bytes"] // 8 for r in soft)  # a row sample ran
-    if skipped:  # the Triton path of the family is not there yet: said so, not crashed
-        assert "SKIPPING the bilinear family" in proc.stdout and "SKIPPED family bilinear" in proc.stdout
-    else:
-        bil = [r for r in rows if r["family"] == "bilinear"]
-        assert [r["direction"] for r in bil] == ["fwd", "fwd+bwd"] and all(r["impl"] == "triton" for r in bil)
-        assert all(r["flops"] > 0 and r["TFLOPs"] > 0 and "frac_mm" in r for r in bil)
-        parts = bil[1]["check"]["parts"]
-        assert set(parts) == {"y", "dz", "dx", "dw", "db"}
-        assert parts["y"]["sampled_elements"] < 40 * 6  # the check's row sample ran
+    bil = [r for r in rows if r["family"] == "bilinear"]
+    assert [r["direction"] for r in bil] == ["fwd", "fwd+bwd"] and all(r["impl"] == "triton" for r in bil)
+    routing = [r for r in rows if r["family"] == "routing"]
+    assert len(routing) == 6 and all(r["impl"] == "triton" for r in routing)
+    # integer metadata is checked exactly: every part of the forward, bound 0
+    parts = routing[0]["check"]["parts"]
+    assert set(parts) == {"weights", "expert_ids", "counts", "offsets", "sorted_slots"}
+    assert all(parts[n]["tol_max_rel"] == 0 and parts[n]["max_rel"] == 0 for n in parts if n != "weights")
+    assert all(r["flops"] > 0 and r["TFLOPs"] > 0 and "frac_mm" in r for r in bil)
+    parts = bil[1]["check"]["parts"]
+    assert set(parts) == {"y", "dz", "dx", "dw", "db"}
+    assert parts["y"]["sampled_elements"] < 40 * 6  # the check's row sample ran
     assert {t["status"] for t in data["targets"]} == {"NO DATA"}  # no M=8192 cases in a dry run
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## Correctness" in md and f"{len(rows)}/{len(rows)} passed" in md

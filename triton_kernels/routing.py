@@ -211,32 +211,34 @@ def route_scatter_kernel(
     """Program ``pid``: the slots of token block ``pid`` (stable rows, inverse, drop flags) and
     tiles ``pid·TILE_CHUNK ..`` of the tile table (expert, first row; -1 past ``num_tiles``)."""
     pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    kcols = tl.arange(0, K_PAD)
-    smask = (offs_t[:, None] < T) & (kcols[None, :] < K)
-    slot = offs_t[:, None] * K + kcols[None, :]
-    e = tl.load(ids_ptr + slot, mask=smask, other=0)
-    r = tl.load(base_ptr + pid * E + e, mask=smask, other=0) + tl.load(rank_ptr + slot, mask=smask, other=0)
-    kept = r < CAP
-    row = tl.where(kept, tl.load(offsets_ptr + e, mask=smask, other=0) + r,
-                   tl.load(drop_base_ptr + e, mask=smask, other=0) + r - CAP)
-    tl.store(sorted_ptr + row, slot, mask=smask)
-    tl.store(slot_rows_ptr + slot, row, mask=smask)
-    tl.store(dropped_ptr + slot, (~kept).to(tl.int1), mask=smask)
+    if pid * BLOCK_T < T:
+        offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        kcols = tl.arange(0, K_PAD)
+        smask = (offs_t[:, None] < T) & (kcols[None, :] < K)
+        slot = offs_t[:, None] * K + kcols[None, :]
+        e = tl.load(ids_ptr + slot, mask=smask, other=0)
+        r = tl.load(base_ptr + pid * E + e, mask=smask, other=0) + tl.load(rank_ptr + slot, mask=smask, other=0)
+        kept = r < CAP
+        row = tl.where(kept, tl.load(offsets_ptr + e, mask=smask, other=0) + r,
+                       tl.load(drop_base_ptr + e, mask=smask, other=0) + r - CAP)
+        tl.store(sorted_ptr + row, slot, mask=smask)
+        tl.store(slot_rows_ptr + slot, row, mask=smask)
+        tl.store(dropped_ptr + slot, (~kept).to(tl.int1), mask=smask)
 
-    # tile table: tile i belongs to the expert e with tile_end[e-1] <= i < tile_end[e]
-    cols = tl.arange(0, E_PAD)
-    idx = pid * TILE_CHUNK + tl.arange(0, TILE_CHUNK)
-    tend = tl.load(tile_end_ptr + cols, mask=cols < E, other=2**31 - 1)
-    te = tl.sum((tend[None, :] <= idx[:, None]).to(tl.int32), axis=1)
-    te = tl.minimum(te, E - 1)  # idx past the last tile: any expert, masked below
-    first = tl.load(offsets_ptr + te)
-    tiles_e = (tl.load(offsets_ptr + te + 1) - first + BLOCK_M - 1) // BLOCK_M
-    start_tile = tl.load(tile_end_ptr + te) - tiles_e
-    use = idx < tl.load(num_tiles_ptr)
-    tmask = idx < MAX_TILES
-    tl.store(tile_expert_ptr + idx, tl.where(use, te, -1), mask=tmask)
-    tl.store(tile_start_ptr + idx, tl.where(use, first + (idx - start_tile) * BLOCK_M, -1), mask=tmask)
+    if pid * TILE_CHUNK < MAX_TILES:
+        # tile table: tile i belongs to the expert e with tile_end[e-1] <= i < tile_end[e]
+        cols = tl.arange(0, E_PAD)
+        idx = pid * TILE_CHUNK + tl.arange(0, TILE_CHUNK)
+        tend = tl.load(tile_end_ptr + cols, mask=cols < E, other=2**31 - 1)
+        te = tl.sum((tend[None, :] <= idx[:, None]).to(tl.int32), axis=1)
+        te = tl.minimum(te, E - 1)  # idx past the last tile: any expert, masked below
+        first = tl.load(offsets_ptr + te)
+        tiles_e = (tl.load(offsets_ptr + te + 1) - first + BLOCK_M - 1) // BLOCK_M
+        start_tile = tl.load(tile_end_ptr + te) - tiles_e
+        use = idx < tl.load(num_tiles_ptr)
+        tmask = idx < MAX_TILES
+        tl.store(tile_expert_ptr + idx, tl.where(use, te, -1), mask=tmask)
+        tl.store(tile_start_ptr + idx, tl.where(use, first + (idx - start_tile) * BLOCK_M, -1), mask=tmask)
 
 
 @triton.jit

@@ -50,6 +50,26 @@ class MeasureOptions:
                     min_repeats=self.min_repeats, max_repeats=self.max_repeats)
 
 
+def count_launches(fn, device: torch.device) -> Optional[int]:
+    """GPU kernels one call of ``fn`` launches (torch.profiler's CUDA activity, memcpy / memset
+    left out); None off CUDA or when the profiler cannot say."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.lower().startswith(("memcpy", "memset"))]
+        return len(kernels)
+    except Exception:  # noqa: BLE001 - a profiler that cannot run leaves the count unknown
+        return None
+
+
 def _case_row(case: Case) -> Dict[str, Any]:
     return {
         "family": case.family, "op": case.op, "case": case.id, "shape": list(case.shape),
@@ -104,8 +124,10 @@ def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str
     row["ours_ms"] = ours_ms
     row["baseline_ms"] = {k: t.median_ms for k, t in timings.items() if k != "ours"}
     row["ratio"] = row["baseline_ms"]["eager"] / ours_ms if "eager" in row["baseline_ms"] else None
-    if "compile" in row["baseline_ms"]:
-        row["ratio_compile"] = row["baseline_ms"]["compile"] / ours_ms
+    for name, ms in row["baseline_ms"].items():
+        if name != "eager":  # e.g. ratio_compile
+            row[f"ratio_{name}"] = ms / ours_ms
+    row["launches"] = count_launches(functools.partial(variant.ours, prepared[0]), device)
     _add_rate(row, variant.bytes_moved, 1e9, "GBps", ceilings and ceilings["copy"]["GBps"], "frac_copy", "floor_ms")
     if variant.flops is not None:
         _add_rate(row, variant.flops, 1e12, "TFLOPs", ceilings and ceilings["mm"]["TFLOPs"], "frac_mm",
@@ -222,9 +244,10 @@ def evaluate_targets(rows: Sequence[Mapping[str, Any]], targets: Sequence[Target
     for t in targets:
         sel = [r for r in rows if "error" not in r and t.applies(r)]
         values = [(r.get(t.metric), r) for r in sel]
-        failing = [(v, r) for v, r in values if v is None or v < t.threshold]
+        failing = [(v, r) for v, r in values if not t.met(v)]
         status = "NO DATA" if not sel else ("FAIL" if failing else "PASS")
-        worst = min((v for v, _ in values if v is not None), default=None)
+        pick = max if t.at_most else min
+        worst = pick((v for v, _ in values if v is not None), default=None)
         out.append({
             "target": t.name, "metric": t.metric, "threshold": t.threshold, "status": status,
             "rows": len(sel), "worst": worst,

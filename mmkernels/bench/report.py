@@ -38,9 +38,11 @@ def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, comp
     (> 1: we are faster), max error of ours (and of the baseline) vs the float64 reference (the
     worst output's, for variants with several), peak memory, GB/s and the fraction of the
     measured copy bandwidth; when some row has useful FLOPs (matmul families), also TFLOP/s and
-    the fraction of the measured mm rate (blank on the other rows)."""
+    the fraction of the measured mm rate (blank on the other rows); on CUDA, the kernels one call of
+    ours launches."""
     has_compile = any("compile" in r.get("baseline_ms", {}) for r in rows)
     has_flops = any("flops" in r for r in rows)
+    has_launches = any(r.get("launches") is not None for r in rows)
     headers = ["op", "shape", "dtype", "ours ms", "base ms", "ratio"]
     if has_compile:
         headers += ["compile ms", "ratio c"]
@@ -50,6 +52,8 @@ def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, comp
     headers += ["GB/s", "%copy"]
     if has_flops:
         headers += ["TFLOP/s", "%mm"]
+    if has_launches:
+        headers += ["launches"]
     body = []
     for r in rows:
         shape = r.get("shape_text") or (
@@ -71,6 +75,8 @@ def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, comp
         line += [fmt_num(r.get("GBps"), ".1f"), fmt_num(100 * r["frac_copy"], ".0f") if "frac_copy" in r else ""]
         if has_flops:
             line += [fmt_num(r.get("TFLOPs"), ".3g"), fmt_num(100 * r["frac_mm"], ".0f") if "frac_mm" in r else ""]
+        if has_launches:
+            line += ["" if r.get("launches") is None else str(r["launches"])]
         body.append(line)
     return format_table(headers, body, markdown=markdown)
 

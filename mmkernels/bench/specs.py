@@ -107,13 +107,19 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """An acceptance target: ``metric`` (a key of a result row) must be >= ``threshold`` on every
-    result row ``applies`` selects."""
+    """An acceptance target: ``metric`` (a key of a result row) must be >= ``threshold`` (``<=``
+    with ``at_most``) on every result row ``applies`` selects."""
 
     name: str
     metric: str
     threshold: float
     applies: Callable[[Mapping[str, Any]], bool]
+    at_most: bool = False
+
+    def met(self, value: Optional[float]) -> bool:
+        if value is None:
+            return False
+        return value <= self.threshold if self.at_most else value >= self.threshold
 
 
 def _unpack(fn: Callable[[Inputs], torch.Tensor], names: Sequence[str]) -> Callable[..., torch.Tensor]:
@@ -186,6 +192,66 @@ class TorchReferences:
         y = torch.nn.functional.bilinear(z, x, w)
         dz, dx, dw = torch.autograd.grad(y, (z, x, w), dy)
         return dz, dx, dw, dy.reshape(-1, dy.shape[-1]).sum(0)
+
+
+    @staticmethod
+    def route_ref(logits, top_k, *, scoring="softmax", renormalize=True, selection_bias=None, n_groups=None,
+                  topk_groups=None, routed_scaling=1.0, softmax_after_topk=False, capacity_factor=None,
+                  expert_ids=None, block_m=64):
+        """``moe.route`` in float64 torch ops (vectorised; the tests' own reference loops over
+        tokens): a dict of :class:`mmkernels.moe.Routing`'s tensor fields but the tile table."""
+        l = logits.double()
+        T, E = l.shape
+        scores = torch.sigmoid(l) if scoring == "sigmoid" else torch.softmax(l, -1)
+
+        def best_first(key, allowed=None):  # descending, NaN lowest, ties to the lower index
+            key = torch.where(torch.isnan(key), float("-inf"), key)
+            if allowed is not None:  # disallowed columns after every allowed one
+                key = torch.where(allowed, key, float("-inf"))
+                order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+                return order.gather(-1, torch.sort((~allowed.gather(-1, order)).byte(), dim=-1, stable=True).indices)
+            return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+        if expert_ids is not None:
+            ids = expert_ids.long()
+        elif selection_bias is None and n_groups is None:
+            ids = best_first(l)[:, :top_k]
+        else:
+            key = scores + (0 if selection_bias is None else selection_bias.double())
+            allowed = None
+            if n_groups is not None and n_groups > 1:
+                clean = torch.where(torch.isnan(key), float("-inf"), key)
+                gs = clean.view(T, n_groups, E // n_groups).topk(2, -1).values.sum(-1)
+                kept = best_first(gs)[:, :topk_groups]
+                allowed = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, kept, True)
+                allowed = allowed.repeat_interleave(E // n_groups, 1)
+            ids = best_first(key, allowed)[:, :top_k]
+        chosen = scores.gather(1, ids)
+        if scoring == "softmax" and (renormalize or softmax_after_topk):
+            w = chosen / chosen.sum(-1, keepdim=True)
+        elif scoring == "sigmoid" and renormalize:
+            w = chosen / (chosen.sum(-1, keepdim=True) + 1e-20)
+        else:
+            w = chosen
+        w = w * routed_scaling
+        flat = ids.reshape(-1)
+        n = flat.numel()
+        cap = n if capacity_factor is None else math.ceil(capacity_factor * T * top_k / E)
+        order = torch.sort(flat, stable=True).indices
+        total = torch.bincount(flat, minlength=E)
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(n) - (torch.cumsum(total, 0) - total)[flat[order]]
+        dropped = rank >= cap
+        key2 = dropped.long() * E + flat
+        sorted_slots = torch.sort(key2, stable=True).indices
+        counts = torch.clamp(total, max=cap)
+        i32 = torch.int32
+        slot_rows = torch.empty_like(sorted_slots)
+        slot_rows[sorted_slots] = torch.arange(n)
+        return {"weights": w, "expert_ids": ids.to(i32), "counts": counts.to(i32),
+                "offsets": torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(i32),
+                "sorted_slots": sorted_slots.to(i32), "slot_rows": slot_rows.to(i32),
+                "dropped": dropped.view(T, top_k)}
 
 
 class SoftmaxBench:
@@ -477,12 +543,153 @@ class BilinearBench:
 
 
 # ----------------------------------------------------------------------------------------------
+# MoE routing
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_route(logits: torch.Tensor, k: int, op: str, params: Mapping[str, Any], bias: Optional[torch.Tensor],
+                 counts_by: str = "bincount") -> Tuple[torch.Tensor, ...]:
+    """The torch composition users write today: scores -> topk -> renormalise -> argsort -> bincount
+    -> cumsum (``counts_by="scatter"``: counts by ``scatter_add_``, which needs no host sync and
+    so can be captured in a CUDA graph; ``bincount`` on CUDA reads the maximum back to the host).
+    Returns (weights fp32, expert_ids, counts, offsets, sorted_slots), the ids in topk's order."""
+    T, E = logits.shape
+    if op == "gptoss":
+        top, ids = torch.topk(logits, k, dim=-1)
+        w = torch.softmax(top.float(), dim=-1)
+    elif op == "deepseek":  # transformers' DeepseekV3TopkRouter after its linear layer
+        scores = torch.sigmoid(logits.float())
+        choice = scores + bias
+        g = int(params["n_groups"])
+        group_scores = choice.view(T, g, E // g).topk(2, dim=-1)[0].sum(-1)
+        group_idx = torch.topk(group_scores, k=int(params["topk_groups"]), dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        mask = mask.unsqueeze(-1).expand(T, g, E // g).reshape(T, E)
+        ids = torch.topk(choice.masked_fill(~mask.bool(), float("-inf")), k=k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, ids)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20) * float(params.get("routed_scaling", 2.5))
+    else:
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, ids = torch.topk(probs, k, dim=-1)
+        if op == "mixtral":
+            w = w / w.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    sorted_slots = torch.argsort(flat, stable=True)
+    if counts_by == "bincount":
+        counts = torch.bincount(flat, minlength=E)
+    else:
+        counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    i32 = torch.int32
+    return w, ids.to(i32), counts.to(i32), offsets.to(i32), sorted_slots.to(i32)
+
+
+class RoutingBench:
+    """Bench spec of MoE routing (``mmkernels.moe.route``), one case per router style
+    (registry op: ``mixtral``, ``qwen3``, ``deepseek``, ``gptoss``) and shape ``(T, E)``.
+
+    Variants: ``fwd`` (route + metadata; outputs weights, expert_ids, counts, offsets,
+    sorted_slots — the integers checked exactly against the float64 reference, every output of
+    the whole case, no sample) and ``fwd+bwd`` (weights, then d logits for an incoming ``dw`` by
+    ``torch.autograd.grad``). Baselines: ``eager`` = the torch composition of :func:`_torch_route`
+    (softmax -> topk -> renormalise -> argsort -> bincount -> cumsum; DeepSeek-V3: transformers'
+    router); ``nosync`` = the same with counts by ``scatter_add_`` (no host sync, so it is timed
+    like ours, in CUDA graphs). Bytes: the logits read once; weights, ids, sorted_slots and the
+    inverse written once (fwd+bwd: plus dw read and d logits written).
+    """
+
+    family = "routing"
+    OUTPUTS = ("weights", "expert_ids", "counts", "offsets", "sorted_slots")
+
+    @classmethod
+    def variants(cls, case: Case, refs=TorchReferences, compile_baseline: bool = False) -> List[Variant]:
+        from mmkernels import moe
+        from mmkernels.testing.registry import routing_kwargs
+
+        T, E = case.shape
+        k = int(case.params["k"])
+        esize = torch.empty((), dtype=case.dtype).element_size()
+        names = ("logits", "bias") if case.op == "deepseek" else ("logits",)
+        shape_text = f"{T}x{E} k={k}" + (f" cap={case.params['capacity_factor']}"
+                                         if case.params.get("capacity_factor") else "")
+        everything = lambda inputs, max_elems, gen: [  # noqa: E731 - metadata depends on every token
+            CheckSample(inputs, cls.OUTPUTS if "dw" not in inputs else ("weights", "dlogits"), lambda n, t: t)]
+
+        def ours(i: Inputs) -> Outputs:
+            r = moe.route(i["logits"], k, **routing_kwargs(case, i))
+            return r.weights, r.expert_ids, r.counts, r.offsets, r.sorted_slots
+
+        def base(counts_by: str):
+            return lambda i: _torch_route(i["logits"], k, case.op, case.params, i.get("bias"), counts_by)
+
+        def reference(i: Inputs) -> Outputs:
+            r = refs.route_ref(i["logits"], k, **routing_kwargs(case, i))
+            return tuple(r[n] for n in cls.OUTPUTS)
+
+        fwd_base = {"eager": base("bincount"), "nosync": base("scatter")}
+        common = dict(case=case, passes=None, reduced_dims=(), shape_text=shape_text, check_samples=everything)
+        slots = T * k * (4 + 4 + 4 + 4 + 1)  # weights, ids, sorted_slots, slot_rows, dropped
+        fwd = Variant(direction="fwd", ours=ours, baselines=fwd_base, reference=reference,
+                      prepare=lambda raw: {n: raw[n] for n in names},
+                      bytes_moved=T * E * esize + slots, outputs=cls.OUTPUTS, **common)
+
+        def fwd_bwd(fn):
+            def call(i: Inputs) -> Outputs:
+                w = fn(i)
+                (g,) = torch.autograd.grad(w, i["logits"], i["dw"])
+                return w.detach(), g
+            return call
+
+        def ref_fb(i: Inputs) -> Outputs:
+            logits = i["logits"].detach().requires_grad_()
+            w = refs.route_ref(logits, k, **routing_kwargs(case, i))["weights"]
+            (g,) = torch.autograd.grad(w, logits, i["dw"].to(w.dtype))
+            return w.detach(), g
+
+        def prepare_fb(raw: Inputs) -> Inputs:
+            out = {n: raw[n] for n in names}
+            out["logits"] = raw["logits"].detach().requires_grad_()
+            out["dw"] = raw["dw"]
+            return out
+
+        fb_base = {"eager": fwd_bwd(lambda i: base("bincount")(i)[0]),
+                   "nosync": fwd_bwd(lambda i: base("scatter")(i)[0])}
+        fb = Variant(direction="fwd+bwd", ours=fwd_bwd(lambda i: ours(i)[0]), baselines=fb_base,
+                     reference=ref_fb, prepare=prepare_fb,
+                     bytes_moved=2 * T * E * esize + slots + T * k * 4, outputs=("weights", "dlogits"), **common)
+        if compile_baseline:
+            fwd_base["compile"] = compiled(
+                lambda *ts: _torch_route(ts[0], k, case.op, case.params, ts[1] if len(ts) > 1 else None, "scatter"),
+                names)
+        return [fwd, fb]
+
+    @staticmethod
+    def targets() -> List[Target]:
+        """Acceptance targets (GPU; T = 16384, E = 128, k = 8, dropless, softmax routers):
+        route + metadata >= 3x the torch composition (both timed alike: ``ratio_nosync``; and the
+        composition with bincount, ``ratio``), in at most 3 launches."""
+
+        def rows(r: Mapping[str, Any]) -> bool:
+            p = r.get("params") or {}
+            return (r.get("family") == "routing" and r.get("direction") == "fwd"
+                    and list(r.get("shape", ())) == [16384, 128] and p.get("k") == 8
+                    and r.get("op") in ("mixtral", "qwen3") and not p.get("capacity_factor"))
+
+        size = "(T=16384, E=128, k=8)"
+        return [
+            Target(f"route + metadata >= 3x the torch composition {size}", "ratio", 3.0, rows),
+            Target(f"route + metadata >= 3x the sync-free torch composition {size}", "ratio_nosync", 3.0, rows),
+            Target(f"route + metadata in at most 3 launches {size}", "launches", 3, rows, at_most=True),
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
 # Every family
 # ----------------------------------------------------------------------------------------------
 
 
 #: Bench spec of each op family, by registry family name.
-FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench, "bilinear": BilinearBench}
+FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench, "bilinear": BilinearBench, "routing": RoutingBench}
 
 
 def variants_for(case: Case, refs=None, compile_baseline: bool = False) -> List[Variant]:

@@ -29,7 +29,7 @@ from mmkernels.ops._checks import check_tensor as _check_tensor
 #: Row block of the grouped GEMM that the default tile table is made for.
 DEFAULT_BLOCK_M = 64
 #: Largest number of experts one router kernel holds on chip (a row of logits per token).
-MAX_EXPERTS = 4096
+MAX_EXPERTS = 1024
 _SCORINGS = ("softmax", "sigmoid")
 #: Added to the renormalisation denominator of sigmoid scores, as DeepSeek-V3 does.
 SIGMOID_RENORM_EPS = 1e-20
@@ -136,10 +136,12 @@ class RouterSpec:
 # Config resolver
 # ----------------------------------------------------------------------------------------------
 
-#: Elements of the ``[BLOCK_T, E_PAD]`` logit tile one router program aims for.
-TARGET_TILE = 2048
-#: Elements of one step of the scan over the block histograms.
-SCAN_TILE = 8192
+#: Elements of the ``[BLOCK_T, E_PAD]`` logit tile one router program aims for (half for fp64).
+TARGET_TILE = 1024
+#: Elements of one step of the scan over the block histograms, and its most rows a step (the
+#: compile tier showed a 4096x2 step spilling: the scan runs along the rows).
+SCAN_TILE = 4096
+SCAN_MAX_ROWS = 256
 #: Tiles of the tile table filled per scatter program.
 TILE_CHUNK = 32
 
@@ -165,15 +167,18 @@ def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def resolve_config(T: int, E: int, K: int) -> RoutingConfig:
+def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
     """Token block so that one program holds about :data:`TARGET_TILE` logits (at most 64 tokens,
-    at least one, no more than the tokens there are); the scan takes :data:`SCAN_TILE` histogram
-    entries a step."""
+    at least one, no more than the tokens there are), 8 tile elements per thread and at most 8
+    warps. The router keeps about six tile-shaped values live: the compile tier showed small spills
+    on sm_90 with 2048-element tiles at 8 per thread (ptxas held those kernels to 80 registers),
+    and with 16 warps (64 registers); the scan takes :data:`SCAN_TILE` histogram entries a step."""
     e_pad, k_pad = _p2(E), _p2(K)
-    block_t = max(1, min(64, TARGET_TILE // e_pad, _p2(max(T, 1))))
+    target = TARGET_TILE // (2 if f64 else 1)
+    block_t = max(1, min(64, target // e_pad, _p2(max(T, 1))))
     tile = block_t * e_pad
-    num_warps = max(1, min(8, tile // 512))
-    chunk_b = max(1, SCAN_TILE // e_pad)
+    num_warps = max(1, min(8, tile * (2 if f64 else 1) // 128))
+    chunk_b = max(1, min(SCAN_MAX_ROWS, SCAN_TILE // e_pad))
     return RoutingConfig(block_t, e_pad, k_pad, num_warps, chunk_b)
 
 
@@ -184,10 +189,11 @@ def launch_configs():
     for e_pad in (1, 2, 8, 64, 128, 256, 1024, MAX_EXPERTS):
         for k in sorted({1, min(8, e_pad), e_pad}):
             for T in (1, 1 << 20):
-                cfg = resolve_config(T, e_pad, k)
-                if cfg not in seen:
-                    seen.add(cfg)
-                    yield cfg
+                for f64 in (False, True):
+                    cfg = resolve_config(T, e_pad, k, f64)
+                    if cfg not in seen:
+                        seen.add(cfg)
+                        yield cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
     T, E = logits.shape
     k = spec.top_k
     dev = logits.device
-    cfg = config or resolve_config(T, E, k)
+    cfg = config or resolve_config(T, E, k, logits.dtype == torch.float64)
     nb = -(-T // cfg.block_t)
     n_tiles = max_tiles(T * k, E, block_m)
     i32 = dict(dtype=torch.int32, device=dev)
@@ -356,7 +362,7 @@ def _triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
     from mmkernels._triton import routing as K
 
     T, E = logits.shape
-    cfg = config or resolve_config(T, E, spec.top_k)
+    cfg = config or resolve_config(T, E, spec.top_k, logits.dtype == torch.float64)
     dl = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
     K.route_bwd_kernel[(-(-T // cfg.block_t),)](
         logits_ptr=logits, ids_ptr=ids, dw_ptr=grad_weights, dl_ptr=dl,
@@ -391,9 +397,27 @@ def _best_first(key: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> to
     return order
 
 
+def _top_k(key: torch.Tensor, k: int, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first ``k`` columns of :func:`_best_first`: ``torch.topk`` (whose order among equal
+    keys is unspecified), and the full stable sort only for the rows where a tie could matter (a
+    repeated value among the chosen, or the k-th value also outside them). On CPU tensors the
+    check's host read costs nothing."""
+    clean = torch.where(torch.isnan(key), float("-inf"), key)
+    if allowed is not None:
+        clean = torch.where(allowed, clean, float("-inf"))
+    vals, ids = torch.topk(clean, k, dim=-1)
+    tied = (clean >= vals[:, -1:]).sum(-1) != k
+    if k > 1:
+        tied |= (vals[:, 1:] == vals[:, :-1]).any(-1)
+    rows = tied.nonzero().flatten()
+    if rows.numel():
+        ids[rows] = _best_first(key[rows], None if allowed is None else allowed[rows])[:, :k]
+    return ids
+
+
 def _cpu_select(l: torch.Tensor, bias, spec: RouterSpec) -> torch.Tensor:
     if not spec.key_on_scores:
-        return _best_first(l)[:, :spec.top_k]
+        return _top_k(l, spec.top_k)
     key = _scores(l, spec.sigmoid)
     if bias is not None:
         key = key + bias.to(key.dtype)
@@ -402,10 +426,10 @@ def _cpu_select(l: torch.Tensor, bias, spec: RouterSpec) -> torch.Tensor:
         T, E = key.shape
         clean = torch.where(torch.isnan(key), float("-inf"), key)
         gscore = clean.view(T, spec.n_groups, E // spec.n_groups).topk(2, dim=-1).values.sum(-1)
-        kept = _best_first(gscore)[:, :spec.topk_groups]
+        kept = _top_k(gscore, spec.topk_groups)
         gmask = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, kept, True)
         allowed = gmask.repeat_interleave(E // spec.n_groups, dim=1)
-    return _best_first(key, allowed)[:, :spec.top_k]
+    return _top_k(key, spec.top_k, allowed)
 
 
 def _cpu_weights(l: torch.Tensor, ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
@@ -603,7 +627,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
 
     Args:
         router_logits: ``(T, E)`` float16 / bfloat16 / float32 / float64, any strides; math in
-            float32 (float64 for float64). ``T = 0`` is allowed; ``1 <= E <= 4096``.
+            float32 (float64 for float64). ``T = 0`` is allowed; ``1 <= E <= 1024`` (MAX_EXPERTS).
         top_k: experts per token, ``1 <= top_k <= E`` (any value, not only powers of two).
         scoring: ``"softmax"`` (over all experts) or ``"sigmoid"`` (per expert).
         renormalize: divide the chosen scores by their sum (sigmoid: plus 1e-20, as DeepSeek-V3).
@@ -660,7 +684,9 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
 
 def _top_k_choices(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     """(T, top_k) expert ids of the largest probabilities, ties to the lower index."""
-    return _best_first(probs)[:, :top_k]
+    if probs.device.type == "cpu":
+        return _top_k(probs, top_k)
+    return _best_first(probs)[:, :top_k]  # no host read on CUDA
 
 
 def load_balancing_loss(gate_logits: Union[torch.Tensor, Sequence[torch.Tensor], None],

@@ -508,10 +508,100 @@ def _bilinear_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job
     return jobs
 
 
+_ROUTING_MODULE = "mmkernels._triton.routing"
+_ROUTING_KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "route_bwd_kernel")
+
+
+def _constexpr_json(v):
+    """A constexpr value as a Job holds it (Triton dtypes as ``"tl.<name>"``)."""
+    import triton.language as tl
+
+    if isinstance(v, tl.dtype):
+        return {"fp32": "tl.float32", "fp64": "tl.float64", "fp16": "tl.float16", "bf16": "tl.bfloat16"}[str(v)]
+    return v
+
+
+def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """The routing kernels as :mod:`mmkernels.ops.routing` really launches them: its launchers run
+    on meta tensors with the kernels replaced by recorders, and each recorded launch becomes a job
+    through :func:`jit_specialization` (so the signatures cannot drift from the launchers).
+
+    Coverage: every launch config :func:`mmkernels.ops.routing.launch_configs` stands for (expert
+    counts 1 .. 1024, top-k 1, 8 and E, a few tokens and 2**20), at fp32 Mixtral routing forward
+    and backward; at top-k min(8, E) and 2**20 tokens also bf16 Qwen3 (no renormalisation) and its
+    backward, DeepSeek-V3 (sigmoid, bias, groups) and its backward, caller-given expert ids, fp64."""
+    import torch
+
+    from mmkernels._triton import routing as K
+    from mmkernels.ops import routing as R
+
+    calls: List[Tuple[str, object, dict]] = []
+
+    class Recorder:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, self.real, kw))
+
+    def launches(T, E, k, variant, dtype=torch.float32, **kw):
+        logits = torch.empty((T, E), dtype=dtype, device="meta")
+        bias = torch.empty((E,), device="meta") if kw.pop("bias", False) else None
+        ids_in = torch.empty((T, k), dtype=torch.int32, device="meta") if kw.pop("given", False) else None
+        spec = R.RouterSpec(k, **kw)
+        start = len(calls)
+        R._triton_route(logits, bias, ids_in, spec, 2**31 - 1, R.DEFAULT_BLOCK_M)
+        ids = torch.empty((T, k), dtype=torch.int32, device="meta")
+        R._triton_route_backward(torch.empty((T, k), device="meta"), logits, ids, spec)
+        for i in range(start, len(calls)):
+            calls[i] = calls[i] + (variant, R.resolve_config(T, E, k, dtype == torch.float64))
+
+    real = {n: getattr(K, n) for n in _ROUTING_KERNELS}
+    try:
+        for n in _ROUTING_KERNELS:
+            setattr(K, n, Recorder(n, real[n]))
+        for E in (1, 2, 8, 61, 128, 256, 1024, R.MAX_EXPERTS):
+            for k in sorted({1, min(8, E), E}):
+                for T in (5, 1 << 20):
+                    launches(T, E, k, "fp32 mixtral")
+            k, T = min(8, E), 1 << 20
+            launches(T, E, k, "bf16 qwen3", torch.bfloat16, renormalize=False)
+            launches(T, E, k, "fp32 given ids", given=True)
+            launches(T, E, k, "fp64 mixtral", torch.float64)
+            if E >= 4:
+                g = min(8, E // 2)
+                launches(T, E, k, "fp32 deepseek", scoring="sigmoid", bias=True, n_groups=g,
+                         topk_groups=max(1, g // 2), routed_scaling=2.5, key_on_scores=True)
+                launches(T, E, k, "fp32 sigmoid", scoring="sigmoid", renormalize=False)
+    finally:
+        for n in _ROUTING_KERNELS:
+            setattr(K, n, real[n])
+
+    jobs: List[Job] = []
+    seen = set()
+    for target in targets:
+        for name, kernel, kw, variant, cfg in calls:
+            sig, cons, attrs, opts = jit_specialization(kernel, kw, target)
+            cons = {k: _constexpr_json(v) for k, v in cons.items()}
+            key = (target, name, tuple(sorted(sig.items())), tuple(sorted(cons.items(), key=str)),
+                   opts.get("num_warps"))
+            if key in seen:
+                continue
+            seen.add(key)
+            jobs.append(Job(
+                family="routing", module=_ROUTING_MODULE, kernel=name,
+                config=f"BLOCK_T={cfg.block_t} E_PAD={cfg.e_pad} K_PAD={cfg.k_pad} w={opts.get('num_warps')}",
+                variant=variant, target=int(target), signature=sig, constexprs=cons, attrs=attrs,
+                options={"num_warps": opts.get("num_warps", 4)},
+            ))
+    return jobs
+
+
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
 FAMILIES: Dict[str, Family] = {
     "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
     "bilinear": Family("bilinear", _BILINEAR_MODULE, _bilinear_jobs),
+    "routing": Family("routing", _ROUTING_MODULE, _routing_jobs),
 }
 
 

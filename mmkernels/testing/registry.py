@@ -224,3 +224,59 @@ _bilinear((256,), 128, 128, 64, torch.float32, {"bench"})
 _bilinear((8192,), 256, 256, 256, torch.bfloat16, {"gpu"})
 _bilinear((64,), 256, 256, 256, torch.bfloat16, {"gpu"})
 _bilinear((8192,), 256, 256, 64, torch.float32, {"gpu"})
+
+
+# ----------------------------------------------------------------------------------------------
+# routing family (MoE routers): ops = router styles (ROUTING_STYLES); shape = (T, E); params k
+# (+ the style's route() options); inputs logits (T, E), bias (E,) for styles with a selection
+# bias, dw (T, k) an incoming gradient of the weights
+# ----------------------------------------------------------------------------------------------
+
+#: ``moe.route`` options of each router style, given its case params.
+ROUTING_STYLES = {
+    "mixtral": lambda p: {},
+    "qwen3": lambda p: {"renormalize": False},
+    "deepseek": lambda p: {"scoring": "sigmoid", "n_groups": p["n_groups"], "topk_groups": p["topk_groups"],
+                           "routed_scaling": p.get("routed_scaling", 2.5)},
+    "gptoss": lambda p: {"softmax_after_topk": True},
+}
+
+
+def routing_kwargs(case: Case, inputs: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """The keyword arguments of ``moe.route`` for ``case`` (besides logits and top_k)."""
+    kw = dict(ROUTING_STYLES[case.op](case.params))
+    if "bias" in inputs:
+        kw["selection_bias"] = inputs["bias"]
+    if case.params.get("capacity_factor") is not None:
+        kw["capacity_factor"] = case.params["capacity_factor"]
+    return kw
+
+
+@register_builder("routing")
+def _routing_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    T, E = case.shape
+    k = int(case.params["k"])
+    out = {"logits": _randn((T, E), case.dtype, device, gen, float(case.params.get("scale", 2.0))),
+           "dw": _randn((T, k), torch.float32, device, gen)}
+    if case.op == "deepseek":
+        out["bias"] = _randn((E,), torch.float32, device, gen, 0.1)
+    return out
+
+
+def _routing(style, T, E, k, dtype, tags, **params):
+    return register(Case("routing", style, (T, E), dtype, frozenset(tags), {"k": k, **params}))
+
+
+# the main job on CPU
+_routing("mixtral", 4096, 64, 8, torch.float32, {"bench"})
+_routing("deepseek", 2048, 256, 8, torch.float32, {"bench"}, n_groups=8, topk_groups=4)
+
+# the GPU suite: the acceptance size (T = 16384, E = 128, k = 8), the models' own shapes, decode
+for _dt in (torch.float32, torch.bfloat16):
+    _routing("mixtral", 16384, 128, 8, _dt, {"gpu"})
+    _routing("qwen3", 16384, 128, 8, _dt, {"gpu"})
+_routing("mixtral", 16384, 8, 2, torch.bfloat16, {"gpu"})
+_routing("deepseek", 16384, 256, 8, torch.float32, {"gpu"}, n_groups=8, topk_groups=4)
+_routing("gptoss", 16384, 128, 4, torch.bfloat16, {"gpu"})
+_routing("mixtral", 64, 128, 8, torch.bfloat16, {"gpu"})
+_routing("mixtral", 16384, 128, 8, torch.float32, {"gpu"}, capacity_factor=1.25)

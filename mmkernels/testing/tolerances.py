@@ -26,8 +26,11 @@ _BY_DTYPE = {
     torch.bfloat16: Tolerance(3e-2, 8e-3),
 }
 
+#: Integer and boolean results (indices, counts, masks) must be exact.
+_EXACT = {dtype: Tolerance(0.0, 0.0) for dtype in (torch.int32, torch.int64, torch.bool)}
+
 TOLERANCES: Dict[Tuple[str, torch.dtype], Tolerance] = {
-    (backend, dtype): tol for backend in ("cpu", "triton") for dtype, tol in _BY_DTYPE.items()
+    (backend, dtype): tol for backend in ("cpu", "triton") for dtype, tol in {**_BY_DTYPE, **_EXACT}.items()
 }
 
 
