@@ -101,3 +101,191 @@ def bilinear_magnitudes(z, x, w, dy):
     the scale its rounding error is measured against (a result can cancel to near zero)."""
     za, xa, wa, dya = (_f64(t).abs() for t in (z, x, w, dy))
     return (bilinear_ref(za, xa, wa),) + bilinear_grads_ref(za, xa, wa, dya)
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE routing: a naive per-token loop for the selection and the dispatch metadata, float64 torch
+# ops (differentiable) for the weights.
+# ----------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+
+def _rank(value: float, index: int):
+    """Sort key of one candidate, best first: NaN below everything (even -inf), ties to the lower index."""
+    return (math.isnan(value), 0.0 if math.isnan(value) else -value, index)
+
+
+def _best(values, candidates, n: int):
+    """The ``n`` best of ``candidates`` (indices into ``values``), best first."""
+    return sorted(candidates, key=lambda i: _rank(values[i], i))[:n]
+
+
+def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """exp(x - max) / Σ exp(x - max) over the last dim; differentiable, NaN rows stay NaN."""
+    if x.shape[-1] == 0 or x.numel() == 0:
+        return x.clone()
+    m = x.detach().amax(dim=-1, keepdim=True)
+    e = (x - m).exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def routing_keys_ref(logits, scoring="softmax", selection_bias=None, n_groups=None) -> torch.Tensor:
+    """The float64 selection key of every (token, expert): the logits themselves when there is no
+    bias and no grouping (softmax and sigmoid are monotone), else scores + bias."""
+    x = _f64(logits)
+    if selection_bias is None and n_groups is None:
+        return x
+    scores = _softmax_rows(x) if scoring == "softmax" else torch.sigmoid(x)
+    return scores + (_f64(selection_bias) if selection_bias is not None else 0.0)
+
+
+def select_experts_ref(keys: torch.Tensor, top_k: int, n_groups=None, topk_groups=None) -> torch.Tensor:
+    """(T, k) int64: per token, the ``top_k`` best keys, best first; with ``n_groups`` only among
+    the experts of the ``topk_groups`` groups of best top-2 key sum (DeepSeek-V3)."""
+    T, E = keys.shape
+    out = []
+    for row in keys.tolist():
+        candidates = range(E)
+        if n_groups is not None:
+            size = E // n_groups
+            members = [list(range(g * size, (g + 1) * size)) for g in range(n_groups)]
+            group_scores = [sum(row[e] for e in _best(row, members[g], 2)) for g in range(n_groups)]
+            kept = _best(group_scores, range(n_groups), topk_groups)
+            candidates = [e for g in kept for e in members[g]]
+        out.append(_best(row, candidates, top_k))
+    return torch.tensor(out, dtype=torch.int64).reshape(T, top_k)
+
+
+def routing_weights_ref(logits, expert_ids, *, scoring="softmax", renormalize=True, routed_scaling=1.0,
+                        softmax_after_topk=False) -> torch.Tensor:
+    """(T, k) float64 weights of the given choices; differentiable w.r.t. ``logits`` (autograd
+    through this function gives the reference gradients)."""
+    x = _f64_grad(logits)
+    ids = expert_ids.to("cpu", torch.int64)
+    chosen = x.gather(1, ids)
+    if scoring == "softmax":
+        if renormalize or softmax_after_topk:
+            w = _softmax_rows(chosen)                       # exp(l_j) / Σ_i exp(l_i) over the k choices
+        else:
+            w = _softmax_rows(x).gather(1, ids)             # the full softmax probability
+    else:
+        s = torch.sigmoid(chosen)
+        w = s / (s.sum(dim=-1, keepdim=True) + 1e-20) if renormalize else s
+    return w * routed_scaling
+
+
+def routing_grad_magnitude_ref(logits, expert_ids, dw, *, scoring="softmax", renormalize=True,
+                               routed_scaling=1.0, softmax_after_topk=False) -> torch.Tensor:
+    """(T, E) float64: the size of the terms each element of d(logits) is summed from, for the
+    incoming gradient ``dw`` -- the scale its rounding error is measured against (the gradient
+    itself cancels: a renormalised single choice has gradient 0)."""
+    x, g = _f64(logits), _f64(dw).abs()
+    ids = expert_ids.to("cpu", torch.int64)
+    mag = torch.zeros_like(x)
+    if ids.numel() == 0:
+        return mag
+    chosen = x.gather(1, ids)
+    if scoring == "softmax" and not (renormalize or softmax_after_topk):
+        p = _softmax_rows(x)
+        gw = g * p.gather(1, ids)                                         # |g_j| p_{e_j}
+        mag.scatter_add_(1, ids, gw)
+        mag += p * gw.sum(dim=-1, keepdim=True)
+    elif scoring == "softmax":
+        q = _softmax_rows(chosen)
+        mag.scatter_add_(1, ids, q * (g + (g * q).sum(dim=-1, keepdim=True)))
+    else:
+        s = torch.sigmoid(chosen)
+        if renormalize:
+            d = s.sum(dim=-1, keepdim=True) + 1e-20
+            mag.scatter_add_(1, ids, s * (g / d + (g * s).sum(dim=-1, keepdim=True) / d**2))
+        else:
+            mag.scatter_add_(1, ids, s * g)
+    return mag * abs(routed_scaling)
+
+
+def dispatch_ref(expert_ids: torch.Tensor, num_experts: int, capacity, block_m: int) -> dict:
+    """The dispatch metadata of (T, k) choices, slot by slot (slot s = t·k + j); int32 / bool tensors."""
+    T, k = expert_ids.shape
+    E, n = num_experts, T * k
+    flat = expert_ids.reshape(-1).tolist()
+    counts, dropped = [0] * E, []
+    for e in flat:                                  # the first `capacity` slots of each expert stay
+        drop = capacity is not None and counts[e] >= capacity
+        counts[e] += 0 if drop else 1
+        dropped.append(drop)
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    sorted_slots = sorted(range(n), key=lambda s: (dropped[s], flat[s], s))
+    slot_rows = [0] * n
+    for row, s in enumerate(sorted_slots):
+        slot_rows[s] = row
+    max_tiles = n // block_m + min(E, n)
+    tiles = [(e, offsets[e] + i * block_m) for e in range(E) for i in range(-(-counts[e] // block_m))]
+    pad = [(-1, -1)] * (max_tiles - len(tiles))
+
+    def i32(v):
+        return torch.tensor(v, dtype=torch.int32)
+
+    return {
+        "counts": i32(counts),
+        "offsets": i32(offsets),
+        "sorted_slots": i32(sorted_slots),
+        "slot_rows": i32(slot_rows),
+        "dropped": torch.tensor(dropped, dtype=torch.bool).reshape(T, k),
+        "tile_experts": i32([e for e, _ in tiles + pad]),
+        "tile_row_starts": i32([r for _, r in tiles + pad]),
+        "num_tiles": i32([len(tiles)]),
+        "capacity": capacity,
+        "max_tiles": max_tiles,
+    }
+
+
+def route_ref(logits, top_k, *, scoring="softmax", renormalize=True, selection_bias=None, n_groups=None,
+              topk_groups=None, routed_scaling=1.0, softmax_after_topk=False, capacity_factor=None,
+              expert_ids=None, block_m=64) -> dict:
+    """Everything ``moe.route`` returns, naively: ``weights`` (float64, differentiable w.r.t.
+    ``logits``), ``expert_ids`` (int32) and the dispatch metadata of :func:`dispatch_ref`."""
+    T, E = logits.shape
+    if expert_ids is None:
+        keys = routing_keys_ref(logits, scoring, selection_bias, n_groups)
+        ids = select_experts_ref(keys, top_k, n_groups, topk_groups)
+    else:
+        ids = expert_ids.to("cpu", torch.int64)
+        top_k = ids.shape[1]
+    capacity = None if capacity_factor is None else math.ceil(capacity_factor * T * top_k / E)
+    out = dispatch_ref(ids, E, capacity, block_m)
+    out["weights"] = routing_weights_ref(logits, ids, scoring=scoring, renormalize=renormalize,
+                                         routed_scaling=routed_scaling, softmax_after_topk=softmax_after_topk)
+    out["expert_ids"] = ids.to(torch.int32)
+    return out
+
+
+def load_balancing_loss_ref(gate_logits, num_experts, top_k=2, attention_mask=None) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (eqs. 4-6) over the layers of ``gate_logits`` (a tensor is
+    one layer): E · Σ_e f_e · P_e, f_e = (masked) top-k choices of e per token, P_e = (masked) mean
+    probability of e. Differentiable w.r.t. the logits through P."""
+    if isinstance(gate_logits, torch.Tensor):
+        gate_logits = (gate_logits,)
+    x = torch.cat([_f64_grad(g) for g in gate_logits])
+    p = _softmax_rows(x)
+    if attention_mask is None:
+        mask = torch.ones(x.shape[0], dtype=torch.float64)
+    else:
+        mask = _f64(attention_mask).reshape(-1).repeat(len(gate_logits))
+    f = torch.zeros(num_experts, dtype=torch.float64)
+    for t, row in enumerate(p.detach().tolist()):
+        for e in _best(row, range(num_experts), top_k):
+            f[e] += mask[t]
+    total = mask.sum()
+    big_p = (p * mask[:, None]).sum(0) / total
+    return num_experts * ((f / total) * big_p).sum()
+
+
+def router_z_loss_ref(logits) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2, in float64; differentiable."""
+    x = _f64_grad(logits)
+    m = x.detach().amax(dim=-1, keepdim=True)
+    lse = ((x - m).exp().sum(-1).log() + m.squeeze(-1))
+    return (lse**2).mean()

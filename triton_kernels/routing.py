@@ -12,15 +12,16 @@ Counting sort, deterministic, with no atomics:
 1. ``route_topk_kernel``: block ``b`` writes ``hist[b, e]`` (its slots of expert ``e``) and each
    slot's ``rank`` among the block's earlier slots of its expert (an exclusive scan over the
    tokens of the block);
-2. ``route_scan_kernel`` (one program): ``base[b, e] = Σ_{b' < b} hist[b', e]`` (the expert's slots
-   in earlier blocks), per-expert totals, capacity, ``offsets``, the tile counts;
+2. ``route_scan_kernel`` (one program per ``EB`` experts): ``base[b, e] = Σ_{b' < b} hist[b', e]``
+   (the expert's slots in earlier blocks) and per-expert totals; the last program to finish turns
+   the totals into counts (capacity), ``offsets``, drop rows and the tile counts;
 3. ``route_scatter_kernel``: slot ``s`` of expert ``e`` is ``r = base[b, e] + rank``-th of its
    expert, so its row is ``offsets[e] + r`` (kept, ``r < CAP``) or
    ``drop_base[e] + r - CAP`` (dropped); it writes ``sorted_slots[row] = s`` and
    ``slot_rows[s] = row``, and fills the tile table.
 
 Selection: ``K`` rounds of arg-max over the row (ties to the lowest column; NaN keys rank below
--inf), so any ``K <= E`` works. Weight math runs in ``ACC`` (float32, float64 for float64 logits).
+-inf; a group's score counts NaN keys as -inf), so any ``K <= E`` works. Weight math runs in ``ACC`` (float32, float64 for float64 logits).
 """
 import triton
 import triton.language as tl
@@ -61,9 +62,9 @@ def _slot_weights(lsel, valid, SCORING: tl.constexpr, RENORM: tl.constexpr, m_ro
 @triton.jit
 def route_topk_kernel(
     logits_ptr, bias_ptr, ids_in_ptr,
-    weights_ptr, ids_ptr, rank_ptr, hist_ptr,
+    weights_ptr, ids_ptr, rank_ptr, hist_ptr, done_ptr,
     T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS,
-    s_lt, s_le, s_it, s_ij,
+    s_lt, s_le, s_it, s_ij, s_b,
     scaling,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
     SCORING: tl.constexpr, RENORM: tl.constexpr, KEY_ON_SCORES: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -72,7 +73,8 @@ def route_topk_kernel(
     """Scores, top-k, weights, block histogram and in-block ranks for ``BLOCK_T`` tokens.
 
     Writes ``weights`` (T, K), ``ids`` (T, K) int32, ``rank`` (T, K) int32 (the slot's rank among
-    the earlier slots of the block with the same expert) and ``hist[pid, :E]`` int32.
+    the earlier slots of the block with the same expert) and ``hist[pid, :E]`` int32; program 0
+    zeroes the scan's completion counter ``done``.
     ``KEY_ON_SCORES``: select on ``scores (+ bias)``, else on the logits (same order, no rounding).
     ``G_PAD > 1``: group-limited selection (group score = sum of its top-2 keys; keep
     ``TOPK_GROUPS`` of ``N_GROUPS`` groups of ``GROUP_SIZE`` experts; ``G_PAD`` = N_GROUPS
@@ -80,6 +82,8 @@ def route_topk_kernel(
     ``ids_in`` (clamped into ``[0, E)``) instead of selecting.
     """
     pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(done_ptr, 0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     kcols = tl.arange(0, K_PAD)
@@ -103,10 +107,11 @@ def route_topk_kernel(
             else:
                 key = 1.0 / (1.0 + tl.exp(-l))
             if HAS_BIAS:
-                key += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+                key += tl.load(bias_ptr + cols * s_b, mask=cmask, other=0.0).to(ACC)[None, :]
         else:
             key = l
-        key = tl.where(key != key, float("-inf"), key)  # NaN ranks lowest ...
+        nan = key != key
+        key = tl.where(nan, float("-inf"), key)  # NaN ranks lowest (below -inf: see the loop)
         avail = (cols[None, :] < E) & (offs_t[:, None] >= 0)  # [BLOCK_T, E_PAD]
         if G_PAD > 1:
             # group score: the sum of the group's two best keys; keep the TOPK_GROUPS best groups
@@ -133,9 +138,11 @@ def route_topk_kernel(
                 col_kept += tl.where(group[None, :] == g, _column(gkept, gcols, g)[:, None], 0)
             avail = avail & (col_kept > 0)
         for j in range(K):
-            kj = tl.where(avail, key, float("-inf"))
+            ok = avail & ~nan  # numbers first (-inf included), the NaN keys after them
+            kj = tl.where(ok, key, float("-inf"))
             best = tl.max(kj, axis=1)
-            idx = tl.min(tl.where(avail & (kj == best[:, None]), cols[None, :], E_PAD), axis=1)
+            idx = tl.min(tl.where(ok & (kj == best[:, None]), cols[None, :], E_PAD), axis=1)
+            idx = tl.where(idx < E_PAD, idx, tl.min(tl.where(avail, cols[None, :], E_PAD), axis=1))
             idx = tl.minimum(idx, E - 1)  # never out of bounds, whatever the keys
             avail = avail & (cols[None, :] != idx[:, None])
             ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
@@ -170,34 +177,45 @@ def route_topk_kernel(
 
 @triton.jit
 def route_scan_kernel(
-    hist_ptr, base_ptr, counts_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr,
+    hist_ptr, base_ptr, total_ptr, done_ptr,
+    counts_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr,
     NB, E, CAP,
-    E_PAD: tl.constexpr, CHUNK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr, EB: tl.constexpr, CHUNK_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """One program: ``base[b, e] = Σ_{b'<b} hist[b', e]``; ``counts`` (kept, ``min(total, CAP)``),
+    """Program ``pid`` scans experts ``pid·EB ..`` down the block histograms:
+    ``base[b, e] = Σ_{b'<b} hist[b', e]`` and ``total[e]``. The last program to finish (a counter
+    that the router kernel zeroed, incremented with acquire-release semantics, so it sees every
+    other program's totals) turns the totals into ``counts`` (kept, ``min(total, CAP)``),
     ``offsets`` (E + 1), ``drop_base`` (first row of each expert's dropped slots), ``tile_end``
     (inclusive prefix sum of the tiles per expert) and ``num_tiles``."""
-    cols = tl.arange(0, E_PAD)
+    pid = tl.program_id(0)
+    cols = pid * EB + tl.arange(0, EB)
     cmask = cols < E
     rows = tl.arange(0, CHUNK_B)
-    carry = tl.zeros([E_PAD], dtype=tl.int32)
+    carry = tl.zeros([EB], dtype=tl.int32)
     for b0 in range(0, NB, CHUNK_B):
         b = b0 + rows
         m = (b[:, None] < NB) & cmask[None, :]
         h = tl.load(hist_ptr + b[:, None] * E + cols[None, :], mask=m, other=0)
         tl.store(base_ptr + b[:, None] * E + cols[None, :], tl.cumsum(h, axis=0) - h + carry[None, :], mask=m)
         carry += tl.sum(h, axis=0)
-    kept = tl.minimum(carry, CAP)
-    off = tl.cumsum(kept, axis=0) - kept
-    total_kept = tl.sum(kept, axis=0)
-    drops = carry - kept
-    tl.store(counts_ptr + cols, kept, mask=cmask)
-    tl.store(offsets_ptr + cols, off, mask=cmask)
-    tl.store(offsets_ptr + E, total_kept)
-    tl.store(drop_base_ptr + cols, tl.cumsum(drops, axis=0) - drops + total_kept, mask=cmask)
-    tiles = (kept + BLOCK_M - 1) // BLOCK_M
-    tl.store(tile_end_ptr + cols, tl.cumsum(tiles, axis=0), mask=cmask)
-    tl.store(num_tiles_ptr, tl.sum(tiles, axis=0))
+    tl.store(total_ptr + cols, carry, mask=cmask)
+    done = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        ecols = tl.arange(0, E_PAD)
+        emask = ecols < E
+        total = tl.load(total_ptr + ecols, mask=emask, other=0, cache_modifier=".cg")
+        kept = tl.minimum(total, CAP)
+        off = tl.cumsum(kept, axis=0) - kept
+        total_kept = tl.sum(kept, axis=0)
+        drops = total - kept
+        tl.store(counts_ptr + ecols, kept, mask=emask)
+        tl.store(offsets_ptr + ecols, off, mask=emask)
+        tl.store(offsets_ptr + E, total_kept)
+        tl.store(drop_base_ptr + ecols, tl.cumsum(drops, axis=0) - drops + total_kept, mask=emask)
+        tiles = (kept + BLOCK_M - 1) // BLOCK_M
+        tl.store(tile_end_ptr + ecols, tl.cumsum(tiles, axis=0), mask=emask)
+        tl.store(num_tiles_ptr, tl.sum(tiles, axis=0))
 
 
 @triton.jit

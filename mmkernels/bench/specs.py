@@ -204,13 +204,12 @@ class TorchReferences:
         T, E = l.shape
         scores = torch.sigmoid(l) if scoring == "sigmoid" else torch.softmax(l, -1)
 
-        def best_first(key, allowed=None):  # descending, NaN lowest, ties to the lower index
-            key = torch.where(torch.isnan(key), float("-inf"), key)
-            if allowed is not None:  # disallowed columns after every allowed one
-                key = torch.where(allowed, key, float("-inf"))
-                order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-                return order.gather(-1, torch.sort((~allowed.gather(-1, order)).byte(), dim=-1, stable=True).indices)
-            return torch.sort(key, dim=-1, descending=True, stable=True).indices
+        def best_first(key, allowed=None):  # descending, NaN after -inf, ties to the lower index
+            nan = torch.isnan(key)
+            order = torch.sort(torch.where(nan, float("-inf"), key), dim=-1, descending=True, stable=True).indices
+            for flag in ([nan] if allowed is None else [nan, ~allowed]):  # disallowed after all allowed
+                order = order.gather(-1, torch.sort(flag.gather(-1, order).byte(), dim=-1, stable=True).indices)
+            return order
 
         if expert_ids is not None:
             ids = expert_ids.long()

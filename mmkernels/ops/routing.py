@@ -9,8 +9,8 @@ One routing is three launches on the Triton path, none of which waits on the hos
 
 1. ``route_topk_kernel`` — per block of tokens: scores, top-k, weights, per-block expert
    histogram and each slot's rank among the block's slots of its expert;
-2. ``route_scan_kernel`` (one program) — prefix sums over the block histograms: per-expert counts,
-   offsets, capacity drops, the tile count;
+2. ``route_scan_kernel`` (a program per 16 experts) — prefix sums down the block histograms; the
+   last program to finish makes the per-expert counts, offsets, capacity drops and tile counts;
 3. ``route_scatter_kernel`` — the stable scatter (``sorted_slots`` and its inverse) and the tile
    table of the grouped GEMM.
 """
@@ -138,10 +138,11 @@ class RouterSpec:
 
 #: Elements of the ``[BLOCK_T, E_PAD]`` logit tile one router program aims for (half for fp64).
 TARGET_TILE = 1024
-#: Elements of one step of the scan over the block histograms, and its most rows a step (the
-#: compile tier showed a 4096x2 step spilling: the scan runs along the rows).
+#: Elements of one step of the scan over the block histograms, its most rows a step (the compile
+#: tier showed a 4096x2 step spilling: the scan runs along the rows) and experts per scan program.
 SCAN_TILE = 4096
 SCAN_MAX_ROWS = 256
+SCAN_EXPERTS = 16
 #: Tiles of the tile table filled per scatter program.
 TILE_CHUNK = 32
 
@@ -149,13 +150,14 @@ TILE_CHUNK = 32
 @dataclasses.dataclass(frozen=True)
 class RoutingConfig:
     """Launch configuration of one routing: the router / scatter / backward token block, warps,
-    and the scan's step."""
+    and the scan's step (``chunk_b`` blocks by ``scan_cols`` experts)."""
 
     block_t: int
     e_pad: int
     k_pad: int
     num_warps: int
     chunk_b: int
+    scan_cols: int
     scan_warps: int = 4
 
     @property
@@ -178,8 +180,9 @@ def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
     block_t = max(1, min(64, target // e_pad, _p2(max(T, 1))))
     tile = block_t * e_pad
     num_warps = max(1, min(8, tile * (2 if f64 else 1) // 128))
-    chunk_b = max(1, min(SCAN_MAX_ROWS, SCAN_TILE // e_pad))
-    return RoutingConfig(block_t, e_pad, k_pad, num_warps, chunk_b)
+    scan_cols = min(e_pad, SCAN_EXPERTS)
+    chunk_b = max(1, min(SCAN_MAX_ROWS, SCAN_TILE // scan_cols))
+    return RoutingConfig(block_t, e_pad, k_pad, num_warps, chunk_b, scan_cols)
 
 
 def launch_configs():
@@ -313,6 +316,8 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
     base = torch.empty((nb, E), **i32)
     counts = torch.empty((E,), **i32)
     offsets = torch.empty((E + 1,), **i32)
+    total = torch.empty((E,), **i32)
+    done = torch.empty((1,), **i32)  # zeroed by the router kernel
     drop_base = torch.empty((E,), **i32)
     tile_end = torch.empty((E,), **i32)
     num_tiles = torch.empty((1,), **i32)
@@ -325,10 +330,11 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
     K.route_topk_kernel[(nb,)](
         logits_ptr=logits, bias_ptr=bias if bias is not None else logits,
         ids_in_ptr=ids_in if given else ids,
-        weights_ptr=weights, ids_ptr=ids, rank_ptr=rank, hist_ptr=hist,
+        weights_ptr=weights, ids_ptr=ids, rank_ptr=rank, hist_ptr=hist, done_ptr=done,
         T=T, E=E, K=k, N_GROUPS=spec.n_groups, GROUP_SIZE=E // spec.n_groups, TOPK_GROUPS=spec.topk_groups,
         s_lt=logits.stride(0), s_le=logits.stride(1),
         s_it=ids_in.stride(0) if given else k, s_ij=ids_in.stride(1) if given else 1,
+        s_b=bias.stride(0) if bias is not None else 1,
         scaling=spec.routed_scaling,
         BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
         SCORING=int(spec.sigmoid), RENORM=spec.renormalize, KEY_ON_SCORES=spec.key_on_scores,
@@ -336,11 +342,12 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
         GIVEN_IDS=given, EPS=SIGMOID_RENORM_EPS, ACC=_acc(logits.dtype),
         num_warps=cfg.num_warps,
     )
-    K.route_scan_kernel[(1,)](
-        hist_ptr=hist, base_ptr=base, counts_ptr=counts, offsets_ptr=offsets, drop_base_ptr=drop_base,
+    K.route_scan_kernel[(-(-E // cfg.scan_cols),)](
+        hist_ptr=hist, base_ptr=base, total_ptr=total, done_ptr=done,
+        counts_ptr=counts, offsets_ptr=offsets, drop_base_ptr=drop_base,
         tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
         NB=nb, E=E, CAP=cap,
-        E_PAD=cfg.e_pad, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
+        E_PAD=cfg.e_pad, EB=cfg.scan_cols, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
         num_warps=cfg.scan_warps,
     )
     grid = max(nb, -(-n_tiles // TILE_CHUNK))
@@ -387,13 +394,13 @@ def _scores(l: torch.Tensor, sigmoid: bool) -> torch.Tensor:
 
 
 def _best_first(key: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Column order per row: allowed columns first, then by descending key (NaN lowest), ties to
-    the lower column."""
-    key = torch.where(torch.isnan(key), float("-inf"), key)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    if allowed is not None:
-        rank = torch.sort((~allowed.gather(-1, order)).to(torch.uint8), dim=-1, stable=True).indices
-        order = order.gather(-1, rank)
+    """Column order per row: allowed columns first, then by descending key (NaN after -inf), ties
+    to the lower column."""
+    nan = torch.isnan(key)
+    order = torch.sort(torch.where(nan, float("-inf"), key), dim=-1, descending=True, stable=True).indices
+    later = [nan] if allowed is None else [nan, ~allowed]  # each stable pass keeps the order before it
+    for flag in later:
+        order = order.gather(-1, torch.sort(flag.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
     return order
 
 
