@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, Triton interpreter, tiny fp32/fp16 cases: check that the script runs")
+    p.add_argument("--family", action="append", default=None, metavar="NAME",
+                   help="only these op families, in this order (repeatable; default: every family)")
     p.add_argument("--filter", default=None, metavar="SUBSTR",
                    help="only variants whose '<case id> <op> <direction>' (fwd, bwd, fwd+bwd) contains "
                         "every word of SUBSTR")
@@ -306,6 +308,8 @@ def main(argv=None) -> int:
                                     graph=True, eager_timing=True, compile_baseline=args.compile_baseline)
         ceilings = bench.measure_ceilings(device)
     print(bench.ceilings_line(ceilings), flush=True)
+    if args.family:
+        case_list = [c for fam in args.family for c in case_list if c.family == fam]
     skipped_families = unavailable_families()
     for family, why in skipped_families.items():
         n = sum(c.family == family for c in case_list)
@@ -330,7 +334,9 @@ def main(argv=None) -> int:
     from mmkernels.bench import explore as ex
 
     explored = []
-    if time.perf_counter() - t_start < budget_s:
+    if args.family and "softmax" not in args.family:
+        print("config exploration (softmax probes) skipped: --family leaves out softmax", flush=True)
+    elif time.perf_counter() - t_start < budget_s:
         probes = ex.SOFTMAX_DRY_PROBES if args.dry_run else ex.SOFTMAX_PROBES
         print(f"config exploration: {len(probes)} probes", flush=True)
         explored = ex.explore(probes, device, ceilings, **opts.timing_kwargs())
