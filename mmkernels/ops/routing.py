@@ -598,6 +598,7 @@ class RouteFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, out[1])
         ctx.spec = spec
         ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the nine integer outputs
         return tuple(out)
 
     @staticmethod

@@ -252,14 +252,44 @@ def routing_kwargs(case: Case, inputs: Dict[str, torch.Tensor]) -> Dict[str, obj
     return kw
 
 
+#: Relative gap under which two selection keys (or group scores) computed in float32 may order
+#: differently than in float64.
+NEAR_TIE = 1e-5
+
+
+def _near_ties(logits: torch.Tensor, bias: torch.Tensor, k: int, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """Rows whose DeepSeek-V3 selection (sigmoid + bias, group top-2 sums) has a near tie among the
+    ranks that decide it: fp32 rounding could then choose or order differently than float64."""
+    key = torch.sigmoid(logits.double().cpu()) + bias.double().cpu()
+    T, E = key.shape
+    gs = key.view(T, n_groups, E // n_groups).topk(2, dim=-1).values.sum(-1)
+
+    def close(v, n):  # adjacent gaps among the n + 1 largest
+        top = v.topk(min(n + 1, v.shape[1]), dim=-1).values
+        return ((top[:, :-1] - top[:, 1:]) <= NEAR_TIE * top[:, :-1].abs()).any(-1)
+
+    return close(key, k) | close(gs, topk_groups) if n_groups > 1 else close(key, k)
+
+
 @register_builder("routing")
 def _routing_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Logits ``randn · scale``; DeepSeek-V3 cases also a bias ``randn · 0.1``, and their rows with a
+    near tie in the selection (:func:`_near_ties`) are drawn again, so that checks against a float64
+    reference can be exact (the logits-keyed routers select on the stored logits: no rounding)."""
     T, E = case.shape
     k = int(case.params["k"])
-    out = {"logits": _randn((T, E), case.dtype, device, gen, float(case.params.get("scale", 2.0))),
+    scale = float(case.params.get("scale", 2.0))
+    out = {"logits": _randn((T, E), case.dtype, device, gen, scale),
            "dw": _randn((T, k), torch.float32, device, gen)}
     if case.op == "deepseek":
-        out["bias"] = _randn((E,), torch.float32, device, gen, 0.1)
+        out["bias"] = bias = _randn((E,), torch.float32, device, gen, 0.1)
+        logits = out["logits"]
+        for _ in range(20):
+            bad = _near_ties(logits, bias, k, int(case.params["n_groups"]), int(case.params["topk_groups"]))
+            rows = bad.nonzero().flatten()
+            if rows.numel() == 0:
+                break
+            logits[rows.to(logits.device)] = _randn((rows.numel(), E), case.dtype, device, gen, scale)
     return out
 
 
