@@ -87,16 +87,21 @@ def main(argv=None) -> int:
                 ms, err = t.median_ms, None
             except Exception as exc:  # noqa: BLE001 - a config that fails is a result
                 same, ms, err, differ = False, None, f"{type(exc).__name__}: {str(exc)[:200]}", []
-            if differ and not err:  # which one is right: the float64 reference of tests/reference.py
-                sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-                from tests.reference import route_ref
+            if differ and not err:  # which side is right: the float64 reference of tests/reference.py
+                try:
+                    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+                    from tests.reference import route_ref
 
-                ref = route_ref(logits.double().cpu(), k, selection_bias=None if bias is None else bias.double().cpu(),
-                                **{a: b for a, b in kw.items() if a != "key_on_scores"})
-                for label, out in (("config", got), ("resolver", want)):
-                    bad = [n for n, t in zip(("expert_ids", "counts", "offsets", "sorted_slots"), out[1:5])
-                           if not torch.equal(t.cpu(), ref[n].to(t.dtype))]
-                    differ.append(f"{label} vs float64 reference: {'exact' if not bad else 'DIFFERS in ' + '/'.join(bad)}")
+                    ref = route_ref(logits.double().cpu(), k,
+                                    selection_bias=None if bias is None else bias.double().cpu(),
+                                    **{a: b for a, b in kw.items() if a != "key_on_scores"})
+                    for label, out in (("config", got), ("resolver", want)):
+                        bad = [n for n, t in zip(("expert_ids", "counts", "offsets", "sorted_slots"), out[1:5])
+                               if not torch.equal(t.cpu(), ref[n].to(t.dtype))]
+                        differ.append(f"{label} vs float64 reference: "
+                                      f"{'exact' if not bad else 'DIFFERS in ' + '/'.join(bad)}")
+                except Exception as exc:  # noqa: BLE001 - a diagnostic
+                    differ.append(f"reference comparison failed: {type(exc).__name__}: {exc}")
             rows.append({"shape": f"{style} {T}x{E} k={k} {str(dtype)[6:]}", "config": dataclasses.asdict(cfg),
                          "resolver": cfg == base_cfg, "ms": ms, "same_as_resolver": same, "differs": differ,
                          "error": err})
