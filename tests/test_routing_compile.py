@@ -1,0 +1,48 @@
+"""Routing kernels in the compile tier (sm_80 and sm_90: no local memory at any launch config) and
+the launch count of one routing (three kernels, no host synchronisation in between)."""
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import moe
+from mmkernels._triton import routing as K
+from tests.conftest import backends, compile_family, describe_results, record_launches
+
+COMPILE_TARGETS = (80, 90)
+KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "route_bwd_kernel")
+
+
+@pytest.fixture(scope="module")
+def routing_results():
+    return compile_family("routing", COMPILE_TARGETS)
+
+
+@pytest.mark.compile
+def test_routing_compiles_without_local_memory(routing_results):
+    assert routing_results
+    not_compiled = [r for r in routing_results if not r.compiled]
+    assert not not_compiled, "compile failures:\n" + describe_results(not_compiled)
+    spills = [r for r in routing_results if r.local_memory != 0 or r.spill_stores != 0]
+    assert not spills, "local memory / spills:\n" + describe_results(spills)
+    violated = [r for r in routing_results if r.violations]
+    assert not violated, "expectations violated:\n" + describe_results(violated)
+    covered = {(r.kernel, r.target) for r in routing_results}
+    assert covered == {(k, t) for k in KERNELS for t in COMPILE_TARGETS}
+    # every router style and dtype class the jobs promise was compiled
+    variants = {r.variant for r in routing_results if r.kernel == "route_topk_kernel"}
+    assert {"fp32 mixtral", "bf16 qwen3", "fp32 deepseek", "fp32 given ids", "fp64 mixtral"} <= variants
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backends() if p.values[0] == "triton"])
+@pytest.mark.parametrize("kwargs", [{}, dict(scoring="sigmoid", selection_bias=torch.zeros(64), n_groups=8,
+                                             topk_groups=4, routed_scaling=2.5), dict(capacity_factor=1.0)],
+                         ids=["mixtral", "deepseek", "capacity"])
+def test_route_is_three_launches(monkeypatch, backend, device, kwargs):
+    """One routing = the router, the scan and the scatter; the backward is one more."""
+    mmkernels.set_backend(backend)
+    calls = record_launches(monkeypatch, K, KERNELS)
+    logits = torch.randn(300, 64, device=device)
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        moe.route(logits, 8, **kwargs)
+    assert [name for name, _, _ in calls] == ["route_topk_kernel", "route_scan_kernel", "route_scatter_kernel"]
