@@ -61,6 +61,21 @@ def describe_results(results) -> str:
                      f"local={r.local_memory})" for r in results)
 
 
+def assert_compiled_clean(results, kernels, targets):
+    """Every compile-tier result compiled, with no local memory / spills and no violated
+    expectation, and every kernel of ``kernels`` was built for every target of ``targets``."""
+    assert results
+    not_compiled = [r for r in results if not r.compiled]
+    assert not not_compiled, "compile failures:\n" + describe_results(not_compiled)
+    spills = [r for r in results if r.local_memory != 0 or r.spill_stores != 0]
+    assert not spills, "local memory / spills:\n" + describe_results(spills)
+    violated = [r for r in results if r.violations]
+    assert not violated, "expectations violated:\n" + describe_results(violated)
+    built = {(r.kernel, r.target) for r in results}
+    missing = [(k, t) for k in kernels for t in targets if (k, t) not in built]
+    assert not missing, f"never compiled: {missing}"
+
+
 def record_launches(monkeypatch, module, names):
     """Replace the kernels ``names`` of ``module`` by recorders: launching one appends
     ``(name, real kernel, launch kwargs)`` to the returned list and runs nothing."""

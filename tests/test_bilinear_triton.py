@@ -15,7 +15,7 @@ import torch
 from mmkernels.ops import bilinear as BT
 from mmkernels.testing.asserts import assert_close
 from mmkernels.testing.poison import poison_allocations
-from tests.conftest import compile_family, describe_results, record_launches
+from tests.conftest import assert_compiled_clean, compile_family, describe_results, record_launches
 from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,18 +192,10 @@ def bilinear_results():
 def test_bilinear_compiles_without_local_memory(bilinear_results):
     from mmkernels.testing import compile_tier as C
 
-    assert bilinear_results
-    not_compiled = [r for r in bilinear_results if not r.compiled]
-    assert not not_compiled, "compile failures:\n" + describe_results(not_compiled)
-    spills = [r for r in bilinear_results if r.local_memory != 0 or r.spill_stores != 0]
-    assert not spills, "local memory / spills:\n" + describe_results(spills)
-    violated = [r for r in bilinear_results if r.violations]
-    assert not violated, "expectations violated:\n" + describe_results(violated)
+    assert_compiled_clean(bilinear_results,
+                          ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"),
+                          COMPILE_TARGETS)
     assert C.summary(bilinear_results)[0] == 0
-    kernels = {(r.kernel, r.target) for r in bilinear_results}
-    for k in ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"):
-        for t in COMPILE_TARGETS:
-            assert (k, t) in kernels, (k, t)
 
 
 @pytest.mark.compile

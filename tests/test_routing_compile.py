@@ -6,7 +6,7 @@ import torch
 import mmkernels
 from mmkernels import moe
 from mmkernels._triton import routing as K
-from tests.conftest import backends, compile_family, describe_results, record_launches
+from tests.conftest import assert_compiled_clean, backends, compile_family, record_launches
 
 COMPILE_TARGETS = (80, 90)
 KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "route_bwd_kernel")
@@ -19,15 +19,8 @@ def routing_results():
 
 @pytest.mark.compile
 def test_routing_compiles_without_local_memory(routing_results):
-    assert routing_results
-    not_compiled = [r for r in routing_results if not r.compiled]
-    assert not not_compiled, "compile failures:\n" + describe_results(not_compiled)
-    spills = [r for r in routing_results if r.local_memory != 0 or r.spill_stores != 0]
-    assert not spills, "local memory / spills:\n" + describe_results(spills)
-    violated = [r for r in routing_results if r.violations]
-    assert not violated, "expectations violated:\n" + describe_results(violated)
-    covered = {(r.kernel, r.target) for r in routing_results}
-    assert covered == {(k, t) for k in KERNELS for t in COMPILE_TARGETS}
+    assert_compiled_clean(routing_results, KERNELS, COMPILE_TARGETS)
+    assert {r.kernel for r in routing_results} == set(KERNELS)
     # every router style and dtype class the jobs promise was compiled
     variants = {r.variant for r in routing_results if r.kernel == "route_topk_kernel"}
     assert {"fp32 mixtral", "bf16 qwen3", "fp32 deepseek", "fp32 given ids", "fp64 mixtral"} <= variants
