@@ -15,7 +15,7 @@ import torch
 from mmkernels.ops import bilinear as BT
 from mmkernels.testing.asserts import assert_close
 from mmkernels.testing.poison import poison_allocations
-from tests.conftest import assert_compiled_clean, compile_family, describe_results, record_launches
+from tests.conftest import assert_compiled_clean, compile_family, record_launches
 from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
