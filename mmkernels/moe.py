@@ -4,5 +4,6 @@
 """
 from mmkernels.ops.routing import Routing, route  # noqa: F401
 from mmkernels.ops.routing import load_balancing_loss, router_z_loss, update_selection_bias  # noqa: F401
+from mmkernels.ops.experts import experts  # noqa: F401
 
-__all__ = ["Routing", "route", "load_balancing_loss", "router_z_loss", "update_selection_bias"]
+__all__ = ["Routing", "route", "experts", "load_balancing_loss", "router_z_loss", "update_selection_bias"]

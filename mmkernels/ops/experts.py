@@ -1,0 +1,322 @@
+"""MoE expert dispatch: the experts of a mixture-of-experts layer as grouped GEMMs over a :class:`Routing`.
+
+``out[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t])`` with gated experts
+``expert_e(x) = down_e(act(gate_e(x)) · up_e(x))`` — transformers' fused 3-D parameter layout:
+``gate_up_proj`` (E, 2I, H) whose rows are the gate rows then the up rows (``interleaved``: gate
+and up alternate, as gpt-oss stores them), ``down_proj`` (E, H, I).
+
+Order in this file: activations -> argument checks -> CPU path -> autograd.Function -> public
+functional. The Triton path follows in ``triton_kernels/experts.py``.
+
+Rows. Every GEMM runs over the *expert-ordered rows* of the routing: row ``r < offsets[E]`` is slot
+``sorted_slots[r]`` (token ``sorted_slots[r] // k``); dropped slots (capacity) contribute nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+
+from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._checks import check_tensor as _check_tensor
+from mmkernels.ops.routing import Routing
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+#: gpt-oss's clamped SwiGLU constants (``GptOssExperts.alpha`` / ``.limit``).
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """Everything of :func:`experts` but the tensors."""
+
+    activation: str = "silu"
+    interleaved: bool = False
+    alpha: float = OAI_ALPHA  # swiglu_oai only
+    limit: float = OAI_LIMIT  # swiglu_oai only
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations (the gated product and its derivative, in the compute dtype)
+# ----------------------------------------------------------------------------------------------
+
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) halves of the first GEMM's output ``h`` (rows, 2I)."""
+    if interleaved:
+        return h[:, 0::2], h[:, 1::2]
+    n = h.shape[1] // 2
+    return h[:, :n], h[:, n:]
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    """``act(gate) · up`` (gpt-oss: ``(clamp(up) + 1) · g·σ(α g)`` with ``g = min(gate, limit)``)."""
+    a = spec.activation
+    if a == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if a == "gelu":
+        return torch.nn.functional.gelu(gate) * up
+    if a == "gelu_tanh":
+        return torch.nn.functional.gelu(gate, approximate="tanh") * up
+    if a == "relu":
+        return torch.relu(gate) * up
+    g = gate.clamp(max=spec.limit)
+    u = up.clamp(min=-spec.limit, max=spec.limit)
+    return (u + 1) * (g * torch.sigmoid(g * spec.alpha))
+
+
+def gated_backward(gate: torch.Tensor, up: torch.Tensor, da: torch.Tensor,
+                   spec: ExpertSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of ``a = gated(gate, up)`` for the incoming ``da``."""
+    a = spec.activation
+    if a == "silu":
+        s = torch.sigmoid(gate)
+        act, dact = gate * s, s * (1 + gate * (1 - s))
+    elif a == "gelu":
+        cdf = 0.5 * (1 + torch.erf(gate * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * gate * gate) * 0.3989422804014327
+        act, dact = gate * cdf, cdf + gate * pdf
+    elif a == "gelu_tanh":
+        c = 0.7978845608028654
+        inner = c * (gate + 0.044715 * gate ** 3)
+        th = torch.tanh(inner)
+        act = 0.5 * gate * (1 + th)
+        dact = 0.5 * (1 + th) + 0.5 * gate * (1 - th * th) * c * (1 + 3 * 0.044715 * gate * gate)
+    elif a == "relu":
+        act, dact = torch.relu(gate), (gate > 0).to(gate.dtype)
+    else:
+        g = gate.clamp(max=spec.limit)
+        u = up.clamp(min=-spec.limit, max=spec.limit)
+        s = torch.sigmoid(g * spec.alpha)
+        glu = g * s
+        dglu = (s + g * spec.alpha * s * (1 - s)) * (gate <= spec.limit).to(gate.dtype)
+        dgate = da * (u + 1) * dglu
+        dup = da * glu * ((up >= -spec.limit) & (up <= spec.limit)).to(up.dtype)
+        return dgate, dup
+    return da * up * dact, da * act
+
+
+def _merge_gate_up(dgate: torch.Tensor, dup: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    out = torch.empty(dgate.shape[0], 2 * dgate.shape[1], dtype=dgate.dtype, device=dgate.device)
+    if interleaved:
+        out[:, 0::2], out[:, 1::2] = dgate, dup
+    else:
+        out[:, :dgate.shape[1]], out[:, dgate.shape[1]:] = dgate, dup
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_experts_args(x, routing, gate_up, down, b1, b2, weights, activation, interleaved,
+                        swiglu_alpha, swiglu_limit) -> ExpertSpec:
+    _check_tensor("hidden_states", x)
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a mmkernels.moe.Routing (from moe.route), got {type(routing).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"hidden_states must be 2-D (T, H), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"hidden_states must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    T, H = x.shape
+    E, k = routing.num_experts, routing.top_k
+    if routing.num_tokens != T:
+        raise ValueError(f"routing is for {routing.num_tokens} tokens, hidden_states has T={T}")
+    _check_tensor("gate_up_proj", gate_up)
+    _check_tensor("down_proj", down)
+    if gate_up.dim() != 3 or gate_up.shape[0] != E or gate_up.shape[2] != H or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up_proj must have shape (E, 2I, H) = ({E}, 2I, {H}), got {tuple(gate_up.shape)}")
+    I = gate_up.shape[1] // 2
+    if down.shape != (E, H, I):
+        raise ValueError(f"down_proj must have shape (E, H, I) = ({E}, {H}, {I}), got {tuple(down.shape)}")
+    named = [("hidden_states", x), ("gate_up_proj", gate_up), ("down_proj", down)]
+    if b1 is not None:
+        _check_tensor("gate_up_bias", b1)
+        if b1.shape != (E, 2 * I):
+            raise ValueError(f"gate_up_bias must have shape (E, 2I) = ({E}, {2 * I}), got {tuple(b1.shape)}")
+        named.append(("gate_up_bias", b1))
+    if b2 is not None:
+        _check_tensor("down_bias", b2)
+        if b2.shape != (E, H):
+            raise ValueError(f"down_bias must have shape (E, H) = ({E}, {H}), got {tuple(b2.shape)}")
+        named.append(("down_bias", b2))
+    for name, t in named[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have hidden_states' dtype {x.dtype}, got {t.dtype}")
+    _check_tensor("routing_weights", weights)
+    if weights.shape != (T, k):
+        raise ValueError(f"routing_weights must have shape (T, k) = ({T}, {k}), got {tuple(weights.shape)}")
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"routing_weights must be floating-point, got {weights.dtype}")
+    named += [("routing_weights", weights), ("routing.sorted_slots", routing.sorted_slots)]
+    for name, t in named[1:]:
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on hidden_states' device {x.device}, got {t.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (swiglu_alpha is not None or swiglu_limit is not None) and activation != "swiglu_oai":
+        raise ValueError("swiglu_alpha / swiglu_limit apply to activation='swiglu_oai' (gpt-oss) only")
+    return ExpertSpec(activation, bool(interleaved),
+                      OAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha),
+                      OAI_LIMIT if swiglu_limit is None else float(swiglu_limit))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path: a loop over experts of matrix products on the expert-ordered rows
+# ----------------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(sorted_slots: torch.Tensor, offsets: torch.Tensor, k: int):
+    """(kept rows n, token of each kept row, slot of each kept row, per-expert bounds as ints)."""
+    bounds = offsets.tolist()  # CPU tensors: no device sync
+    n = bounds[-1]
+    slots = sorted_slots[:n].long()
+    return n, slots // k, slots, bounds
+
+
+def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
+    """out (T, H) and what the backward needs: (h, y) = the first GEMM's output (n, 2I) and the
+    unweighted expert outputs (n, H), both over the kept rows in expert order."""
+    cd = _compute_dtype(x.dtype)
+    T, H = x.shape
+    n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
+    I2 = gate_up.shape[1]
+    xs = x.index_select(0, tok).to(cd)
+    h = torch.empty((n, I2), dtype=cd)
+    y = torch.empty((n, H), dtype=cd)
+    for e in range(len(bounds) - 1):
+        a, b = bounds[e], bounds[e + 1]
+        if a == b:
+            continue
+        torch.mm(xs[a:b], gate_up[e].to(cd).t(), out=h[a:b])
+        if b1 is not None:
+            h[a:b] += b1[e].to(cd)
+        act = gated(*split_gate_up(h[a:b], spec.interleaved), spec)
+        torch.mm(act, down[e].to(cd).t(), out=y[a:b])
+        if b2 is not None:
+            y[a:b] += b2[e].to(cd)
+    w = weights.reshape(-1).to(cd).index_select(0, slots)
+    out = torch.zeros((T, H), dtype=cd).index_add_(0, tok, y * w[:, None])
+    return out.to(x.dtype), h, y
+
+
+def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y, k: int,
+                  spec: ExpertSpec, need):
+    """Gradients (dx, d gate_up, d down, d b1, d b2, d weights); ``need`` flags which to return."""
+    cd = _compute_dtype(x.dtype)
+    T, H = x.shape
+    n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
+    dyw = dout.to(cd).index_select(0, tok)
+    dweights = None
+    if need[5]:
+        dweights = torch.zeros(T * k, dtype=cd).index_copy_(0, slots, (dyw * y).sum(1))
+        dweights = dweights.view(T, k).to(weights.dtype)
+    w = weights.reshape(-1).to(cd).index_select(0, slots)
+    dY = dyw * w[:, None]
+    xs = x.index_select(0, tok).to(cd)
+    dxs = torch.empty((n, H), dtype=cd) if need[0] else None
+    dgu = torch.zeros(gate_up.shape, dtype=cd) if need[1] else None
+    dd = torch.zeros(down.shape, dtype=cd) if need[2] else None
+    db1 = torch.zeros((gate_up.shape[0], gate_up.shape[1]), dtype=cd) if need[3] and b1 is not None else None
+    db2 = torch.zeros((down.shape[0], H), dtype=cd) if need[4] and b2 is not None else None
+    for e in range(len(bounds) - 1):
+        a, b = bounds[e], bounds[e + 1]
+        if a == b:
+            continue
+        gate, up = split_gate_up(h[a:b], spec.interleaved)
+        if dd is not None:
+            torch.mm(dY[a:b].t(), gated(gate, up, spec), out=dd[e])
+        if db2 is not None:
+            db2[e] = dY[a:b].sum(0)
+        if dxs is None and dgu is None and db1 is None:
+            continue
+        dact = dY[a:b] @ down[e].to(cd)
+        dh = _merge_gate_up(*gated_backward(gate, up, dact, spec), spec.interleaved)
+        if dgu is not None:
+            torch.mm(dh.t(), xs[a:b], out=dgu[e])
+        if db1 is not None:
+            db1[e] = dh.sum(0)
+        if dxs is not None:
+            torch.mm(dh, gate_up[e].to(cd), out=dxs[a:b])
+    dx = torch.zeros((T, H), dtype=cd).index_add_(0, tok, dxs).to(x.dtype) if dxs is not None else None
+
+    def cast(t, like):
+        return None if t is None else t.to(like.dtype)
+
+    return (dx, cast(dgu, gate_up), cast(dd, down), cast(db1, gate_up), cast(db2, down), dweights)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """Autograd wrapper. Saved: the first GEMM's output ``h`` (n, 2I) and the unweighted expert
+    outputs ``y`` (n, H) over the n kept rows; recomputed in the backward: the gathered inputs and
+    the activation ``act(gate)·up`` (from ``h``)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
+        out, h, y = _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k, spec)
+        ctx.save_for_backward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y)
+        ctx.k, ctx.spec = k, spec
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y = ctx.saved_tensors
+        nx, nw, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
+        need = (nx, ngu, nd, nb1, nb2, nw)  # _cpu_backward's order
+        grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y,
+                              ctx.k, ctx.spec, need)
+        dx, dgu, dd, db1, db2, dw = grads
+        return dx, dw, dgu, dd, db1, db2, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functional
+# ----------------------------------------------------------------------------------------------
+
+def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
+            activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,
+            down_bias: Optional[torch.Tensor] = None, interleaved: bool = False,
+            swiglu_alpha: Optional[float] = None, swiglu_limit: Optional[float] = None,
+            routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""The experts of an MoE layer on the tokens of a :class:`Routing`: ``(T, H) -> (T, H)``,
+    ``out[t] = Σ_j w[t, j] · (down_e(act(gate_e(x_t)) · up_e(x_t)) + down_bias_e)`` with
+    ``e = expert_ids[t, j]``; slots dropped by the routing's capacity contribute nothing.
+
+    Args:
+        hidden_states: ``(T, H)`` float16 / bfloat16 / float32 / float64.
+        routing: from :func:`mmkernels.moe.route` on the same ``T`` tokens (``E`` experts, ``k``).
+        gate_up_proj: ``(E, 2I, H)``, same dtype: the gate rows ``0 .. I`` then the up rows
+            (transformers' layout); ``interleaved=True``: gate and up rows alternate (gpt-oss; pass
+            its ``(E, H, 2I)`` parameter as ``.transpose(1, 2)``, a view).
+        down_proj: ``(E, H, I)`` (gpt-oss: its ``(E, I, H)`` parameter ``.transpose(1, 2)``).
+        activation: ``"silu"`` (SwiGLU), ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` on the gate, times
+            the up projection; ``"swiglu_oai"``: gpt-oss's clamped SwiGLU
+            ``(clamp(up, ±limit) + 1) · g·σ(alpha·g)``, ``g = min(gate, limit)``.
+        gate_up_bias: ``(E, 2I)`` or None; down_bias: ``(E, H)`` or None.
+        swiglu_alpha, swiglu_limit: gpt-oss's constants (default 1.702 and 7.0).
+        routing_weights: ``(T, k)`` weights to use instead of ``routing.weights`` (e.g. a router
+            of one's own); gradients flow to whichever is used (``routing.weights`` carries them on
+            to the router logits).
+
+    Returns:
+        ``(T, H)`` in ``hidden_states``' dtype. Math in float32 (float64 for float64).
+
+    Backward: gradients for ``hidden_states``, both projections, both biases and the routing
+    weights. Saved from the forward: the first GEMM's output (kept rows × 2I) and the unweighted
+    expert outputs (kept rows × H); recomputed: the row gather and the activation.
+    """
+    weights = routing.weights if routing_weights is None else routing_weights
+    spec = _check_experts_args(hidden_states, routing, gate_up_proj, down_proj, gate_up_bias, down_bias, weights,
+                               activation, interleaved, swiglu_alpha, swiglu_limit)
+    if hidden_states.device.type != "cpu":
+        raise NotImplementedError("moe.experts: the Triton path is not written yet; CPU tensors only")
+    return ExpertsFunction.apply(hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                                 routing.sorted_slots, routing.offsets, routing.top_k, spec)
