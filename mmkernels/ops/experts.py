@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops.routing import Routing
@@ -162,6 +163,178 @@ def _check_experts_args(x, routing, gate_up, down, b1, b2, weights, activation, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Config resolver and Triton launchers
+# ----------------------------------------------------------------------------------------------
+
+#: Smallest tile dim ``tl.dot`` takes: the routing's ``block_m`` must be at least this.
+MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsConfig:
+    """Tiles of the expert GEMMs (``block_m`` is the routing's tile height)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def resolve_config(block_m: int, n: int, k: int, itemsize: int) -> ExpertsConfig:
+    """Tiles for an output of ``n`` columns reduced over ``k``: 64 (128 for 16-bit storage, whose
+    tensor-core tiles are cheaper in registers) columns and 64-deep steps, smaller for small sizes;
+    never below :data:`MIN_BLOCK`."""
+    bn = max(MIN_BLOCK, min(128 if itemsize <= 2 else 64, _p2(n)))
+    bk = max(MIN_BLOCK, min(64, _p2(k)))
+    warps = 8 if block_m * bn >= 128 * 128 else 4
+    return ExpertsConfig(block_m, bn, bk, warps)
+
+
+def _acc_and_precision(dtype: torch.dtype):
+    import triton.language as tl
+
+    return (tl.float64 if dtype == torch.float64 else tl.float32), "ieee"
+
+
+def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, save_h: bool):
+    """out (T, H) and (h, y): the first GEMM's output (T·k × 2I, gate | up; None unless
+    ``save_h``) and the weighted expert outputs (T·k × H), both in row order."""
+    from mmkernels._triton import experts as KX
+
+    T, H = x.shape
+    I = gate_up.shape[1] // 2
+    k, E = routing.top_k, routing.num_experts
+    rows = T * k
+    acc, prec = _acc_and_precision(x.dtype)
+    dev = x.device
+    h = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev) if save_h else None
+    a = torch.empty((rows, I), dtype=x.dtype, device=dev)
+    y = torch.empty((rows, H), dtype=x.dtype, device=dev)
+    out = torch.empty((T, H), dtype=x.dtype, device=dev)
+    tiles = (routing.tile_experts, routing.tile_row_starts, routing.offsets, routing.sorted_slots)
+    c1 = resolve_config(routing.block_m, I, H, x.element_size())
+    KX.experts_up_kernel[(routing.max_tiles, -(-I // c1.block_n))](
+        x, gate_up, b1 if b1 is not None else gate_up, h if save_h else a, a, *tiles,
+        H, I, k,
+        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+        spec.alpha, spec.limit,
+        BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k,
+        INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
+        ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc,
+        num_warps=c1.num_warps, num_stages=c1.num_stages,
+    )
+    c2 = resolve_config(routing.block_m, H, I, x.element_size())
+    KX.experts_down_kernel[(routing.max_tiles, -(-H // c2.block_n))](
+        a, down, b2 if b2 is not None else down, weights, y, *tiles,
+        H, I, k,
+        down.stride(0), down.stride(1), down.stride(2), weights.stride(0), weights.stride(1),
+        BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
+        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc,
+        num_warps=c2.num_warps, num_stages=c2.num_stages,
+    )
+    _combine(y, routing, out)
+    return out, h, y, a
+
+
+def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, h, a, spec: ExpertSpec, need):
+    """(dx, d gate_up, d down, d b1, d b2, d weights) from the saved ``h`` and ``a``; ``need``
+    flags which to compute (in that order)."""
+    from mmkernels._triton import experts as KX
+
+    T, H = x.shape
+    E, I2, _ = gate_up.shape
+    I = I2 // 2
+    k = routing.top_k
+    rows = T * k
+    acc, prec = _acc_and_precision(x.dtype)
+    dev = x.device
+    tiles = (routing.tile_experts, routing.tile_row_starts, routing.offsets, routing.sorted_slots)
+    act = ACTIVATIONS.index(spec.activation)
+    c1 = resolve_config(routing.block_m, I, H, x.element_size())
+    nb_i = -(-I // c1.block_n)
+    dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)
+    dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
+    KX.experts_dact_kernel[(routing.max_tiles, nb_i)](
+        dout, down, b2 if b2 is not None else down, h, a, weights, dh, dwp, *tiles,
+        H, I, k, nb_i,
+        dout.stride(0), dout.stride(1), down.stride(0), down.stride(1), down.stride(2),
+        weights.stride(0), weights.stride(1),
+        spec.alpha, spec.limit,
+        BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k,
+        HAS_BIAS=b2 is not None, ACT=act, PRECISION=prec, ACC=acc,
+        num_warps=c1.num_warps, num_stages=c1.num_stages,
+    )
+    dx = dgu = dd = db1 = db2 = dw = None
+    if need[5]:
+        dw = torch.empty((T, k), dtype=weights.dtype, device=dev)
+        k_pad = _p2(k)
+        bt = max(1, 1024 // (k_pad * _p2(nb_i)))
+        KX.experts_dw_kernel[(-(-T // bt),)](
+            dwp, routing.slot_rows, routing.offsets, dw, T, k, E, nb_i,
+            BLOCK_T=bt, K_PAD=k_pad, NB_PAD=_p2(nb_i), ACC=acc,
+        )
+    if need[0]:
+        c2 = resolve_config(routing.block_m, H, I, x.element_size())
+        dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
+        KX.experts_dx_kernel[(routing.max_tiles, -(-H // c2.block_n))](
+            dh, gate_up, dxs, *tiles, H, I, k,
+            gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
+            INTERLEAVED=spec.interleaved, PRECISION=prec, ACC=acc,
+            num_warps=c2.num_warps, num_stages=c2.num_stages,
+        )
+        dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
+    bm, bn, br = 64, 64, 32
+    if need[1] or need[3]:
+        dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
+        db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
+        KX.experts_dweight_kernel[(E, -(-I // bm), -(-H // bn))](
+            dh, x, weights, dout, dgu, db1 if db1 is not None else dgu,
+            routing.offsets, routing.sorted_slots,
+            I, H, k, I, 2 * I,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), weights.stride(0), weights.stride(1),
+            dgu.stride(0), dgu.stride(1), dgu.stride(2),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+            DOWN=False, INTERLEAVED=spec.interleaved, HAS_BIAS=db1 is not None, PRECISION=prec, ACC=acc,
+        )
+    if need[2] or need[4]:
+        dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
+        db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
+        KX.experts_dweight_kernel[(E, -(-H // bm), -(-I // bn))](
+            a, a, weights, dout, dd, db2 if db2 is not None else dd,
+            routing.offsets, routing.sorted_slots,
+            H, I, k, I, I,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), weights.stride(0), weights.stride(1),
+            dd.stride(0), dd.stride(1), dd.stride(2),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+            DOWN=True, INTERLEAVED=False, HAS_BIAS=db2 is not None, PRECISION=prec, ACC=acc,
+        )
+    return dx, dgu, dd, db1, db2, dw
+
+
+def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
+    """``out[t] = Σ_j rows_t[row(t, j)]`` over the kept slots, j in order (deterministic)."""
+    from mmkernels._triton import experts as KX
+
+    T, H = out.shape
+    acc, _ = _acc_and_precision(out.dtype)
+    bh = max(16, min(256, _p2(H)))
+    bt = max(1, min(16, 4096 // bh))
+    KX.experts_combine_kernel[(-(-T // bt), -(-H // bh))](
+        rows_t, routing.slot_rows, routing.offsets, out,
+        T, H, routing.top_k, routing.num_experts,
+        out.stride(0), out.stride(1),
+        BLOCK_T=bt, BLOCK_H=bh, ACC=acc,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # CPU path: a loop over experts of matrix products on the expert-ordered rows
 # ----------------------------------------------------------------------------------------------
 
@@ -255,26 +428,35 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
 
 
 class ExpertsFunction(torch.autograd.Function):
-    """Autograd wrapper. Saved: the first GEMM's output ``h`` (n, 2I) and the unweighted expert
-    outputs ``y`` (n, H) over the n kept rows; recomputed in the backward: the gathered inputs and
-    the activation ``act(gate)·up`` (from ``h``)."""
+    """Autograd wrapper. Saved: the first GEMM's output ``h`` (rows × 2I) and, on the Triton path,
+    the activation ``a`` (rows × I; the CPU path keeps the unweighted expert outputs ``y`` instead
+    and recomputes ``a`` from ``h``); recomputed in the backward: the row gathers."""
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
-        out, h, y = _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k, spec)
-        ctx.save_for_backward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y)
-        ctx.k, ctx.spec = k, spec
+    def forward(ctx, x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, triton: bool):
+        if triton:
+            out, h, _, a = _triton_forward(x, weights, gate_up, down, b1, b2, routing, spec, save_h=True)
+            ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, a)
+        else:
+            out, h, y = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
+                                     routing.top_k, spec)
+            ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, y)
+        ctx.routing, ctx.spec, ctx.triton = routing, spec, triton
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y = ctx.saved_tensors
+        x, weights, gate_up, down, b1, b2, h, extra = ctx.saved_tensors
         nx, nw, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
-        need = (nx, ngu, nd, nb1, nb2, nw)  # _cpu_backward's order
-        grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y,
-                              ctx.k, ctx.spec, need)
+        need = (nx, ngu, nd, nb1, nb2, nw)
+        r = ctx.routing
+        if ctx.triton:
+            grads = _triton_backward(dout, x, weights, gate_up, down, b1, b2, r, h, extra, ctx.spec, need)
+        else:
+            grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, h, extra,
+                                  r.top_k, ctx.spec, need)
         dx, dgu, dd, db1, db2, dw = grads
-        return dx, dw, dgu, dd, db1, db2, None, None, None, None
+        return dx, dw, dgu, dd, db1, db2, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +498,10 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     weights = routing.weights if routing_weights is None else routing_weights
     spec = _check_experts_args(hidden_states, routing, gate_up_proj, down_proj, gate_up_bias, down_bias, weights,
                                activation, interleaved, swiglu_alpha, swiglu_limit)
-    if hidden_states.device.type != "cpu":
-        raise NotImplementedError("moe.experts: the Triton path is not written yet; CPU tensors only")
+    triton = _backend.resolve(hidden_states.device) is _backend.Impl.TRITON
+    if triton and routing.block_m < MIN_BLOCK:
+        raise ValueError(f"the Triton path needs a routing with block_m >= {MIN_BLOCK}, got {routing.block_m}")
+    if hidden_states.shape[0] == 0:
+        return torch.zeros_like(hidden_states) + 0 * weights.sum()  # keeps the graph for autograd
     return ExpertsFunction.apply(hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                                 routing.sorted_slots, routing.offsets, routing.top_k, spec)
+                                 routing, spec, triton)

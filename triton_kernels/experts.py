@@ -1,0 +1,391 @@
+"""MoE expert kernels: grouped GEMMs over the expert-ordered rows of a routing, forward and backward.
+
+Rows. Row ``r < offsets[E]`` of the expert-ordered view is slot ``s = sorted_slots[r]`` of token
+``s // K``; a routing's tile table cuts each expert's rows into ``BLOCK_M`` tiles
+(``tile_experts[i]``, ``tile_row_starts[i]``; -1 past the tiles in use), so a grouped GEMM is one
+launch over ``(tiles, column blocks)`` whose programs exit on a -1 tile. Activations are never
+permuted in memory: the first GEMM gathers its A rows (tokens) through ``sorted_slots``.
+
+Forward, for expert ``e`` on its rows (``x_r`` = the row's token):
+
+1. ``experts_up_kernel``: ``h = x_r · gate_up_eᵀ (+ b1_e)``; the epilogue writes the pre-activation
+   ``h`` (rows × 2I, gate columns then up columns; kept for the backward) and
+   ``a = act(gate) · up`` (rows × I);
+2. ``experts_down_kernel``: ``y = w_r · (a · down_eᵀ (+ b2_e))`` — the routing weight in the
+   epilogue (rows × H);
+3. ``experts_combine_kernel``: ``out[t] = Σ_j y[row(t, j)]`` in the fixed order j = 0 .. k-1 over
+   the kept slots: deterministic, no atomics.
+
+Backward (``dout`` the incoming gradient):
+
+4. ``experts_dact_kernel``: ``g = dout_r · down_e`` (rows × I); epilogue: the row's partial
+   ``Σ_i g·a`` (for the routing weight's gradient) per column block, and
+   ``dh = (d gate, d up)`` of ``act(gate)·up`` for ``w_r · g``;
+5. ``experts_dx_kernel``: ``dx_r = dh · gate_up_e`` (rows × H), then the combine kernel sums the
+   rows of each token;
+6. ``experts_dweight_kernel``: per expert, ``d gate_up_e = dhᵀ · x_rows`` and
+   ``d down_e = (w·dout)ᵀ · a`` with the expert's rows as the reduction — one program per output
+   tile, no atomics; the biases' gradients are the column sums of the same operands;
+7. ``experts_dw_kernel``: ``d w[t, j] = Σ partials + dout_t · b2_e``.
+
+Math in ``ACC`` (float32; float64 for float64); ``tl.dot`` with ``PRECISION`` ("ieee" for fp32 and
+fp64 storage, bf16 / fp16 operands with fp32 accumulation otherwise).
+"""
+import triton
+import triton.language as tl
+
+# activations
+SILU, GELU, GELU_TANH, RELU, SWIGLU_OAI = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _gated(g, u, ACT: tl.constexpr, alpha, limit):
+    """act(g) · u (gpt-oss: (clamp(u) + 1) · g'·σ(α g'), g' = min(g, limit))."""
+    if ACT == 0:
+        a = g * _sigmoid(g) * u
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 * _sigmoid(2.0 * inner)) * u  # 1 + tanh(z) = 2 σ(2z)
+    elif ACT == 3:
+        a = tl.maximum(g, 0.0) * u
+    else:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        a = (uc + 1.0) * gc * _sigmoid(gc * alpha)
+    return a
+
+
+@triton.jit
+def _gated_backward(g, u, da, ACT: tl.constexpr, alpha, limit):
+    """(d g, d u) of act(g) · u for the incoming ``da``."""
+    if ACT == 0:
+        s = _sigmoid(g)
+        act = g * s
+        dact = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        act = g * cdf
+        dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    elif ACT == 2:
+        c = 0.7978845608028654
+        th = 2.0 * _sigmoid(2.0 * c * (g + 0.044715 * g * g * g)) - 1.0
+        act = 0.5 * g * (1.0 + th)
+        dact = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * 0.044715 * g * g)
+    elif ACT == 3:
+        act = tl.maximum(g, 0.0)
+        dact = tl.where(g > 0, 1.0, 0.0)
+    if ACT == 4:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        s = _sigmoid(gc * alpha)
+        glu = gc * s
+        dglu = tl.where(g <= limit, s + gc * alpha * s * (1.0 - s), 0.0)
+        dg = da * (uc + 1.0) * dglu
+        du = tl.where((u >= -limit) & (u <= limit), da * glu, 0.0)
+    else:
+        dg = da * u * dact
+        du = da * act
+    return dg, du
+
+
+@triton.jit
+def _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr, tile, K, BLOCK_M: tl.constexpr):
+    """(expert, rows [BLOCK_M], row mask, tokens, slots) of tile ``tile``; expert -1: no tile."""
+    e = tl.load(tile_experts_ptr + tile)
+    start = tl.load(tile_starts_ptr + tile)
+    e_ok = tl.maximum(e, 0)
+    end = tl.load(offsets_ptr + e_ok + 1)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = (rows < end) & (e >= 0)
+    slots = tl.load(sorted_ptr + rows, mask=rmask, other=0)
+    return e, e_ok, rows, rmask, slots // K, slots
+
+
+@triton.jit
+def experts_up_kernel(
+    x_ptr, gu_ptr, b1_ptr, h_ptr, a_ptr,
+    tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+    H, I, K,
+    s_xt, s_xh, s_ge, s_gn, s_gh,
+    alpha, limit,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Grouped GEMM 1 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of I:
+    ``h = x_rows · gate_up_eᵀ (+ b1)`` (A rows gathered through ``sorted_slots``); writes ``h``
+    (rows × 2I: gate | up; when ``SAVE_H``) and ``a = act(gate)·up`` (rows × I)."""
+    e, e_ok, rows, rmask, tok, _ = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+                                              tl.program_id(0), K, BLOCK_M)
+    if e >= 0:
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < I
+        if INTERLEAVED:
+            g_row, u_row = 2 * n, 2 * n + 1
+        else:
+            g_row, u_row = n, I + n
+        kk = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        w_base = gu_ptr + e_ok * s_ge
+        for k0 in range(0, H, BLOCK_K):
+            kmask = (k0 + kk) < H
+            a = tl.load(x_ptr + tok[:, None] * s_xt + (k0 + kk)[None, :] * s_xh,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            bg = tl.load(w_base + g_row[None, :] * s_gn + (k0 + kk)[:, None] * s_gh,
+                         mask=kmask[:, None] & nmask[None, :], other=0.0)
+            bu = tl.load(w_base + u_row[None, :] * s_gn + (k0 + kk)[:, None] * s_gh,
+                         mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION, out_dtype=ACC)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            acc_g += tl.load(b1_ptr + e_ok * 2 * I + g_row, mask=nmask, other=0.0).to(ACC)[None, :]
+            acc_u += tl.load(b1_ptr + e_ok * 2 * I + u_row, mask=nmask, other=0.0).to(ACC)[None, :]
+        omask = rmask[:, None] & nmask[None, :]
+        if SAVE_H:
+            tl.store(h_ptr + rows[:, None] * (2 * I) + n[None, :], acc_g.to(h_ptr.dtype.element_ty), mask=omask)
+            tl.store(h_ptr + rows[:, None] * (2 * I) + I + n[None, :], acc_u.to(h_ptr.dtype.element_ty), mask=omask)
+        act = _gated(acc_g, acc_u, ACT, alpha, limit)
+        tl.store(a_ptr + rows[:, None] * I + n[None, :], act.to(a_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def experts_down_kernel(
+    a_ptr, d_ptr, b2_ptr, w_ptr, y_ptr,
+    tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+    H, I, K,
+    s_de, s_dh, s_di, s_wt, s_wj,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Grouped GEMM 2 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of H:
+    ``y = w_row · (a_rows · down_eᵀ (+ b2))`` (``WEIGHTED``: times the row's routing weight)."""
+    e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+                                                  tl.program_id(0), K, BLOCK_M)
+    if e >= 0:
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < H
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        d_base = d_ptr + e_ok * s_de
+        for k0 in range(0, I, BLOCK_K):
+            kmask = (k0 + kk) < I
+            a = tl.load(a_ptr + rows[:, None] * I + (k0 + kk)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(d_base + n[None, :] * s_dh + (k0 + kk)[:, None] * s_di,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            acc += tl.load(b2_ptr + e_ok * H + n, mask=nmask, other=0.0).to(ACC)[None, :]
+        if WEIGHTED:
+            w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
+            acc = acc * w[:, None]
+        tl.store(y_ptr + rows[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def experts_combine_kernel(
+    y_ptr, slot_rows_ptr, offsets_ptr, out_ptr,
+    T, H, K, E,
+    s_ot, s_oh,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+):
+    """``out[t, :] = Σ_{j < K, row(t, j) kept} y[row(t, j), :]`` summed in the order j = 0 .. K-1."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    tmask = t < T
+    hmask = hh < H
+    kept = tl.load(offsets_ptr + E)
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC)
+    for j in range(K):
+        row = tl.load(slot_rows_ptr + t * K + j, mask=tmask, other=0)
+        ok = tmask & (row < kept)
+        acc += tl.load(y_ptr + row[:, None] * H + hh[None, :], mask=ok[:, None] & hmask[None, :], other=0.0).to(ACC)
+    tl.store(out_ptr + t[:, None] * s_ot + hh[None, :] * s_oh, acc.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & hmask[None, :])
+
+
+@triton.jit
+def experts_dact_kernel(
+    dout_ptr, d_ptr, b2_ptr, h_ptr, a_ptr, w_ptr, dh_ptr, dwp_ptr,
+    tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+    H, I, K, NB_I,
+    s_ot, s_oh, s_de, s_dh, s_di, s_wt, s_wj,
+    alpha, limit,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Backward of both GEMMs' activation on tile ``program_id(0)``, columns ``program_id(1)`` of I:
+    ``g = dout_rows · down_e``; writes ``dh`` (rows × 2I, gate | up) of ``act(gate)·up`` for
+    ``w·g``, and the row partial ``Σ_i g·a`` of the routing weight's gradient into
+    ``dwp[row, program_id(1)]`` (column block 0 adds ``dout_row · b2_e``)."""
+    e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+                                                  tl.program_id(0), K, BLOCK_M)
+    if e >= 0:
+        pid_n = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < I
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        bias_dot = tl.zeros([BLOCK_M], dtype=ACC)
+        d_base = d_ptr + e_ok * s_de
+        for k0 in range(0, H, BLOCK_K):
+            kmask = (k0 + kk) < H
+            go = tl.load(dout_ptr + tok[:, None] * s_ot + (k0 + kk)[None, :] * s_oh,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(d_base + (k0 + kk)[:, None] * s_dh + n[None, :] * s_di,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(go, b, acc, input_precision=PRECISION, out_dtype=ACC)
+            if HAS_BIAS:
+                if pid_n == 0:
+                    bb = tl.load(b2_ptr + e_ok * H + k0 + kk, mask=kmask, other=0.0).to(ACC)
+                    bias_dot += tl.sum(go.to(ACC) * bb[None, :], axis=1)
+        omask = rmask[:, None] & nmask[None, :]
+        hg = tl.load(h_ptr + rows[:, None] * (2 * I) + n[None, :], mask=omask, other=0.0).to(ACC)
+        hu = tl.load(h_ptr + rows[:, None] * (2 * I) + I + n[None, :], mask=omask, other=0.0).to(ACC)
+        a = tl.load(a_ptr + rows[:, None] * I + n[None, :], mask=omask, other=0.0).to(ACC)
+        tl.store(dwp_ptr + rows * NB_I + pid_n, tl.sum(acc * a, axis=1) + bias_dot, mask=rmask)
+        w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
+        dg, du = _gated_backward(hg, hu, acc * w[:, None], ACT, alpha, limit)
+        tl.store(dh_ptr + rows[:, None] * (2 * I) + n[None, :], dg.to(dh_ptr.dtype.element_ty), mask=omask)
+        tl.store(dh_ptr + rows[:, None] * (2 * I) + I + n[None, :], du.to(dh_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def experts_dx_kernel(
+    dh_ptr, gu_ptr, dxs_ptr,
+    tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+    H, I, K,
+    s_ge, s_gn, s_gh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """``dx_rows = dh_rows · gate_up_e`` on tile ``program_id(0)``, columns ``program_id(1)`` of H
+    (rows × H; the combine kernel then sums each token's rows)."""
+    e, e_ok, rows, rmask, tok, _ = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
+                                              tl.program_id(0), K, BLOCK_M)
+    if e >= 0:
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < H
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        w_base = gu_ptr + e_ok * s_ge
+        for k0 in range(0, I, BLOCK_K):
+            i = k0 + kk
+            kmask = i < I
+            if INTERLEAVED:
+                g_row, u_row = 2 * i, 2 * i + 1
+            else:
+                g_row, u_row = i, I + i
+            amask = rmask[:, None] & kmask[None, :]
+            bmask = kmask[:, None] & nmask[None, :]
+            ag = tl.load(dh_ptr + rows[:, None] * (2 * I) + i[None, :], mask=amask, other=0.0)
+            au = tl.load(dh_ptr + rows[:, None] * (2 * I) + I + i[None, :], mask=amask, other=0.0)
+            bg = tl.load(w_base + g_row[:, None] * s_gn + n[None, :] * s_gh, mask=bmask, other=0.0)
+            bu = tl.load(w_base + u_row[:, None] * s_gn + n[None, :] * s_gh, mask=bmask, other=0.0)
+            acc = tl.dot(ag, bg, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(au, bu, acc, input_precision=PRECISION, out_dtype=ACC)
+        tl.store(dxs_ptr + rows[:, None] * H + n[None, :], acc.to(dxs_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def experts_dweight_kernel(
+    lhs_ptr, rhs_ptr, w_ptr, dout_ptr, grad_ptr, dbias_ptr,
+    offsets_ptr, sorted_ptr,
+    M, N, K, I, LHS_COLS,
+    s_xt, s_xh, s_ot, s_oh, s_wt, s_wj,
+    s_ge, s_gm, s_gn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOWN: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per-expert weight gradient: expert ``program_id(0)``, output tile ``(program_id(1),
+    program_id(2))``, reduced over the expert's rows (no atomics).
+
+    ``DOWN=False``: ``d gate_up_e`` (2I × H): for ``m`` < I, gate row ``m`` gets ``Σ_r dh[r, m] ·
+    x[tok_r, n]`` and up row ``m`` gets ``Σ_r dh[r, I + m] · x[tok_r, n]`` (``lhs`` = dh, ``rhs``
+    = x gathered by token); ``dbias`` = the column sums of dh (gate_up_bias).
+    ``DOWN=True``: ``d down_e`` (H × I): ``Σ_r w_r dout[tok_r, m] · a[r, n]`` (``lhs`` = dout
+    gathered by token and weighted, ``rhs`` = a); ``dbias`` = the column sums of ``w·dout``.
+    Only programs with ``program_id(2) == 0`` write the bias gradient."""
+    e = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = m < M
+    nmask = n < N
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    bsum = tl.zeros([BLOCK_M], dtype=ACC)
+    bsum2 = tl.zeros([BLOCK_M], dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + rr
+        rmask = rows < end
+        slots = tl.load(sorted_ptr + rows, mask=rmask, other=0)
+        tok = slots // K
+        if DOWN:
+            w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
+            lt = tl.load(dout_ptr + tok[:, None] * s_ot + m[None, :] * s_oh,
+                         mask=rmask[:, None] & mmask[None, :], other=0.0).to(ACC) * w[:, None]
+            lt = lt.to(rhs_ptr.dtype.element_ty)
+            rt = tl.load(rhs_ptr + rows[:, None] * N + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION, out_dtype=ACC)
+            if HAS_BIAS:
+                bsum += tl.sum(lt.to(ACC), axis=0)
+        else:
+            lmask = rmask[:, None] & mmask[None, :]
+            lg = tl.load(lhs_ptr + rows[:, None] * LHS_COLS + m[None, :], mask=lmask, other=0.0)
+            lu = tl.load(lhs_ptr + rows[:, None] * LHS_COLS + I + m[None, :], mask=lmask, other=0.0)
+            rt = tl.load(rhs_ptr + tok[:, None] * s_xt + n[None, :] * s_xh,
+                         mask=rmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(lg), rt, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc2 = tl.dot(tl.trans(lu), rt, acc2, input_precision=PRECISION, out_dtype=ACC)
+            if HAS_BIAS:
+                bsum += tl.sum(lg.to(ACC), axis=0)
+                bsum2 += tl.sum(lu.to(ACC), axis=0)
+    omask = mmask[:, None] & nmask[None, :]
+    g_base = grad_ptr + e * s_ge
+    if DOWN:
+        tl.store(g_base + m[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty), mask=omask)
+        if HAS_BIAS:
+            if tl.program_id(2) == 0:
+                tl.store(dbias_ptr + e * M + m, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
+    else:
+        if INTERLEAVED:
+            g_row, u_row = 2 * m, 2 * m + 1
+        else:
+            g_row, u_row = m, I + m
+        tl.store(g_base + g_row[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty), mask=omask)
+        tl.store(g_base + u_row[:, None] * s_gm + n[None, :] * s_gn, acc2.to(grad_ptr.dtype.element_ty), mask=omask)
+        if HAS_BIAS:
+            if tl.program_id(2) == 0:
+                tl.store(dbias_ptr + e * 2 * I + g_row, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
+                tl.store(dbias_ptr + e * 2 * I + u_row, bsum2.to(dbias_ptr.dtype.element_ty), mask=mmask)
+
+
+@triton.jit
+def experts_dw_kernel(
+    dwp_ptr, slot_rows_ptr, offsets_ptr, dw_ptr,
+    T, K, E, NB_I,
+    BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr, ACC: tl.constexpr,
+):
+    """``d w[t, j] = Σ_p dwp[row(t, j), p]`` for kept slots, 0 for dropped ones."""
+    s = tl.program_id(0) * BLOCK_T * K_PAD + tl.arange(0, BLOCK_T * K_PAD)
+    t = s // K_PAD
+    j = s % K_PAD
+    smask = (t < T) & (j < K)
+    row = tl.load(slot_rows_ptr + t * K + j, mask=smask, other=0)
+    ok = smask & (row < tl.load(offsets_ptr + E))
+    p = tl.arange(0, NB_PAD)
+    part = tl.load(dwp_ptr + row[:, None] * NB_I + p[None, :], mask=ok[:, None] & (p[None, :] < NB_I), other=0.0)
+    tl.store(dw_ptr + t * K + j, tl.sum(part.to(ACC), axis=1).to(dw_ptr.dtype.element_ty), mask=smask)
