@@ -289,3 +289,63 @@ def router_z_loss_ref(logits) -> torch.Tensor:
     m = x.detach().amax(dim=-1, keepdim=True)
     lse = ((x - m).exp().sum(-1).log() + m.squeeze(-1))
     return (lse**2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE experts: a per-token loop of float64 matrix-vector products (differentiable by autograd, so
+# it also gives the reference gradients for every input).
+# ----------------------------------------------------------------------------------------------
+
+def _gated_ref(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    """act(gate) · up from the formulas (gpt-oss: (clamp(up, ±limit) + 1) · g·σ(α g), g = min(gate, limit))."""
+    if activation == "silu":
+        return gate * torch.sigmoid(gate) * up
+    if activation == "gelu":
+        return 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2.0))) * up
+    if activation == "gelu_tanh":
+        inner = math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate**3)
+        return 0.5 * gate * (1 + torch.tanh(inner)) * up
+    if activation == "relu":
+        return torch.where(gate > 0, gate, torch.zeros_like(gate)) * up
+    if activation == "swiglu_oai":
+        g = torch.where(gate > limit, torch.full_like(gate, limit), gate)
+        u = torch.where(up > limit, torch.full_like(up, limit), up)
+        u = torch.where(u < -limit, torch.full_like(u, -limit), u)
+        return (u + 1) * (g * torch.sigmoid(alpha * g))
+    raise ValueError(activation)
+
+
+def experts_ref(x, weights, expert_ids, dropped, gate_up, down, b1=None, b2=None, activation="silu",
+                interleaved=False, alpha=1.702, limit=7.0) -> torch.Tensor:
+    """(T, H) float64: out[t] = Σ_j w[t, j] · (down_e @ act(gate_e x_t + b1_gate) · (up_e x_t + b1_up) + b2_e),
+    e = expert_ids[t, j], over the choices not ``dropped``. ``gate_up`` (E, 2I, H): gate rows 0..I
+    then up rows (``interleaved``: gate rows even, up rows odd); ``down`` (E, H, I). One token and
+    one choice at a time; differentiable w.r.t. x, weights, gate_up, down, b1, b2."""
+    x, weights, gate_up, down = (_f64_grad(t) for t in (x, weights, gate_up, down))
+    b1 = _f64_grad(b1) if b1 is not None else None
+    b2 = _f64_grad(b2) if b2 is not None else None
+    ids = expert_ids.to("cpu", torch.int64).tolist()
+    drop = dropped.to("cpu", torch.bool).tolist() if dropped is not None else None
+    T, H = x.shape
+    I = gate_up.shape[1] // 2
+    rows = []
+    for t in range(T):
+        acc = torch.zeros(H, dtype=torch.float64)
+        for j, e in enumerate(ids[t]):
+            if drop is not None and drop[t][j]:
+                continue
+            h = gate_up[e] @ x[t]
+            if b1 is not None:
+                h = h + b1[e]
+            if interleaved:
+                gate, up = h[0::2], h[1::2]
+            else:
+                gate, up = h[:I], h[I:]
+            y = down[e] @ _gated_ref(gate, up, activation, alpha, limit)
+            if b2 is not None:
+                y = y + b2[e]
+            acc = acc + weights[t, j] * y
+        rows.append(acc)
+    if not rows:
+        return torch.zeros(0, H, dtype=torch.float64) + 0 * x.sum()
+    return torch.stack(rows)

@@ -96,6 +96,16 @@ def _gated_backward(g, u, da, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc + a·b``; ``DOT_F32``: the operands in fp32 first (Triton's interpreter computes bf16
+    dots wrongly; only ever set under the interpreter)."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
 def _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr, tile, K, BLOCK_M: tl.constexpr):
     """(expert, rows [BLOCK_M], row mask, tokens, slots) of tile ``tile``; expert -1: no tile."""
     e = tl.load(tile_experts_ptr + tile)
@@ -117,7 +127,7 @@ def experts_up_kernel(
     alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Grouped GEMM 1 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of I:
     ``h = x_rows · gate_up_eᵀ (+ b1)`` (A rows gathered through ``sorted_slots``); writes ``h``
@@ -143,8 +153,8 @@ def experts_up_kernel(
                          mask=kmask[:, None] & nmask[None, :], other=0.0)
             bu = tl.load(w_base + u_row[None, :] * s_gn + (k0 + kk)[:, None] * s_gh,
                          mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION, out_dtype=ACC)
-            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION, out_dtype=ACC)
+            acc_g = _dot(a, bg, acc_g, PRECISION, ACC, DOT_F32)
+            acc_u = _dot(a, bu, acc_u, PRECISION, ACC, DOT_F32)
         if HAS_BIAS:
             acc_g += tl.load(b1_ptr + e_ok * 2 * I + g_row, mask=nmask, other=0.0).to(ACC)[None, :]
             acc_u += tl.load(b1_ptr + e_ok * 2 * I + u_row, mask=nmask, other=0.0).to(ACC)[None, :]
@@ -163,7 +173,8 @@ def experts_down_kernel(
     H, I, K,
     s_de, s_dh, s_di, s_wt, s_wj,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Grouped GEMM 2 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of H:
     ``y = w_row · (a_rows · down_eᵀ (+ b2))`` (``WEIGHTED``: times the row's routing weight)."""
@@ -180,7 +191,7 @@ def experts_down_kernel(
             a = tl.load(a_ptr + rows[:, None] * I + (k0 + kk)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(d_base + n[None, :] * s_dh + (k0 + kk)[:, None] * s_di,
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = _dot(a, b, acc, PRECISION, ACC, DOT_F32)
         if HAS_BIAS:
             acc += tl.load(b2_ptr + e_ok * H + n, mask=nmask, other=0.0).to(ACC)[None, :]
         if WEIGHTED:
@@ -220,7 +231,8 @@ def experts_dact_kernel(
     s_ot, s_oh, s_de, s_dh, s_di, s_wt, s_wj,
     alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Backward of both GEMMs' activation on tile ``program_id(0)``, columns ``program_id(1)`` of I:
     ``g = dout_rows · down_e``; writes ``dh`` (rows × 2I, gate | up) of ``act(gate)·up`` for
@@ -242,7 +254,7 @@ def experts_dact_kernel(
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(d_base + (k0 + kk)[:, None] * s_dh + n[None, :] * s_di,
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(go, b, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = _dot(go, b, acc, PRECISION, ACC, DOT_F32)
             if HAS_BIAS:
                 if pid_n == 0:
                     bb = tl.load(b2_ptr + e_ok * H + k0 + kk, mask=kmask, other=0.0).to(ACC)
@@ -265,7 +277,7 @@ def experts_dx_kernel(
     H, I, K,
     s_ge, s_gn, s_gh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """``dx_rows = dh_rows · gate_up_e`` on tile ``program_id(0)``, columns ``program_id(1)`` of H
     (rows × H; the combine kernel then sums each token's rows)."""
@@ -290,8 +302,8 @@ def experts_dx_kernel(
             au = tl.load(dh_ptr + rows[:, None] * (2 * I) + I + i[None, :], mask=amask, other=0.0)
             bg = tl.load(w_base + g_row[:, None] * s_gn + n[None, :] * s_gh, mask=bmask, other=0.0)
             bu = tl.load(w_base + u_row[:, None] * s_gn + n[None, :] * s_gh, mask=bmask, other=0.0)
-            acc = tl.dot(ag, bg, acc, input_precision=PRECISION, out_dtype=ACC)
-            acc = tl.dot(au, bu, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = _dot(ag, bg, acc, PRECISION, ACC, DOT_F32)
+            acc = _dot(au, bu, acc, PRECISION, ACC, DOT_F32)
         tl.store(dxs_ptr + rows[:, None] * H + n[None, :], acc.to(dxs_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
@@ -305,7 +317,7 @@ def experts_dweight_kernel(
     s_ge, s_gm, s_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOWN: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Per-expert weight gradient: expert ``program_id(0)``, output tile ``(program_id(1),
     program_id(2))``, reduced over the expert's rows (no atomics).
@@ -339,7 +351,7 @@ def experts_dweight_kernel(
                          mask=rmask[:, None] & mmask[None, :], other=0.0).to(ACC) * w[:, None]
             lt = lt.to(rhs_ptr.dtype.element_ty)
             rt = tl.load(rhs_ptr + rows[:, None] * N + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = _dot(tl.trans(lt), rt, acc, PRECISION, ACC, DOT_F32)
             if HAS_BIAS:
                 bsum += tl.sum(lt.to(ACC), axis=0)
         else:
@@ -348,8 +360,8 @@ def experts_dweight_kernel(
             lu = tl.load(lhs_ptr + rows[:, None] * LHS_COLS + I + m[None, :], mask=lmask, other=0.0)
             rt = tl.load(rhs_ptr + tok[:, None] * s_xt + n[None, :] * s_xh,
                          mask=rmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(lg), rt, acc, input_precision=PRECISION, out_dtype=ACC)
-            acc2 = tl.dot(tl.trans(lu), rt, acc2, input_precision=PRECISION, out_dtype=ACC)
+            acc = _dot(tl.trans(lg), rt, acc, PRECISION, ACC, DOT_F32)
+            acc2 = _dot(tl.trans(lu), rt, acc2, PRECISION, ACC, DOT_F32)
             if HAS_BIAS:
                 bsum += tl.sum(lg.to(ACC), axis=0)
                 bsum2 += tl.sum(lu.to(ACC), axis=0)
@@ -389,3 +401,14 @@ def experts_dw_kernel(
     p = tl.arange(0, NB_PAD)
     part = tl.load(dwp_ptr + row[:, None] * NB_I + p[None, :], mask=ok[:, None] & (p[None, :] < NB_I), other=0.0)
     tl.store(dw_ptr + t * K + j, tl.sum(part.to(ACC), axis=1).to(dw_ptr.dtype.element_ty), mask=smask)
+
+
+EXPECTATIONS = {
+    "experts_up_kernel": {"local_memory": 0, "mma": "HGMMA"},
+    "experts_down_kernel": {"local_memory": 0, "mma": "HGMMA"},
+    "experts_dact_kernel": {"local_memory": 0, "mma": "HGMMA"},
+    "experts_dx_kernel": {"local_memory": 0, "mma": "HGMMA"},
+    "experts_dweight_kernel": {"local_memory": 0, "mma": "HGMMA"},
+    "experts_combine_kernel": {"local_memory": 0},
+    "experts_dw_kernel": {"local_memory": 0},
+}

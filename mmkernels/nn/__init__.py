@@ -1,6 +1,7 @@
 """Drop-in ``nn`` modules. Each subclasses the torch module it replaces, so ``state_dict``,
 ``repr`` and ``extra_repr`` match, and ``forward`` is one call into the functional."""
 from mmkernels.nn.bilinear import Bilinear, HyperLinear, Quadratic
+from mmkernels.nn.moe import MoE, MoEOutput
 from mmkernels.nn.softmax import LogSoftmax, Softmax, Softmin
 
-__all__ = ["Bilinear", "Quadratic", "HyperLinear", "Softmax", "LogSoftmax", "Softmin"]
+__all__ = ["Bilinear", "Quadratic", "HyperLinear", "Softmax", "LogSoftmax", "Softmin", "MoE", "MoEOutput"]

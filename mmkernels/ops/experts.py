@@ -185,20 +185,43 @@ def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def resolve_config(block_m: int, n: int, k: int, itemsize: int) -> ExpertsConfig:
-    """Tiles for an output of ``n`` columns reduced over ``k``: 64 (128 for 16-bit storage, whose
-    tensor-core tiles are cheaper in registers) columns and 64-deep steps, smaller for small sizes;
-    never below :data:`MIN_BLOCK`."""
-    bn = max(MIN_BLOCK, min(128 if itemsize <= 2 else 64, _p2(n)))
-    bk = max(MIN_BLOCK, min(64, _p2(k)))
-    warps = 8 if block_m * bn >= 128 * 128 else 4
+def resolve_config(block_m: int, n: int, k: int, dtype: torch.dtype, accumulators: int = 1) -> ExpertsConfig:
+    """Tiles for an output of ``n`` columns reduced over ``k`` by a kernel holding ``accumulators``
+    output tiles (gate and up: 2). 16-bit storage runs on tensor cores: 64-deep steps, 128 columns
+    with one accumulator (8 warps), 64 with two; fp32 (IEEE dots on FMA units) 32 x 32 and fp64
+    16 x 16 — the compile tier showed larger fp32 / fp64 tiles and 64 x 128 pairs spilling.
+    Sizes below the tile shrink it, never below :data:`MIN_BLOCK`."""
+    if dtype in (torch.float16, torch.bfloat16):
+        bn, bk = (128, 64) if accumulators == 1 else (64, 64)
+    elif dtype == torch.float32:
+        bn, bk = 32, 32
+    else:
+        bn, bk = 16, 16
+    bn = max(MIN_BLOCK, min(bn, _p2(n)))
+    bk = max(MIN_BLOCK, min(bk, _p2(k)))
+    warps = 8 if block_m * bn * accumulators >= 64 * 128 else 4
     return ExpertsConfig(block_m, bn, bk, warps)
+
+
+def _dweight_tiles(dtype: torch.dtype) -> Tuple[int, int, int]:
+    """(rows of the output tile, its columns, rows of the routing reduced per step) of the
+    weight-gradient kernel (two accumulators for gate_up)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 64, 64, 32
+    if dtype == torch.float32:
+        return 32, 32, 32
+    return 16, 16, 16
 
 
 def _acc_and_precision(dtype: torch.dtype):
     import triton.language as tl
 
     return (tl.float64 if dtype == torch.float64 else tl.float32), "ieee"
+
+
+def _dot_f32(x: torch.Tensor) -> bool:
+    """fp32 dot operands: only for bf16 under Triton's interpreter (its bf16 ``tl.dot`` is wrong)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _backend.interpreter_active()
 
 
 def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, save_h: bool):
@@ -211,30 +234,34 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
     k, E = routing.top_k, routing.num_experts
     rows = T * k
     acc, prec = _acc_and_precision(x.dtype)
+    dot_f32 = _dot_f32(x)
     dev = x.device
     h = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev) if save_h else None
     a = torch.empty((rows, I), dtype=x.dtype, device=dev)
     y = torch.empty((rows, H), dtype=x.dtype, device=dev)
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
-    tiles = (routing.tile_experts, routing.tile_row_starts, routing.offsets, routing.sorted_slots)
-    c1 = resolve_config(routing.block_m, I, H, x.element_size())
+    tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
+                 offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
+    c1 = resolve_config(routing.block_m, I, H, x.dtype, accumulators=2)
     KX.experts_up_kernel[(routing.max_tiles, -(-I // c1.block_n))](
-        x, gate_up, b1 if b1 is not None else gate_up, h if save_h else a, a, *tiles,
-        H, I, k,
-        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
-        spec.alpha, spec.limit,
+        x_ptr=x, gu_ptr=gate_up, b1_ptr=b1 if b1 is not None else gate_up, h_ptr=h if save_h else a, a_ptr=a,
+        **tiles, H=H, I=I, K=k,
+        s_xt=x.stride(0), s_xh=x.stride(1),
+        s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
+        alpha=spec.alpha, limit=spec.limit,
         BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k,
         INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
-        ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc,
+        ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         num_warps=c1.num_warps, num_stages=c1.num_stages,
     )
-    c2 = resolve_config(routing.block_m, H, I, x.element_size())
+    c2 = resolve_config(routing.block_m, H, I, x.dtype)
     KX.experts_down_kernel[(routing.max_tiles, -(-H // c2.block_n))](
-        a, down, b2 if b2 is not None else down, weights, y, *tiles,
-        H, I, k,
-        down.stride(0), down.stride(1), down.stride(2), weights.stride(0), weights.stride(1),
+        a_ptr=a, d_ptr=down, b2_ptr=b2 if b2 is not None else down, w_ptr=weights, y_ptr=y,
+        **tiles, H=H, I=I, K=k,
+        s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
+        s_wt=weights.stride(0), s_wj=weights.stride(1),
         BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
-        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc,
+        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         num_warps=c2.num_warps, num_stages=c2.num_stages,
     )
     _combine(y, routing, out)
@@ -252,21 +279,24 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     k = routing.top_k
     rows = T * k
     acc, prec = _acc_and_precision(x.dtype)
+    dot_f32 = _dot_f32(x)
     dev = x.device
-    tiles = (routing.tile_experts, routing.tile_row_starts, routing.offsets, routing.sorted_slots)
+    tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
+                 offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
     act = ACTIVATIONS.index(spec.activation)
-    c1 = resolve_config(routing.block_m, I, H, x.element_size())
+    c1 = resolve_config(routing.block_m, I, H, x.dtype, accumulators=2)  # dact: g, and the h / a tiles
     nb_i = -(-I // c1.block_n)
     dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)
     dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
     KX.experts_dact_kernel[(routing.max_tiles, nb_i)](
-        dout, down, b2 if b2 is not None else down, h, a, weights, dh, dwp, *tiles,
-        H, I, k, nb_i,
-        dout.stride(0), dout.stride(1), down.stride(0), down.stride(1), down.stride(2),
-        weights.stride(0), weights.stride(1),
-        spec.alpha, spec.limit,
+        dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
+        dh_ptr=dh, dwp_ptr=dwp, **tiles, H=H, I=I, K=k, NB_I=nb_i,
+        s_ot=dout.stride(0), s_oh=dout.stride(1),
+        s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
+        s_wt=weights.stride(0), s_wj=weights.stride(1),
+        alpha=spec.alpha, limit=spec.limit,
         BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k,
-        HAS_BIAS=b2 is not None, ACT=act, PRECISION=prec, ACC=acc,
+        HAS_BIAS=b2 is not None, ACT=act, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         num_warps=c1.num_warps, num_stages=c1.num_stages,
     )
     dx = dgu = dd = db1 = db2 = dw = None
@@ -275,44 +305,49 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
         k_pad = _p2(k)
         bt = max(1, 1024 // (k_pad * _p2(nb_i)))
         KX.experts_dw_kernel[(-(-T // bt),)](
-            dwp, routing.slot_rows, routing.offsets, dw, T, k, E, nb_i,
+            dwp_ptr=dwp, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, dw_ptr=dw,
+            T=T, K=k, E=E, NB_I=nb_i,
             BLOCK_T=bt, K_PAD=k_pad, NB_PAD=_p2(nb_i), ACC=acc,
         )
     if need[0]:
-        c2 = resolve_config(routing.block_m, H, I, x.element_size())
+        c2 = resolve_config(routing.block_m, H, I, x.dtype)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
         KX.experts_dx_kernel[(routing.max_tiles, -(-H // c2.block_n))](
-            dh, gate_up, dxs, *tiles, H, I, k,
-            gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+            dh_ptr=dh, gu_ptr=gate_up, dxs_ptr=dxs, **tiles, H=H, I=I, K=k,
+            s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
-            INTERLEAVED=spec.interleaved, PRECISION=prec, ACC=acc,
+            INTERLEAVED=spec.interleaved, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
             num_warps=c2.num_warps, num_stages=c2.num_stages,
         )
         dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
-    bm, bn, br = 64, 64, 32
+    bm, bn, br = _dweight_tiles(x.dtype)
     if need[1] or need[3]:
         dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
         db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
         KX.experts_dweight_kernel[(E, -(-I // bm), -(-H // bn))](
-            dh, x, weights, dout, dgu, db1 if db1 is not None else dgu,
-            routing.offsets, routing.sorted_slots,
-            I, H, k, I, 2 * I,
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), weights.stride(0), weights.stride(1),
-            dgu.stride(0), dgu.stride(1), dgu.stride(2),
+            lhs_ptr=dh, rhs_ptr=x, w_ptr=weights, dout_ptr=dout, grad_ptr=dgu,
+            dbias_ptr=db1 if db1 is not None else dgu,
+            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
+            M=I, N=H, K=k, I=I, LHS_COLS=2 * I,
+            s_xt=x.stride(0), s_xh=x.stride(1), s_ot=dout.stride(0), s_oh=dout.stride(1),
+            s_wt=weights.stride(0), s_wj=weights.stride(1),
+            s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-            DOWN=False, INTERLEAVED=spec.interleaved, HAS_BIAS=db1 is not None, PRECISION=prec, ACC=acc,
+            DOWN=False, INTERLEAVED=spec.interleaved, HAS_BIAS=db1 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         )
     if need[2] or need[4]:
         dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
         db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
         KX.experts_dweight_kernel[(E, -(-H // bm), -(-I // bn))](
-            a, a, weights, dout, dd, db2 if db2 is not None else dd,
-            routing.offsets, routing.sorted_slots,
-            H, I, k, I, I,
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), weights.stride(0), weights.stride(1),
-            dd.stride(0), dd.stride(1), dd.stride(2),
+            lhs_ptr=a, rhs_ptr=a, w_ptr=weights, dout_ptr=dout, grad_ptr=dd,
+            dbias_ptr=db2 if db2 is not None else dd,
+            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
+            M=H, N=I, K=k, I=I, LHS_COLS=I,
+            s_xt=x.stride(0), s_xh=x.stride(1), s_ot=dout.stride(0), s_oh=dout.stride(1),
+            s_wt=weights.stride(0), s_wj=weights.stride(1),
+            s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-            DOWN=True, INTERLEAVED=False, HAS_BIAS=db2 is not None, PRECISION=prec, ACC=acc,
+            DOWN=True, INTERLEAVED=False, HAS_BIAS=db2 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         )
     return dx, dgu, dd, db1, db2, dw
 
@@ -326,9 +361,9 @@ def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch
     bh = max(16, min(256, _p2(H)))
     bt = max(1, min(16, 4096 // bh))
     KX.experts_combine_kernel[(-(-T // bt), -(-H // bh))](
-        rows_t, routing.slot_rows, routing.offsets, out,
-        T, H, routing.top_k, routing.num_experts,
-        out.stride(0), out.stride(1),
+        y_ptr=rows_t, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out,
+        T=T, H=H, K=routing.top_k, E=routing.num_experts,
+        s_ot=out.stride(0), s_oh=out.stride(1),
         BLOCK_T=bt, BLOCK_H=bh, ACC=acc,
     )
     return out
@@ -358,8 +393,8 @@ def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: in
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
     I2 = gate_up.shape[1]
     xs = x.index_select(0, tok).to(cd)
-    h = torch.empty((n, I2), dtype=cd)
-    y = torch.empty((n, H), dtype=cd)
+    h = torch.empty((n, I2), dtype=cd, device=x.device)
+    y = torch.empty((n, H), dtype=cd, device=x.device)
     for e in range(len(bounds) - 1):
         a, b = bounds[e], bounds[e + 1]
         if a == b:
@@ -372,7 +407,7 @@ def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: in
         if b2 is not None:
             y[a:b] += b2[e].to(cd)
     w = weights.reshape(-1).to(cd).index_select(0, slots)
-    out = torch.zeros((T, H), dtype=cd).index_add_(0, tok, y * w[:, None])
+    out = torch.zeros((T, H), dtype=cd, device=x.device).index_add_(0, tok, y * w[:, None])
     return out.to(x.dtype), h, y
 
 
@@ -385,16 +420,16 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
     dyw = dout.to(cd).index_select(0, tok)
     dweights = None
     if need[5]:
-        dweights = torch.zeros(T * k, dtype=cd).index_copy_(0, slots, (dyw * y).sum(1))
+        dweights = torch.zeros(T * k, dtype=cd, device=x.device).index_copy_(0, slots, (dyw * y).sum(1))
         dweights = dweights.view(T, k).to(weights.dtype)
     w = weights.reshape(-1).to(cd).index_select(0, slots)
     dY = dyw * w[:, None]
     xs = x.index_select(0, tok).to(cd)
-    dxs = torch.empty((n, H), dtype=cd) if need[0] else None
-    dgu = torch.zeros(gate_up.shape, dtype=cd) if need[1] else None
-    dd = torch.zeros(down.shape, dtype=cd) if need[2] else None
-    db1 = torch.zeros((gate_up.shape[0], gate_up.shape[1]), dtype=cd) if need[3] and b1 is not None else None
-    db2 = torch.zeros((down.shape[0], H), dtype=cd) if need[4] and b2 is not None else None
+    dxs = torch.empty((n, H), dtype=cd, device=x.device) if need[0] else None
+    dgu = torch.zeros(gate_up.shape, dtype=cd, device=x.device) if need[1] else None
+    dd = torch.zeros(down.shape, dtype=cd, device=x.device) if need[2] else None
+    db1 = torch.zeros((gate_up.shape[0], gate_up.shape[1]), dtype=cd, device=x.device) if need[3] and b1 is not None else None
+    db2 = torch.zeros((down.shape[0], H), dtype=cd, device=x.device) if need[4] and b2 is not None else None
     for e in range(len(bounds) - 1):
         a, b = bounds[e], bounds[e + 1]
         if a == b:
@@ -414,7 +449,7 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
             db1[e] = dh.sum(0)
         if dxs is not None:
             torch.mm(dh, gate_up[e].to(cd), out=dxs[a:b])
-    dx = torch.zeros((T, H), dtype=cd).index_add_(0, tok, dxs).to(x.dtype) if dxs is not None else None
+    dx = torch.zeros((T, H), dtype=cd, device=x.device).index_add_(0, tok, dxs).to(x.dtype) if dxs is not None else None
 
     def cast(t, like):
         return None if t is None else t.to(like.dtype)
@@ -495,6 +530,8 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     weights. Saved from the forward: the first GEMM's output (kept rows × 2I) and the unweighted
     expert outputs (kept rows × H); recomputed: the row gather and the activation.
     """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a mmkernels.moe.Routing (from moe.route), got {type(routing).__name__}")
     weights = routing.weights if routing_weights is None else routing_weights
     spec = _check_experts_args(hidden_states, routing, gate_up_proj, down_proj, gate_up_bias, down_bias, weights,
                                activation, interleaved, swiglu_alpha, swiglu_limit)
@@ -502,6 +539,6 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     if triton and routing.block_m < MIN_BLOCK:
         raise ValueError(f"the Triton path needs a routing with block_m >= {MIN_BLOCK}, got {routing.block_m}")
     if hidden_states.shape[0] == 0:
-        return torch.zeros_like(hidden_states) + 0 * weights.sum()  # keeps the graph for autograd
+        triton = False  # nothing to launch: the CPU path's torch ops give the empty result and zero grads
     return ExpertsFunction.apply(hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
                                  routing, spec, triton)

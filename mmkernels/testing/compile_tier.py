@@ -521,10 +521,60 @@ def _constexpr_json(v):
     return v
 
 
+@contextlib.contextmanager
+def _recorded_launches(module, names: Sequence[str]):
+    """Within the block, launching kernel ``name`` of ``module`` (``kernel[grid](**kw)``) appends
+    ``[name, real kernel, kw]`` to the yielded list and runs nothing: a family's launchers can run
+    on meta tensors to show the compile tier exactly what they would launch."""
+    calls: List[list] = []
+
+    class Recorder:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append([self.name, self.real, kw])
+
+    real = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, Recorder(n, real[n]))
+        yield calls
+    finally:
+        for n in names:
+            setattr(module, n, real[n])
+
+
+def _jobs_from_launches(family: str, module: str, launches, targets: Sequence[int]) -> List[Job]:
+    """One job per distinct specialisation of the recorded ``launches`` — ``(kernel name, kernel,
+    launch kwargs, variant label, config label or None, expect)`` — for each target, through
+    :func:`jit_specialization` (so the signatures cannot drift from the launchers)."""
+    jobs: List[Job] = []
+    seen = set()
+    for target in targets:
+        for name, kernel, kw, variant, config, expect in launches:
+            sig, cons, attrs, opts = jit_specialization(kernel, kw, target)
+            cons = {k: _constexpr_json(v) for k, v in cons.items()}
+            key = (target, name, tuple(sorted(sig.items())), tuple(sorted(cons.items(), key=str)),
+                   opts.get("num_warps"), opts.get("num_stages"))
+            if key in seen:
+                continue
+            seen.add(key)
+            if config is None:
+                config = " ".join(f"{k}={v}" for k, v in cons.items() if k.startswith("BLOCK"))
+            jobs.append(Job(
+                family=family, module=module, kernel=name,
+                config=f"{config} w={opts.get('num_warps')}" + (f" s={opts['num_stages']}" if opts.get("num_stages") else ""),
+                variant=variant, target=int(target), signature=sig, constexprs=cons, attrs=attrs,
+                options={k: opts[k] for k in ("num_warps", "num_stages") if opts.get(k) is not None},
+                expect=expect,
+            ))
+    return jobs
+
+
 def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
     """The routing kernels as :mod:`mmkernels.ops.routing` really launches them: its launchers run
-    on meta tensors with the kernels replaced by recorders, and each recorded launch becomes a job
-    through :func:`jit_specialization` (so the signatures cannot drift from the launchers).
+    on meta tensors with the kernels recorded (:func:`_recorded_launches`).
 
     Coverage: every launch config :func:`mmkernels.ops.routing.launch_configs` stands for (expert
     counts 1 .. 1024, top-k 1, 8 and E, a few tokens and 2**20), at fp32 Mixtral routing forward
@@ -535,31 +585,21 @@ def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
     from mmkernels._triton import routing as K
     from mmkernels.ops import routing as R
 
-    calls: List[Tuple[str, object, dict]] = []
+    entries = []
+    with _recorded_launches(K, _ROUTING_KERNELS) as calls:
+        def launches(T, E, k, variant, dtype=torch.float32, **kw):
+            logits = torch.empty((T, E), dtype=dtype, device="meta")
+            bias = torch.empty((E,), device="meta") if kw.pop("bias", False) else None
+            ids_in = torch.empty((T, k), dtype=torch.int32, device="meta") if kw.pop("given", False) else None
+            spec = R.RouterSpec(k, **kw)
+            start = len(calls)
+            R._triton_route(logits, bias, ids_in, spec, 2**31 - 1, R.DEFAULT_BLOCK_M)
+            ids = torch.empty((T, k), dtype=torch.int32, device="meta")
+            R._triton_route_backward(torch.empty((T, k), device="meta"), logits, ids, spec)
+            cfg = R.resolve_config(T, E, k, dtype == torch.float64)
+            label = f"BLOCK_T={cfg.block_t} E_PAD={cfg.e_pad} K_PAD={cfg.k_pad}"
+            entries.extend(tuple(c) + (variant, label, None) for c in calls[start:])
 
-    class Recorder:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            return lambda **kw: calls.append((self.name, self.real, kw))
-
-    def launches(T, E, k, variant, dtype=torch.float32, **kw):
-        logits = torch.empty((T, E), dtype=dtype, device="meta")
-        bias = torch.empty((E,), device="meta") if kw.pop("bias", False) else None
-        ids_in = torch.empty((T, k), dtype=torch.int32, device="meta") if kw.pop("given", False) else None
-        spec = R.RouterSpec(k, **kw)
-        start = len(calls)
-        R._triton_route(logits, bias, ids_in, spec, 2**31 - 1, R.DEFAULT_BLOCK_M)
-        ids = torch.empty((T, k), dtype=torch.int32, device="meta")
-        R._triton_route_backward(torch.empty((T, k), device="meta"), logits, ids, spec)
-        for i in range(start, len(calls)):
-            calls[i] = calls[i] + (variant, R.resolve_config(T, E, k, dtype == torch.float64))
-
-    real = {n: getattr(K, n) for n in _ROUTING_KERNELS}
-    try:
-        for n in _ROUTING_KERNELS:
-            setattr(K, n, Recorder(n, real[n]))
         for E in (1, 2, 8, 61, 128, 256, 1024, R.MAX_EXPERTS):
             for k in sorted({1, min(8, E), E}):
                 for T in (5, 1 << 20):
@@ -573,28 +613,65 @@ def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
                 launches(T, E, k, "fp32 deepseek", scoring="sigmoid", bias=True, n_groups=g,
                          topk_groups=max(1, g // 2), routed_scaling=2.5, key_on_scores=True)
                 launches(T, E, k, "fp32 sigmoid", scoring="sigmoid", renormalize=False)
-    finally:
-        for n in _ROUTING_KERNELS:
-            setattr(K, n, real[n])
+    return _jobs_from_launches("routing", _ROUTING_MODULE, entries, targets)
 
-    jobs: List[Job] = []
-    seen = set()
-    for target in targets:
-        for name, kernel, kw, variant, cfg in calls:
-            sig, cons, attrs, opts = jit_specialization(kernel, kw, target)
-            cons = {k: _constexpr_json(v) for k, v in cons.items()}
-            key = (target, name, tuple(sorted(sig.items())), tuple(sorted(cons.items(), key=str)),
-                   opts.get("num_warps"))
-            if key in seen:
-                continue
-            seen.add(key)
-            jobs.append(Job(
-                family="routing", module=_ROUTING_MODULE, kernel=name,
-                config=f"BLOCK_T={cfg.block_t} E_PAD={cfg.e_pad} K_PAD={cfg.k_pad} w={opts.get('num_warps')}",
-                variant=variant, target=int(target), signature=sig, constexprs=cons, attrs=attrs,
-                options={"num_warps": opts.get("num_warps", 4)},
-            ))
-    return jobs
+
+_EXPERTS_MODULE = "mmkernels._triton.experts"
+_EXPERTS_KERNELS = ("experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
+                    "experts_dx_kernel", "experts_dweight_kernel", "experts_dw_kernel")
+
+
+def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """The expert kernels as :mod:`mmkernels.ops.experts` launches them (forward with the saved
+    pre-activation, and the whole backward), recorded on meta tensors like the routing jobs:
+    bf16 (the tensor-core configs; HGMMA required on sm_90), fp16, fp32 and fp64 (IEEE / FMA dots:
+    no tensor-core requirement), at the shapes of Mixtral (H 4096, I 14336, E 8, k 2), Qwen3-30B-A3B
+    (H 2048, I 768, E 128, k 8) and a small odd one (H 24, I 40), every activation in bf16 at the
+    Qwen3 shape, interleaved gate/up with biases (gpt-oss)."""
+    import torch
+
+    from mmkernels._triton import experts as KX
+    from mmkernels.ops import experts as X
+    from mmkernels.ops.routing import Routing, max_tiles
+
+    def routing(T, E, k, block_m=64):
+        i32 = dict(dtype=torch.int32, device="meta")
+        nt = max_tiles(T * k, E, block_m)
+        return Routing(torch.empty((T, k), device="meta"), torch.empty((T, k), **i32), torch.empty((E,), **i32),
+                       torch.empty((E + 1,), **i32), torch.empty((T * k,), **i32), torch.empty((T * k,), **i32),
+                       torch.empty((T, k), dtype=torch.bool, device="meta"), torch.empty((nt,), **i32),
+                       torch.empty((nt,), **i32), torch.empty((1,), **i32), block_m, None)
+
+    entries = []
+    with _recorded_launches(KX, _EXPERTS_KERNELS) as calls:
+        def launches(label, T, H, I, E, k, dtype, act="silu", interleaved=False, bias=False):
+            r = routing(T, E, k)
+            x = torch.empty((T, H), dtype=dtype, device="meta")
+            gu = torch.empty((E, 2 * I, H), dtype=dtype, device="meta")
+            dn = torch.empty((E, H, I), dtype=dtype, device="meta")
+            b1 = torch.empty((E, 2 * I), dtype=dtype, device="meta") if bias else None
+            b2 = torch.empty((E, H), dtype=dtype, device="meta") if bias else None
+            spec = X.ExpertSpec(act, interleaved)
+            start = len(calls)
+            _, h, _, a = X._triton_forward(x, r.weights, gu, dn, b1, b2, r, spec, save_h=True)
+            X._triton_backward(torch.empty((T, H), dtype=dtype, device="meta"), x, r.weights, gu, dn, b1, b2, r,
+                               h, a, spec, (True,) * 6)
+            for name, kernel, kw in calls[start:]:
+                tensor_core = label.startswith(("bf16", "fp16")) and name not in ("experts_combine_kernel",
+                                                                                  "experts_dw_kernel")
+                entries.append((name, kernel, kw, label, None, None if tensor_core else {"mma": None}))
+
+        shapes = {"mixtral": (16384, 4096, 14336, 8, 2), "qwen3": (16384, 2048, 768, 128, 8), "odd": (64, 24, 40, 7, 3)}
+        for name, shp in shapes.items():
+            for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                launches(f"{dname} {name}", *shp, dt)
+        launches("fp16 qwen3", *shapes["qwen3"], torch.float16)
+        launches("fp64 odd", *shapes["odd"], torch.float64)
+        for act in X.ACTIVATIONS[1:]:
+            launches(f"bf16 qwen3 {act}", *shapes["qwen3"], torch.bfloat16, act=act)
+        launches("bf16 gpt-oss (interleaved, biases)", 16384, 2880, 2880, 32, 4, torch.bfloat16,
+                 act="swiglu_oai", interleaved=True, bias=True)
+    return _jobs_from_launches("experts", _EXPERTS_MODULE, entries, targets)
 
 
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
@@ -602,6 +679,7 @@ FAMILIES: Dict[str, Family] = {
     "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
     "bilinear": Family("bilinear", _BILINEAR_MODULE, _bilinear_jobs),
     "routing": Family("routing", _ROUTING_MODULE, _routing_jobs),
+    "experts": Family("experts", _EXPERTS_MODULE, _experts_jobs),
 }
 
 

@@ -1,5 +1,6 @@
-"""Routing kernels in the compile tier (sm_80 and sm_90: no local memory at any launch config) and
-the launch count of one routing (three kernels, no host synchronisation in between)."""
+"""MoE kernels in the compile tier — routing and experts, sm_80 and sm_90, no local memory at any
+launch config, tensor-core instructions (HGMMA on sm_90) in every bf16 / fp16 expert GEMM — and the
+launch count of one routing (three kernels, no host synchronisation in between)."""
 import pytest
 import torch
 
@@ -10,6 +11,25 @@ from tests.conftest import assert_compiled_clean, backends, compile_family, reco
 
 COMPILE_TARGETS = (80, 90)
 KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "route_bwd_kernel")
+
+
+EXPERT_KERNELS = ("experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
+                  "experts_dx_kernel", "experts_dweight_kernel", "experts_dw_kernel")
+EXPERT_GEMMS = ("experts_up_kernel", "experts_down_kernel", "experts_dact_kernel", "experts_dx_kernel",
+                "experts_dweight_kernel")
+
+
+@pytest.fixture(scope="module")
+def experts_results():
+    return compile_family("experts", COMPILE_TARGETS)
+
+
+@pytest.mark.compile
+def test_experts_compile_without_local_memory_and_with_hgmma(experts_results):
+    assert_compiled_clean(experts_results, EXPERT_KERNELS, COMPILE_TARGETS)
+    for kernel in EXPERT_GEMMS:  # the EXPECTATIONS enforce it; say it here too, per kernel
+        built = [r for r in experts_results if r.kernel == kernel and r.target == 90 and r.variant.startswith("bf16")]
+        assert built and all("HGMMA" in (r.mma or []) for r in built), kernel
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,182 @@
+"""A mixture-of-experts layer: router, :func:`mmkernels.moe.route`, :func:`mmkernels.moe.experts`
+and an optional sigmoid-gated shared expert (Qwen2-MoE).
+
+Parameter names and layouts are transformers' (``MixtralSparseMoeBlock`` /
+``Qwen2MoeSparseMoeBlock``): ``gate.weight`` (E, H), ``experts.gate_up_proj`` (E, 2I, H),
+``experts.down_proj`` (E, H, I), ``shared_expert.{gate,up,down}_proj.weight``,
+``shared_expert_gate.weight`` (1, H), so their ``state_dict`` loads into :class:`MoE` directly.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from mmkernels.ops import experts as _experts
+from mmkernels.ops import routing as _routing
+
+#: Standard deviation of the normal init of every weight (transformers' ``initializer_range``).
+INIT_STD = 0.02
+
+
+class MoEOutput(NamedTuple):
+    """What :meth:`MoE.forward` returns."""
+
+    #: ``(..., H)``: the layer's output, in the input's shape and dtype.
+    output: torch.Tensor
+    #: ``(T, E)``: the router logits of the ``T`` flattened tokens, in the input's dtype (for
+    #: ``moe.load_balancing_loss`` / ``moe.router_z_loss``).
+    router_logits: torch.Tensor
+    #: ``(E,)`` int32: slots each expert received (after capacity drops).
+    counts: torch.Tensor
+
+
+class Experts(torch.nn.Module):
+    """The routed experts' parameters in transformers' layout: ``gate_up_proj`` (E, 2I, H) — the
+    gate rows then the up rows — ``down_proj`` (E, H, I), and with ``bias`` ``gate_up_proj_bias``
+    (E, 2I) and ``down_proj_bias`` (E, H)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = torch.nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.down_proj = torch.nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        if bias:
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, **kw))
+            self.down_proj_bias = torch.nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        else:
+            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter("down_proj_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.gate_up_proj, std=INIT_STD)
+        torch.nn.init.normal_(self.down_proj, std=INIT_STD)
+        if self.gate_up_proj_bias is not None:
+            torch.nn.init.zeros_(self.gate_up_proj_bias)
+            torch.nn.init.zeros_(self.down_proj_bias)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, bias={self.gate_up_proj_bias is not None}")
+
+
+class SharedExpert(torch.nn.Module):
+    """A dense gated MLP ``down_proj(act(gate_proj(x)) · up_proj(x))`` (Qwen2-MoE's ``Qwen2MoeMLP``;
+    no biases), with the :class:`MoE`'s activation."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu",
+                 alpha: float = _experts.OAI_ALPHA, limit: float = _experts.OAI_LIMIT, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=False, **kw)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=False, **kw)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, bias=False, **kw)
+        self._spec = _experts.ExpertSpec(activation, False, alpha, limit)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            torch.nn.init.normal_(lin.weight, std=INIT_STD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_experts.gated(self.gate_proj(x), self.up_proj(x), self._spec))
+
+
+class MoE(torch.nn.Module):
+    r"""A mixture-of-experts layer: ``y = Σ_j w_j · expert_{e_j}(x) [+ σ(g·x) · shared(x)]``.
+
+    Router: ``logits = gate(x)`` (a bias-free ``Linear(H, E)``), then :func:`mmkernels.moe.route`
+    with ``scoring``, ``renormalize``, ``n_groups`` / ``topk_groups``, ``routed_scaling``,
+    ``softmax_after_topk`` and ``capacity_factor`` (see there: Mixtral is the default,
+    ``renormalize=False`` Qwen2/3-MoE and OLMoE without ``norm_topk_prob``,
+    ``softmax_after_topk=True`` gpt-oss). Experts: :func:`mmkernels.moe.experts` with
+    ``activation`` (``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"swiglu_oai"``) on
+    ``gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I) (optional biases with ``bias=True``);
+    the gate rows come first, then the up rows, for every activation (gpt-oss's own parameters
+    are transposed and interleave gate and up, and its router has a bias: convert them first).
+    The routing weights stay differentiable, so the router learns through the experts' output.
+
+    ``shared_expert_size``: adds Qwen2-MoE's shared expert, a dense gated MLP of that intermediate
+    size (same activation, no biases) scaled per token by ``sigmoid(shared_expert_gate(x))``
+    (``Linear(H, 1)``, no bias).
+
+    Weights are drawn from ``N(0, 0.02²)`` (transformers' default ``initializer_range``), biases
+    are zero.
+
+    Input ``(..., H)``; :meth:`forward` returns a :class:`MoEOutput` ``(output (..., H),
+    router_logits (T, E), counts (E,))`` with ``T`` the number of tokens (the product of the
+    leading dims); feed ``router_logits`` to :func:`mmkernels.moe.load_balancing_loss` or
+    :func:`mmkernels.moe.router_z_loss`.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
+                 scoring: str = "softmax", renormalize: bool = True, n_groups: Optional[int] = None,
+                 topk_groups: Optional[int] = None, routed_scaling: float = 1.0, softmax_after_topk: bool = False,
+                 activation: str = "silu", shared_expert_size: Optional[int] = None,
+                 capacity_factor: Optional[float] = None, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                        ("num_experts", num_experts), ("top_k", top_k)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts={num_experts}, got {top_k}")
+        if num_experts > _routing.MAX_EXPERTS:
+            raise ValueError(f"num_experts={num_experts}: at most {_routing.MAX_EXPERTS} are supported")
+        if activation not in _experts.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_experts.ACTIVATIONS}, got {activation!r}")
+        if shared_expert_size is not None and (not isinstance(shared_expert_size, int) or shared_expert_size < 1):
+            raise ValueError(f"shared_expert_size must be a positive int or None, got {shared_expert_size!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.route_kwargs = dict(scoring=scoring, renormalize=renormalize, n_groups=n_groups, topk_groups=topk_groups,
+                                 routed_scaling=routed_scaling, softmax_after_topk=softmax_after_topk,
+                                 capacity_factor=capacity_factor)
+        self.activation = activation
+        # Routing options are checked now, on a dummy row, rather than on the first forward.
+        _routing._check_route_args(torch.zeros(1, num_experts), top_k, scoring, renormalize, None, n_groups,
+                                   topk_groups, routed_scaling, softmax_after_topk, capacity_factor, None,
+                                   _routing.DEFAULT_BLOCK_M)
+        self.gate = torch.nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.experts = Experts(hidden_size, intermediate_size, num_experts, bias=bias, **kw)
+        if shared_expert_size is not None:
+            self.shared_expert = SharedExpert(hidden_size, shared_expert_size, activation, **kw)
+            self.shared_expert_gate = torch.nn.Linear(hidden_size, 1, bias=False, **kw)
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.gate.weight, std=INIT_STD)
+        self.experts.reset_parameters()
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
+            torch.nn.init.normal_(self.shared_expert_gate.weight, std=INIT_STD)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"input must have shape (..., hidden_size={self.hidden_size}), got {tuple(x.shape)}")
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden_size)
+        logits = self.gate(x2)
+        routing = _routing.route(logits, self.top_k, **self.route_kwargs)
+        out = _experts.experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
+                               activation=self.activation, gate_up_bias=self.experts.gate_up_proj_bias,
+                               down_bias=self.experts.down_proj_bias)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
+        return MoEOutput(out.reshape(shape), logits, routing.counts)
+
+    def extra_repr(self) -> str:
+        defaults = dict(scoring="softmax", renormalize=True, n_groups=None, topk_groups=None, routed_scaling=1.0,
+                        softmax_after_topk=False, capacity_factor=None)
+        opts = {k: v for k, v in self.route_kwargs.items() if v != defaults[k]}
+        extra = "".join(f", {k}={v}" for k, v in opts.items())
+        shared = f", shared_expert_size={self.shared_expert.gate_proj.out_features}" if self.shared_expert is not None else ""
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}{shared}{extra}")
