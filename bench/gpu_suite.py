@@ -100,7 +100,7 @@ def load_references(dry_run: bool):
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         missing = [n for n in ("softmax_ref", "log_softmax_ref", "softmin_ref", "softmax_backward_ref",
-                               "bilinear_ref", "bilinear_grads_ref", "route_ref")
+                               "bilinear_ref", "bilinear_grads_ref", "route_ref", "experts_ref")
                    if not hasattr(mod, n)]
         if not missing:
             return mod, "tests/reference.py (float64)"
@@ -117,7 +117,8 @@ def load_references(dry_run: bool):
 
 #: The Triton launcher module of each family that has one apart from its op module: a family whose
 #: module does not import (not written yet, or broken) is skipped, and the output says so.
-TRITON_MODULES = {"bilinear": "mmkernels._triton.bilinear", "routing": "mmkernels._triton.routing"}
+TRITON_MODULES = {"bilinear": "mmkernels._triton.bilinear", "routing": "mmkernels._triton.routing",
+                  "experts": "mmkernels._triton.experts"}
 
 
 def unavailable_families() -> dict:
@@ -136,7 +137,8 @@ def dry_run_cases():
     without a row sample for the reference), a row longer than the on-chip limit (online / looped
     kernels), a reduction over a non-last dim, every op, fp32 and fp16; one bilinear case (fp32,
     forward and forward+backward; more rows than the 4096-element check bound allows, so the
-    check's row sample runs); three routing cases (softmax, grouped sigmoid, capacity drops)."""
+    check's row sample runs); three routing cases (softmax, grouped sigmoid, capacity drops); one
+    experts case (odd sizes)."""
     import torch
 
     from mmkernels.ops.softmax import MAX_FUSED_N
@@ -155,6 +157,7 @@ def dry_run_cases():
         Case("routing", "mixtral", (40, 16), f32, frozenset({"dry-run"}), {"k": 4}),
         Case("routing", "deepseek", (24, 32), f32, frozenset({"dry-run"}), {"k": 4, "n_groups": 4, "topk_groups": 2}),
         Case("routing", "qwen3", (33, 8), f16, frozenset({"dry-run"}), {"k": 2, "capacity_factor": 1.0}),
+        Case("experts", "qwen3", (40,), f32, frozenset({"dry-run"}), {"H": 24, "I": 40, "E": 4, "k": 2}),
     ]
 
 

@@ -253,6 +253,29 @@ class TorchReferences:
                 "dropped": dropped.view(T, top_k)}
 
 
+    @staticmethod
+    def experts_ref(x, weights, expert_ids, dropped, gate_up, down, b1=None, b2=None, activation="silu",
+                    interleaved=False, alpha=1.702, limit=7.0):
+        """SwiGLU experts in float64 by plain matrix products per expert (differentiable w.r.t. x);
+        the tests' own reference loops over tokens."""
+        if activation != "silu" or interleaved or b1 is not None or b2 is not None:
+            raise NotImplementedError("the bench's fallback experts reference covers SwiGLU without biases only")
+        x = x.double()
+        gate_up, down, weights = gate_up.double(), down.double(), weights.double()
+        T, H = x.shape
+        I = gate_up.shape[1] // 2
+        out = torch.zeros(T, H, dtype=torch.float64)
+        ids = expert_ids.long()
+        for e in ids.unique().tolist():
+            t, j = ((ids == e) & ~dropped.bool()).nonzero(as_tuple=True)
+            if t.numel() == 0:
+                continue
+            h = x[t] @ gate_up[e].t()
+            y = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ down[e].t()
+            out = out.index_add(0, t, weights[t, j][:, None] * y)
+        return out
+
+
 class SoftmaxBench:
     """Bench spec of the softmax family: forward of softmax / log_softmax / softmin and the fused
     backward (``mmkernels.softmax_backward``), against torch eager (``torch.softmax``,
@@ -683,12 +706,158 @@ class RoutingBench:
 
 
 # ----------------------------------------------------------------------------------------------
+# MoE experts
+# ----------------------------------------------------------------------------------------------
+
+
+def _hf_experts(H: int, I: int, E: int, k: int, gate_up: torch.Tensor, down: torch.Tensor):
+    """transformers' Qwen3-MoE experts module holding ``gate_up`` / ``down`` (shared, not copied),
+    or None without transformers."""
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+    except ImportError:
+        return None
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    with torch.device("meta"):
+        mod = Qwen3MoeExperts(cfg)
+    # the very tensors (Parameters, see ExpertsBench's prepare): gradients reach the same leaves
+    mod.gate_up_proj = gate_up if isinstance(gate_up, torch.nn.Parameter) else torch.nn.Parameter(gate_up, False)
+    mod.down_proj = down if isinstance(down, torch.nn.Parameter) else torch.nn.Parameter(down, False)
+    return mod
+
+
+class ExpertsBench:
+    """Bench spec of the MoE experts (``mmkernels.moe.experts`` after ``moe.route``): SwiGLU experts
+    of a Qwen3-style router (softmax, top-k, no renormalisation), one case per model shape.
+
+    Variants: ``fwd`` (route + experts) and ``fwd+bwd`` (then the gradients of x, gate_up_proj,
+    down_proj and the router logits by ``torch.autograd.grad``). Baselines: ``eager`` =
+    transformers' Qwen3-MoE experts module with its ``eager`` implementation (a Python loop over
+    the experts hit), ``grouped_mm`` = the same with ``experts_implementation="grouped_mm"``; both
+    after the torch router (softmax -> topk). Useful FLOPs (DESIGN.md): ``6·T·k·H·I`` forward,
+    3x that forward + backward. Bytes: the expert weights touched (every expert at these sizes)
+    plus x and out — the measure at decode sizes. The check compares the output (and dx) on a
+    sample of whole tokens with the float64 per-token reference; the weight gradients are checked
+    by the tests (every expert's rows would be needed).
+    """
+
+    family = "experts"
+
+    @classmethod
+    def variants(cls, case: Case, refs=TorchReferences, compile_baseline: bool = False) -> List[Variant]:
+        from mmkernels import moe
+
+        (T,) = case.shape
+        H, I, E, k = (int(case.params[n]) for n in ("H", "I", "E", "k"))
+        esize = torch.empty((), dtype=case.dtype).element_size()
+        flops = 6 * T * k * H * I
+        weight_bytes = 3 * E * H * I * esize
+        shape_text = f"T={T} H={H} I={I} E={E} k={k}"
+
+        def ours_fwd(i: Inputs) -> torch.Tensor:
+            r = moe.route(i["logits"], k, renormalize=False)
+            return moe.experts(i["x"], r, i["gate_up"], i["down"])
+
+        def hf(impl: str):
+            def call(i: Inputs) -> torch.Tensor:
+                mod = i.get("_hf")
+                if mod is None:
+                    mod = i["_hf"] = _hf_experts(H, I, E, k, i["gate_up"], i["down"])
+                mod.config._experts_implementation = impl
+                w, ids = torch.topk(torch.softmax(i["logits"], dim=-1, dtype=torch.float32), k, dim=-1)
+                return mod(i["x"], ids, w.to(i["x"].dtype))
+            return call
+
+        def sample(inputs: Inputs, max_elems: int, gen: torch.Generator) -> List[CheckSample]:
+            n = min(T, 16)  # the float64 reference runs per token on the CPU: 16 tokens, first and last in
+            rows = torch.cat([torch.tensor([0, T - 1]), torch.randperm(T, generator=gen)[: n - 2]]).unique()[:n]
+            take = lambda name, t: t.index_select(0, rows.to(t.device))  # noqa: E731
+            r_in = {"x": take("x", inputs["x"]), "logits": take("logits", inputs["logits"]),
+                    "gate_up": inputs["gate_up"], "down": inputs["down"]}
+            parts = ("out",)
+            if "dout" in inputs:
+                r_in["dout"] = take("dout", inputs["dout"])
+                parts = ("out", "dx")
+            return [CheckSample(r_in, parts, take)]
+
+        def reference(i: Inputs) -> Outputs:
+            r = refs.route_ref(i["logits"], k, renormalize=False)
+            x = i["x"].detach().requires_grad_()
+            out = refs.experts_ref(x, r["weights"].detach(), r["expert_ids"], r["dropped"], i["gate_up"], i["down"])
+            if "dout" not in i:
+                return out
+            (dx,) = torch.autograd.grad(out, x, i["dout"])
+            return out.detach(), dx
+
+        have_hf = _hf_experts(1, 1, 1, 1, torch.empty(1, 2, 1), torch.empty(1, 1, 1)) is not None
+        fwd_base = {"eager": hf("eager"), "grouped_mm": hf("grouped_mm")} if have_hf else {}
+        common = dict(case=case, passes=None, reduced_dims=(), shape_text=shape_text, check_samples=sample)
+        def params(raw: Inputs, grad: bool) -> Inputs:
+            """The expert weights as Parameters (what a model holds, and what transformers' module
+            must be given for its gradients to reach the same leaves as ours)."""
+            out = {n: raw[n].detach().requires_grad_(grad) for n in ("x", "logits")}
+            out.update({n: torch.nn.Parameter(raw[n].detach(), requires_grad=grad) for n in ("gate_up", "down")})
+            return out
+
+        fwd = Variant(direction="fwd", ours=ours_fwd, baselines=fwd_base, reference=reference,
+                      prepare=lambda raw: params(raw, False),
+                      bytes_moved=weight_bytes + 2 * T * H * esize, outputs=("out",), flops=flops, **common)
+
+        def fb(fn):
+            def call(i: Inputs) -> Outputs:
+                out = fn(i)
+                grads = torch.autograd.grad(out, [i["x"], i["gate_up"], i["down"], i["logits"]], i["dout"])
+                return out.detach(), grads[0]
+            return call
+
+        def prepare_fb(raw: Inputs) -> Inputs:
+            out = params(raw, True)
+            out["dout"] = raw["dout"]
+            return out
+
+        fb_base = {name: fb(fn) for name, fn in fwd_base.items()}
+        fwd_bwd = Variant(direction="fwd+bwd", ours=fb(ours_fwd), baselines=fb_base, reference=reference,
+                          prepare=prepare_fb, bytes_moved=2 * weight_bytes + 4 * T * H * esize,
+                          outputs=("out", "dx"), flops=3 * flops, **common)
+        if not have_hf:  # the ratio baseline: a plain torch loop over the experts
+            for v in (fwd, fwd_bwd):
+                v.baselines["eager"] = v.ours
+        return [fwd, fwd_bwd]
+
+    @staticmethod
+    def targets() -> List[Target]:
+        """Acceptance targets (issue 5): bf16 GPU, T = 16384 forward+backward >= 1x grouped_mm and
+        >= 5x eager on the three shapes; forward >= 65% of the bf16 mm rate on Mixtral's shape;
+        T = 64 >= 60% of copy bandwidth over the touched expert weights; CPU: the Qwen3 block
+        forward+backward >= 1.5x grouped_mm."""
+
+        def rows(direction: str, T: int, ops=("mixtral", "qwen3", "olmoe")):
+            def applies(r: Mapping[str, Any]) -> bool:
+                return (r.get("family") == "experts" and r.get("direction") == direction
+                        and list(r.get("shape", ())) == [T] and r.get("op") in ops)
+            return applies
+
+        return [
+            Target("experts fwd+bwd >= 1x transformers grouped_mm (T=16384, bf16)", "ratio_grouped_mm", 1.0,
+                   rows("fwd+bwd", 16384)),
+            Target("experts fwd+bwd >= 5x transformers eager (T=16384, bf16)", "ratio", 5.0, rows("fwd+bwd", 16384)),
+            Target("experts fwd >= 65% of the bf16 mm rate (Mixtral, T=16384)", "frac_mm", 0.65,
+                   rows("fwd", 16384, ("mixtral",))),
+            Target("experts fwd >= 60% of copy over the touched weights (T=64)", "frac_copy", 0.60, rows("fwd", 64)),
+            Target("experts CPU fwd+bwd >= 1.5x grouped_mm (Qwen3 block, T=2048, fp32)", "ratio_grouped_mm", 1.5,
+                   rows("fwd+bwd", 2048, ("qwen3_cpu",))),
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
 # Every family
 # ----------------------------------------------------------------------------------------------
 
 
 #: Bench spec of each op family, by registry family name.
-FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench, "bilinear": BilinearBench, "routing": RoutingBench}
+FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench, "bilinear": BilinearBench, "routing": RoutingBench,
+                            "experts": ExpertsBench}
 
 
 def variants_for(case: Case, refs=None, compile_baseline: bool = False) -> List[Variant]:

@@ -97,15 +97,6 @@ def gated_backward(gate: torch.Tensor, up: torch.Tensor, da: torch.Tensor,
     return da * up * dact, da * act
 
 
-def _merge_gate_up(dgate: torch.Tensor, dup: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    out = torch.empty(dgate.shape[0], 2 * dgate.shape[1], dtype=dgate.dtype, device=dgate.device)
-    if interleaved:
-        out[:, 0::2], out[:, 1::2] = dgate, dup
-    else:
-        out[:, :dgate.shape[1]], out[:, dgate.shape[1]:] = dgate, dup
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
@@ -386,15 +377,17 @@ def _rows(sorted_slots: torch.Tensor, offsets: torch.Tensor, k: int):
 
 
 def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
-    """out (T, H) and what the backward needs: (h, y) = the first GEMM's output (n, 2I) and the
-    unweighted expert outputs (n, H), both over the kept rows in expert order."""
+    """out (T, H) and what the backward needs, over the kept rows in expert order: the gathered
+    inputs ``xs`` (n, H), the first GEMM's output ``h`` (n, 2I) and the activation ``act`` (n, I)."""
     cd = _compute_dtype(x.dtype)
     T, H = x.shape
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
     I2 = gate_up.shape[1]
     xs = x.index_select(0, tok).to(cd)
     h = torch.empty((n, I2), dtype=cd, device=x.device)
+    act = torch.empty((n, I2 // 2), dtype=cd, device=x.device)
     y = torch.empty((n, H), dtype=cd, device=x.device)
+    w = weights.reshape(-1).to(cd).index_select(0, slots)[:, None]
     for e in range(len(bounds) - 1):
         a, b = bounds[e], bounds[e + 1]
         if a == b:
@@ -402,54 +395,97 @@ def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: in
         torch.mm(xs[a:b], gate_up[e].to(cd).t(), out=h[a:b])
         if b1 is not None:
             h[a:b] += b1[e].to(cd)
-        act = gated(*split_gate_up(h[a:b], spec.interleaved), spec)
-        torch.mm(act, down[e].to(cd).t(), out=y[a:b])
+        _gated_into(*split_gate_up(h[a:b], spec.interleaved), spec, act[a:b])
+        # w·(act·downᵀ + b2) = (w·act)·downᵀ + w·b2: the weight scales the narrower operand
+        torch.mm(act[a:b] * w[a:b], down[e].to(cd).t(), out=y[a:b])
         if b2 is not None:
-            y[a:b] += b2[e].to(cd)
-    w = weights.reshape(-1).to(cd).index_select(0, slots)
-    out = torch.zeros((T, H), dtype=cd, device=x.device).index_add_(0, tok, y * w[:, None])
-    return out.to(x.dtype), h, y
+            y[a:b] += w[a:b] * b2[e].to(cd)
+    out = torch.zeros((T, H), dtype=cd, device=x.device).index_add_(0, tok, y)
+    return out.to(x.dtype), xs, h, act
 
 
-def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, y, k: int,
+def _gated_into(gate, up, spec: ExpertSpec, out: torch.Tensor) -> None:
+    """``out[:] = gated(gate, up)`` without a temporary for the common activations."""
+    if spec.activation == "silu":
+        torch.mul(torch.nn.functional.silu(gate), up, out=out)
+    else:
+        out.copy_(gated(gate, up, spec))
+
+
+def _gated_backward_into(gate, up, da, spec: ExpertSpec, dh: torch.Tensor) -> None:
+    """(d gate, d up) of :func:`gated` written into the rows ``dh`` (gate | up, or interleaved),
+    through ATen's fused activation backward where there is one."""
+    dgate, dup = split_gate_up(dh, spec.interleaved)
+    if spec.activation == "silu":
+        torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dgate)
+        torch.mul(da, torch.nn.functional.silu(gate), out=dup)
+    elif spec.activation in ("gelu", "gelu_tanh"):
+        approx = "tanh" if spec.activation == "gelu_tanh" else "none"
+        torch.ops.aten.gelu_backward.grad_input(da * up, gate, approximate=approx, grad_input=dgate)
+        torch.mul(da, torch.nn.functional.gelu(gate, approximate=approx), out=dup)
+    else:
+        g, u = gated_backward(gate, up, da, spec)
+        dgate.copy_(g)
+        dup.copy_(u)
+
+
+def _cpu_backward(dout, weights, gate_up, down, b1, b2, sorted_slots, offsets, xs, h, act, k: int,
                   spec: ExpertSpec, need):
-    """Gradients (dx, d gate_up, d down, d b1, d b2, d weights); ``need`` flags which to return."""
-    cd = _compute_dtype(x.dtype)
-    T, H = x.shape
+    """Gradients (dx, d gate_up, d down, d b1, d b2, d weights); ``need`` flags which to return.
+
+    Per expert, with ``g = dout_rows · down_e`` (unweighted): ``d w = Σ_i g·act (+ dout·b2_e)``,
+    ``d act = w·g``, ``d down_e = (w·dout_rows)ᵀ · act``."""
+    cd = _compute_dtype(xs.dtype if xs.numel() else dout.dtype)
+    T, H = dout.shape
+    dev = dout.device
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
     dyw = dout.to(cd).index_select(0, tok)
-    dweights = None
-    if need[5]:
-        dweights = torch.zeros(T * k, dtype=cd, device=x.device).index_copy_(0, slots, (dyw * y).sum(1))
-        dweights = dweights.view(T, k).to(weights.dtype)
     w = weights.reshape(-1).to(cd).index_select(0, slots)
-    dY = dyw * w[:, None]
-    xs = x.index_select(0, tok).to(cd)
-    dxs = torch.empty((n, H), dtype=cd, device=x.device) if need[0] else None
-    dgu = torch.zeros(gate_up.shape, dtype=cd, device=x.device) if need[1] else None
-    dd = torch.zeros(down.shape, dtype=cd, device=x.device) if need[2] else None
-    db1 = torch.zeros((gate_up.shape[0], gate_up.shape[1]), dtype=cd, device=x.device) if need[3] and b1 is not None else None
-    db2 = torch.zeros((down.shape[0], H), dtype=cd, device=x.device) if need[4] and b2 is not None else None
-    for e in range(len(bounds) - 1):
+    E = gate_up.shape[0]
+    dw_rows = torch.empty(n, dtype=cd, device=dev) if need[5] else None
+    dxs = torch.empty((n, H), dtype=cd, device=dev) if need[0] else None
+    dgu = torch.empty(gate_up.shape, dtype=cd, device=dev) if need[1] else None
+    dd = torch.empty(down.shape, dtype=cd, device=dev) if need[2] else None
+    db1 = torch.empty((E, gate_up.shape[1]), dtype=cd, device=dev) if need[3] and b1 is not None else None
+    db2 = torch.empty((E, H), dtype=cd, device=dev) if need[4] and b2 is not None else None
+    widest = max((bounds[e + 1] - bounds[e] for e in range(E)), default=0)
+    dh_buf = torch.empty((widest, gate_up.shape[1]), dtype=cd, device=dev)  # one expert's d(h) at a time
+    for e in range(E):
         a, b = bounds[e], bounds[e + 1]
-        if a == b:
+        if a == b:  # no rows: zero weight gradients (the rest has no rows to write)
+            for t in (dgu, dd, db1, db2):
+                if t is not None:
+                    t[e].zero_()
             continue
-        gate, up = split_gate_up(h[a:b], spec.interleaved)
-        if dd is not None:
-            torch.mm(dY[a:b].t(), gated(gate, up, spec), out=dd[e])
+        if dd is not None:  # (w·dout)ᵀ·act = doutᵀ·(w·act): the weight scales the narrower operand
+            torch.mm(dyw[a:b].t(), act[a:b] * w[a:b, None], out=dd[e])
         if db2 is not None:
-            db2[e] = dY[a:b].sum(0)
+            torch.mv(dyw[a:b].t(), w[a:b], out=db2[e])
+        if dxs is None and dgu is None and db1 is None and dw_rows is None:
+            continue
+        g = dyw[a:b] @ down[e].to(cd)
+        if dw_rows is not None:
+            dw_rows[a:b] = (g * act[a:b]).sum(1)
+            if b2 is not None:
+                dw_rows[a:b] += dyw[a:b] @ b2[e].to(cd)
         if dxs is None and dgu is None and db1 is None:
             continue
-        dact = dY[a:b] @ down[e].to(cd)
-        dh = _merge_gate_up(*gated_backward(gate, up, dact, spec), spec.interleaved)
+        gate, up = split_gate_up(h[a:b], spec.interleaved)
+        dh = dh_buf[: b - a]
+        _gated_backward_into(gate, up, g.mul_(w[a:b, None]), spec, dh)
         if dgu is not None:
             torch.mm(dh.t(), xs[a:b], out=dgu[e])
         if db1 is not None:
             db1[e] = dh.sum(0)
         if dxs is not None:
             torch.mm(dh, gate_up[e].to(cd), out=dxs[a:b])
-    dx = torch.zeros((T, H), dtype=cd, device=x.device).index_add_(0, tok, dxs).to(x.dtype) if dxs is not None else None
+    dx = None
+    if dxs is not None:
+        dx = torch.zeros((T, H), dtype=cd, device=dev).index_add_(0, tok, dxs).to(dout.dtype)
+    dweights = None
+    if dw_rows is not None:
+        dweights = torch.zeros(T * k, dtype=cd, device=dev).index_copy_(0, slots, dw_rows).view(T, k)
+        dweights = dweights.to(weights.dtype)
 
     def cast(t, like):
         return None if t is None else t.to(like.dtype)
@@ -463,9 +499,9 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
 
 
 class ExpertsFunction(torch.autograd.Function):
-    """Autograd wrapper. Saved: the first GEMM's output ``h`` (rows × 2I) and, on the Triton path,
-    the activation ``a`` (rows × I; the CPU path keeps the unweighted expert outputs ``y`` instead
-    and recomputes ``a`` from ``h``); recomputed in the backward: the row gathers."""
+    """Autograd wrapper. Saved: the first GEMM's output ``h`` (rows × 2I) and the activation
+    ``act(gate)·up`` (rows × I); the CPU path also keeps the gathered input rows (rows × H), the
+    Triton path gathers them again in the backward."""
 
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, triton: bool):
@@ -473,9 +509,9 @@ class ExpertsFunction(torch.autograd.Function):
             out, h, _, a = _triton_forward(x, weights, gate_up, down, b1, b2, routing, spec, save_h=True)
             ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, a)
         else:
-            out, h, y = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
-                                     routing.top_k, spec)
-            ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, y)
+            out, xs, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
+                                           routing.top_k, spec)
+            ctx.save_for_backward(xs, weights, gate_up, down, b1, b2, h, act)
         ctx.routing, ctx.spec, ctx.triton = routing, spec, triton
         return out
 
@@ -488,7 +524,7 @@ class ExpertsFunction(torch.autograd.Function):
         if ctx.triton:
             grads = _triton_backward(dout, x, weights, gate_up, down, b1, b2, r, h, extra, ctx.spec, need)
         else:
-            grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, h, extra,
+            grads = _cpu_backward(dout, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, x, h, extra,
                                   r.top_k, ctx.spec, need)
         dx, dgu, dd, db1, db2, dw = grads
         return dx, dw, dgu, dd, db1, db2, None, None, None

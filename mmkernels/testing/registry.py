@@ -310,3 +310,37 @@ _routing("deepseek", 16384, 256, 8, torch.float32, {"gpu"}, n_groups=8, topk_gro
 _routing("gptoss", 16384, 128, 4, torch.bfloat16, {"gpu"})
 _routing("mixtral", 64, 128, 8, torch.bfloat16, {"gpu"})
 _routing("mixtral", 16384, 128, 8, torch.float32, {"gpu"}, capacity_factor=1.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# experts family (MoE expert dispatch): op = model shape (EXPERT_SHAPES); shape = (T,); params
+# H, I, E, k; inputs x (T, H), logits (T, E), gate_up (E, 2I, H), down (E, H, I), dout (T, H)
+# ----------------------------------------------------------------------------------------------
+
+#: (H, I, E, k) of the models the issue names.
+EXPERT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "olmoe": (2048, 1024, 64, 8),
+                 "qwen3_cpu": (512, 256, 64, 8)}
+
+
+@register_builder("experts")
+def _experts_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    (T,) = case.shape
+    H, I, E = (int(case.params[k]) for k in ("H", "I", "E"))
+    return {"x": _randn((T, H), case.dtype, device, gen),
+            "logits": _randn((T, E), torch.float32, device, gen),
+            "gate_up": _randn((E, 2 * I, H), case.dtype, device, gen, H ** -0.5),
+            "down": _randn((E, H, I), case.dtype, device, gen, I ** -0.5),
+            "dout": _randn((T, H), case.dtype, device, gen)}
+
+
+def _experts(shape_name, T, dtype, tags):
+    H, I, E, k = EXPERT_SHAPES[shape_name]
+    return register(Case("experts", shape_name, (T,), dtype, frozenset(tags), {"H": H, "I": I, "E": E, "k": k}))
+
+
+# the main job on CPU: the issue's CPU comparison (a Qwen3-MoE block, fp32, forward+backward)
+_experts("qwen3_cpu", 2048, torch.float32, {"bench"})
+# the GPU suite: the three model shapes at T = 16384 and 64 (decode), bf16
+for _T in (16384, 64):
+    for _name in ("qwen3", "mixtral", "olmoe"):
+        _experts(_name, _T, torch.bfloat16, {"gpu"})
