@@ -166,6 +166,9 @@ def _progress(r: dict) -> str:
     if "error" in r:
         return f"{r['direction']} ERROR {r['error'][:80]}"
     ratio = f"x{r['ratio']:.2f}" if r.get("ratio") else "x?"
+    others = " ".join(f"x{v:.2f} vs {k[6:]}" for k, v in r.items() if k.startswith("ratio_") and v)
+    if others:
+        ratio = f"{ratio} ({others})"
     frac = f"{100 * r['frac_copy']:.0f}%copy" if "frac_copy" in r else ""
     if "frac_mm" in r:
         frac = f"{r['TFLOPs']:.1f} TFLOP/s {100 * r['frac_mm']:.0f}%mm {frac}"
@@ -327,6 +330,10 @@ def main(argv=None) -> int:
             continue
         rows += bench.measure_cases([case], device, ceilings, opts, refs=refs, name_filter=args.filter,
                                     progress=None)
+        # the record so far, after every case: a run killed by the call's time limit keeps its rows
+        bench.write_json(out / JSON_NAME, {"kind": "mmkernels-gpu-suite", "dry_run": args.dry_run, "partial": True,
+                                           "environment": env, "reference": ref_name, "ceilings": ceilings,
+                                           "results": rows})
         done = [r for r in rows if r["case"] == case.id]
         if done:
             state = ", ".join(_progress(r) for r in done)
