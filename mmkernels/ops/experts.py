@@ -563,8 +563,24 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
         ``(T, H)`` in ``hidden_states``' dtype. Math in float32 (float64 for float64).
 
     Backward: gradients for ``hidden_states``, both projections, both biases and the routing
-    weights. Saved from the forward: the first GEMM's output (kept rows × 2I) and the unweighted
-    expert outputs (kept rows × H); recomputed: the row gather and the activation.
+    weights. Saved from the forward: the first GEMM's output ``h`` (rows × 2I, pre-activation) and
+    the activation ``act(gate)·up`` (rows × I), in the storage dtype on the Triton path (float32 on
+    the CPU path, which also keeps the gathered input rows); recomputed: the gathers of the input
+    and gradient rows (Triton), the expert outputs (the routing weights' gradient is
+    ``Σ_i (dout·down_e)_i · act_i (+ dout·b2_e)``). Rows are the kept slots in expert order (T·k at
+    most). The weight gradients are reduced over each expert's rows by one program per output
+    tile (no atomics); the combines over k run in a fixed order (deterministic).
+
+    On CUDA: seven Triton kernels (two forward GEMMs and a combine; an activation-gradient GEMM,
+    a dx GEMM and its combine, two weight-gradient GEMMs, the weights' reduction); fp32 runs its
+    dots in IEEE fp32 (no TF32), 16-bit storage on tensor cores. On CPU: a loop of matrix products
+    over the experts.
+
+    Example:
+        >>> r = moe.route(torch.randn(6, 4), 2)
+        >>> out = moe.experts(torch.randn(6, 8), r, torch.randn(4, 2 * 16, 8), torch.randn(4, 8, 16))
+        >>> out.shape
+        torch.Size([6, 8])
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a mmkernels.moe.Routing (from moe.route), got {type(routing).__name__}")
