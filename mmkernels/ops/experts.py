@@ -377,31 +377,32 @@ def _rows(sorted_slots: torch.Tensor, offsets: torch.Tensor, k: int):
 
 
 def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
-    """out (T, H) and what the backward needs, over the kept rows in expert order: the gathered
-    inputs ``xs`` (n, H), the first GEMM's output ``h`` (n, 2I) and the activation ``act`` (n, I)."""
+    """out (T, H) and what the backward needs, over the kept rows in expert order: the first GEMM's
+    output ``h`` (n, 2I) and the activation ``act`` (n, I). Row gathers, expert outputs and their
+    scatter into ``out`` go one expert at a time (small temporaries the allocator reuses: whole-row
+    buffers of tens of MB are fresh, page-faulted memory on every call)."""
     cd = _compute_dtype(x.dtype)
     T, H = x.shape
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
     I2 = gate_up.shape[1]
-    xs = x.index_select(0, tok).to(cd)
     h = torch.empty((n, I2), dtype=cd, device=x.device)
     act = torch.empty((n, I2 // 2), dtype=cd, device=x.device)
-    y = torch.empty((n, H), dtype=cd, device=x.device)
+    out = torch.zeros((T, H), dtype=cd, device=x.device)
     w = weights.reshape(-1).to(cd).index_select(0, slots)[:, None]
     for e in range(len(bounds) - 1):
         a, b = bounds[e], bounds[e + 1]
         if a == b:
             continue
-        torch.mm(xs[a:b], gate_up[e].to(cd).t(), out=h[a:b])
+        torch.mm(x.index_select(0, tok[a:b]).to(cd), gate_up[e].to(cd).t(), out=h[a:b])
         if b1 is not None:
             h[a:b] += b1[e].to(cd)
         _gated_into(*split_gate_up(h[a:b], spec.interleaved), spec, act[a:b])
         # w·(act·downᵀ + b2) = (w·act)·downᵀ + w·b2: the weight scales the narrower operand
-        torch.mm(act[a:b] * w[a:b], down[e].to(cd).t(), out=y[a:b])
+        y = torch.mm(act[a:b] * w[a:b], down[e].to(cd).t())
         if b2 is not None:
-            y[a:b] += w[a:b] * b2[e].to(cd)
-    out = torch.zeros((T, H), dtype=cd, device=x.device).index_add_(0, tok, y)
-    return out.to(x.dtype), xs, h, act
+            y += w[a:b] * b2[e].to(cd)
+        out.index_add_(0, tok[a:b], y)
+    return out.to(x.dtype), h, act
 
 
 def _gated_into(gate, up, spec: ExpertSpec, out: torch.Tensor) -> None:
@@ -429,21 +430,21 @@ def _gated_backward_into(gate, up, da, spec: ExpertSpec, dh: torch.Tensor) -> No
         dup.copy_(u)
 
 
-def _cpu_backward(dout, weights, gate_up, down, b1, b2, sorted_slots, offsets, xs, h, act, k: int,
+def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets, h, act, k: int,
                   spec: ExpertSpec, need):
     """Gradients (dx, d gate_up, d down, d b1, d b2, d weights); ``need`` flags which to return.
 
     Per expert, with ``g = dout_rows · down_e`` (unweighted): ``d w = Σ_i g·act (+ dout·b2_e)``,
-    ``d act = w·g``, ``d down_e = (w·dout_rows)ᵀ · act``."""
-    cd = _compute_dtype(xs.dtype if xs.numel() else dout.dtype)
+    ``d act = w·g``, ``d down_e = doutᵀ · (w·act)``; rows gathered and scattered one expert at a
+    time (see :func:`_cpu_forward`)."""
+    cd = h.dtype
     T, H = dout.shape
     dev = dout.device
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
-    dyw = dout.to(cd).index_select(0, tok)
     w = weights.reshape(-1).to(cd).index_select(0, slots)
     E = gate_up.shape[0]
     dw_rows = torch.empty(n, dtype=cd, device=dev) if need[5] else None
-    dxs = torch.empty((n, H), dtype=cd, device=dev) if need[0] else None
+    dx = torch.zeros((T, H), dtype=cd, device=dev) if need[0] else None
     dgu = torch.empty(gate_up.shape, dtype=cd, device=dev) if need[1] else None
     dd = torch.empty(down.shape, dtype=cd, device=dev) if need[2] else None
     db1 = torch.empty((E, gate_up.shape[1]), dtype=cd, device=dev) if need[3] and b1 is not None else None
@@ -457,31 +458,29 @@ def _cpu_backward(dout, weights, gate_up, down, b1, b2, sorted_slots, offsets, x
                 if t is not None:
                     t[e].zero_()
             continue
-        if dd is not None:  # (w·dout)ᵀ·act = doutᵀ·(w·act): the weight scales the narrower operand
-            torch.mm(dyw[a:b].t(), act[a:b] * w[a:b, None], out=dd[e])
+        dye = dout.index_select(0, tok[a:b]).to(cd)
+        if dd is not None:
+            torch.mm(dye.t(), act[a:b] * w[a:b, None], out=dd[e])
         if db2 is not None:
-            torch.mv(dyw[a:b].t(), w[a:b], out=db2[e])
-        if dxs is None and dgu is None and db1 is None and dw_rows is None:
+            torch.mv(dye.t(), w[a:b], out=db2[e])
+        if dx is None and dgu is None and db1 is None and dw_rows is None:
             continue
-        g = dyw[a:b] @ down[e].to(cd)
+        g = dye @ down[e].to(cd)
         if dw_rows is not None:
             dw_rows[a:b] = (g * act[a:b]).sum(1)
             if b2 is not None:
-                dw_rows[a:b] += dyw[a:b] @ b2[e].to(cd)
-        if dxs is None and dgu is None and db1 is None:
+                dw_rows[a:b] += dye @ b2[e].to(cd)
+        if dx is None and dgu is None and db1 is None:
             continue
         gate, up = split_gate_up(h[a:b], spec.interleaved)
         dh = dh_buf[: b - a]
         _gated_backward_into(gate, up, g.mul_(w[a:b, None]), spec, dh)
         if dgu is not None:
-            torch.mm(dh.t(), xs[a:b], out=dgu[e])
+            torch.mm(dh.t(), x.index_select(0, tok[a:b]).to(cd), out=dgu[e])
         if db1 is not None:
             db1[e] = dh.sum(0)
-        if dxs is not None:
-            torch.mm(dh, gate_up[e].to(cd), out=dxs[a:b])
-    dx = None
-    if dxs is not None:
-        dx = torch.zeros((T, H), dtype=cd, device=dev).index_add_(0, tok, dxs).to(dout.dtype)
+        if dx is not None:
+            dx.index_add_(0, tok[a:b], dh @ gate_up[e].to(cd))
     dweights = None
     if dw_rows is not None:
         dweights = torch.zeros(T * k, dtype=cd, device=dev).index_copy_(0, slots, dw_rows).view(T, k)
@@ -490,7 +489,7 @@ def _cpu_backward(dout, weights, gate_up, down, b1, b2, sorted_slots, offsets, x
     def cast(t, like):
         return None if t is None else t.to(like.dtype)
 
-    return (dx, cast(dgu, gate_up), cast(dd, down), cast(db1, gate_up), cast(db2, down), dweights)
+    return (cast(dx, dout), cast(dgu, gate_up), cast(dd, down), cast(db1, gate_up), cast(db2, down), dweights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,8 +499,7 @@ def _cpu_backward(dout, weights, gate_up, down, b1, b2, sorted_slots, offsets, x
 
 class ExpertsFunction(torch.autograd.Function):
     """Autograd wrapper. Saved: the first GEMM's output ``h`` (rows × 2I) and the activation
-    ``act(gate)·up`` (rows × I); the CPU path also keeps the gathered input rows (rows × H), the
-    Triton path gathers them again in the backward."""
+    ``act(gate)·up`` (rows × I); the input rows are gathered again in the backward."""
 
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, triton: bool):
@@ -509,9 +507,9 @@ class ExpertsFunction(torch.autograd.Function):
             out, h, _, a = _triton_forward(x, weights, gate_up, down, b1, b2, routing, spec, save_h=True)
             ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, a)
         else:
-            out, xs, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
-                                           routing.top_k, spec)
-            ctx.save_for_backward(xs, weights, gate_up, down, b1, b2, h, act)
+            out, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
+                                       routing.top_k, spec)
+            ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, act)
         ctx.routing, ctx.spec, ctx.triton = routing, spec, triton
         return out
 
@@ -524,7 +522,7 @@ class ExpertsFunction(torch.autograd.Function):
         if ctx.triton:
             grads = _triton_backward(dout, x, weights, gate_up, down, b1, b2, r, h, extra, ctx.spec, need)
         else:
-            grads = _cpu_backward(dout, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, x, h, extra,
+            grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, h, extra,
                                   r.top_k, ctx.spec, need)
         dx, dgu, dd, db1, db2, dw = grads
         return dx, dw, dgu, dd, db1, db2, None, None, None
@@ -565,8 +563,7 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     Backward: gradients for ``hidden_states``, both projections, both biases and the routing
     weights. Saved from the forward: the first GEMM's output ``h`` (rows × 2I, pre-activation) and
     the activation ``act(gate)·up`` (rows × I), in the storage dtype on the Triton path (float32 on
-    the CPU path, which also keeps the gathered input rows); recomputed: the gathers of the input
-    and gradient rows (Triton), the expert outputs (the routing weights' gradient is
+    the CPU path); recomputed: the gathers of the input and gradient rows, the expert outputs (the routing weights' gradient is
     ``Σ_i (dout·down_e)_i · act_i (+ dout·b2_e)``). Rows are the kept slots in expert order (T·k at
     most). The weight gradients are reduced over each expert's rows by one program per output
     tile (no atomics); the combines over k run in a fixed order (deterministic).
