@@ -727,6 +727,23 @@ def _hf_experts(H: int, I: int, E: int, k: int, gate_up: torch.Tensor, down: tor
     return mod
 
 
+def _torch_experts(x: torch.Tensor, logits: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """A plain torch MoE layer (the fallback ``eager`` baseline without transformers): softmax ->
+    topk, then a Python loop over the experts of ``index_select`` / ``mm`` / ``index_add``."""
+    w, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1)
+    I = gate_up.shape[1] // 2
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        t, j = (ids == e).nonzero(as_tuple=True)
+        if t.numel() == 0:
+            continue
+        h = x[t] @ gate_up[e].t()
+        y = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ down[e].t()
+        out = out.index_add(0, t, y * w[t, j, None].to(x.dtype))
+    return out
+
+
 class ExpertsBench:
     """Bench spec of the MoE experts (``mmkernels.moe.experts`` after ``moe.route``): SwiGLU experts
     of a Qwen3-style router (softmax, top-k, no renormalisation), one case per model shape.
@@ -735,7 +752,8 @@ class ExpertsBench:
     down_proj and the router logits by ``torch.autograd.grad``). Baselines: ``eager`` =
     transformers' Qwen3-MoE experts module with its ``eager`` implementation (a Python loop over
     the experts hit), ``grouped_mm`` = the same with ``experts_implementation="grouped_mm"``; both
-    after the torch router (softmax -> topk). Useful FLOPs (DESIGN.md): ``6·T·k·H·I`` forward,
+    after the torch router (softmax -> topk); without transformers installed, ``eager`` is
+    :func:`_torch_experts` (the same loop written in torch) and ``grouped_mm`` is absent. Useful FLOPs (DESIGN.md): ``6·T·k·H·I`` forward,
     3x that forward + backward. Bytes: the expert weights touched (every expert at these sizes)
     plus x and out — the measure at decode sizes. The check compares the output (and dx) on a
     sample of whole tokens with the float64 per-token reference; the weight gradients are checked
@@ -820,9 +838,10 @@ class ExpertsBench:
         fwd_bwd = Variant(direction="fwd+bwd", ours=fb(ours_fwd), baselines=fb_base, reference=reference,
                           prepare=prepare_fb, bytes_moved=2 * weight_bytes + 4 * T * H * esize,
                           outputs=("out", "dx"), flops=3 * flops, **common)
-        if not have_hf:  # the ratio baseline: a plain torch loop over the experts
-            for v in (fwd, fwd_bwd):
-                v.baselines["eager"] = v.ours
+        if not have_hf:  # without transformers the ratio baseline is a plain torch loop over the experts
+            loop = lambda i: _torch_experts(i["x"], i["logits"], i["gate_up"], i["down"], k)  # noqa: E731
+            fwd.baselines["eager"] = loop
+            fwd_bwd.baselines["eager"] = fb(loop)
         return [fwd, fwd_bwd]
 
     @staticmethod
