@@ -173,11 +173,11 @@ def experts_down_kernel(
     H, I, K,
     s_de, s_dh, s_di, s_wt, s_wj,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Grouped GEMM 2 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of H:
-    ``y = w_row · (a_rows · down_eᵀ (+ b2))`` (``WEIGHTED``: times the row's routing weight)."""
+    ``y = w_row · (a_rows · down_eᵀ (+ b2))``, ``w_row`` the row's routing weight."""
     e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
                                                   tl.program_id(0), K, BLOCK_M)
     if e >= 0:
@@ -194,9 +194,8 @@ def experts_down_kernel(
             acc = _dot(a, b, acc, PRECISION, ACC, DOT_F32)
         if HAS_BIAS:
             acc += tl.load(b2_ptr + e_ok * H + n, mask=nmask, other=0.0).to(ACC)[None, :]
-        if WEIGHTED:
-            w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
-            acc = acc * w[:, None]
+        w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
+        acc = acc * w[:, None]
         tl.store(y_ptr + rows[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 

@@ -252,7 +252,7 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
         s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
         BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
-        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+        HAS_BIAS=b2 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         num_warps=c2.num_warps, num_stages=c2.num_stages,
     )
     _combine(y, routing, out)
