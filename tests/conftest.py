@@ -79,15 +79,9 @@ def assert_compiled_clean(results, kernels, targets):
 def record_launches(monkeypatch, module, names):
     """Replace the kernels ``names`` of ``module`` by recorders: launching one appends
     ``(name, real kernel, launch kwargs)`` to the returned list and runs nothing."""
+    from mmkernels.testing.compile_tier import LaunchRecorder
+
     calls = []
-
-    class Recorder:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            return lambda **kw: calls.append((self.name, self.real, kw))
-
     for name in names:
-        monkeypatch.setattr(module, name, Recorder(name, getattr(module, name)))
+        monkeypatch.setattr(module, name, LaunchRecorder(name, getattr(module, name), calls))
     return calls

@@ -521,24 +521,27 @@ def _constexpr_json(v):
     return v
 
 
+class LaunchRecorder:
+    """Stands in for a kernel: ``recorder[grid](**kw)`` appends ``(name, real kernel, kw)`` to
+    ``calls`` and runs nothing (also used by the tests, through ``monkeypatch``)."""
+
+    def __init__(self, name: str, real, calls: list):
+        self.name, self.real, self.calls = name, real, calls
+
+    def __getitem__(self, grid):
+        return lambda **kw: self.calls.append((self.name, self.real, kw))
+
+
 @contextlib.contextmanager
 def _recorded_launches(module, names: Sequence[str]):
-    """Within the block, launching kernel ``name`` of ``module`` (``kernel[grid](**kw)``) appends
-    ``[name, real kernel, kw]`` to the yielded list and runs nothing: a family's launchers can run
-    on meta tensors to show the compile tier exactly what they would launch."""
-    calls: List[list] = []
-
-    class Recorder:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            return lambda **kw: calls.append([self.name, self.real, kw])
-
+    """Within the block, the kernels ``names`` of ``module`` are :class:`LaunchRecorder` s appending
+    to the yielded list: a family's launchers can run on meta tensors to show the compile tier
+    exactly what they would launch."""
+    calls: List[tuple] = []
     real = {n: getattr(module, n) for n in names}
     try:
         for n in names:
-            setattr(module, n, Recorder(n, real[n]))
+            setattr(module, n, LaunchRecorder(n, real[n], calls))
         yield calls
     finally:
         for n in names:
