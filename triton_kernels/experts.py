@@ -106,6 +106,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.cons
 
 
 @triton.jit
+def _grouped_pid(pid, NUM_TILES, NUM_COLS, GROUP: tl.constexpr):
+    """(tile, column block) of program ``pid`` of a 1-D grid over ``NUM_TILES x NUM_COLS``: the
+    programs walk ``GROUP`` tiles at a time, tile fastest, then the column blocks — so the programs
+    running together share their A rows (GROUP tiles) and their weight columns (the few column
+    blocks a wave spans) in L2 instead of streaming every A row once per column block."""
+    width = GROUP * NUM_COLS
+    first = (pid // width) * GROUP
+    size = tl.minimum(NUM_TILES - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
 def _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr, tile, K, BLOCK_M: tl.constexpr):
     """(expert, rows [BLOCK_M], row mask, tokens, slots) of tile ``tile``; expert -1: no tile."""
     e = tl.load(tile_experts_ptr + tile)
@@ -125,17 +137,20 @@ def experts_up_kernel(
     H, I, K,
     s_xt, s_xh, s_ge, s_gn, s_gh,
     alpha, limit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_TILES, NUM_COLS,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Grouped GEMM 1 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of I:
+    """Grouped GEMM 1 on (tile, column block ``col``) of program ``program_id(0)`` (see
+    :func:`_grouped_pid`), columns ``col·BLOCK_N`` of I:
     ``h = x_rows · gate_up_eᵀ (+ b1)`` (A rows gathered through ``sorted_slots``); writes ``h``
     (rows × 2I: gate | up; when ``SAVE_H``) and ``a = act(gate)·up`` (rows × I)."""
+    tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, _ = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-                                              tl.program_id(0), K, BLOCK_M)
+                                              tile, K, BLOCK_M)
     if e >= 0:
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < I
         if INTERLEAVED:
             g_row, u_row = 2 * n, 2 * n + 1
@@ -172,16 +187,19 @@ def experts_down_kernel(
     tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
     H, I, K,
     s_de, s_dh, s_di, s_wt, s_wj,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_TILES, NUM_COLS,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Grouped GEMM 2 on tile ``program_id(0)``, columns ``program_id(1)·BLOCK_N`` of H:
+    """Grouped GEMM 2 on (tile, column block ``col``) of program ``program_id(0)``, columns
+    ``col·BLOCK_N`` of H:
     ``y = w_row · (a_rows · down_eᵀ (+ b2))``, ``w_row`` the row's routing weight."""
+    tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-                                                  tl.program_id(0), K, BLOCK_M)
+                                                  tile, K, BLOCK_M)
     if e >= 0:
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < H
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -229,18 +247,21 @@ def experts_dact_kernel(
     H, I, K, NB_I,
     s_ot, s_oh, s_de, s_dh, s_di, s_wt, s_wj,
     alpha, limit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_TILES, NUM_COLS,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Backward of both GEMMs' activation on tile ``program_id(0)``, columns ``program_id(1)`` of I:
+    """Backward of both GEMMs' activation on (tile, column block ``col``) of program
+    ``program_id(0)``, columns ``col·BLOCK_N`` of I:
     ``g = dout_rows · down_e``; writes ``dh`` (rows × 2I, gate | up) of ``act(gate)·up`` for
     ``w·g``, and the row partial ``Σ_i g·a`` of the routing weight's gradient into
-    ``dwp[row, program_id(1)]`` (column block 0 adds ``dout_row · b2_e``)."""
+    ``dwp[row, col]`` (column block 0 adds ``dout_row · b2_e``)."""
+    tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-                                                  tl.program_id(0), K, BLOCK_M)
+                                                  tile, K, BLOCK_M)
     if e >= 0:
-        pid_n = tl.program_id(1)
+        pid_n = col
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < I
         kk = tl.arange(0, BLOCK_K)
@@ -275,15 +296,18 @@ def experts_dx_kernel(
     tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
     H, I, K,
     s_ge, s_gn, s_gh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_TILES, NUM_COLS,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """``dx_rows = dh_rows · gate_up_e`` on tile ``program_id(0)``, columns ``program_id(1)`` of H
+    """``dx_rows = dh_rows · gate_up_e`` on (tile, column block ``col``) of program ``program_id(0)``,
+    columns ``col·BLOCK_N`` of H
     (rows × H; the combine kernel then sums each token's rows)."""
+    tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, _ = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-                                              tl.program_id(0), K, BLOCK_M)
+                                              tile, K, BLOCK_M)
     if e >= 0:
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < H
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -314,22 +338,26 @@ def experts_dweight_kernel(
     M, N, K, I, LHS_COLS,
     s_xt, s_xh, s_ot, s_oh, s_wt, s_wj,
     s_ge, s_gm, s_gn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_M, NUM_N,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOWN: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Per-expert weight gradient: expert ``program_id(0)``, output tile ``(program_id(1),
-    program_id(2))``, reduced over the expert's rows (no atomics).
+    """Per-expert weight gradient: expert ``program_id(1)``, output tile ``(pm, pn)`` of the
+    ``NUM_M x NUM_N`` tiles from ``program_id(0)`` (grouped as :func:`_grouped_pid`: the programs
+    running together are one expert's, sharing its rows in L2), reduced over the expert's rows
+    (no atomics).
 
     ``DOWN=False``: ``d gate_up_e`` (2I × H): for ``m`` < I, gate row ``m`` gets ``Σ_r dh[r, m] ·
     x[tok_r, n]`` and up row ``m`` gets ``Σ_r dh[r, I + m] · x[tok_r, n]`` (``lhs`` = dh, ``rhs``
     = x gathered by token); ``dbias`` = the column sums of dh (gate_up_bias).
     ``DOWN=True``: ``d down_e`` (H × I): ``Σ_r w_r dout[tok_r, m] · a[r, n]`` (``lhs`` = dout
     gathered by token and weighted, ``rhs`` = a); ``dbias`` = the column sums of ``w·dout``.
-    Only programs with ``program_id(2) == 0`` write the bias gradient."""
-    e = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    Only programs with ``pn == 0`` write the bias gradient."""
+    e = tl.program_id(1)
+    pm, pn = _grouped_pid(tl.program_id(0), NUM_M, NUM_N, GROUP)
+    m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < M
     nmask = n < N
     start = tl.load(offsets_ptr + e)
@@ -369,7 +397,7 @@ def experts_dweight_kernel(
     if DOWN:
         tl.store(g_base + m[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty), mask=omask)
         if HAS_BIAS:
-            if tl.program_id(2) == 0:
+            if pn == 0:
                 tl.store(dbias_ptr + e * M + m, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
     else:
         if INTERLEAVED:
@@ -379,7 +407,7 @@ def experts_dweight_kernel(
         tl.store(g_base + g_row[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty), mask=omask)
         tl.store(g_base + u_row[:, None] * s_gm + n[None, :] * s_gn, acc2.to(grad_ptr.dtype.element_ty), mask=omask)
         if HAS_BIAS:
-            if tl.program_id(2) == 0:
+            if pn == 0:
                 tl.store(dbias_ptr + e * 2 * I + g_row, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
                 tl.store(dbias_ptr + e * 2 * I + u_row, bsum2.to(dbias_ptr.dtype.element_ty), mask=mmask)
 

@@ -13,8 +13,9 @@ Rows. Every GEMM runs over the *expert-ordered rows* of the routing: row ``r < o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -163,45 +164,76 @@ MIN_BLOCK = 16
 
 @dataclasses.dataclass(frozen=True)
 class ExpertsConfig:
-    """Tiles of the expert GEMMs (``block_m`` is the routing's tile height)."""
+    """Tiles of one expert GEMM. Grouped GEMMs (``up``, ``down``, ``dact``, ``dx``): ``block_m`` is
+    the routing's tile height, ``block_n`` the output columns, ``block_k`` the reduction step.
+    Weight gradients (``dgate_up``, ``ddown``): ``block_m`` x ``block_n`` is the output tile and
+    ``block_k`` the rows of the routing reduced per step. ``group``: tiles walked together (see
+    ``triton_kernels.experts._grouped_pid``)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    group: int = 8
+
+
+#: The six GEMM kernels, by role: the forward's two grouped GEMMs, the backward's two grouped GEMMs
+#: and the two per-expert weight gradients.
+KERNELS = ("up", "down", "dact", "dx", "dgate_up", "ddown")
+#: Output tiles each role's kernel holds (gate and up: 2).
+_ACCUMULATORS = {"up": 2, "down": 1, "dact": 1, "dx": 1, "dgate_up": 2, "ddown": 1}
+#: Tests and ``bench/experts_configs.py`` set configs here by role (``config_override``).
+_OVERRIDES: Dict[str, ExpertsConfig] = {}
+
+
+@contextlib.contextmanager
+def config_override(**configs: ExpertsConfig):
+    """Within the block, launch the named kernels (:data:`KERNELS`) with the given configs instead
+    of :func:`resolve_config`'s (``block_m`` of a grouped GEMM is the routing's and is ignored)."""
+    unknown = set(configs) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"unknown expert kernels {sorted(unknown)}; known: {KERNELS}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(configs)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
 
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def resolve_config(block_m: int, n: int, k: int, dtype: torch.dtype, accumulators: int = 1) -> ExpertsConfig:
-    """Tiles for an output of ``n`` columns reduced over ``k`` by a kernel holding ``accumulators``
-    output tiles (gate and up: 2). 16-bit storage runs on tensor cores: 64-deep steps, 128 columns
-    with one accumulator (8 warps), 64 with two; fp32 (IEEE dots on FMA units) 32 x 32 and fp64
-    16 x 16 — the compile tier showed larger fp32 / fp64 tiles and 64 x 128 pairs spilling.
-    Sizes below the tile shrink it, never below :data:`MIN_BLOCK`."""
+def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype) -> ExpertsConfig:
+    """Tiles for ``kernel`` (one of :data:`KERNELS`).
+
+    Grouped GEMMs: ``block_m`` is the routing's tile height, ``n`` the output's columns, ``k`` the
+    reduction. Weight gradients (``block_m`` unused): the output is ``k`` x ``n`` (rows x columns)
+    and the reduction runs over the routing's rows, ``block_k`` at a time.
+
+    16-bit storage runs on tensor cores: 128 columns, 64-deep steps, 8 warps (64 x 128 output
+    tiles of the weight gradients). fp32 (IEEE dots on FMA units) 32 x 32 and fp64 16 x 16 — the
+    compile tier showed larger fp32 / fp64 tiles spilling. Sizes below the tile shrink it, never
+    below :data:`MIN_BLOCK`; small tiles run 4 warps."""
+    wgrad = kernel in ("dgate_up", "ddown")
+    if kernel in _OVERRIDES:
+        c = _OVERRIDES[kernel]
+        return c if wgrad else dataclasses.replace(c, block_m=block_m)
     if dtype in (torch.float16, torch.bfloat16):
-        bn, bk = (128, 64) if accumulators == 1 else (64, 64)
+        bm, bn, bk, warps = 64, 128, 64, 8
     elif dtype == torch.float32:
-        bn, bk = 32, 32
+        bm, bn, bk, warps = 32, 32, 32, 4
     else:
-        bn, bk = 16, 16
+        bm, bn, bk, warps = 16, 16, 16, 4
     bn = max(MIN_BLOCK, min(bn, _p2(n)))
-    bk = max(MIN_BLOCK, min(bk, _p2(k)))
-    warps = 8 if block_m * bn * accumulators >= 64 * 128 else 4
-    return ExpertsConfig(block_m, bn, bk, warps)
-
-
-def _dweight_tiles(dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(rows of the output tile, its columns, rows of the routing reduced per step) of the
-    weight-gradient kernel (two accumulators for gate_up)."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return 64, 64, 32
-    if dtype == torch.float32:
-        return 32, 32, 32
-    return 16, 16, 16
+    if not wgrad:  # (a weight gradient's output rows stay at 64 in 16-bit: HGMMA's smallest M)
+        bm, bk = block_m, max(MIN_BLOCK, min(bk, _p2(k)))
+    if bm * bn * _ACCUMULATORS[kernel] < 64 * 128:
+        warps = 4
+    return ExpertsConfig(bm, bn, bk, warps, num_stages=3, group=8)
 
 
 def _acc_and_precision(dtype: torch.dtype):
@@ -213,6 +245,29 @@ def _acc_and_precision(dtype: torch.dtype):
 def _dot_f32(x: torch.Tensor) -> bool:
     """fp32 dot operands: only for bf16 under Triton's interpreter (its bf16 ``tl.dot`` is wrong)."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _backend.interpreter_active()
+
+
+def _grid(routing: Routing, n: int, c: ExpertsConfig) -> Tuple[int]:
+    """1-D grid of a grouped GEMM: every possible tile x the column blocks of ``n``."""
+    return (routing.max_tiles * -(-n // c.block_n),)
+
+
+def _tile_args(routing: Routing, n: int, c: ExpertsConfig) -> dict:
+    """The launch arguments of a grouped GEMM's tiling."""
+    return dict(NUM_TILES=routing.max_tiles, NUM_COLS=-(-n // c.block_n), GROUP=c.group,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _wgrad_grid(E: int, m: int, n: int, c: ExpertsConfig) -> Tuple[int, int]:
+    """Grid of a weight gradient: the (m, n) output tiles of one expert x the experts."""
+    return (-(-m // c.block_m) * -(-n // c.block_n), E)
+
+
+def _wgrad_args(m: int, n: int, c: ExpertsConfig) -> dict:
+    return dict(NUM_M=-(-m // c.block_m), NUM_N=-(-n // c.block_n), GROUP=c.group,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_k,
+                num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, save_h: bool):
@@ -233,27 +288,25 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    c1 = resolve_config(routing.block_m, I, H, x.dtype, accumulators=2)
-    KX.experts_up_kernel[(routing.max_tiles, -(-I // c1.block_n))](
+    c1 = resolve_config("up", routing.block_m, I, H, x.dtype)
+    KX.experts_up_kernel[_grid(routing, I, c1)](
+        **_tile_args(routing, I, c1),
         x_ptr=x, gu_ptr=gate_up, b1_ptr=b1 if b1 is not None else gate_up, h_ptr=h if save_h else a, a_ptr=a,
         **tiles, H=H, I=I, K=k,
         s_xt=x.stride(0), s_xh=x.stride(1),
         s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
         alpha=spec.alpha, limit=spec.limit,
-        BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k,
         INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
         ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
-        num_warps=c1.num_warps, num_stages=c1.num_stages,
     )
-    c2 = resolve_config(routing.block_m, H, I, x.dtype)
-    KX.experts_down_kernel[(routing.max_tiles, -(-H // c2.block_n))](
+    c2 = resolve_config("down", routing.block_m, H, I, x.dtype)
+    KX.experts_down_kernel[_grid(routing, H, c2)](
+        **_tile_args(routing, H, c2),
         a_ptr=a, d_ptr=down, b2_ptr=b2 if b2 is not None else down, w_ptr=weights, y_ptr=y,
         **tiles, H=H, I=I, K=k,
         s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
-        BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
         HAS_BIAS=b2 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
-        num_warps=c2.num_warps, num_stages=c2.num_stages,
     )
     _combine(y, routing, out)
     return out, h, y, a
@@ -275,20 +328,19 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
     act = ACTIVATIONS.index(spec.activation)
-    c1 = resolve_config(routing.block_m, I, H, x.dtype, accumulators=2)  # dact: g, and the h / a tiles
+    c1 = resolve_config("dact", routing.block_m, I, H, x.dtype)
     nb_i = -(-I // c1.block_n)
     dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)
     dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
-    KX.experts_dact_kernel[(routing.max_tiles, nb_i)](
+    KX.experts_dact_kernel[_grid(routing, I, c1)](
+        **_tile_args(routing, I, c1),
         dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
         dh_ptr=dh, dwp_ptr=dwp, **tiles, H=H, I=I, K=k, NB_I=nb_i,
         s_ot=dout.stride(0), s_oh=dout.stride(1),
         s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
         alpha=spec.alpha, limit=spec.limit,
-        BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k,
         HAS_BIAS=b2 is not None, ACT=act, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
-        num_warps=c1.num_warps, num_stages=c1.num_stages,
     )
     dx = dgu = dd = db1 = db2 = dw = None
     if need[5]:
@@ -301,21 +353,21 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
             BLOCK_T=bt, K_PAD=k_pad, NB_PAD=_p2(nb_i), ACC=acc,
         )
     if need[0]:
-        c2 = resolve_config(routing.block_m, H, I, x.dtype)
+        c2 = resolve_config("dx", routing.block_m, H, I, x.dtype)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
-        KX.experts_dx_kernel[(routing.max_tiles, -(-H // c2.block_n))](
+        KX.experts_dx_kernel[_grid(routing, H, c2)](
+            **_tile_args(routing, H, c2),
             dh_ptr=dh, gu_ptr=gate_up, dxs_ptr=dxs, **tiles, H=H, I=I, K=k,
             s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
-            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k,
-            INTERLEAVED=spec.interleaved, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
-            num_warps=c2.num_warps, num_stages=c2.num_stages,
-        )
+                INTERLEAVED=spec.interleaved, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+            )
         dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
-    bm, bn, br = _dweight_tiles(x.dtype)
     if need[1] or need[3]:
+        c3 = resolve_config("dgate_up", 0, H, I, x.dtype)
         dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
         db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
-        KX.experts_dweight_kernel[(E, -(-I // bm), -(-H // bn))](
+        KX.experts_dweight_kernel[_wgrad_grid(E, I, H, c3)](
+            **_wgrad_args(I, H, c3),
             lhs_ptr=dh, rhs_ptr=x, w_ptr=weights, dout_ptr=dout, grad_ptr=dgu,
             dbias_ptr=db1 if db1 is not None else dgu,
             offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
@@ -323,13 +375,14 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
             s_xt=x.stride(0), s_xh=x.stride(1), s_ot=dout.stride(0), s_oh=dout.stride(1),
             s_wt=weights.stride(0), s_wj=weights.stride(1),
             s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
             DOWN=False, INTERLEAVED=spec.interleaved, HAS_BIAS=db1 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         )
     if need[2] or need[4]:
+        c4 = resolve_config("ddown", 0, I, H, x.dtype)
         dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
         db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
-        KX.experts_dweight_kernel[(E, -(-H // bm), -(-I // bn))](
+        KX.experts_dweight_kernel[_wgrad_grid(E, H, I, c4)](
+            **_wgrad_args(H, I, c4),
             lhs_ptr=a, rhs_ptr=a, w_ptr=weights, dout_ptr=dout, grad_ptr=dd,
             dbias_ptr=db2 if db2 is not None else dd,
             offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
@@ -337,7 +390,6 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
             s_xt=x.stride(0), s_xh=x.stride(1), s_ot=dout.stride(0), s_oh=dout.stride(1),
             s_wt=weights.stride(0), s_wj=weights.stride(1),
             s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
             DOWN=True, INTERLEAVED=False, HAS_BIAS=db2 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
         )
     return dx, dgu, dd, db1, db2, dw
