@@ -2,8 +2,8 @@
 
 ``from mmkernels import moe``; ``moe.route(router_logits, top_k, ...)``.
 """
-from mmkernels.ops.routing import Routing, route  # noqa: F401
+from mmkernels.ops.routing import Routing, route, suggest_block_m  # noqa: F401
 from mmkernels.ops.routing import load_balancing_loss, router_z_loss, update_selection_bias  # noqa: F401
 from mmkernels.ops.experts import experts  # noqa: F401
 
-__all__ = ["Routing", "route", "experts", "load_balancing_loss", "router_z_loss", "update_selection_bias"]
+__all__ = ["Routing", "route", "suggest_block_m", "experts", "load_balancing_loss", "router_z_loss", "update_selection_bias"]

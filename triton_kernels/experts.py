@@ -20,12 +20,13 @@ Backward (``dout`` the incoming gradient):
 
 4. ``experts_dact_kernel``: ``g = dout_r · down_e`` (rows × I); epilogue: the row's partial
    ``Σ_i g·a`` (for the routing weight's gradient) per column block, and
-   ``dh = (d gate, d up)`` of ``act(gate)·up`` for ``w_r · g``;
+   ``dh = (d gate, d up)`` of ``act(gate)·up`` for ``w_r · g``, in gate_up's row order; its first
+   column block also writes ``w_r · dout_r`` (rows × H) from the tiles it loads;
 5. ``experts_dx_kernel``: ``dx_r = dh · gate_up_e`` (rows × H), then the combine kernel sums the
    rows of each token;
 6. ``experts_dweight_kernel``: per expert, ``d gate_up_e = dhᵀ · x_rows`` and
    ``d down_e = (w·dout)ᵀ · a`` with the expert's rows as the reduction — one program per output
-   tile, no atomics; the biases' gradients are the column sums of the same operands;
+   tile, no atomics; the biases' gradients are the column sums of the left operands;
 7. ``experts_dw_kernel``: ``d w[t, j] = Σ partials + dout_t · b2_e``.
 
 Math in ``ACC`` (float32; float64 for float64); ``tl.dot`` with ``PRECISION`` ("ieee" for fp32 and
@@ -242,29 +243,31 @@ def experts_combine_kernel(
 
 @triton.jit
 def experts_dact_kernel(
-    dout_ptr, d_ptr, b2_ptr, h_ptr, a_ptr, w_ptr, dh_ptr, dwp_ptr,
+    dout_ptr, d_ptr, b2_ptr, h_ptr, a_ptr, w_ptr, dh_ptr, dwp_ptr, doutw_ptr,
     tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
     H, I, K, NB_I,
     s_ot, s_oh, s_de, s_dh, s_di, s_wt, s_wj,
     alpha, limit,
     NUM_TILES, NUM_COLS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_DOUTW: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Backward of both GEMMs' activation on (tile, column block ``col``) of program
-    ``program_id(0)``, columns ``col·BLOCK_N`` of I:
-    ``g = dout_rows · down_e``; writes ``dh`` (rows × 2I, gate | up) of ``act(gate)·up`` for
-    ``w·g``, and the row partial ``Σ_i g·a`` of the routing weight's gradient into
-    ``dwp[row, col]`` (column block 0 adds ``dout_row · b2_e``)."""
+    ``program_id(0)``, columns ``col·BLOCK_N`` of I: ``g = dout_rows · down_e``; writes ``dh``
+    (rows × 2I) = (d gate, d up) of ``act(gate)·up`` for ``w·g`` in gate_up's row order (gate
+    columns then up columns; ``INTERLEAVED``: alternating), and the row partial ``Σ_i g·a`` of the
+    routing weight's gradient into ``dwp[row, col]`` (column block 0 adds ``dout_row · b2_e``).
+    ``WRITE_DOUTW``: column block 0 also writes ``doutw = w_r · dout_row`` (rows × H, expert order)
+    from the tiles it loads anyway — the down projection's weight gradient reads it."""
     tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
                                                   tile, K, BLOCK_M)
     if e >= 0:
-        pid_n = col
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < I
         kk = tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         bias_dot = tl.zeros([BLOCK_M], dtype=ACC)
         d_base = d_ptr + e_ok * s_de
@@ -275,34 +278,42 @@ def experts_dact_kernel(
             b = tl.load(d_base + (k0 + kk)[:, None] * s_dh + n[None, :] * s_di,
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc = _dot(go, b, acc, PRECISION, ACC, DOT_F32)
-            if HAS_BIAS:
-                if pid_n == 0:
+            if col == 0:
+                if WRITE_DOUTW:
+                    tl.store(doutw_ptr + rows[:, None] * H + (k0 + kk)[None, :],
+                             (go.to(ACC) * w[:, None]).to(doutw_ptr.dtype.element_ty),
+                             mask=rmask[:, None] & kmask[None, :])
+                if HAS_BIAS:
                     bb = tl.load(b2_ptr + e_ok * H + k0 + kk, mask=kmask, other=0.0).to(ACC)
                     bias_dot += tl.sum(go.to(ACC) * bb[None, :], axis=1)
         omask = rmask[:, None] & nmask[None, :]
+        a = tl.load(a_ptr + rows[:, None] * I + n[None, :], mask=omask, other=0.0).to(ACC)
+        tl.store(dwp_ptr + rows * NB_I + col, tl.sum(acc * a, axis=1) + bias_dot, mask=rmask)
         hg = tl.load(h_ptr + rows[:, None] * (2 * I) + n[None, :], mask=omask, other=0.0).to(ACC)
         hu = tl.load(h_ptr + rows[:, None] * (2 * I) + I + n[None, :], mask=omask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + rows[:, None] * I + n[None, :], mask=omask, other=0.0).to(ACC)
-        tl.store(dwp_ptr + rows * NB_I + pid_n, tl.sum(acc * a, axis=1) + bias_dot, mask=rmask)
-        w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
         dg, du = _gated_backward(hg, hu, acc * w[:, None], ACT, alpha, limit)
-        tl.store(dh_ptr + rows[:, None] * (2 * I) + n[None, :], dg.to(dh_ptr.dtype.element_ty), mask=omask)
-        tl.store(dh_ptr + rows[:, None] * (2 * I) + I + n[None, :], du.to(dh_ptr.dtype.element_ty), mask=omask)
+        if INTERLEAVED:
+            g_col, u_col = 2 * n, 2 * n + 1
+        else:
+            g_col, u_col = n, I + n
+        tl.store(dh_ptr + rows[:, None] * (2 * I) + g_col[None, :], dg.to(dh_ptr.dtype.element_ty), mask=omask)
+        tl.store(dh_ptr + rows[:, None] * (2 * I) + u_col[None, :], du.to(dh_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
 def experts_dx_kernel(
     dh_ptr, gu_ptr, dxs_ptr,
     tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-    H, I, K,
+    H, I2, K,
     s_ge, s_gn, s_gh,
     NUM_TILES, NUM_COLS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """``dx_rows = dh_rows · gate_up_e`` on (tile, column block ``col``) of program ``program_id(0)``,
-    columns ``col·BLOCK_N`` of H
-    (rows × H; the combine kernel then sums each token's rows)."""
+    columns ``col·BLOCK_N`` of H, reduced over the ``I2 = 2I`` columns of ``dh`` (stored in
+    gate_up's row order, so one plain GEMM; rows × H; the combine kernel then sums each token's
+    rows)."""
     tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, _ = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
                                               tile, K, BLOCK_M)
@@ -312,48 +323,38 @@ def experts_dx_kernel(
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         w_base = gu_ptr + e_ok * s_ge
-        for k0 in range(0, I, BLOCK_K):
-            i = k0 + kk
-            kmask = i < I
-            if INTERLEAVED:
-                g_row, u_row = 2 * i, 2 * i + 1
-            else:
-                g_row, u_row = i, I + i
-            amask = rmask[:, None] & kmask[None, :]
-            bmask = kmask[:, None] & nmask[None, :]
-            ag = tl.load(dh_ptr + rows[:, None] * (2 * I) + i[None, :], mask=amask, other=0.0)
-            au = tl.load(dh_ptr + rows[:, None] * (2 * I) + I + i[None, :], mask=amask, other=0.0)
-            bg = tl.load(w_base + g_row[:, None] * s_gn + n[None, :] * s_gh, mask=bmask, other=0.0)
-            bu = tl.load(w_base + u_row[:, None] * s_gn + n[None, :] * s_gh, mask=bmask, other=0.0)
-            acc = _dot(ag, bg, acc, PRECISION, ACC, DOT_F32)
-            acc = _dot(au, bu, acc, PRECISION, ACC, DOT_F32)
+        for k0 in range(0, I2, BLOCK_K):
+            c = k0 + kk
+            kmask = c < I2
+            a = tl.load(dh_ptr + rows[:, None] * I2 + c[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_base + c[:, None] * s_gn + n[None, :] * s_gh, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, PRECISION, ACC, DOT_F32)
         tl.store(dxs_ptr + rows[:, None] * H + n[None, :], acc.to(dxs_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def experts_dweight_kernel(
-    lhs_ptr, rhs_ptr, w_ptr, dout_ptr, grad_ptr, dbias_ptr,
+    lhs_ptr, rhs_ptr, grad_ptr, dbias_ptr,
     offsets_ptr, sorted_ptr,
-    M, N, K, I, LHS_COLS,
-    s_xt, s_xh, s_ot, s_oh, s_wt, s_wj,
+    M, N, K,
+    s_rt, s_rn,
     s_ge, s_gm, s_gn,
     NUM_M, NUM_N,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOWN: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Per-expert weight gradient: expert ``program_id(1)``, output tile ``(pm, pn)`` of the
-    ``NUM_M x NUM_N`` tiles from ``program_id(0)`` (grouped as :func:`_grouped_pid`: the programs
-    running together are one expert's, sharing its rows in L2), reduced over the expert's rows
-    (no atomics).
+    """Per-expert weight gradient ``grad_e = lhs_rowsᵀ · rhs_rows`` (M × N): expert
+    ``program_id(1)``, output tile ``(pm, pn)`` of the ``NUM_M x NUM_N`` tiles from
+    ``program_id(0)`` (grouped as :func:`_grouped_pid`: the programs running together are one
+    expert's, sharing its rows in L2), reduced over the expert's rows, no atomics. ``lhs`` is
+    rows × M in expert order; ``rhs`` row ``r`` is token ``sorted_slots[r] // K``'s row when
+    ``GATHER`` (x, strides ``s_rt``, ``s_rn``), else expert row ``r`` (rows × N, contiguous).
 
-    ``DOWN=False``: ``d gate_up_e`` (2I × H): for ``m`` < I, gate row ``m`` gets ``Σ_r dh[r, m] ·
-    x[tok_r, n]`` and up row ``m`` gets ``Σ_r dh[r, I + m] · x[tok_r, n]`` (``lhs`` = dh, ``rhs``
-    = x gathered by token); ``dbias`` = the column sums of dh (gate_up_bias).
-    ``DOWN=True``: ``d down_e`` (H × I): ``Σ_r w_r dout[tok_r, m] · a[r, n]`` (``lhs`` = dout
-    gathered by token and weighted, ``rhs`` = a); ``dbias`` = the column sums of ``w·dout``.
-    Only programs with ``pn == 0`` write the bias gradient."""
+    ``d gate_up_e``: lhs = dh (rows × 2I, gate_up's row order), rhs = x gathered. ``d down_e``:
+    lhs = ``w·dout`` (rows × H), rhs = a (rows × I). ``dbias[e, m]`` = the column sums of lhs
+    (``HAS_BIAS``; written by the programs with ``pn == 0``)."""
     e = tl.program_id(1)
     pm, pn = _grouped_pid(tl.program_id(0), NUM_M, NUM_N, GROUP)
     m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -364,52 +365,25 @@ def experts_dweight_kernel(
     end = tl.load(offsets_ptr + e + 1)
     rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     bsum = tl.zeros([BLOCK_M], dtype=ACC)
-    bsum2 = tl.zeros([BLOCK_M], dtype=ACC)
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + rr
         rmask = rows < end
-        slots = tl.load(sorted_ptr + rows, mask=rmask, other=0)
-        tok = slots // K
-        if DOWN:
-            w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
-            lt = tl.load(dout_ptr + tok[:, None] * s_ot + m[None, :] * s_oh,
-                         mask=rmask[:, None] & mmask[None, :], other=0.0).to(ACC) * w[:, None]
-            lt = lt.to(rhs_ptr.dtype.element_ty)
-            rt = tl.load(rhs_ptr + rows[:, None] * N + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(tl.trans(lt), rt, acc, PRECISION, ACC, DOT_F32)
-            if HAS_BIAS:
-                bsum += tl.sum(lt.to(ACC), axis=0)
-        else:
-            lmask = rmask[:, None] & mmask[None, :]
-            lg = tl.load(lhs_ptr + rows[:, None] * LHS_COLS + m[None, :], mask=lmask, other=0.0)
-            lu = tl.load(lhs_ptr + rows[:, None] * LHS_COLS + I + m[None, :], mask=lmask, other=0.0)
-            rt = tl.load(rhs_ptr + tok[:, None] * s_xt + n[None, :] * s_xh,
+        lt = tl.load(lhs_ptr + rows[:, None] * M + m[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
+        if GATHER:
+            tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // K
+            rt = tl.load(rhs_ptr + tok[:, None] * s_rt + n[None, :] * s_rn,
                          mask=rmask[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(tl.trans(lg), rt, acc, PRECISION, ACC, DOT_F32)
-            acc2 = _dot(tl.trans(lu), rt, acc2, PRECISION, ACC, DOT_F32)
-            if HAS_BIAS:
-                bsum += tl.sum(lg.to(ACC), axis=0)
-                bsum2 += tl.sum(lu.to(ACC), axis=0)
-    omask = mmask[:, None] & nmask[None, :]
-    g_base = grad_ptr + e * s_ge
-    if DOWN:
-        tl.store(g_base + m[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty), mask=omask)
-        if HAS_BIAS:
-            if pn == 0:
-                tl.store(dbias_ptr + e * M + m, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
-    else:
-        if INTERLEAVED:
-            g_row, u_row = 2 * m, 2 * m + 1
         else:
-            g_row, u_row = m, I + m
-        tl.store(g_base + g_row[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty), mask=omask)
-        tl.store(g_base + u_row[:, None] * s_gm + n[None, :] * s_gn, acc2.to(grad_ptr.dtype.element_ty), mask=omask)
+            rt = tl.load(rhs_ptr + rows[:, None] * N + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(tl.trans(lt), rt, acc, PRECISION, ACC, DOT_F32)
         if HAS_BIAS:
-            if pn == 0:
-                tl.store(dbias_ptr + e * 2 * I + g_row, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
-                tl.store(dbias_ptr + e * 2 * I + u_row, bsum2.to(dbias_ptr.dtype.element_ty), mask=mmask)
+            bsum += tl.sum(lt.to(ACC), axis=0)
+    tl.store(grad_ptr + e * s_ge + m[:, None] * s_gm + n[None, :] * s_gn, acc.to(grad_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+    if HAS_BIAS:
+        if pn == 0:
+            tl.store(dbias_ptr + e * M + m, bsum.to(dbias_ptr.dtype.element_ty), mask=mmask)
 
 
 @triton.jit

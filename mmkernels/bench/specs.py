@@ -774,7 +774,7 @@ class ExpertsBench:
         shape_text = f"T={T} H={H} I={I} E={E} k={k}"
 
         def ours_fwd(i: Inputs) -> torch.Tensor:
-            r = moe.route(i["logits"], k, renormalize=False)
+            r = moe.route(i["logits"], k, renormalize=False, block_m=moe.suggest_block_m(T, E, k))
             return moe.experts(i["x"], r, i["gate_up"], i["down"])
 
         def hf(impl: str):

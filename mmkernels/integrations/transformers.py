@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 
 from mmkernels import moe
-from mmkernels.ops.routing import DEFAULT_BLOCK_M, MAX_EXPERTS
+from mmkernels.ops.routing import MAX_EXPERTS
 
 __all__ = ["NAME", "register", "experts_forward", "experts_forward_with_fallback", "resolve_experts_spec",
            "routing_from_ids", "ExpertsModuleSpec"]
@@ -144,14 +144,17 @@ def resolve_experts_spec(module) -> ExpertsModuleSpec:
                                f"gpt-oss's clamped SwiGLU are known)")
 
 
-def routing_from_ids(top_k_index: torch.Tensor, num_experts: int, block_m: int = DEFAULT_BLOCK_M) -> moe.Routing:
-    """The dispatch metadata of given choices ``top_k_index`` (T, k); ids ``>= num_experts``
+def routing_from_ids(top_k_index: torch.Tensor, num_experts: int, block_m: Optional[int] = None) -> moe.Routing:
+    """The dispatch metadata of given choices ``top_k_index`` (T, k) with tiles of ``block_m`` rows
+    (None: :func:`mmkernels.moe.suggest_block_m`); ids ``>= num_experts``
     (expert-parallel sentinels) become dropped slots (see the module docstring): past
     ``offsets[E]``, ``dropped`` True, ``expert_ids`` E, no tiles. Its ``weights`` are placeholders
     (uniform): pass the real ones to ``moe.experts(routing_weights=...)``."""
     T, k = top_k_index.shape
     E = num_experts
     dev = top_k_index.device
+    if block_m is None:
+        block_m = moe.suggest_block_m(T, E, k)
     if E >= MAX_EXPERTS:  # no spare column: plain routing (sentinels fail its range check)
         return moe.route(torch.zeros(T, E, device=dev, dtype=torch.float32), k, expert_ids=top_k_index,
                          block_m=block_m)

@@ -164,7 +164,8 @@ class MoE(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         logits = self.gate(x2)
-        routing = _routing.route(logits, self.top_k, **self.route_kwargs)
+        routing = _routing.route(logits, self.top_k, **self.route_kwargs,
+                                 block_m=_routing.suggest_block_m(x2.shape[0], self.num_experts, self.top_k))
         out = _experts.experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
                                activation=self.activation, gate_up_bias=self.experts.gate_up_proj_bias,
                                down_bias=self.experts.down_proj_bias)

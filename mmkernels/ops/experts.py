@@ -182,7 +182,7 @@ class ExpertsConfig:
 #: and the two per-expert weight gradients.
 KERNELS = ("up", "down", "dact", "dx", "dgate_up", "ddown")
 #: Output tiles each role's kernel holds (gate and up: 2).
-_ACCUMULATORS = {"up": 2, "down": 1, "dact": 1, "dx": 1, "dgate_up": 2, "ddown": 1}
+_ACCUMULATORS = {"up": 2, "down": 1, "dact": 1, "dx": 1, "dgate_up": 1, "ddown": 1}
 #: Tests and ``bench/experts_configs.py`` set configs here by role (``config_override``).
 _OVERRIDES: Dict[str, ExpertsConfig] = {}
 
@@ -207,6 +207,14 @@ def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+#: 16-bit (tensor-core) tiles by role: (block_n, block_k, warps, stages) of the grouped GEMMs
+#: and (block_m, block_n, block_k, warps, stages) of the weight gradients — the fastest of
+#: ``bench/experts_configs.py`` at the Qwen3 / Mixtral / OLMoE shapes (T = 16384, routing tiles of
+#: 128 rows; bench/NOTES.md).
+_TC_TILES = {"up": (64, 64, 8, 4), "down": (128, 64, 8, 3), "dact": (64, 64, 8, 3), "dx": (128, 64, 8, 4),
+             "dgate_up": (128, 128, 64, 8, 3), "ddown": (128, 128, 64, 8, 3)}
+
+
 def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype) -> ExpertsConfig:
     """Tiles for ``kernel`` (one of :data:`KERNELS`).
 
@@ -214,26 +222,37 @@ def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype
     reduction. Weight gradients (``block_m`` unused): the output is ``k`` x ``n`` (rows x columns)
     and the reduction runs over the routing's rows, ``block_k`` at a time.
 
-    16-bit storage runs on tensor cores: 128 columns, 64-deep steps, 8 warps (64 x 128 output
-    tiles of the weight gradients). fp32 (IEEE dots on FMA units) 32 x 32 and fp64 16 x 16 — the
-    compile tier showed larger fp32 / fp64 tiles spilling. Sizes below the tile shrink it, never
-    below :data:`MIN_BLOCK`; small tiles run 4 warps."""
+    16-bit storage runs on tensor cores with the measured tiles of :data:`_TC_TILES` (routing tiles
+    under 64 rows — decode — take 64 columns and 4 warps: more programs over the weights). fp32
+    (IEEE dots on FMA units) 32 x 32 and fp64 16 x 16 — the compile tier showed larger fp32 / fp64
+    tiles spilling. Sizes below the tile shrink it, never below :data:`MIN_BLOCK`; small tiles
+    run 4 warps."""
     wgrad = kernel in ("dgate_up", "ddown")
     if kernel in _OVERRIDES:
         c = _OVERRIDES[kernel]
         return c if wgrad else dataclasses.replace(c, block_m=block_m)
+    stages = 3
     if dtype in (torch.float16, torch.bfloat16):
-        bm, bn, bk, warps = 64, 128, 64, 8
+        if wgrad:
+            bm, bn, bk, warps, stages = _TC_TILES[kernel]
+        elif block_m >= 64:
+            bm, (bn, bk, warps, stages) = block_m, _TC_TILES[kernel]
+        else:
+            bm, bn, bk, warps = block_m, 64, 64, 4
     elif dtype == torch.float32:
         bm, bn, bk, warps = 32, 32, 32, 4
     else:
         bm, bn, bk, warps = 16, 16, 16, 4
     bn = max(MIN_BLOCK, min(bn, _p2(n)))
-    if not wgrad:  # (a weight gradient's output rows stay at 64 in 16-bit: HGMMA's smallest M)
+    if wgrad:  # shrink to the output's rows, not under 64 in 16-bit (HGMMA's smallest M)
+        bm = min(bm, max(64 if dtype in (torch.float16, torch.bfloat16) else MIN_BLOCK, _p2(k)))
+    else:
         bm, bk = block_m, max(MIN_BLOCK, min(bk, _p2(k)))
-    if bm * bn * _ACCUMULATORS[kernel] < 64 * 128:
+    if bm * bn * _ACCUMULATORS[kernel] < (64 * 128 if dtype in (torch.float16, torch.bfloat16) else 4096):
         warps = 4
-    return ExpertsConfig(bm, bn, bk, warps, num_stages=3, group=8)
+    elif dtype not in (torch.float16, torch.bfloat16):
+        warps = 8
+    return ExpertsConfig(bm, bn, bk, warps, stages, group=8)
 
 
 def _acc_and_precision(dtype: torch.dtype):
@@ -327,20 +346,23 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     dev = x.device
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    act = ACTIVATIONS.index(spec.activation)
+    common = dict(PRECISION=prec, ACC=acc, DOT_F32=dot_f32)
     c1 = resolve_config("dact", routing.block_m, I, H, x.dtype)
     nb_i = -(-I // c1.block_n)
-    dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)
+    dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)  # gate_up's row order
     dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
+    want_down = need[2] or need[4]
+    doutw = torch.empty((rows, H), dtype=x.dtype, device=dev) if want_down else None
     KX.experts_dact_kernel[_grid(routing, I, c1)](
         **_tile_args(routing, I, c1),
         dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
-        dh_ptr=dh, dwp_ptr=dwp, **tiles, H=H, I=I, K=k, NB_I=nb_i,
+        dh_ptr=dh, dwp_ptr=dwp, doutw_ptr=doutw if want_down else dh, **tiles, H=H, I=I, K=k, NB_I=nb_i,
         s_ot=dout.stride(0), s_oh=dout.stride(1),
         s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
         alpha=spec.alpha, limit=spec.limit,
-        HAS_BIAS=b2 is not None, ACT=act, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+        HAS_BIAS=b2 is not None, ACT=ACTIVATIONS.index(spec.activation), INTERLEAVED=spec.interleaved,
+        WRITE_DOUTW=want_down, **common,
     )
     dx = dgu = dd = db1 = db2 = dw = None
     if need[5]:
@@ -353,44 +375,35 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
             BLOCK_T=bt, K_PAD=k_pad, NB_PAD=_p2(nb_i), ACC=acc,
         )
     if need[0]:
-        c2 = resolve_config("dx", routing.block_m, H, I, x.dtype)
+        c2 = resolve_config("dx", routing.block_m, H, 2 * I, x.dtype)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
         KX.experts_dx_kernel[_grid(routing, H, c2)](
             **_tile_args(routing, H, c2),
-            dh_ptr=dh, gu_ptr=gate_up, dxs_ptr=dxs, **tiles, H=H, I=I, K=k,
-            s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
-                INTERLEAVED=spec.interleaved, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
-            )
+            dh_ptr=dh, gu_ptr=gate_up, dxs_ptr=dxs, **tiles, H=H, I2=2 * I, K=k,
+            s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2), **common,
+        )
         dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
-    if need[1] or need[3]:
-        c3 = resolve_config("dgate_up", 0, H, I, x.dtype)
+    if need[1] or need[3]:  # d gate_up_e = dhᵀ · x_rows (2I x H)
+        c3 = resolve_config("dgate_up", 0, H, 2 * I, x.dtype)
         dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
         db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
-        KX.experts_dweight_kernel[_wgrad_grid(E, I, H, c3)](
-            **_wgrad_args(I, H, c3),
-            lhs_ptr=dh, rhs_ptr=x, w_ptr=weights, dout_ptr=dout, grad_ptr=dgu,
-            dbias_ptr=db1 if db1 is not None else dgu,
-            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
-            M=I, N=H, K=k, I=I, LHS_COLS=2 * I,
-            s_xt=x.stride(0), s_xh=x.stride(1), s_ot=dout.stride(0), s_oh=dout.stride(1),
-            s_wt=weights.stride(0), s_wj=weights.stride(1),
-            s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2),
-            DOWN=False, INTERLEAVED=spec.interleaved, HAS_BIAS=db1 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+        KX.experts_dweight_kernel[_wgrad_grid(E, 2 * I, H, c3)](
+            **_wgrad_args(2 * I, H, c3),
+            lhs_ptr=dh, rhs_ptr=x, grad_ptr=dgu, dbias_ptr=db1 if db1 is not None else dgu,
+            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots, M=2 * I, N=H, K=k,
+            s_rt=x.stride(0), s_rn=x.stride(1), s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2),
+            GATHER=True, HAS_BIAS=db1 is not None, **common,
         )
-    if need[2] or need[4]:
+    if want_down:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
         c4 = resolve_config("ddown", 0, I, H, x.dtype)
         dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
         db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
         KX.experts_dweight_kernel[_wgrad_grid(E, H, I, c4)](
             **_wgrad_args(H, I, c4),
-            lhs_ptr=a, rhs_ptr=a, w_ptr=weights, dout_ptr=dout, grad_ptr=dd,
-            dbias_ptr=db2 if db2 is not None else dd,
-            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
-            M=H, N=I, K=k, I=I, LHS_COLS=I,
-            s_xt=x.stride(0), s_xh=x.stride(1), s_ot=dout.stride(0), s_oh=dout.stride(1),
-            s_wt=weights.stride(0), s_wj=weights.stride(1),
-            s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2),
-            DOWN=True, INTERLEAVED=False, HAS_BIAS=db2 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+            lhs_ptr=doutw, rhs_ptr=a, grad_ptr=dd, dbias_ptr=db2 if db2 is not None else dd,
+            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots, M=H, N=I, K=k,
+            s_rt=a.stride(0), s_rn=a.stride(1), s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2),
+            GATHER=False, HAS_BIAS=db2 is not None, **common,
         )
     return dx, dgu, dd, db1, db2, dw
 

@@ -103,6 +103,15 @@ def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
     return num_slots // block_m + min(num_experts, num_slots)
 
 
+def suggest_block_m(num_tokens: int, num_experts: int, top_k: int) -> int:
+    """The routing tile height for the expert GEMMs of :func:`mmkernels.moe.experts` on a GPU, from
+    the average rows per expert ``T·k/E``: 128 from 512 rows on (the tiles that measured fastest
+    at T = 16384 on an H200, bench/NOTES.md), 64 from 48, else 16 (decode: tiles mostly rows of
+    padding waste tensor-core work; the weight loads are the cost)."""
+    avg = num_tokens * top_k / max(1, num_experts)
+    return 128 if avg >= 512 else 64 if avg >= 48 else 16
+
+
 def capacity_for(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
     """``ceil(capacity_factor · T · k / E)``, or ``None`` (dropless) when ``capacity_factor`` is None."""
     if capacity_factor is None:

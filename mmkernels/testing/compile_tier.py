@@ -630,14 +630,17 @@ def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
     bf16 (the tensor-core configs; HGMMA required on sm_90), fp16, fp32 and fp64 (IEEE / FMA dots:
     no tensor-core requirement), at the shapes of Mixtral (H 4096, I 14336, E 8, k 2), Qwen3-30B-A3B
     (H 2048, I 768, E 128, k 8) and a small odd one (H 24, I 40), every activation in bf16 at the
-    Qwen3 shape, interleaved gate/up with biases (gpt-oss)."""
+    Qwen3 shape, interleaved gate/up with biases (gpt-oss); routing tiles of
+    :func:`~mmkernels.ops.routing.suggest_block_m` rows (128 at T = 16384; the Qwen3 shape also at
+    T = 1024 and 64: 64- and 16-row tiles, the latter HMMA, not HGMMA — under its 64-row M)."""
     import torch
 
     from mmkernels._triton import experts as KX
     from mmkernels.ops import experts as X
-    from mmkernels.ops.routing import Routing, max_tiles
+    from mmkernels.ops.routing import Routing, max_tiles, suggest_block_m
 
-    def routing(T, E, k, block_m=64):
+    def routing(T, E, k):
+        block_m = suggest_block_m(T, E, k)  # the tile height the library's callers take
         i32 = dict(dtype=torch.int32, device="meta")
         nt = max_tiles(T * k, E, block_m)
         return Routing(torch.empty((T, k), device="meta"), torch.empty((T, k), **i32), torch.empty((E,), **i32),
@@ -662,13 +665,18 @@ def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
             for name, kernel, kw in calls[start:]:
                 tensor_core = label.startswith(("bf16", "fp16")) and name not in ("experts_combine_kernel",
                                                                                   "experts_dw_kernel")
-                entries.append((name, kernel, kw, label, None, None if tensor_core else {"mma": None}))
+                # 16-row decode tiles are under HGMMA's 64-row M: HMMA there
+                decode = kw.get("BLOCK_M", 64) < 64 and name != "experts_dweight_kernel"
+                expect = ({"mma": "HMMA"} if decode else None) if tensor_core else {"mma": None}
+                entries.append((name, kernel, kw, f"{label} bm={r.block_m}", None, expect))
 
         shapes = {"mixtral": (16384, 4096, 14336, 8, 2), "qwen3": (16384, 2048, 768, 128, 8), "odd": (64, 24, 40, 7, 3)}
         for name, shp in shapes.items():
             for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                 launches(f"{dname} {name}", *shp, dt)
         launches("fp16 qwen3", *shapes["qwen3"], torch.float16)
+        for T in (1024, 64):  # 64-row tiles, and decode's 16-row tiles
+            launches("bf16 qwen3", T, *shapes["qwen3"][1:], torch.bfloat16)
         launches("fp64 odd", *shapes["odd"], torch.float64)
         for act in X.ACTIVATIONS[1:]:
             launches(f"bf16 qwen3 {act}", *shapes["qwen3"], torch.bfloat16, act=act)
