@@ -31,10 +31,11 @@ SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2), "olmoe":
 OUTPUT = {"up": "a_ptr", "down": "y_ptr", "dact": "dh_ptr", "dx": "dxs_ptr", "dgate_up": "grad_ptr", "ddown": "grad_ptr"}
 
 
-def role_of(name: str, kw: dict):
+def role_of(name: str, kw: dict, I: int):
+    """The role (ops.experts.KERNELS) of a recorded launch; None for the non-GEMM kernels."""
     return {"experts_up_kernel": "up", "experts_down_kernel": "down", "experts_dact_kernel": "dact",
             "experts_dx_kernel": "dx"}.get(name) or (
-        ("dgate_up" if kw["GATHER"] else "ddown") if name == "experts_dweight_kernel" else None)
+        ("dgate_up" if kw["M"] == 2 * I else "ddown") if name == "experts_dweight_kernel" else None)
 
 
 def candidates(role: str, X, resolved):
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
             return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
     kernels = ["experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
-               "experts_dx_kernel", "experts_dweight_kernel", "experts_dw_kernel"]
+               "experts_dx_kernel", "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel"]
 
     @contextlib.contextmanager
     def recording(calls):
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             for name, kernel, grid, kw in calls:
-                role = role_of(name, kw)
+                role = role_of(name, kw, I)
                 label = f"{shape} bm={block_m} {role or name}"
                 if role is None:
                     ms = bench(lambda: kernel[grid](**kw))
@@ -160,11 +161,12 @@ def main(argv=None) -> int:
                     continue
                 ref = kw[OUTPUT[role]].clone()
                 base = None
+                arch = X._arch(x)
                 if role in ("dgate_up", "ddown"):
-                    resolved = X.resolve_config(role, 0, *((H, 2 * I) if role == "dgate_up" else (I, H)), dtype)
+                    resolved = X.resolve_config(role, 0, *((H, 2 * I) if role == "dgate_up" else (I, H)), dtype, arch)
                 else:
                     resolved = X.resolve_config(role, block_m, *((I, H) if role in ("up", "dact") else
-                                                                 (H, 2 * I) if role == "dx" else (H, I)), dtype)
+                                                                 (H, 2 * I) if role == "dx" else (H, I)), dtype, arch)
                 for cand in candidates(role, X, resolved):
                     if time.time() - t_start > args.max_s:
                         print(f"time budget reached: skipping the rest of {label}", flush=True)

@@ -562,14 +562,17 @@ T0, H0, I0, E0, K0 = 5, 24, 40, 4, 2
 
 
 def _call(**over):
-    """A call of moe.experts with one argument replaced (CPU tensors, fp32)."""
+    """A call of moe.experts on ``device`` (fp32) with one argument replaced (a CPU tensor moves to
+    ``device``; a meta tensor stands for another device)."""
 
-    def f():
-        x, gu, dn, b1, b2, logits = _small("cpu", T=T0, H=H0, I=I0, E=E0)
+    def f(device):
+        x, gu, dn, b1, b2, logits = _small(device, T=T0, H=H0, I=I0, E=E0)
         args = {"hidden_states": x, "routing": moe.route(logits, K0), "gate_up_proj": gu, "down_proj": dn}
         kwargs = {"gate_up_bias": b1, "down_bias": b2}
         for name, v in over.items():
             v = v(args["routing"]) if callable(v) else v
+            if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+                v = v.to(device)
             (args if name in args else kwargs)[name] = v
         return moe.experts(args["hidden_states"], args["routing"], args["gate_up_proj"], args["down_proj"], **kwargs)
 
@@ -633,7 +636,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("call,exc,match", [pytest.param(*p[1:], id=p[0]) for p in BAD_INPUT])
 def test_bad_input(call, exc, match, backend, device):
     with mmkernels.use_backend(backend), pytest.raises(exc, match=match):
-        call()
+        call(device)
 
 
 @pytest.mark.parametrize("backend,device", backends())

@@ -14,7 +14,7 @@ KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "ro
 
 
 EXPERT_KERNELS = ("experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
-                  "experts_dx_kernel", "experts_dweight_kernel", "experts_dw_kernel")
+                  "experts_dx_kernel", "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
 EXPERT_GEMMS = ("experts_up_kernel", "experts_down_kernel", "experts_dact_kernel", "experts_dx_kernel",
                 "experts_dweight_kernel")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -208,15 +208,44 @@ def _p2(n: int) -> int:
 
 
 #: 16-bit (tensor-core) tiles by role: (block_n, block_k, warps, stages) of the grouped GEMMs
-#: and (block_m, block_n, block_k, warps, stages) of the weight gradients — the fastest of
-#: ``bench/experts_configs.py`` at the Qwen3 / Mixtral / OLMoE shapes (T = 16384, routing tiles of
-#: 128 rows; bench/NOTES.md).
+#: and (block_m, block_n, block_k, warps, stages) of the weight gradients, for routing tiles of 64
+#: rows or more — the fastest without spills of ``bench/experts_configs.py`` at the Qwen3 / Mixtral
+#: / OLMoE shapes (T = 16384, 128-row routing tiles, H200; bench/NOTES.md). ``_TC_TILES_SM90``
+#: overrides where sm_90 takes a larger tile that spills on sm_80 (the compile tier checks each
+#: target with its own tiles).
 _TC_TILES = {"up": (64, 64, 8, 4), "down": (128, 64, 8, 3), "dact": (64, 64, 8, 3), "dx": (128, 64, 8, 4),
              "dgate_up": (128, 128, 64, 8, 3), "ddown": (128, 128, 64, 8, 3)}
+_TC_TILES_SM90 = {"up": (128, 64, 16, 4), "down": (256, 64, 8, 3), "dact": (64, 64, 8, 4), "dx": (256, 64, 8, 3),
+                  "dgate_up": (128, 256, 64, 8, 3), "ddown": (128, 256, 64, 8, 3)}
+#: The compute capability's major the configs are for (``target_arch``); None: from the tensors.
+_ARCH: List[Optional[int]] = [None]
 
 
-def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype) -> ExpertsConfig:
-    """Tiles for ``kernel`` (one of :data:`KERNELS`).
+@contextlib.contextmanager
+def target_arch(major: Optional[int]):
+    """Within the block, resolve configs for compute capability ``major`` (8: sm_80, 9: sm_90)
+    whatever the tensors' device — how the compile tier records each target's launches."""
+    saved = _ARCH[0]
+    _ARCH[0] = major
+    try:
+        yield
+    finally:
+        _ARCH[0] = saved
+
+
+def _arch(x: torch.Tensor) -> Optional[int]:
+    """Compute capability major of ``x``'s GPU (``target_arch`` first); None off CUDA."""
+    if _ARCH[0] is not None:
+        return _ARCH[0]
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device)[0]
+    return None
+
+
+def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype,
+                   arch: Optional[int] = None) -> ExpertsConfig:
+    """Tiles for ``kernel`` (one of :data:`KERNELS`) on compute capability ``arch`` (None: tiles
+    clean on every target).
 
     Grouped GEMMs: ``block_m`` is the routing's tile height, ``n`` the output's columns, ``k`` the
     reduction. Weight gradients (``block_m`` unused): the output is ``k`` x ``n`` (rows x columns)
@@ -233,10 +262,11 @@ def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype
         return c if wgrad else dataclasses.replace(c, block_m=block_m)
     stages = 3
     if dtype in (torch.float16, torch.bfloat16):
+        tiles = _TC_TILES_SM90.get(kernel, _TC_TILES[kernel]) if arch == 9 else _TC_TILES[kernel]
         if wgrad:
-            bm, bn, bk, warps, stages = _TC_TILES[kernel]
+            bm, bn, bk, warps, stages = tiles
         elif block_m >= 64:
-            bm, (bn, bk, warps, stages) = block_m, _TC_TILES[kernel]
+            bm, (bn, bk, warps, stages) = block_m, tiles
         else:
             bm, bn, bk, warps = block_m, 64, 64, 4
     elif dtype == torch.float32:
@@ -307,7 +337,8 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    c1 = resolve_config("up", routing.block_m, I, H, x.dtype)
+    arch = _arch(x)
+    c1 = resolve_config("up", routing.block_m, I, H, x.dtype, arch)
     KX.experts_up_kernel[_grid(routing, I, c1)](
         **_tile_args(routing, I, c1),
         x_ptr=x, gu_ptr=gate_up, b1_ptr=b1 if b1 is not None else gate_up, h_ptr=h if save_h else a, a_ptr=a,
@@ -318,7 +349,7 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
         INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
         ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
     )
-    c2 = resolve_config("down", routing.block_m, H, I, x.dtype)
+    c2 = resolve_config("down", routing.block_m, H, I, x.dtype, arch)
     KX.experts_down_kernel[_grid(routing, H, c2)](
         **_tile_args(routing, H, c2),
         a_ptr=a, d_ptr=down, b2_ptr=b2 if b2 is not None else down, w_ptr=weights, y_ptr=y,
@@ -347,22 +378,20 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
     common = dict(PRECISION=prec, ACC=acc, DOT_F32=dot_f32)
-    c1 = resolve_config("dact", routing.block_m, I, H, x.dtype)
+    arch = _arch(x)
+    c1 = resolve_config("dact", routing.block_m, I, H, x.dtype, arch)
     nb_i = -(-I // c1.block_n)
     dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)  # gate_up's row order
     dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
-    want_down = need[2] or need[4]
-    doutw = torch.empty((rows, H), dtype=x.dtype, device=dev) if want_down else None
     KX.experts_dact_kernel[_grid(routing, I, c1)](
         **_tile_args(routing, I, c1),
         dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
-        dh_ptr=dh, dwp_ptr=dwp, doutw_ptr=doutw if want_down else dh, **tiles, H=H, I=I, K=k, NB_I=nb_i,
+        dh_ptr=dh, dwp_ptr=dwp, **tiles, H=H, I=I, K=k, NB_I=nb_i,
         s_ot=dout.stride(0), s_oh=dout.stride(1),
         s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
         alpha=spec.alpha, limit=spec.limit,
-        HAS_BIAS=b2 is not None, ACT=ACTIVATIONS.index(spec.activation), INTERLEAVED=spec.interleaved,
-        WRITE_DOUTW=want_down, **common,
+        HAS_BIAS=b2 is not None, ACT=ACTIVATIONS.index(spec.activation), INTERLEAVED=spec.interleaved, **common,
     )
     dx = dgu = dd = db1 = db2 = dw = None
     if need[5]:
@@ -375,7 +404,7 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
             BLOCK_T=bt, K_PAD=k_pad, NB_PAD=_p2(nb_i), ACC=acc,
         )
     if need[0]:
-        c2 = resolve_config("dx", routing.block_m, H, 2 * I, x.dtype)
+        c2 = resolve_config("dx", routing.block_m, H, 2 * I, x.dtype, arch)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
         KX.experts_dx_kernel[_grid(routing, H, c2)](
             **_tile_args(routing, H, c2),
@@ -384,28 +413,47 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
         )
         dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
     if need[1] or need[3]:  # d gate_up_e = dhᵀ · x_rows (2I x H)
-        c3 = resolve_config("dgate_up", 0, H, 2 * I, x.dtype)
+        c3 = resolve_config("dgate_up", 0, H, 2 * I, x.dtype, arch)
+        xs = _gather_rows(x, routing, weights, scale=False)
         dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
         db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
         KX.experts_dweight_kernel[_wgrad_grid(E, 2 * I, H, c3)](
             **_wgrad_args(2 * I, H, c3),
-            lhs_ptr=dh, rhs_ptr=x, grad_ptr=dgu, dbias_ptr=db1 if db1 is not None else dgu,
-            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots, M=2 * I, N=H, K=k,
-            s_rt=x.stride(0), s_rn=x.stride(1), s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2),
-            GATHER=True, HAS_BIAS=db1 is not None, **common,
+            lhs_ptr=dh, rhs_ptr=xs, grad_ptr=dgu, dbias_ptr=db1 if db1 is not None else dgu,
+            offsets_ptr=routing.offsets, M=2 * I, N=H,
+            s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2), HAS_BIAS=db1 is not None, **common,
         )
-    if want_down:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
-        c4 = resolve_config("ddown", 0, I, H, x.dtype)
+        del xs
+    if need[2] or need[4]:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
+        c4 = resolve_config("ddown", 0, I, H, x.dtype, arch)
+        doutw = _gather_rows(dout, routing, weights, scale=True)
         dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
         db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
         KX.experts_dweight_kernel[_wgrad_grid(E, H, I, c4)](
             **_wgrad_args(H, I, c4),
             lhs_ptr=doutw, rhs_ptr=a, grad_ptr=dd, dbias_ptr=db2 if db2 is not None else dd,
-            offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots, M=H, N=I, K=k,
-            s_rt=a.stride(0), s_rn=a.stride(1), s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2),
-            GATHER=False, HAS_BIAS=db2 is not None, **common,
+            offsets_ptr=routing.offsets, M=H, N=I,
+            s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2), HAS_BIAS=db2 is not None, **common,
         )
     return dx, dgu, dd, db1, db2, dw
+
+
+def _gather_rows(src: torch.Tensor, routing: Routing, weights: torch.Tensor, scale: bool) -> torch.Tensor:
+    """(T·k, H): row ``r`` of the kept rows = ``src``'s row of its token (``scale``: times the
+    row's routing weight); rows past ``offsets[E]`` are left unwritten (no kernel reads them)."""
+    from mmkernels._triton import experts as KX
+
+    T, H = src.shape
+    out = torch.empty((T * routing.top_k, H), dtype=src.dtype, device=src.device)
+    bh = max(16, min(256, _p2(H)))
+    br = max(1, min(64, 8192 // bh))
+    KX.experts_gather_kernel[(-(-out.shape[0] // br), -(-H // bh))](
+        src_ptr=src, sorted_ptr=routing.sorted_slots, offsets_ptr=routing.offsets, w_ptr=weights, dst_ptr=out,
+        H=H, K=routing.top_k, E=routing.num_experts,
+        s_st=src.stride(0), s_sh=src.stride(1), s_wt=weights.stride(0), s_wj=weights.stride(1),
+        BLOCK_R=br, BLOCK_H=bh, SCALE=scale, ACC=_acc_and_precision(src.dtype)[0],
+    )
+    return out
 
 
 def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:

@@ -621,7 +621,7 @@ def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
 
 _EXPERTS_MODULE = "mmkernels._triton.experts"
 _EXPERTS_KERNELS = ("experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
-                    "experts_dx_kernel", "experts_dweight_kernel", "experts_dw_kernel")
+                    "experts_dx_kernel", "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
 
 
 def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
@@ -648,41 +648,48 @@ def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
                        torch.empty((T, k), dtype=torch.bool, device="meta"), torch.empty((nt,), **i32),
                        torch.empty((nt,), **i32), torch.empty((1,), **i32), block_m, None)
 
-    entries = []
-    with _recorded_launches(KX, _EXPERTS_KERNELS) as calls:
-        def launches(label, T, H, I, E, k, dtype, act="silu", interleaved=False, bias=False):
-            r = routing(T, E, k)
-            x = torch.empty((T, H), dtype=dtype, device="meta")
-            gu = torch.empty((E, 2 * I, H), dtype=dtype, device="meta")
-            dn = torch.empty((E, H, I), dtype=dtype, device="meta")
-            b1 = torch.empty((E, 2 * I), dtype=dtype, device="meta") if bias else None
-            b2 = torch.empty((E, H), dtype=dtype, device="meta") if bias else None
-            spec = X.ExpertSpec(act, interleaved)
-            start = len(calls)
-            _, h, _, a = X._triton_forward(x, r.weights, gu, dn, b1, b2, r, spec, save_h=True)
-            X._triton_backward(torch.empty((T, H), dtype=dtype, device="meta"), x, r.weights, gu, dn, b1, b2, r,
-                               h, a, spec, (True,) * 6)
-            for name, kernel, kw in calls[start:]:
-                tensor_core = label.startswith(("bf16", "fp16")) and name not in ("experts_combine_kernel",
-                                                                                  "experts_dw_kernel")
-                # 16-row decode tiles are under HGMMA's 64-row M: HMMA there
-                decode = kw.get("BLOCK_M", 64) < 64 and name != "experts_dweight_kernel"
-                expect = ({"mma": "HMMA"} if decode else None) if tensor_core else {"mma": None}
-                entries.append((name, kernel, kw, f"{label} bm={r.block_m}", None, expect))
+    def record() -> list:
+        entries = []
+        with _recorded_launches(KX, _EXPERTS_KERNELS) as calls:
+            def launches(label, T, H, I, E, k, dtype, act="silu", interleaved=False, bias=False):
+                r = routing(T, E, k)
+                x = torch.empty((T, H), dtype=dtype, device="meta")
+                gu = torch.empty((E, 2 * I, H), dtype=dtype, device="meta")
+                dn = torch.empty((E, H, I), dtype=dtype, device="meta")
+                b1 = torch.empty((E, 2 * I), dtype=dtype, device="meta") if bias else None
+                b2 = torch.empty((E, H), dtype=dtype, device="meta") if bias else None
+                spec = X.ExpertSpec(act, interleaved)
+                start = len(calls)
+                _, h, _, a = X._triton_forward(x, r.weights, gu, dn, b1, b2, r, spec, save_h=True)
+                X._triton_backward(torch.empty((T, H), dtype=dtype, device="meta"), x, r.weights, gu, dn, b1, b2, r,
+                                   h, a, spec, (True,) * 6)
+                for name, kernel, kw in calls[start:]:
+                    tensor_core = label.startswith(("bf16", "fp16")) and name not in ("experts_combine_kernel",
+                                                                                      "experts_dw_kernel")
+                    # 16-row decode tiles are under HGMMA's 64-row M: HMMA there
+                    decode = kw.get("BLOCK_M", 64) < 64 and name != "experts_dweight_kernel"
+                    expect = ({"mma": "HMMA"} if decode else None) if tensor_core else {"mma": None}
+                    entries.append((name, kernel, kw, f"{label} bm={r.block_m}", None, expect))
 
-        shapes = {"mixtral": (16384, 4096, 14336, 8, 2), "qwen3": (16384, 2048, 768, 128, 8), "odd": (64, 24, 40, 7, 3)}
-        for name, shp in shapes.items():
-            for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-                launches(f"{dname} {name}", *shp, dt)
-        launches("fp16 qwen3", *shapes["qwen3"], torch.float16)
-        for T in (1024, 64):  # 64-row tiles, and decode's 16-row tiles
-            launches("bf16 qwen3", T, *shapes["qwen3"][1:], torch.bfloat16)
-        launches("fp64 odd", *shapes["odd"], torch.float64)
-        for act in X.ACTIVATIONS[1:]:
-            launches(f"bf16 qwen3 {act}", *shapes["qwen3"], torch.bfloat16, act=act)
-        launches("bf16 gpt-oss (interleaved, biases)", 16384, 2880, 2880, 32, 4, torch.bfloat16,
-                 act="swiglu_oai", interleaved=True, bias=True)
-    return _jobs_from_launches("experts", _EXPERTS_MODULE, entries, targets)
+            shapes = {"mixtral": (16384, 4096, 14336, 8, 2), "qwen3": (16384, 2048, 768, 128, 8), "odd": (64, 24, 40, 7, 3)}
+            for name, shp in shapes.items():
+                for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                    launches(f"{dname} {name}", *shp, dt)
+            launches("fp16 qwen3", *shapes["qwen3"], torch.float16)
+            for T in (1024, 64):  # 64-row tiles, and decode's 16-row tiles
+                launches("bf16 qwen3", T, *shapes["qwen3"][1:], torch.bfloat16)
+            launches("fp64 odd", *shapes["odd"], torch.float64)
+            for act in X.ACTIVATIONS[1:]:
+                launches(f"bf16 qwen3 {act}", *shapes["qwen3"], torch.bfloat16, act=act)
+            launches("bf16 gpt-oss (interleaved, biases)", 16384, 2880, 2880, 32, 4, torch.bfloat16,
+                     act="swiglu_oai", interleaved=True, bias=True)
+        return entries
+
+    jobs: List[Job] = []
+    for target in targets:  # each target's launches with its own tiles (ops.experts.target_arch)
+        with X.target_arch(int(target) // 10):
+            jobs += _jobs_from_launches("experts", _EXPERTS_MODULE, record(), [target])
+    return jobs
 
 
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
