@@ -293,6 +293,18 @@ def test_time_fn_and_rotation_on_cpu():
     assert bench.rotation_sets(32 << 20, 32 << 20) == 4
 
 
+def test_time_interleaved_takes_samples_in_turn():
+    order = []
+    named = {"a": [lambda i=i: order.append(("a", i)) for i in range(2)], "b": [lambda: order.append(("b", 0))]}
+    t = bench.timing.time_interleaved(named, warmup=1, repeats=3)
+    timed = order[-6:]  # after the warm-up and the estimate
+    assert timed == [("a", 0), ("b", 0), ("a", 1), ("b", 0), ("a", 0), ("b", 0)]
+    assert set(t) == {"a", "b"} and all(len(v.samples_ms) == 3 for v in t.values())
+    assert t["a"].buffer_sets == 2 and t["a"].method == "perf_counter-interleaved"
+    with pytest.raises(ValueError):
+        bench.timing.time_interleaved({"a": []})
+
+
 def test_peak_memory_cpu_counts_the_output():
     peak, method = bench.peak_memory(lambda: torch.empty(1 << 20), torch.device("cpu"))
     assert "profiler" in method and peak is not None and peak >= 4 << 20

@@ -18,7 +18,7 @@ from .check import check_variant, peak_memory
 from .environment import _free, cache_bytes
 from .inputs import Inputs, _copy_like, random_inputs
 from .specs import Target, Variant, variants_for
-from .timing import rotation_sets, time_fn
+from .timing import rotation_sets, time_fn, time_interleaved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +110,22 @@ def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str
     def calls(fn):
         return [functools.partial(fn, p) for p in prepared]
 
-    timings = {"ours": time_fn(calls(variant.ours), device, graph=opts.graph, **kw)}
-    for name, fn in variant.baselines.items():
-        try:
-            timings[name] = time_fn(calls(fn), device, graph=opts.graph, **kw)
-        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
-            row.setdefault("baseline_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if device.type == "cuda":
+        timings = {"ours": time_fn(calls(variant.ours), device, graph=opts.graph, **kw)}
+        for name, fn in variant.baselines.items():
+            try:
+                timings[name] = time_fn(calls(fn), device, graph=opts.graph, **kw)
+            except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                row.setdefault("baseline_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    else:  # CPU: ours and the baselines sampled in turn (time_interleaved)
+        named = {"ours": calls(variant.ours)}
+        for name, fn in variant.baselines.items():
+            try:
+                fn(prepared[0])
+                named[name] = calls(fn)
+            except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                row.setdefault("baseline_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        timings = time_interleaved(named, **kw)
     if opts.eager_timing and device.type == "cuda":
         for name, fn in (("ours", variant.ours), ("eager", variant.baselines["eager"])):
             row[f"{name}_percall_ms"] = time_fn(calls(fn), device, graph=False, **kw).median_ms

@@ -744,6 +744,27 @@ def _torch_experts(x: torch.Tensor, logits: torch.Tensor, gate_up: torch.Tensor,
     return out
 
 
+def _torch_grouped_mm_experts(x: torch.Tensor, logits: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                              k: int) -> torch.Tensor:
+    """A ``torch._grouped_mm`` MoE layer written directly (no transformers): softmax -> topk, the
+    slots sorted by expert (a permuted copy of x's rows), one grouped GEMM per projection over
+    the experts' row ranges (``offs``: cumulative counts), SwiGLU between, the routing weight on
+    the output rows and ``index_add`` back to the tokens. Differentiable (torch's autograd of
+    ``_grouped_mm``). None of the ops synchronises with the host."""
+    T, H = x.shape
+    E, I2, _ = gate_up.shape
+    w, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // k
+    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    h = torch._grouped_mm(x.index_select(0, tok), gate_up.transpose(-2, -1), offs=offs)
+    a = torch.nn.functional.silu(h[:, : I2 // 2]) * h[:, I2 // 2:]
+    y = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)
+    y = y * w.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, tok, y)
+
+
 class ExpertsBench:
     """Bench spec of the MoE experts (``mmkernels.moe.experts`` after ``moe.route``): SwiGLU experts
     of a Qwen3-style router (softmax, top-k, no renormalisation), one case per model shape.
@@ -753,7 +774,9 @@ class ExpertsBench:
     transformers' Qwen3-MoE experts module with its ``eager`` implementation (a Python loop over
     the experts hit), ``grouped_mm`` = the same with ``experts_implementation="grouped_mm"``; both
     after the torch router (softmax -> topk); without transformers installed, ``eager`` is
-    :func:`_torch_experts` (the same loop written in torch) and ``grouped_mm`` is absent. Useful FLOPs (DESIGN.md): ``6·T·k·H·I`` forward,
+    :func:`_torch_experts` (the same loop written in torch) and ``grouped_mm`` is absent;
+    ``torch_grouped_mm`` = :func:`_torch_grouped_mm_experts` (torch's grouped GEMM composed
+    directly), where torch has ``_grouped_mm``. Useful FLOPs (DESIGN.md): ``6·T·k·H·I`` forward,
     3x that forward + backward. Bytes: the expert weights touched (every expert at these sizes)
     plus x and out — the measure at decode sizes. The check compares the output (and dx) on a
     sample of whole tokens with the float64 per-token reference; the weight gradients are checked
@@ -810,6 +833,9 @@ class ExpertsBench:
 
         have_hf = _hf_experts(1, 1, 1, 1, torch.empty(1, 2, 1), torch.empty(1, 1, 1)) is not None
         fwd_base = {"eager": hf("eager"), "grouped_mm": hf("grouped_mm")} if have_hf else {}
+        if hasattr(torch, "_grouped_mm"):
+            fwd_base["torch_grouped_mm"] = lambda i: _torch_grouped_mm_experts(  # noqa: E731
+                i["x"], i["logits"], i["gate_up"], i["down"], k)
         common = dict(case=case, passes=None, reduced_dims=(), shape_text=shape_text, check_samples=sample)
         def params(raw: Inputs, grad: bool) -> Inputs:
             """The expert weights as Parameters (what a model holds, and what transformers' module

@@ -1,6 +1,8 @@
 """Timing one call: :func:`time_fn` -> :class:`Timing` (CUDA-graph replays or CUDA events on CUDA,
-``perf_counter`` on CPU; warm-up, median over repeats), and :func:`rotation_sets` (how many input
-buffer sets to rotate among so that no call finds its inputs in the cache)."""
+``perf_counter`` on CPU; warm-up, median over repeats), :func:`time_interleaved` (CPU: ours and
+the baselines sampled in turn, for ratios that survive the machine's drift), and
+:func:`rotation_sets` (how many input buffer sets to rotate among so that no call finds its
+inputs in the cache)."""
 from __future__ import annotations
 
 import dataclasses
@@ -138,6 +140,38 @@ def time_fn(calls: Sequence[Callable[[], object]], device: torch.device, *, warm
     torch.cuda.synchronize(device)
     samples = [s.elapsed_time(e) for s, e in events]
     return Timing(statistics.median(samples), samples, "cuda-events", 1, k, note)
+
+
+def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup: int = 3,
+                     repeats: Optional[int] = None, target_s: float = 0.2, min_repeats: int = 5,
+                     max_repeats: int = 100) -> Dict[str, Timing]:
+    """CPU: the median time of one call of each entry of ``named``, the entries' samples taken in
+    turn (A, B, C, A, B, C, ...) so that a slow drift of the machine (another load, frequency,
+    memory state) shifts every entry alike and their ratios keep (timing each entry in its own
+    stretch, ratios between processes of this 2-core machine moved by up to 40%). Each entry
+    rotates among its calls (buffer sets) and is warmed up as :func:`time_fn` does; the number of
+    rounds is what fits all entries in ``target_s`` (clamped to ``[min_repeats, max_repeats]``)."""
+    named = {n: list(c) for n, c in named.items()}
+    if not named or any(not c for c in named.values()):
+        raise ValueError("time_interleaved needs at least one callable per entry")
+    est = 0.0
+    for calls in named.values():
+        k = len(calls)
+        for i in range(max(warmup, k)):
+            calls[i % k]()
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        est += (time.perf_counter() - t0) * 1e3 / k
+    n = _repeats(est, repeats, target_s, min_repeats, max_repeats)
+    samples: Dict[str, List[float]] = {name: [] for name in named}
+    for i in range(n):
+        for name, calls in named.items():
+            t0 = time.perf_counter()
+            calls[i % len(calls)]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: Timing(statistics.median(v), v, "perf_counter-interleaved", 1, len(named[name]))
+            for name, v in samples.items()}
 
 
 def rotation_sets(bytes_per_call: int, cache: int, max_sets: int = 16) -> int:

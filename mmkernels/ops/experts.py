@@ -489,11 +489,39 @@ def _rows(sorted_slots: torch.Tensor, offsets: torch.Tensor, k: int):
     return n, slots // k, slots, bounds
 
 
+class _Scratch:
+    """Per-call scratch rows of the CPU path: one allocation carved into named ``(rows, cols)``
+    views; each expert works in the first rows of each. Per-expert temporaries would be hundreds
+    of 0.1–1 MB allocations a call, and whether glibc serves those from its heap or maps fresh,
+    zeroed pages depends on the process's allocation history: measured ``MALLOC_MMAP_THRESHOLD_=
+    65536`` (every one mapped) took the Qwen3 block's fwd+bwd from 341 to 463 ms."""
+
+    def __init__(self, rows: int, cols: Dict[str, int], dtype: torch.dtype, device):
+        flat = torch.empty(max(1, rows * sum(cols.values())), dtype=dtype, device=device)
+        self.views, o = {}, 0
+        for name, c in cols.items():
+            self.views[name] = flat[o:o + rows * c].view(rows, c)
+            o += rows * c
+
+    def __call__(self, name: str, n: int) -> torch.Tensor:
+        return self.views[name][:n]
+
+
+def _gather_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``src[idx]`` in the compute dtype, into ``out`` when the dtypes agree."""
+    if src.dtype == out.dtype:
+        return torch.index_select(src, 0, idx, out=out)
+    return src.index_select(0, idx).to(out.dtype)
+
+
+def _widest(bounds) -> int:
+    return max((bounds[e + 1] - bounds[e] for e in range(len(bounds) - 1)), default=0)
+
+
 def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
     """out (T, H) and what the backward needs, over the kept rows in expert order: the first GEMM's
     output ``h`` (n, 2I) and the activation ``act`` (n, I). Row gathers, expert outputs and their
-    scatter into ``out`` go one expert at a time (small temporaries the allocator reuses: whole-row
-    buffers of tens of MB are fresh, page-faulted memory on every call)."""
+    scatter into ``out`` go one expert at a time through :class:`_Scratch` rows."""
     cd = _compute_dtype(x.dtype)
     T, H = x.shape
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
@@ -502,18 +530,19 @@ def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: in
     act = torch.empty((n, I2 // 2), dtype=cd, device=x.device)
     out = torch.zeros((T, H), dtype=cd, device=x.device)
     w = weights.reshape(-1).to(cd).index_select(0, slots)[:, None]
+    S = _Scratch(_widest(bounds), {"x": H, "y": H, "aw": I2 // 2}, cd, x.device)
     for e in range(len(bounds) - 1):
         a, b = bounds[e], bounds[e + 1]
         if a == b:
             continue
-        torch.mm(x.index_select(0, tok[a:b]).to(cd), gate_up[e].to(cd).t(), out=h[a:b])
+        torch.mm(_gather_into(x, tok[a:b], S("x", b - a)), gate_up[e].to(cd).t(), out=h[a:b])
         if b1 is not None:
             h[a:b] += b1[e].to(cd)
         _gated_into(*split_gate_up(h[a:b], spec.interleaved), spec, act[a:b])
         # w·(act·downᵀ + b2) = (w·act)·downᵀ + w·b2: the weight scales the narrower operand
-        y = torch.mm(act[a:b] * w[a:b], down[e].to(cd).t())
+        y = torch.mm(torch.mul(act[a:b], w[a:b], out=S("aw", b - a)), down[e].to(cd).t(), out=S("y", b - a))
         if b2 is not None:
-            y += w[a:b] * b2[e].to(cd)
+            y.addcmul_(w[a:b], b2[e].to(cd)[None, :])
         out.index_add_(0, tok[a:b], y)
     return out.to(x.dtype), h, act
 
@@ -521,22 +550,25 @@ def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: in
 def _gated_into(gate, up, spec: ExpertSpec, out: torch.Tensor) -> None:
     """``out[:] = gated(gate, up)`` without a temporary for the common activations."""
     if spec.activation == "silu":
-        torch.mul(torch.nn.functional.silu(gate), up, out=out)
+        torch.ops.aten.silu.out(gate, out=out)
+        out.mul_(up)
     else:
         out.copy_(gated(gate, up, spec))
 
 
-def _gated_backward_into(gate, up, da, spec: ExpertSpec, dh: torch.Tensor) -> None:
+def _gated_backward_into(gate, up, da, spec: ExpertSpec, dh: torch.Tensor, tmp: torch.Tensor) -> None:
     """(d gate, d up) of :func:`gated` written into the rows ``dh`` (gate | up, or interleaved),
-    through ATen's fused activation backward where there is one."""
+    through ATen's fused activation backward where there is one (``tmp``: scratch of ``da``'s
+    shape)."""
     dgate, dup = split_gate_up(dh, spec.interleaved)
     if spec.activation == "silu":
-        torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dgate)
-        torch.mul(da, torch.nn.functional.silu(gate), out=dup)
+        torch.ops.aten.silu_backward.grad_input(torch.mul(da, up, out=tmp), gate, grad_input=dgate)
+        torch.mul(da, torch.ops.aten.silu.out(gate, out=tmp), out=dup)
     elif spec.activation in ("gelu", "gelu_tanh"):
         approx = "tanh" if spec.activation == "gelu_tanh" else "none"
-        torch.ops.aten.gelu_backward.grad_input(da * up, gate, approximate=approx, grad_input=dgate)
-        torch.mul(da, torch.nn.functional.gelu(gate, approximate=approx), out=dup)
+        torch.ops.aten.gelu_backward.grad_input(torch.mul(da, up, out=tmp), gate, approximate=approx,
+                                                grad_input=dgate)
+        torch.mul(da, torch.ops.aten.gelu.out(gate, approximate=approx, out=tmp), out=dup)
     else:
         g, u = gated_backward(gate, up, da, spec)
         dgate.copy_(g)
@@ -549,51 +581,52 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
 
     Per expert, with ``g = dout_rows · down_e`` (unweighted): ``d w = Σ_i g·act (+ dout·b2_e)``,
     ``d act = w·g``, ``d down_e = doutᵀ · (w·act)``; rows gathered and scattered one expert at a
-    time (see :func:`_cpu_forward`)."""
+    time through :class:`_Scratch` rows (see :func:`_cpu_forward`)."""
     cd = h.dtype
     T, H = dout.shape
     dev = dout.device
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
     w = weights.reshape(-1).to(cd).index_select(0, slots)
     E = gate_up.shape[0]
+    I2 = gate_up.shape[1]
     dw_rows = torch.empty(n, dtype=cd, device=dev) if need[5] else None
     dx = torch.zeros((T, H), dtype=cd, device=dev) if need[0] else None
     dgu = torch.empty(gate_up.shape, dtype=cd, device=dev) if need[1] else None
     dd = torch.empty(down.shape, dtype=cd, device=dev) if need[2] else None
-    db1 = torch.empty((E, gate_up.shape[1]), dtype=cd, device=dev) if need[3] and b1 is not None else None
+    db1 = torch.empty((E, I2), dtype=cd, device=dev) if need[3] and b1 is not None else None
     db2 = torch.empty((E, H), dtype=cd, device=dev) if need[4] and b2 is not None else None
-    widest = max((bounds[e + 1] - bounds[e] for e in range(E)), default=0)
-    dh_buf = torch.empty((widest, gate_up.shape[1]), dtype=cd, device=dev)  # one expert's d(h) at a time
+    S = _Scratch(_widest(bounds), {"dy": H, "x": H, "dx": H, "dh": I2, "g": I2 // 2, "t": I2 // 2}, cd, dev)
     for e in range(E):
         a, b = bounds[e], bounds[e + 1]
+        m = b - a
         if a == b:  # no rows: zero weight gradients (the rest has no rows to write)
             for t in (dgu, dd, db1, db2):
                 if t is not None:
                     t[e].zero_()
             continue
-        dye = dout.index_select(0, tok[a:b]).to(cd)
+        dye = _gather_into(dout, tok[a:b], S("dy", m))
         if dd is not None:
-            torch.mm(dye.t(), act[a:b] * w[a:b, None], out=dd[e])
+            torch.mm(dye.t(), torch.mul(act[a:b], w[a:b, None], out=S("t", m)), out=dd[e])
         if db2 is not None:
             torch.mv(dye.t(), w[a:b], out=db2[e])
         if dx is None and dgu is None and db1 is None and dw_rows is None:
             continue
-        g = dye @ down[e].to(cd)
+        g = torch.mm(dye, down[e].to(cd), out=S("g", m))
         if dw_rows is not None:
-            dw_rows[a:b] = (g * act[a:b]).sum(1)
+            torch.sum(torch.mul(g, act[a:b], out=S("t", m)), 1, out=dw_rows[a:b])
             if b2 is not None:
                 dw_rows[a:b] += dye @ b2[e].to(cd)
         if dx is None and dgu is None and db1 is None:
             continue
         gate, up = split_gate_up(h[a:b], spec.interleaved)
-        dh = dh_buf[: b - a]
-        _gated_backward_into(gate, up, g.mul_(w[a:b, None]), spec, dh)
+        dh = S("dh", m)
+        _gated_backward_into(gate, up, g.mul_(w[a:b, None]), spec, dh, S("t", m))
         if dgu is not None:
-            torch.mm(dh.t(), x.index_select(0, tok[a:b]).to(cd), out=dgu[e])
+            torch.mm(dh.t(), _gather_into(x, tok[a:b], S("x", m)), out=dgu[e])
         if db1 is not None:
-            db1[e] = dh.sum(0)
+            torch.sum(dh, 0, out=db1[e])
         if dx is not None:
-            dx.index_add_(0, tok[a:b], dh @ gate_up[e].to(cd))
+            dx.index_add_(0, tok[a:b], torch.mm(dh, gate_up[e].to(cd), out=S("dx", m)))
     dweights = None
     if dw_rows is not None:
         dweights = torch.zeros(T * k, dtype=cd, device=dev).index_copy_(0, slots, dw_rows).view(T, k)

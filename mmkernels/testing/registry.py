@@ -340,7 +340,7 @@ def _experts(shape_name, T, dtype, tags):
 
 # the main job on CPU: the CPU comparison (a Qwen3-MoE block, fp32, forward+backward)
 _experts("qwen3_cpu", 2048, torch.float32, {"bench"})
-# the GPU suite: the three model shapes at T = 16384 and 64 (decode), bf16
-for _T in (16384, 64):
+# the GPU suite: the three model shapes at T = 16384, 64 (decode) and 1024, bf16
+for _T in (16384, 64, 1024):
     for _name in ("qwen3", "mixtral", "olmoe"):
         _experts(_name, _T, torch.bfloat16, {"gpu"})
