@@ -1,7 +1,8 @@
-"""Command line: ``python -m mmkernels {bench,compile}``.
+"""Command line: ``python -m mmkernels {bench,compile,info}``.
 
 * ``bench``   — the main job: every op family against its PyTorch baseline on the present device.
 * ``compile`` — the compile tier: every kernel at every launch config, compiled for sm_80/sm_90.
+* ``info``    — versions, the device, the GPU backend and which CPU implementation is active, and why.
 """
 from __future__ import annotations
 
@@ -25,8 +26,22 @@ def main(argv=None) -> int:
     compile_tier.add_arguments(p)
     p.set_defaults(run=compile_tier.run)
 
+    p = sub.add_parser("info", help="versions, device, and which GPU / CPU implementation runs (and why)")
+    p.set_defaults(run=_info)
+
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
+
+
+def _info(args) -> int:
+    import torch
+
+    from mmkernels import _backend, _cpp
+
+    print(f"torch {torch.__version__}; triton {'available' if _backend.triton_available() else 'missing'}; "
+          f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print(f"CPU ops: {_cpp.status(build=True)}")
+    return 0
 
 
 if __name__ == "__main__":

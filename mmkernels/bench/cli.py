@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     env = environment(device)
     print(f"mmkernels bench on {env['device']} ({device.type}, impl {env['impl']}), torch {env['torch']}, "
           f"triton {env['triton']}, {len(case_list)} '{tag}' cases", file=sys.stderr, flush=True)
+    if "cpu_ops" in env:
+        print(f"CPU ops: {env['cpu_ops']}", file=sys.stderr, flush=True)
     ceilings = measure_ceilings(device, quick=args.quick)
     print(ceilings_line(ceilings), file=sys.stderr, flush=True)
     rows = measure_cases(case_list, device, ceilings, opts, refs=TorchReferences, name_filter=args.filter)

@@ -103,5 +103,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         info.update(cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}",
                     sm_count=props.multi_processor_count, memory_bytes=props.total_memory)
     else:
-        info.update(threads=torch.get_num_threads())
+        from mmkernels import _cpp
+
+        info.update(threads=torch.get_num_threads(), cpu_ops=_cpp.status(build=True))
     return info

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
 
@@ -497,7 +497,10 @@ def _cpu_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
     l = logits.to(_weights_dtype(logits.dtype))
     ids = ids_in.long() if ids_in is not None else _cpu_select(l, bias, spec)
     weights = _cpu_weights(l, ids, spec)
-    return (weights, ids.to(torch.int32)) + _metadata(ids, logits.shape[1], cap, block_m)
+    cpp = _cpp.ops()  # the C++ counting sort (csrc/routing.cpp) when built, else argsort in torch
+    meta = (tuple(cpp.route_metadata(ids, logits.shape[1], cap, block_m)) if cpp is not None
+            else _metadata(ids, logits.shape[1], cap, block_m))
+    return (weights, ids.to(torch.int32)) + meta
 
 
 def _cpu_route_backward(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:

@@ -1,0 +1,93 @@
+// Routing metadata on the CPU: one counting sort of the (T, k) expert choices, linear in T·k
+// (the vectorised-torch fallback in mmkernels/ops/routing.py::_metadata sorts with argsort).
+//
+// Registered as the torch operator mmkernels_cpu::route_metadata; loaded by mmkernels/_cpp.py.
+// The outputs are the fields of mmkernels.ops.routing.Routing after expert_ids, with the same
+// meaning (see its field comments): rows in expert order, slot s = t·k + j stable within an
+// expert, dropped slots (past the capacity) after every kept row, and the tile table.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace mmkernels {
+
+using Metadata = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor>;
+
+// (counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_row_starts, num_tiles)
+Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capacity, int64_t block_m) {
+  TORCH_CHECK(ids.dim() == 2, "route_metadata: ids must be (T, k), got ", ids.dim(), " dims");
+  TORCH_CHECK(ids.device().is_cpu(), "route_metadata: ids must be on the CPU");
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+              "route_metadata: ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(num_experts >= 1, "route_metadata: num_experts must be >= 1");
+  TORCH_CHECK(capacity >= 0, "route_metadata: capacity must be >= 0");
+  TORCH_CHECK(block_m >= 1, "route_metadata: block_m must be >= 1");
+  const int64_t T = ids.size(0), k = ids.size(1), n = T * k, E = num_experts;
+  const at::Tensor flat = ids.contiguous().to(at::kLong).reshape({n});
+  const int64_t* f = flat.data_ptr<int64_t>();
+
+  std::vector<int64_t> total(E, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(f[i] >= 0 && f[i] < E, "route_metadata: expert id ", f[i], " out of range [0, ", E, ")");
+    ++total[f[i]];
+  }
+  auto i32 = at::TensorOptions().dtype(at::kInt);
+  at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
+  int32_t* cnt = counts.data_ptr<int32_t>();
+  int32_t* off = offsets.data_ptr<int32_t>();
+  std::vector<int64_t> drop_base(E);
+  off[0] = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    cnt[e] = static_cast<int32_t>(std::min(total[e], capacity));
+    off[e + 1] = off[e] + cnt[e];
+  }
+  int64_t dropped_before = off[E];  // dropped rows follow every kept row, expert by expert
+  for (int64_t e = 0; e < E; ++e) {
+    drop_base[e] = dropped_before;
+    dropped_before += total[e] - cnt[e];
+  }
+
+  at::Tensor sorted_slots = at::empty({n}, i32), slot_rows = at::empty({n}, i32);
+  at::Tensor dropped = at::empty({T, k}, at::TensorOptions().dtype(at::kBool));
+  int32_t* sorted = sorted_slots.data_ptr<int32_t>();
+  int32_t* rows = slot_rows.data_ptr<int32_t>();
+  bool* drop = dropped.data_ptr<bool>();
+  std::vector<int64_t> seen(E, 0);
+  for (int64_t i = 0; i < n; ++i) {  // one stable pass: the rank of slot i among its expert's slots
+    const int64_t e = f[i], r = seen[e]++;
+    const bool kept = r < capacity;
+    const int64_t row = kept ? off[e] + r : drop_base[e] + r - capacity;
+    rows[i] = static_cast<int32_t>(row);
+    sorted[row] = static_cast<int32_t>(i);
+    drop[i] = !kept;
+  }
+
+  // tile table: ceil(counts[e] / block_m) tiles per expert, -1 past the tiles in use
+  const int64_t max_tiles = n / block_m + std::min(E, n);
+  at::Tensor tile_experts = at::full({max_tiles}, -1, i32), tile_starts = at::full({max_tiles}, -1, i32);
+  int32_t* te = tile_experts.data_ptr<int32_t>();
+  int32_t* ts = tile_starts.data_ptr<int32_t>();
+  int64_t tile = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t start = off[e]; start < off[e + 1]; start += block_m, ++tile) {
+      te[tile] = static_cast<int32_t>(e);
+      ts[tile] = static_cast<int32_t>(start);
+    }
+  }
+  at::Tensor num_tiles = at::full({1}, tile, i32);
+  return {counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts, num_tiles};
+}
+
+}  // namespace mmkernels
+
+TORCH_LIBRARY(mmkernels_cpu, m) {
+  m.def(
+      "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) { m.impl("route_metadata", &mmkernels::route_metadata); }

@@ -1,0 +1,123 @@
+"""The C++ CPU kernels of ``csrc/``: built on first use, or the vectorised-torch CPU path.
+
+``csrc/*.cpp`` register torch operators under ``torch.ops.mmkernels_cpu`` (``TORCH_LIBRARY``).
+:func:`ops` builds them the first time it is asked — ``torch.utils.cpp_extension.load`` with
+ninja, cached by torch in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so
+later processes only load the library — and returns the namespace, or None when they cannot be
+had: no compiler or ninja, no ``csrc/`` next to the package (a wheel install), a failed build, or
+``MMKERNELS_CPP=0`` in the environment. Then the package warns once and every CPU op keeps its
+vectorised-torch path; importing mmkernels never builds anything and never fails for this.
+
+:func:`use_cpu_impl` picks per block (``"auto"``: C++ when available, ``"torch"``: the fallback,
+``"cpp"``: C++ or an error), which is how the tests run both; :func:`status` says which is active
+and why (``python -m mmkernels info``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+#: Where the sources are: ``csrc/`` beside the package directory (a checkout or editable install).
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_NAME = "mmkernels_cpu"
+_IMPLS = ("auto", "torch", "cpp")
+_state = {"tried": False, "ok": False, "why": "not built yet (built on first use)", "impl": "auto"}
+
+
+def _sources() -> List[Path]:
+    return sorted(CSRC.glob("*.cpp")) if CSRC.is_dir() else []
+
+
+def _build() -> None:
+    """Load the operators: the ahead-of-time library when setup.py built one, else compile
+    ``csrc/`` just in time (raises on any failure)."""
+    # setup.py's ahead-of-time build, unless a source changed after it
+    prebuilt = sorted(Path(__file__).resolve().parent.glob("_C*.so"))
+    newest_src = max((p.stat().st_mtime for p in _sources()), default=0.0)
+    if prebuilt and prebuilt[0].stat().st_mtime >= newest_src:
+        torch.ops.load_library(str(prebuilt[0]))
+        _state["why"] = f"prebuilt {prebuilt[0].name}"
+    else:
+        _jit_build()
+    if not hasattr(torch.ops, _NAME) or not hasattr(getattr(torch.ops, _NAME), "route_metadata"):
+        raise RuntimeError("the library loaded but registered no mmkernels_cpu operators")
+
+
+def _jit_build() -> None:
+    from torch.utils.cpp_extension import load, verify_ninja_availability
+
+    srcs = _sources()
+    if not srcs:
+        raise RuntimeError(f"no C++ sources at {CSRC} (installed without csrc/)")
+    verify_ninja_availability()
+    print(f"mmkernels: loading the C++ CPU kernels (built from {CSRC} with ninja on first use, then cached)...",
+          file=sys.stderr, flush=True)
+    load(name=_NAME, sources=[str(s) for s in srcs], extra_cflags=["-O3"], is_python_module=False,
+         verbose=False)
+    _state["why"] = f"built from {CSRC} with ninja"
+
+
+def load() -> bool:
+    """Build / load the C++ kernels once per process; True when they are available."""
+    if _state["tried"]:
+        return _state["ok"]
+    _state["tried"] = True
+    if os.environ.get("MMKERNELS_CPP", "1") == "0":
+        _state["why"] = "disabled by MMKERNELS_CPP=0"
+        return False
+    try:
+        _build()
+    except Exception as exc:  # noqa: BLE001 - any failure means the fallback, said once
+        _state["why"] = f"build failed or no compiler: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        warnings.warn(f"mmkernels: C++ CPU kernels unavailable ({_state['why']}); using the "
+                      f"vectorised-torch CPU path", RuntimeWarning, stacklevel=3)
+        return False
+    _state["ok"] = True
+    return True
+
+
+def ops():
+    """``torch.ops.mmkernels_cpu`` when the C++ path is selected and available, else None
+    (``use_cpu_impl("cpp")`` without it raises)."""
+    impl = _state["impl"]
+    if impl == "torch":
+        return None
+    if load():
+        return getattr(torch.ops, _NAME)
+    if impl == "cpp":
+        raise RuntimeError(f"use_cpu_impl('cpp'): the C++ CPU kernels are unavailable ({_state['why']})")
+    return None
+
+
+@contextlib.contextmanager
+def use_cpu_impl(impl: str):
+    """Within the block, CPU ops run ``"cpp"`` (the C++ kernels, an error if unavailable),
+    ``"torch"`` (the vectorised-torch path) or ``"auto"`` (C++ when available)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    saved = _state["impl"]
+    _state["impl"] = impl
+    try:
+        yield
+    finally:
+        _state["impl"] = saved
+
+
+def status(build: bool = False) -> str:
+    """One line: which CPU implementation runs and why (``build``: try the build first)."""
+    if build:
+        load()
+    if _state["ok"]:
+        return f"C++ CPU kernels active ({_state['why']}; selection {_state['impl']!r})"
+    return f"vectorised-torch CPU path ({_state['why']})"
+
+
+def _reset_for_tests(why: Optional[str] = None) -> None:
+    """Forget the load attempt (tests simulate a missing compiler with it)."""
+    _state.update(tried=False, ok=False, why=why or "not built yet (built on first use)")

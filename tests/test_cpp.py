@@ -1,0 +1,100 @@
+"""The C++ CPU kernels (csrc/, mmkernels._cpp): built on first use, equal to the vectorised-torch
+path they replace, and a clean fallback when no compiler is present."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmkernels import _cpp, moe
+from mmkernels.ops import routing as R
+
+from .reference import route_ref
+
+HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_cpp = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on this machine: the fallback is tested below")
+
+FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_experts", "tile_row_starts", "num_tiles")
+
+
+@needs_cpp
+def test_cpp_kernels_build_and_say_so():
+    assert _cpp.load(), _cpp.status()
+    assert _cpp.status().startswith("C++ CPU kernels active")
+
+
+@needs_cpp
+@pytest.mark.parametrize("T,E,k,cap,block_m", [(0, 4, 2, 2**31 - 1, 16), (1, 1, 1, 2**31 - 1, 1), (5, 4, 2, 2**31 - 1, 16),
+                                                (64, 7, 3, 2**31 - 1, 4), (64, 8, 2, 10, 16), (333, 16, 4, 0, 64),
+                                                (1000, 64, 8, 90, 32), (257, 3, 3, 2**31 - 1, 128)])
+def test_route_metadata_equals_the_torch_path(T, E, k, cap, block_m):
+    gen = torch.Generator().manual_seed(T * 31 + E)
+    for ids in (torch.randint(0, E, (T, k), generator=gen), torch.zeros(T, k, dtype=torch.long)):  # + one expert gets all
+        want = R._metadata(ids, E, cap, block_m)
+        got = _cpp.ops() if _cpp.load() else None
+        assert got is not None
+        got = got.route_metadata(ids, E, cap, block_m)
+        for name, a, b in zip(FIELDS, got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+
+
+@needs_cpp
+@pytest.mark.parametrize("kw", [{}, dict(capacity_factor=1.0), dict(scoring="sigmoid", n_groups=4, topk_groups=2)])
+def test_route_on_both_cpu_impls_against_the_reference(kw):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(200, 16, generator=gen)
+    ref = route_ref(logits, 4, block_m=16, **kw)
+    out = {}
+    for impl in ("torch", "cpp"):
+        with _cpp.use_cpu_impl(impl):
+            out[impl] = moe.route(logits, 4, block_m=16, **kw)
+    for name in FIELDS:
+        a, b = getattr(out["cpp"], name), getattr(out["torch"], name)
+        assert torch.equal(a, b), name
+        assert torch.equal(a.cpu().to(ref[name].dtype), ref[name]), name
+    assert torch.equal(out["cpp"].weights, out["torch"].weights)
+
+
+def test_bad_ids_raise_in_cpp():
+    if not (HAVE_COMPILER and _cpp.load()):
+        pytest.skip("no C++ kernels here")
+    with pytest.raises(RuntimeError, match="out of range"):
+        _cpp.ops().route_metadata(torch.tensor([[0, 9]]), 4, 10, 16)
+
+
+def test_fallback_when_the_build_fails(monkeypatch):
+    """No compiler: route() warns once and runs the vectorised-torch path; 'cpp' is an error."""
+    def broken():
+        raise RuntimeError("simulated: no C++ compiler")
+
+    monkeypatch.setattr(_cpp, "_build", broken)
+    _cpp._reset_for_tests()
+    try:
+        logits = torch.randn(50, 8)
+        with pytest.warns(RuntimeWarning, match="vectorised-torch CPU path"):
+            r = moe.route(logits, 2)
+        ref = route_ref(logits, 2)
+        assert torch.equal(r.sorted_slots, ref["sorted_slots"].to(torch.int32))
+        assert "simulated" in _cpp.status() and _cpp.status().startswith("vectorised-torch")
+        with _cpp.use_cpu_impl("cpp"), pytest.raises(RuntimeError, match="unavailable"):
+            moe.route(logits, 2)
+    finally:
+        _cpp._reset_for_tests()
+
+
+def test_import_works_with_the_cpp_path_disabled():
+    code = ("import torch, mmkernels; from mmkernels import moe, _cpp; r = moe.route(torch.randn(9, 4), 2); "
+            "print(_cpp.status())")
+    env = dict(os.environ, MMKERNELS_CPP="0")
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "disabled by MMKERNELS_CPP=0" in out.stdout
+
+
+def test_use_cpu_impl_checks_its_argument():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        with _cpp.use_cpu_impl("fast"):
+            pass
