@@ -18,10 +18,12 @@ def _ext_modules():
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
-        raise SystemExit("MMKERNELS_BUILD_CSRC=1 but csrc/ has no .cpp sources yet")
+        raise SystemExit("MMKERNELS_BUILD_CSRC=1 but csrc/ has no .cpp sources")
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    ext = CppExtension("mmkernels._C", sources, extra_compile_args=["-O3"])
+    # -fopenmp: at::parallel_for is inline OpenMP (mmkernels/_cpp.py builds the same way)
+    ext = CppExtension("mmkernels._C", sources, extra_compile_args=["-O3", "-fopenmp"],
+                       extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,14 +1,20 @@
-// Routing metadata on the CPU: one counting sort of the (T, k) expert choices, linear in T·k
-// (the vectorised-torch fallback in mmkernels/ops/routing.py::_metadata sorts with argsort).
+// Routing on the CPU: the top-k choices of each row (top_k_ids), and the metadata as one counting
+// sort of the (T, k) choices, linear in T·k (the vectorised-torch fallback in
+// mmkernels/ops/routing.py: torch.topk plus a stable re-sort of tied rows; argsort).
 //
-// Registered as the torch operator mmkernels_cpu::route_metadata; loaded by mmkernels/_cpp.py.
+// Registered as the torch operators mmkernels_cpu::{top_k_ids, route_metadata}; loaded by
+// mmkernels/_cpp.py.
 // The outputs are the fields of mmkernels.ops.routing.Routing after expert_ids, with the same
 // meaning (see its field comments): rows in expert order, slot s = t·k + j stable within an
 // expert, dropped slots (past the capacity) after every kept row, and the tile table.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -82,12 +88,70 @@ Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capa
   return {counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts, num_tiles};
 }
 
+// The k largest keys of each row, best first, ties to the lower index, NaN after -inf: the ids
+// of ops/routing.py::_best_first's first k columns (the torch path gets them from torch.topk plus
+// a stable re-sort of the tied rows). One insertion pass per row, rows in parallel.
+template <typename scalar_t>
+static inline bool better(scalar_t v, bool v_nan, scalar_t b, bool b_nan) {
+  if (v_nan != b_nan) return b_nan;  // any number beats NaN
+  return !v_nan && v > b;            // strictly: equal keys keep the earlier (lower) index first
+}
+
+template <typename scalar_t>
+static void top_k_rows(const scalar_t* key, int64_t T, int64_t E, int64_t k, int64_t* out) {
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> best(k);
+    std::vector<uint8_t> best_nan(k);  // (not vector<bool>: its bit proxies cost ~10x here)
+    std::vector<int64_t> idx(k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const scalar_t* row = key + t * E;
+      int64_t filled = 0;
+      for (int64_t j = 0; j < E; ++j) {
+        const scalar_t v = row[j];
+        const bool v_nan = std::isnan(v);
+        if (filled == k && !better(v, v_nan, best[k - 1], best_nan[k - 1] != 0)) continue;
+        int64_t pos = filled < k ? filled : k - 1;
+        while (pos > 0 && better(v, v_nan, best[pos - 1], best_nan[pos - 1] != 0)) {
+          best[pos] = best[pos - 1];
+          best_nan[pos] = best_nan[pos - 1];
+          idx[pos] = idx[pos - 1];
+          --pos;
+        }
+        best[pos] = v;
+        best_nan[pos] = v_nan;
+        idx[pos] = j;
+        if (filled < k) ++filled;
+      }
+      std::copy(idx.begin(), idx.end(), out + t * k);
+    }
+  });
+}
+
+at::Tensor top_k_ids(const at::Tensor& key, int64_t k) {
+  TORCH_CHECK(key.dim() == 2, "top_k_ids: key must be (T, E), got ", key.dim(), " dims");
+  TORCH_CHECK(key.device().is_cpu(), "top_k_ids: key must be on the CPU");
+  TORCH_CHECK(key.scalar_type() == at::kFloat || key.scalar_type() == at::kDouble,
+              "top_k_ids: key must be float32 or float64, got ", key.scalar_type());
+  const int64_t T = key.size(0), E = key.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "top_k_ids: k must be in [1, E=", E, "], got ", k);
+  const at::Tensor c = key.contiguous();
+  at::Tensor out = at::empty({T, k}, at::TensorOptions().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "top_k_ids", [&] {
+    top_k_rows<scalar_t>(c.data_ptr<scalar_t>(), T, E, k, out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
 }  // namespace mmkernels
 
 TORCH_LIBRARY(mmkernels_cpu, m) {
+  m.def("top_k_ids(Tensor key, int k) -> Tensor");
   m.def(
       "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) { m.impl("route_metadata", &mmkernels::route_metadata); }
+TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {
+  m.impl("route_metadata", &mmkernels::route_metadata);
+  m.impl("top_k_ids", &mmkernels::top_k_ids);
+}

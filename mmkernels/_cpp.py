@@ -58,8 +58,9 @@ def _jit_build() -> None:
     verify_ninja_availability()
     print(f"mmkernels: loading the C++ CPU kernels (built from {CSRC} with ninja on first use, then cached)...",
           file=sys.stderr, flush=True)
-    load(name=_NAME, sources=[str(s) for s in srcs], extra_cflags=["-O3"], is_python_module=False,
-         verbose=False)
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernels would run on one thread
+    load(name=_NAME, sources=[str(s) for s in srcs], extra_cflags=["-O3", "-fopenmp"],
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _state["why"] = f"built from {CSRC} with ninja"
 
 

@@ -41,6 +41,22 @@ def test_route_metadata_equals_the_torch_path(T, E, k, cap, block_m):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 1, 1), (37, 8, 2), (200, 64, 8), (50, 5, 5)])
+def test_top_k_ids_equals_the_stable_order(T, E, k, dtype):
+    gen = torch.Generator().manual_seed(E * 7 + k)
+    key = torch.randn(T, E, generator=gen, dtype=dtype)
+    key[::3] = torch.randint(0, 3, (key[::3].shape), generator=gen).to(dtype)  # rows full of ties
+    key[2::7] = float("-inf")
+    key[1::5, 0] = float("nan")  # some rows: NaN among -inf (NaN ranks last)
+    key[4::9, -1] = float("nan")
+    assert _cpp.load()
+    got = _cpp.ops().top_k_ids(key, k)
+    want = R._best_first(key)[:, :k]
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+@needs_cpp
 @pytest.mark.parametrize("kw", [{}, dict(capacity_factor=1.0), dict(scoring="sigmoid", n_groups=4, topk_groups=2)])
 def test_route_on_both_cpu_impls_against_the_reference(kw):
     gen = torch.Generator().manual_seed(1)
