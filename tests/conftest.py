@@ -20,9 +20,13 @@ pytest_plugins = ["mmkernels.testing.fixtures"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def backends():
-    """(backend name, device) pairs every op test runs on."""
+def backends(cpu_torch: bool = False):
+    """(backend name, device) pairs every op test runs on. ``cpu_torch``: the CPU backend twice —
+    ``cpu`` (the C++ kernels of csrc/ where an op has them and they load) and ``cpu-torch`` (the
+    vectorised-torch fallback, forced by :func:`_cpu_impl`) — for the ops with C++ kernels."""
     out = [pytest.param("cpu", "cpu", id="cpu", marks=pytest.mark.cputier)]
+    if cpu_torch:
+        out.append(pytest.param("cpu", "cpu", id="cpu-torch", marks=pytest.mark.cputier))
     marks = [pytest.mark.interp]
     if not (torch.cuda.is_available() or interpreter_active()):
         marks.append(pytest.mark.skip(reason="no CUDA and TRITON_INTERPRET was set to something other than 1"))
@@ -35,6 +39,18 @@ def _reset_backend():
     mmkernels.set_backend(None)
     yield
     mmkernels.set_backend(None)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_impl(request):
+    """Tests parametrized with :func:`backends`'s ``cpu-torch`` id run the vectorised-torch CPU
+    path; every other test runs the default (the C++ kernels when they load)."""
+    from mmkernels import _cpp
+
+    callspec = getattr(request.node, "callspec", None)
+    impl = "torch" if callspec is not None and "cpu-torch" in callspec.id else "auto"
+    with _cpp.use_cpu_impl(impl):
+        yield
 
 
 _COMPILED = {}

@@ -12,6 +12,7 @@ from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
 from .reference import route_ref
+from tests.conftest import backends
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_cpp = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on this machine: the fallback is tested below")
@@ -114,3 +115,9 @@ def test_use_cpu_impl_checks_its_argument():
     with pytest.raises(ValueError, match="impl must be one of"):
         with _cpp.use_cpu_impl("fast"):
             pass
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backends(cpu_torch=True) if p.values[0] == "cpu"])
+def test_the_cpu_torch_param_selects_the_fallback(request, backend, device):
+    want = "torch" if "cpu-torch" in request.node.callspec.id else "auto"
+    assert _cpp._state["impl"] == want

@@ -324,7 +324,7 @@ TRITON_CASES = [
 
 def matrix(cases_by_backend):
     out = []
-    for b in backends():
+    for b in backends(cpu_torch=True):
         name, device = b.values
         for case in cases_by_backend[name]:
             out.append(pytest.param(name, device, case, id=f"{b.id}-{case.id}", marks=b.marks))
@@ -369,7 +369,7 @@ def _small(device, T=5, H=24, I=40, E=4, k=2, dtype=torch.float32, seed=0):
     return x, gu, dn, b1, b2, logits
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_dropped_tokens_get_nothing(backend, device, poison_outputs):
     """Every token prefers expert 2, capacity 1 (k = 1): token 0 keeps it, the others are dropped:
     their output rows and input gradients are exactly zero; only expert 2 gets weight gradients."""
@@ -389,7 +389,7 @@ def test_dropped_tokens_get_nothing(backend, device, poison_outputs):
         assert not others.any() and leaf.grad[2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_no_tokens(backend, device, poison_outputs):
     """T = 0 gives a (0, H) output that is part of the graph (an empty shard of a batch still
     back-propagates: the parameters get zero or no gradients, not an error)."""
@@ -405,7 +405,7 @@ def test_no_tokens(backend, device, poison_outputs):
         assert leaf.grad is None or not leaf.grad.any()
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_partial_requires_grad_and_no_grad(backend, device):
     """Only some inputs requiring grad get the same gradients as with all of them; under no_grad
     the output is the same and nothing is recorded."""
@@ -465,7 +465,7 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(g, (args[0], args[1], w, args[5])), activation
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_swiglu_oai_clamps(backend, device):
     """gpt-oss's clamps take effect (gate above limit, up outside ±limit): the output differs from
     the unclamped SwiGLU and matches the reference; alpha and limit are honoured."""
@@ -480,7 +480,7 @@ def test_swiglu_oai_clamps(backend, device):
     assert not torch.allclose(out, loose)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_transposed_view_equals_contiguous(backend, device):
     """gpt-oss's (E, H, 2I) / (E, I, H) parameters as .transpose(1, 2) views give exactly what their
     contiguous (E, 2I, H) / (E, H, I) copies give, in the forward and the gradients."""
@@ -520,7 +520,7 @@ def _hf_mixtral(H, I, E, k):
     return MixtralExperts(cfg)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("model", ["gpt-oss", "mixtral"])
 def test_matches_transformers(model, backend, device):
     """moe.experts on the parameters of transformers' GptOssExperts / MixtralExperts (passed as
@@ -632,14 +632,14 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("call,exc,match", [pytest.param(*p[1:], id=p[0]) for p in BAD_INPUT])
 def test_bad_input(call, exc, match, backend, device):
     with mmkernels.use_backend(backend), pytest.raises(exc, match=match):
         call(device)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_routing_of_other_device(backend, device):
     """A Routing made on another device than hidden_states' (meta tensors standing for it)."""
     x, gu, dn, _, _, logits = _small("cpu")
@@ -650,7 +650,7 @@ def test_routing_of_other_device(backend, device):
         moe.experts(x, meta, gu, dn)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("block_m", [1, 2, 8])
 def test_small_block_m(block_m, backend, device):
     """A routing with tiles smaller than one tl.dot tile either runs correctly or is refused with a

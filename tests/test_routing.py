@@ -225,9 +225,9 @@ TRITON_CASES += DTYPE_LAYOUT_CASES + LARGE_CASES
 
 
 def matrix(cases_by_backend):
-    """pytest params (backend, device, case) with the backend's marks from conftest.backends()."""
+    """pytest params (backend, device, case) with the backend's marks from conftest.backends(cpu_torch=True)."""
     out = []
-    for b in backends():
+    for b in backends(cpu_torch=True):
         name, device = b.values
         for case in cases_by_backend[name]:
             out.append(pytest.param(name, device, case, id=f"{b.id}-{case.id}", marks=b.marks))
@@ -362,7 +362,7 @@ def test_triton_matrix_covers_every_axis():
 # specific behaviours
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_all_tokens_prefer_one_expert_with_capacity(backend, device, poison_outputs):
     """Expert 3 is everyone's first choice: it keeps the first `capacity` tokens, the rest drop; the
     experts nobody chose get no rows and no tiles."""
@@ -383,7 +383,7 @@ def test_all_tokens_prefer_one_expert_with_capacity(backend, device, poison_outp
     mt.assert_close(r.weights, torch.ones(T, k, dtype=torch.float64), backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_ties_go_to_the_lower_expert(backend, device):
     """All-equal rows choose experts 0..k-1 in order, whatever the scoring; tied groups too."""
     logits = torch.zeros(3, 8, device=device)
@@ -399,7 +399,7 @@ def test_ties_go_to_the_lower_expert(backend, device):
         assert r.expert_ids.cpu().tolist() == [[3, 2]] * 3
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_selection_bias_changes_only_the_selection(backend, device):
     """The biased selection's weights are those of the same experts given explicitly without bias,
     and the bias gets no gradient."""
@@ -417,7 +417,7 @@ def test_selection_bias_changes_only_the_selection(backend, device):
     assert bias.grad is None or not bool(bias.grad.any()), "the selection bias got a gradient"
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_softmax_after_topk_is_renormalised_softmax(backend, device):
     """gpt-oss's softmax over the top-k logits == Mixtral's renormalised top-k probabilities."""
     logits = torch.randn(9, 12, generator=torch.Generator().manual_seed(3)).to(device)
@@ -442,7 +442,7 @@ def _strided_arguments():
     ]
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("name,kwargs", _strided_arguments(), ids=[n for n, _ in _strided_arguments()])
 def test_strided_tensor_arguments(name, kwargs, backend, device, poison_outputs):
     """selection_bias and expert_ids of any strides give what their contiguous copies give."""
@@ -478,7 +478,7 @@ NAN_SHAPES = [(8, 2), (8, 8), (61, 6)]
 
 def _nan_params():
     out = []
-    for b in backends():
+    for b in backends(cpu_torch=True):
         name, device = b.values
         styles = STYLES if name == "cpu" else ("mixtral", "deepseek", "capacity-tight", "given-ids")
         shapes = NAN_SHAPES if name == "cpu" else NAN_SHAPES[:2]
@@ -526,7 +526,7 @@ def test_nan_keys_rank_below_everything(backend, device, style, E, k):
     check_against_reference(r, ref, backend, logits, rows=CLEAN_ROWS)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_nan_ranks_below_minus_inf_minimal(backend, device):
     """The smallest case: logits [0.5, NaN, -inf, 1.0], k = E = 4 -> [3, 0, 2, 1] (NaN last)."""
     x = torch.tensor([[0.5, float("nan"), float("-inf"), 1.0]], device=device)
@@ -548,7 +548,7 @@ GRADCHECK_STYLES = {
 }
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("style", list(GRADCHECK_STYLES))
 def test_gradcheck_float64(style, backend, device):
     gen = torch.Generator().manual_seed(11)
@@ -650,7 +650,7 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("call,exc,match", [pytest.param(*p[1:], id=p[0]) for p in BAD_INPUT])
 def test_bad_input(call, exc, match, backend, device):
     with mmkernels.use_backend(backend), pytest.raises(exc, match=match):
@@ -661,7 +661,7 @@ def test_bad_input(call, exc, match, backend, device):
 # balancing losses and the aux-loss-free bias update
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("layers,masked", [(1, False), (3, False), (3, True)], ids=["1-layer", "3-layers", "3-masked"])
 def test_load_balancing_loss(layers, masked, backend, device):
     """Value and gradient against the reference, for a tuple of layers (and a bare tensor as one layer)."""
@@ -687,7 +687,7 @@ def test_load_balancing_loss_none_is_zero():
     assert float(moe.load_balancing_loss(None, 8)) == 0.0
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_router_z_loss(dtype, backend, device):
     logits = (torch.randn(13, 7, generator=torch.Generator().manual_seed(4)) * 3).to(device, dtype).requires_grad_()
