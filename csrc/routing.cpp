@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -88,37 +89,39 @@ Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capa
   return {counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts, num_tiles};
 }
 
-// The k largest keys of each row, best first, ties to the lower index, NaN after -inf: the ids
-// of ops/routing.py::_best_first's first k columns (the torch path gets them from torch.topk plus
-// a stable re-sort of the tied rows). One insertion pass per row, rows in parallel.
+// The k best columns of each row — allowed columns first, then numbers before NaN, then by
+// descending key, ties to the lower index: the ids of ops/routing.py::_best_first's first k
+// columns (the torch path gets them from torch.topk plus a stable re-sort of the tied rows). One
+// insertion pass per row, rows in parallel. A column's class is 2·(not allowed) + (NaN).
 template <typename scalar_t>
-static inline bool better(scalar_t v, bool v_nan, scalar_t b, bool b_nan) {
-  if (v_nan != b_nan) return b_nan;  // any number beats NaN
-  return !v_nan && v > b;            // strictly: equal keys keep the earlier (lower) index first
+static inline bool better(scalar_t v, uint8_t v_cls, scalar_t b, uint8_t b_cls) {
+  if (v_cls != b_cls) return v_cls < b_cls;
+  return !(v_cls & 1) && v > b;  // strictly: equal keys (and NaNs) keep the earlier index first
 }
 
 template <typename scalar_t>
-static void top_k_rows(const scalar_t* key, int64_t T, int64_t E, int64_t k, int64_t* out) {
+static void top_k_rows(const scalar_t* key, const bool* allowed, int64_t T, int64_t E, int64_t k, int64_t* out) {
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     std::vector<scalar_t> best(k);
-    std::vector<uint8_t> best_nan(k);  // (not vector<bool>: its bit proxies cost ~10x here)
+    std::vector<uint8_t> best_cls(k);
     std::vector<int64_t> idx(k);
     for (int64_t t = t0; t < t1; ++t) {
       const scalar_t* row = key + t * E;
+      const bool* ok = allowed ? allowed + t * E : nullptr;
       int64_t filled = 0;
       for (int64_t j = 0; j < E; ++j) {
         const scalar_t v = row[j];
-        const bool v_nan = std::isnan(v);
-        if (filled == k && !better(v, v_nan, best[k - 1], best_nan[k - 1] != 0)) continue;
+        const uint8_t cls = static_cast<uint8_t>((ok && !ok[j] ? 2 : 0) + (std::isnan(v) ? 1 : 0));
+        if (filled == k && !better(v, cls, best[k - 1], best_cls[k - 1])) continue;
         int64_t pos = filled < k ? filled : k - 1;
-        while (pos > 0 && better(v, v_nan, best[pos - 1], best_nan[pos - 1] != 0)) {
+        while (pos > 0 && better(v, cls, best[pos - 1], best_cls[pos - 1])) {
           best[pos] = best[pos - 1];
-          best_nan[pos] = best_nan[pos - 1];
+          best_cls[pos] = best_cls[pos - 1];
           idx[pos] = idx[pos - 1];
           --pos;
         }
         best[pos] = v;
-        best_nan[pos] = v_nan;
+        best_cls[pos] = cls;
         idx[pos] = j;
         if (filled < k) ++filled;
       }
@@ -127,17 +130,24 @@ static void top_k_rows(const scalar_t* key, int64_t T, int64_t E, int64_t k, int
   });
 }
 
-at::Tensor top_k_ids(const at::Tensor& key, int64_t k) {
+at::Tensor top_k_ids(const at::Tensor& key, int64_t k, const std::optional<at::Tensor>& allowed) {
   TORCH_CHECK(key.dim() == 2, "top_k_ids: key must be (T, E), got ", key.dim(), " dims");
   TORCH_CHECK(key.device().is_cpu(), "top_k_ids: key must be on the CPU");
   TORCH_CHECK(key.scalar_type() == at::kFloat || key.scalar_type() == at::kDouble,
               "top_k_ids: key must be float32 or float64, got ", key.scalar_type());
   const int64_t T = key.size(0), E = key.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "top_k_ids: k must be in [1, E=", E, "], got ", k);
+  at::Tensor mask;
+  if (allowed.has_value()) {
+    mask = allowed->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == key.sizes() && mask.device().is_cpu(),
+                "top_k_ids: allowed must be a CPU bool tensor of key's shape");
+  }
   const at::Tensor c = key.contiguous();
   at::Tensor out = at::empty({T, k}, at::TensorOptions().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "top_k_ids", [&] {
-    top_k_rows<scalar_t>(c.data_ptr<scalar_t>(), T, E, k, out.data_ptr<int64_t>());
+    top_k_rows<scalar_t>(c.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr, T, E, k,
+                         out.data_ptr<int64_t>());
   });
   return out;
 }
@@ -145,7 +155,7 @@ at::Tensor top_k_ids(const at::Tensor& key, int64_t k) {
 }  // namespace mmkernels
 
 TORCH_LIBRARY(mmkernels_cpu, m) {
-  m.def("top_k_ids(Tensor key, int k) -> Tensor");
+  m.def("top_k_ids(Tensor key, int k, Tensor? allowed=None) -> Tensor");
   m.def(
       "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -55,6 +55,8 @@ def test_top_k_ids_equals_the_stable_order(T, E, k, dtype):
     got = _cpp.ops().top_k_ids(key, k)
     want = R._best_first(key)[:, :k]
     assert got.dtype == torch.int64 and torch.equal(got, want)
+    allowed = torch.rand(T, E, generator=gen) < 0.5  # DeepSeek's group mask: disallowed columns last
+    assert torch.equal(_cpp.ops().top_k_ids(key, k, allowed), R._best_first(key, allowed)[:, :k])
 
 
 @needs_cpp

@@ -683,6 +683,7 @@ class RoutingBench:
             fwd_base["compile"] = compiled(
                 lambda *ts: _torch_route(ts[0], k, case.op, case.params, ts[1] if len(ts) > 1 else None, "scatter"),
                 names)
+        _cpp_baselines(case, fwd_base, fb_base, ours, fb.ours)
         return [fwd, fb]
 
     @staticmethod
@@ -763,6 +764,28 @@ def _torch_grouped_mm_experts(x: torch.Tensor, logits: torch.Tensor, gate_up: to
     y = torch._grouped_mm(a, down.transpose(-2, -1), offs=offs)
     y = y * w.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
     return torch.zeros_like(x).index_add(0, tok, y)
+
+
+def _on_torch_path(fn: Callable) -> Callable:
+    """``fn`` with the CPU ops on their vectorised-torch path (the C++ kernels of csrc/ off): the
+    ``torch_path`` baseline of the CPU cases, so the main job shows what the C++ kernels buy."""
+    from mmkernels import _cpp
+
+    def call(i):
+        with _cpp.use_cpu_impl("torch"):
+            return fn(i)
+    return call
+
+
+def _cpp_baselines(case: Case, fwd: Dict[str, Callable], fb: Dict[str, Callable], ours_fwd: Callable,
+                   ours_fb: Callable) -> None:
+    """Add ``torch_path`` (ours on the vectorised-torch CPU path) to a CPU case's baselines when
+    the C++ kernels are active."""
+    from mmkernels import _cpp
+
+    if "gpu" not in case.tags and _cpp.load():
+        fwd["torch_path"] = _on_torch_path(ours_fwd)
+        fb["torch_path"] = _on_torch_path(ours_fb)
 
 
 class ExpertsBench:
@@ -868,6 +891,7 @@ class ExpertsBench:
             loop = lambda i: _torch_experts(i["x"], i["logits"], i["gate_up"], i["down"], k)  # noqa: E731
             fwd.baselines["eager"] = loop
             fwd_bwd.baselines["eager"] = fb(loop)
+        _cpp_baselines(case, fwd.baselines, fwd_bwd.baselines, ours_fwd, fwd_bwd.ours)
         return [fwd, fwd_bwd]
 
     @staticmethod

@@ -418,10 +418,9 @@ def _top_k(key: torch.Tensor, k: int, allowed: Optional[torch.Tensor] = None) ->
     keys is unspecified), and the full stable sort only for the rows where a tie could matter (a
     repeated value among the chosen, or the k-th value also outside them). On CPU tensors the
     check's host read costs nothing."""
-    cpp = _cpp.ops() if allowed is None and key.device.type == "cpu" and key.dtype in (torch.float32,
-                                                                                       torch.float64) else None
+    cpp = _cpp.ops() if key.device.type == "cpu" and key.dtype in (torch.float32, torch.float64) else None
     if cpp is not None:  # csrc/routing.cpp: one insertion pass per row, the same order
-        return cpp.top_k_ids(key, k)
+        return cpp.top_k_ids(key, k, allowed)
     clean = torch.where(torch.isnan(key), float("-inf"), key)
     if allowed is not None:
         clean = torch.where(allowed, clean, float("-inf"))
