@@ -689,7 +689,10 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
 
     Args:
         hidden_states: ``(T, H)`` float16 / bfloat16 / float32 / float64.
-        routing: from :func:`mmkernels.moe.route` on the same ``T`` tokens (``E`` experts, ``k``).
+        routing: from :func:`mmkernels.moe.route` on the same ``T`` tokens (``E`` experts, ``k``);
+            its ``block_m`` is the grouped GEMMs' tile height on the GPU — pass
+            ``block_m=moe.suggest_block_m(T, E, k)`` to ``route`` (128 rows at large T, 16 at
+            decode; what ``nn.MoE`` and the transformers integration do).
         gate_up_proj: ``(E, 2I, H)``, same dtype: the gate rows ``0 .. I`` then the up rows
             (transformers' layout); ``interleaved=True``: gate and up rows alternate (gpt-oss; pass
             its ``(E, H, 2I)`` parameter as ``.transpose(1, 2)``, a view).
@@ -709,17 +712,22 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     Backward: gradients for ``hidden_states``, both projections, both biases and the routing
     weights. Saved from the forward: the first GEMM's output ``h`` (rows × 2I, pre-activation) and
     the activation ``act(gate)·up`` (rows × I), in the storage dtype on the Triton path (float32 on
-    the CPU path); recomputed: the gathers of the input and gradient rows, the expert outputs (the routing weights' gradient is
-    ``Σ_i (dout·down_e)_i · act_i (+ dout·b2_e)``). Rows are the kept slots in expert order (T·k at
-    most). The weight gradients are reduced over each expert's rows by one program per output
-    tile (no atomics); the combines over k run in a fixed order (deterministic).
+    the CPU path); recomputed: the gathers of the input and gradient rows, the expert outputs (the
+    routing weights' gradient is ``Σ_i (dout·down_e)_i · act_i (+ dout·b2_e)``). Rows are the kept
+    slots in expert order (T·k at most). The weight gradients are reduced over each expert's rows
+    by one program per output tile (no atomics); the combines over k run in a fixed order
+    (deterministic). Transient in the backward on CUDA: ``d h`` (rows × 2I), and x's rows and
+    ``w·dout``'s rows copied into expert order (rows × H each) for the weight gradients.
 
-    On CUDA: seven Triton kernels (two forward GEMMs and a combine; an activation-gradient GEMM,
-    a dx GEMM and its combine, two weight-gradient GEMMs, the weights' reduction); fp32 runs its
-    dots in IEEE fp32 (no TF32), 16-bit storage on tensor cores. On CPU: a loop of matrix products
-    over the experts.
+    On CUDA: Triton kernels — forward: two grouped GEMMs (the first gathers its rows through the
+    routing, no permuted copy of x) and a combine; backward: an activation-gradient GEMM, a dx
+    GEMM and its combine, the row gathers, two weight-gradient GEMMs and the weights' reduction.
+    fp32 runs its dots in IEEE fp32 (no TF32), 16-bit storage on tensor cores. On CPU: a loop of
+    matrix products over the experts in one scratch allocation.
 
     Example:
+        >>> import torch
+        >>> from mmkernels import moe
         >>> r = moe.route(torch.randn(6, 4), 2)
         >>> out = moe.experts(torch.randn(6, 8), r, torch.randn(4, 2 * 16, 8), torch.randn(4, 8, 16))
         >>> out.shape
