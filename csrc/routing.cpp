@@ -99,15 +99,63 @@ static inline bool better(scalar_t v, uint8_t v_cls, scalar_t b, uint8_t b_cls) 
   return !(v_cls & 1) && v > b;  // strictly: equal keys (and NaNs) keep the earlier index first
 }
 
+// Fast path of a row without mask or NaN: the k largest are among the columns at or above the
+// smallest of the maxima of k column groups (those k maxima are k distinct columns), usually a
+// few more than k; they are gathered without branches and inserted in column order. Returns
+// false (nothing written) when the row has a NaN: the caller's full pass handles it.
+template <typename scalar_t>
+static bool top_k_of_candidates(const scalar_t* row, int64_t E, int64_t k, scalar_t* best, int64_t* idx,
+                                int64_t* cand) {
+  const int64_t g = E / k;
+  scalar_t bound = std::numeric_limits<scalar_t>::infinity();
+  bool nan = false;
+  for (int64_t q = 0; q < k; ++q) {
+    const int64_t lo = q * g, hi = q == k - 1 ? E : lo + g;
+    scalar_t m = row[lo];
+    for (int64_t j = lo; j < hi; ++j) {
+      nan |= row[j] != row[j];
+      m = row[j] > m ? row[j] : m;
+    }
+    bound = m < bound ? m : bound;
+  }
+  if (nan) return false;
+  int64_t n = 0;
+  for (int64_t j = 0; j < E; ++j) {
+    cand[n] = j;
+    n += row[j] >= bound;
+  }
+  int64_t filled = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t j = cand[c];
+    const scalar_t v = row[j];
+    if (filled == k && !(v > best[k - 1])) continue;  // ties keep the earlier column
+    int64_t pos = filled < k ? filled : k - 1;
+    while (pos > 0 && v > best[pos - 1]) {
+      best[pos] = best[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    idx[pos] = j;
+    if (filled < k) ++filled;
+  }
+  return true;
+}
+
 template <typename scalar_t>
 static void top_k_rows(const scalar_t* key, const bool* allowed, int64_t T, int64_t E, int64_t k, int64_t* out) {
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     std::vector<scalar_t> best(k);
     std::vector<uint8_t> best_cls(k);
     std::vector<int64_t> idx(k);
+    std::vector<int64_t> cand(E);
     for (int64_t t = t0; t < t1; ++t) {
       const scalar_t* row = key + t * E;
       const bool* ok = allowed ? allowed + t * E : nullptr;
+      if (!ok && E >= 2 * k && top_k_of_candidates(row, E, k, best.data(), idx.data(), cand.data())) {
+        std::copy(idx.begin(), idx.end(), out + t * k);
+        continue;
+      }
       int64_t filled = 0;
       for (int64_t j = 0; j < E; ++j) {
         const scalar_t v = row[j];
