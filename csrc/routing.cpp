@@ -200,9 +200,52 @@ at::Tensor top_k_ids(const at::Tensor& key, int64_t k, const std::optional<at::T
   return out;
 }
 
+// Mixtral / Qwen-style router in one call: the top-k ids of the logits (as top_k_ids) and their
+// softmax weights — over the k chosen logits (renormalize) or over the whole row, gathered —
+// times routed_scaling; in double, rounded once to the logits' dtype. NaN anywhere the softmax
+// reads makes those weights NaN, as torch.softmax does.
+std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, int64_t k, bool renormalize,
+                                                      double routed_scaling) {
+  at::Tensor ids = top_k_ids(logits, k, std::nullopt);
+  const at::Tensor c = logits.contiguous();
+  const int64_t T = c.size(0), E = c.size(1);
+  at::Tensor weights = at::empty({T, k}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "route_softmax_topk", [&] {
+    const scalar_t* l = c.data_ptr<scalar_t>();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    scalar_t* w = weights.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* row = l + t * E;
+        const int64_t* sel = id + t * k;
+        double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+        if (renormalize) {
+          for (int64_t i = 0; i < k; ++i) m = std::max(m, static_cast<double>(row[sel[i]]));
+          for (int64_t i = 0; i < k; ++i) s += std::exp(static_cast<double>(row[sel[i]]) - m);
+        } else {
+          bool nan = false;
+          for (int64_t j = 0; j < E; ++j) {
+            nan |= std::isnan(row[j]);
+            m = std::max(m, static_cast<double>(row[j]));
+          }
+          for (int64_t j = 0; j < E; ++j) s += std::exp(static_cast<double>(row[j]) - m);
+          if (nan) s = std::numeric_limits<double>::quiet_NaN();
+        }
+        for (int64_t i = 0; i < k; ++i) {
+          const double v = static_cast<double>(row[sel[i]]);
+          const double e = std::isnan(v) ? v : std::exp(v - m);
+          w[t * k + i] = static_cast<scalar_t>(e / s * routed_scaling);
+        }
+      }
+    });
+  });
+  return {weights, ids};
+}
+
 }  // namespace mmkernels
 
 TORCH_LIBRARY(mmkernels_cpu, m) {
+  m.def("route_softmax_topk(Tensor logits, int k, bool renormalize, float routed_scaling) -> (Tensor, Tensor)");
   m.def("top_k_ids(Tensor key, int k, Tensor? allowed=None) -> Tensor");
   m.def(
       "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
@@ -212,4 +255,5 @@ TORCH_LIBRARY(mmkernels_cpu, m) {
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {
   m.impl("route_metadata", &mmkernels::route_metadata);
   m.impl("top_k_ids", &mmkernels::top_k_ids);
+  m.impl("route_softmax_topk", &mmkernels::route_softmax_topk);
 }

@@ -498,9 +498,12 @@ def _metadata(ids: torch.Tensor, E: int, cap: int, block_m: int):
 
 def _cpu_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
     l = logits.to(_weights_dtype(logits.dtype))
-    ids = ids_in.long() if ids_in is not None else _cpu_select(l, bias, spec)
-    weights = _cpu_weights(l, ids, spec)
-    cpp = _cpp.ops()  # the C++ counting sort (csrc/routing.cpp) when built, else argsort in torch
+    cpp = _cpp.ops()  # csrc/routing.cpp when built: one-pass router, counting sort; else torch
+    if cpp is not None and ids_in is None and not spec.key_on_scores and not spec.sigmoid:
+        weights, ids = cpp.route_softmax_topk(l, spec.top_k, spec.renormalize, float(spec.routed_scaling))
+    else:
+        ids = ids_in.long() if ids_in is not None else _cpu_select(l, bias, spec)
+        weights = _cpu_weights(l, ids, spec)
     meta = (tuple(cpp.route_metadata(ids, logits.shape[1], cap, block_m)) if cpp is not None
             else _metadata(ids, logits.shape[1], cap, block_m))
     return (weights, ids.to(torch.int32)) + meta
