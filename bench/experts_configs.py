@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, metavar="NAME", help="only this shape (qwen3, mixtral, olmoe)")
     p.add_argument("--max-s", type=float, default=240.0, help="stop starting new measurements after this long")
     p.add_argument("--block-m", type=int, action="append", default=None, help="routing tile heights (64, 128)")
+    p.add_argument("--tokens", type=int, default=None, help="T (default 16384; 64 for decode)")
     args = p.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     shapes = {"tiny": (48, 40, 4, 2)} if args.dry_run else dict(SHAPES)
     if args.only:
         shapes = {args.only: shapes[args.only]}
-    T = 64 if args.dry_run else 16384
+    T = args.tokens or (64 if args.dry_run else 16384)
     block_ms = (16, 32) if args.dry_run else tuple(args.block_m or (64, 128))
 
     if args.dry_run:
