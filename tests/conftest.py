@@ -34,6 +34,17 @@ def backends(cpu_torch: bool = False):
     return out
 
 
+def backend_matrix(cases_by_backend, cpu_torch: bool = True):
+    """pytest params ``(backend, device, case)``: each of :func:`backends` (``cpu_torch``: the CPU
+    backend on both implementations) with the cases listed for its backend name, and its marks."""
+    out = []
+    for b in backends(cpu_torch=cpu_torch):
+        name, device = b.values
+        for case in cases_by_backend[name]:
+            out.append(pytest.param(name, device, case, id=f"{b.id}-{case.id}", marks=b.marks))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _reset_backend():
     mmkernels.set_backend(None)

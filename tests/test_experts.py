@@ -20,7 +20,7 @@ import torch
 import mmkernels
 from mmkernels import moe
 from mmkernels import testing as mt
-from tests.conftest import backends
+from tests.conftest import backend_matrix, backends
 from tests.reference import experts_ref, route_ref, routing_grad_magnitude_ref
 
 
@@ -322,16 +322,7 @@ TRITON_CASES = [
 ]
 
 
-def matrix(cases_by_backend):
-    out = []
-    for b in backends(cpu_torch=True):
-        name, device = b.values
-        for case in cases_by_backend[name]:
-            out.append(pytest.param(name, device, case, id=f"{b.id}-{case.id}", marks=b.marks))
-    return out
-
-
-@pytest.mark.parametrize("backend,device,case", matrix({"cpu": CPU_CASES, "triton": TRITON_CASES}))
+@pytest.mark.parametrize("backend,device,case", backend_matrix({"cpu": CPU_CASES, "triton": TRITON_CASES}))
 def test_experts_against_reference(backend, device, case, poison_outputs):
     """Forward and every gradient against the float64 per-token loop; the inputs are not mutated."""
     check_case(case, backend, device)

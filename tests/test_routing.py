@@ -22,7 +22,7 @@ import mmkernels
 from mmkernels import moe
 from mmkernels import testing as mt
 from mmkernels.testing.registry import laid_out
-from tests.conftest import backends
+from tests.conftest import backend_matrix, backends
 from tests.reference import (load_balancing_loss_ref, route_ref, router_z_loss_ref, routing_grad_magnitude_ref,
                              routing_keys_ref, routing_weights_ref)
 
@@ -224,16 +224,6 @@ CPU_CASES += DTYPE_LAYOUT_CASES + LARGE_CASES
 TRITON_CASES += DTYPE_LAYOUT_CASES + LARGE_CASES
 
 
-def matrix(cases_by_backend):
-    """pytest params (backend, device, case) with the backend's marks from conftest.backends(cpu_torch=True)."""
-    out = []
-    for b in backends(cpu_torch=True):
-        name, device = b.values
-        for case in cases_by_backend[name]:
-            out.append(pytest.param(name, device, case, id=f"{b.id}-{case.id}", marks=b.marks))
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # checks
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +312,7 @@ def _weight_kwargs(kwargs):
 # forward and backward against the reference
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device,case", matrix({"cpu": CPU_CASES, "triton": TRITON_CASES}))
+@pytest.mark.parametrize("backend,device,case", backend_matrix({"cpu": CPU_CASES, "triton": TRITON_CASES}))
 def test_route_against_reference(backend, device, case, poison_outputs):
     """Every output against the float64 reference (integers exactly), the invariants, and the
     gradient w.r.t. the logits, in one test; the logits are not mutated."""
