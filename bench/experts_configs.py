@@ -28,13 +28,14 @@ import time
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2), "olmoe": (2048, 1024, 64, 8)}
 
 #: Which launch is which role, and the buffer it writes.
-OUTPUT = {"up": "a_ptr", "down": "y_ptr", "dact": "dh_ptr", "dx": "dxs_ptr", "dgate_up": "grad_ptr", "ddown": "grad_ptr"}
+OUTPUT = {"up": "a_ptr", "down": "out_ptr", "dact": "dh_ptr", "dx": "out_ptr", "dgate_up": "grad_ptr", "ddown": "grad_ptr"}
 
 
 def role_of(name: str, kw: dict, I: int):
     """The role (ops.experts.KERNELS) of a recorded launch; None for the non-GEMM kernels."""
-    return {"experts_up_kernel": "up", "experts_down_kernel": "down", "experts_dact_kernel": "dact",
-            "experts_dx_kernel": "dx"}.get(name) or (
+    if name == "experts_rows_kernel":
+        return "down" if kw["WEIGHTED"] else "dx"
+    return {"experts_up_kernel": "up", "experts_dact_kernel": "dact"}.get(name) or (
         ("dgate_up" if kw["M"] == 2 * I else "ddown") if name == "experts_dweight_kernel" else None)
 
 
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
         def bench(fn):
             return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
-    kernels = ["experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
-               "experts_dx_kernel", "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel"]
+    kernels = ["experts_up_kernel", "experts_rows_kernel", "experts_combine_kernel", "experts_dact_kernel",
+               "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel"]
 
     @contextlib.contextmanager
     def recording(calls):

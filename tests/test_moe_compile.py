@@ -13,9 +13,9 @@ COMPILE_TARGETS = (80, 90)
 KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "route_bwd_kernel")
 
 
-EXPERT_KERNELS = ("experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
-                  "experts_dx_kernel", "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
-EXPERT_GEMMS = ("experts_up_kernel", "experts_down_kernel", "experts_dact_kernel", "experts_dx_kernel",
+EXPERT_KERNELS = ("experts_up_kernel", "experts_rows_kernel", "experts_combine_kernel", "experts_dact_kernel",
+                  "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
+EXPERT_GEMMS = ("experts_up_kernel", "experts_rows_kernel", "experts_dact_kernel",
                 "experts_dweight_kernel")
 
 

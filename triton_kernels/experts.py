@@ -11,7 +11,7 @@ Forward, for expert ``e`` on its rows (``x_r`` = the row's token):
 1. ``experts_up_kernel``: ``h = x_r · gate_up_eᵀ (+ b1_e)``; the epilogue writes the pre-activation
    ``h`` (rows × 2I, gate columns then up columns; kept for the backward) and
    ``a = act(gate) · up`` (rows × I);
-2. ``experts_down_kernel``: ``y = w_r · (a · down_eᵀ (+ b2_e))`` — the routing weight in the
+2. ``experts_rows_kernel``: ``y = w_r · (a · down_eᵀ (+ b2_e))`` — the routing weight in the
    epilogue (rows × H);
 3. ``experts_combine_kernel``: ``out[t] = Σ_j y[row(t, j)]`` in the fixed order j = 0 .. k-1 over
    the kept slots: deterministic, no atomics.
@@ -21,7 +21,7 @@ Backward (``dout`` the incoming gradient):
 4. ``experts_dact_kernel``: ``g = dout_r · down_e`` (rows × I); epilogue: the row's partial
    ``Σ_i g·a`` (for the routing weight's gradient) per column block, and
    ``dh = (d gate, d up)`` of ``act(gate)·up`` for ``w_r · g``, in gate_up's row order;
-5. ``experts_dx_kernel``: ``dx_r = dh · gate_up_e`` (rows × H), then the combine kernel sums the
+5. ``experts_rows_kernel`` again: ``dx_r = dh · gate_up_e`` (rows × H), then the combine kernel sums the
    rows of each token;
 6. ``experts_dweight_kernel``: per expert, ``d gate_up_e = dhᵀ · x_rows`` and
    ``d down_e = (w·dout)ᵀ · a`` with the expert's rows as the reduction — one program per output
@@ -185,39 +185,46 @@ def experts_up_kernel(
 
 
 @triton.jit
-def experts_down_kernel(
-    a_ptr, d_ptr, b2_ptr, w_ptr, y_ptr,
+def experts_rows_kernel(
+    a_ptr, wm_ptr, b_ptr, w_ptr, out_ptr,
     tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-    H, I, K,
-    s_de, s_dh, s_di, s_wt, s_wj,
+    N, KD, K,
+    s_me, s_mn, s_mk, s_wt, s_wj,
     NUM_TILES, NUM_COLS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Grouped GEMM 2 on (tile, column block ``col``) of program ``program_id(0)``, columns
-    ``col·BLOCK_N`` of H:
-    ``y = w_row · (a_rows · down_eᵀ (+ b2))``, ``w_row`` the row's routing weight."""
+    """A grouped GEMM over contiguous expert rows on (tile, column block ``col``) of program
+    ``program_id(0)``: ``out_rows = a_rows · M_eᵀ (+ b_e) (· w_row)``, ``a`` rows × KD, the
+    expert's matrix ``M_e[n, kd]`` at ``wm + e·s_me + n·s_mn + kd·s_mk``, columns ``col·BLOCK_N``
+    of N; ``WEIGHTED``: times the row's routing weight.
+
+    Forward GEMM 2: ``y = w_row · (a · down_eᵀ + b2_e)`` (M = down, N = H, KD = I). Backward:
+    ``dx_rows = dh · gate_up_e`` (M = gate_upᵀ by strides, N = H, KD = 2I: ``dh`` is in gate_up's
+    row order; the combine kernel then sums each token's rows)."""
     tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
     e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
                                                   tile, K, BLOCK_M)
     if e >= 0:
         n = col * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < H
+        nmask = n < N
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        d_base = d_ptr + e_ok * s_de
-        for k0 in range(0, I, BLOCK_K):
-            kmask = (k0 + kk) < I
-            a = tl.load(a_ptr + rows[:, None] * I + (k0 + kk)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(d_base + n[None, :] * s_dh + (k0 + kk)[:, None] * s_di,
+        m_base = wm_ptr + e_ok * s_me
+        for k0 in range(0, KD, BLOCK_K):
+            kmask = (k0 + kk) < KD
+            a = tl.load(a_ptr + rows[:, None] * KD + (k0 + kk)[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            b = tl.load(m_base + n[None, :] * s_mn + (k0 + kk)[:, None] * s_mk,
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc = _dot(a, b, acc, PRECISION, ACC, DOT_F32)
         if HAS_BIAS:
-            acc += tl.load(b2_ptr + e_ok * H + n, mask=nmask, other=0.0).to(ACC)[None, :]
-        w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
-        acc = acc * w[:, None]
-        tl.store(y_ptr + rows[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
+            acc += tl.load(b_ptr + e_ok * N + n, mask=nmask, other=0.0).to(ACC)[None, :]
+        if WEIGHTED:
+            w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
+            acc = acc * w[:, None]
+        tl.store(out_ptr + rows[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
 
@@ -294,39 +301,6 @@ def experts_dact_kernel(
             g_col, u_col = n, I + n
         tl.store(dh_ptr + rows[:, None] * (2 * I) + g_col[None, :], dg.to(dh_ptr.dtype.element_ty), mask=omask)
         tl.store(dh_ptr + rows[:, None] * (2 * I) + u_col[None, :], du.to(dh_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def experts_dx_kernel(
-    dh_ptr, gu_ptr, dxs_ptr,
-    tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-    H, I2, K,
-    s_ge, s_gn, s_gh,
-    NUM_TILES, NUM_COLS,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    """``dx_rows = dh_rows · gate_up_e`` on (tile, column block ``col``) of program ``program_id(0)``,
-    columns ``col·BLOCK_N`` of H, reduced over the ``I2 = 2I`` columns of ``dh`` (stored in
-    gate_up's row order, so one plain GEMM; rows × H; the combine kernel then sums each token's
-    rows)."""
-    tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
-    e, e_ok, rows, rmask, tok, _ = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-                                              tile, K, BLOCK_M)
-    if e >= 0:
-        n = col * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < H
-        kk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        w_base = gu_ptr + e_ok * s_ge
-        for k0 in range(0, I2, BLOCK_K):
-            c = k0 + kk
-            kmask = c < I2
-            a = tl.load(dh_ptr + rows[:, None] * I2 + c[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_base + c[:, None] * s_gn + n[None, :] * s_gh, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, PRECISION, ACC, DOT_F32)
-        tl.store(dxs_ptr + rows[:, None] * H + n[None, :], acc.to(dxs_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -420,9 +394,8 @@ def experts_dw_kernel(
 
 EXPECTATIONS = {
     "experts_up_kernel": {"local_memory": 0, "mma": "HGMMA"},
-    "experts_down_kernel": {"local_memory": 0, "mma": "HGMMA"},
+    "experts_rows_kernel": {"local_memory": 0, "mma": "HGMMA"},
     "experts_dact_kernel": {"local_memory": 0, "mma": "HGMMA"},
-    "experts_dx_kernel": {"local_memory": 0, "mma": "HGMMA"},
     "experts_dweight_kernel": {"local_memory": 0, "mma": "HGMMA"},
     "experts_combine_kernel": {"local_memory": 0},
     "experts_gather_kernel": {"local_memory": 0},

@@ -350,13 +350,13 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
         ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
     )
     c2 = resolve_config("down", routing.block_m, H, I, x.dtype, arch)
-    KX.experts_down_kernel[_grid(routing, H, c2)](
+    KX.experts_rows_kernel[_grid(routing, H, c2)](
         **_tile_args(routing, H, c2),
-        a_ptr=a, d_ptr=down, b2_ptr=b2 if b2 is not None else down, w_ptr=weights, y_ptr=y,
-        **tiles, H=H, I=I, K=k,
-        s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
+        a_ptr=a, wm_ptr=down, b_ptr=b2 if b2 is not None else down, w_ptr=weights, out_ptr=y,
+        **tiles, N=H, KD=I, K=k,
+        s_me=down.stride(0), s_mn=down.stride(1), s_mk=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
-        HAS_BIAS=b2 is not None, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
     )
     _combine(y, routing, out)
     return out, h, y, a
@@ -406,10 +406,12 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     if need[0]:
         c2 = resolve_config("dx", routing.block_m, H, 2 * I, x.dtype, arch)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
-        KX.experts_dx_kernel[_grid(routing, H, c2)](
+        KX.experts_rows_kernel[_grid(routing, H, c2)](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
             **_tile_args(routing, H, c2),
-            dh_ptr=dh, gu_ptr=gate_up, dxs_ptr=dxs, **tiles, H=H, I2=2 * I, K=k,
-            s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2), **common,
+            a_ptr=dh, wm_ptr=gate_up, b_ptr=gate_up, w_ptr=weights, out_ptr=dxs, **tiles, N=H, KD=2 * I, K=k,
+            s_me=gate_up.stride(0), s_mn=gate_up.stride(2), s_mk=gate_up.stride(1),
+            s_wt=weights.stride(0), s_wj=weights.stride(1),
+            HAS_BIAS=False, WEIGHTED=False, **common,
         )
         dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
     if need[1] or need[3]:  # d gate_up_e = dhᵀ · x_rows (2I x H)

@@ -620,8 +620,8 @@ def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
 
 
 _EXPERTS_MODULE = "mmkernels._triton.experts"
-_EXPERTS_KERNELS = ("experts_up_kernel", "experts_down_kernel", "experts_combine_kernel", "experts_dact_kernel",
-                    "experts_dx_kernel", "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
+_EXPERTS_KERNELS = ("experts_up_kernel", "experts_rows_kernel", "experts_combine_kernel", "experts_dact_kernel",
+                    "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
 
 
 def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
