@@ -11,7 +11,7 @@ import torch
 from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
-from .reference import route_ref
+from .reference import dispatch_ref, route_ref
 from tests.conftest import backends
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -30,15 +30,16 @@ def test_cpp_kernels_build_and_say_so():
 @pytest.mark.parametrize("T,E,k,cap,block_m", [(0, 4, 2, 2**31 - 1, 16), (1, 1, 1, 2**31 - 1, 1), (5, 4, 2, 2**31 - 1, 16),
                                                 (64, 7, 3, 2**31 - 1, 4), (64, 8, 2, 10, 16), (333, 16, 4, 0, 64),
                                                 (1000, 64, 8, 90, 32), (257, 3, 3, 2**31 - 1, 128)])
-def test_route_metadata_equals_the_torch_path(T, E, k, cap, block_m):
+def test_route_metadata_equals_the_reference_and_the_torch_path(T, E, k, cap, block_m):
     gen = torch.Generator().manual_seed(T * 31 + E)
+    assert _cpp.load(), _cpp.status()
     for ids in (torch.randint(0, E, (T, k), generator=gen), torch.zeros(T, k, dtype=torch.long)):  # + one expert gets all
-        want = R._metadata(ids, E, cap, block_m)
-        got = _cpp.ops() if _cpp.load() else None
-        assert got is not None
-        got = got.route_metadata(ids, E, cap, block_m)
-        for name, a, b in zip(FIELDS, got, want):
+        ref = dispatch_ref(ids, E, None if cap == 2**31 - 1 else cap, block_m)  # slot by slot, in Python
+        fallback = R._metadata(ids, E, cap, block_m)
+        got = _cpp.ops().route_metadata(ids, E, cap, block_m)
+        for name, a, b in zip(FIELDS, got, fallback):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+            assert torch.equal(a, ref[name].to(a.dtype)), name
 
 
 @needs_cpp
@@ -79,9 +80,9 @@ def test_route_on_both_cpu_impls_against_the_reference(kw):
     torch.testing.assert_close(out["cpp"].weights.double(), ref["weights"].detach(), rtol=1e-6, atol=1e-7)
 
 
+@needs_cpp
 def test_bad_ids_raise_in_cpp():
-    if not (HAVE_COMPILER and _cpp.load()):
-        pytest.skip("no C++ kernels here")
+    assert _cpp.load(), _cpp.status()  # a compiler is here: a failed build is a failure, not a skip
     with pytest.raises(RuntimeError, match="out of range"):
         _cpp.ops().route_metadata(torch.tensor([[0, 9]]), 4, 10, 16)
 
