@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops.routing import Routing
@@ -641,6 +641,45 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
 
 
 # ----------------------------------------------------------------------------------------------
+# CPU path in C++ (csrc/experts.cpp) when the kernels are built: experts shared among the threads
+# ----------------------------------------------------------------------------------------------
+
+def _need_bits(need) -> int:
+    """The C++ op's bit mask of the gradients to compute (:func:`_cpu_backward`'s ``need`` order)."""
+    return sum(1 << i for i, f in enumerate(need) if f)
+
+
+def _cpp_args(x, weights, gate_up, down, b1, b2):
+    """The tensors in the compute dtype (16-bit storage is cast: the C++ op computes in float32)."""
+    cd = _compute_dtype(x.dtype)
+    return [None if t is None else t.to(cd) for t in (x, weights, gate_up, down, b1, b2)]
+
+
+def _cpp_forward(cpp, x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec):
+    """:func:`_cpu_forward` in one C++ call: (out, h); the backward recomputes the activation."""
+    out, h = cpp.experts_forward(*_cpp_args(x, weights, gate_up, down, b1, b2), routing.sorted_slots,
+                                      routing.slot_rows, routing.offsets, routing.top_k, spec.activation,
+                                      spec.interleaved, spec.alpha, spec.limit)
+    return out.to(x.dtype), h
+
+
+def _cpp_backward(cpp, dout, x, weights, gate_up, down, b1, b2, routing: Routing, h, spec: ExpertSpec, need):
+    """:func:`_cpu_backward` in one C++ call."""
+    xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
+    grads = cpp.experts_backward(dout.to(h.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots,
+                                 routing.slot_rows, routing.offsets, h, routing.top_k, spec.activation,
+                                 spec.interleaved, spec.alpha, spec.limit, _need_bits(need))
+    likes = (dout, gate_up, down, gate_up, down, weights)
+    return tuple(None if g is None else g.to(like.dtype) for g, like in zip(grads, likes))
+
+
+def _cpp_experts():
+    """``torch.ops.mmkernels_cpu`` when the C++ experts are selected and built, else None."""
+    cpp = _cpp.ops()
+    return cpp if cpp is not None and hasattr(cpp, "experts_forward") else None
+
+
+# ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
 
@@ -655,9 +694,14 @@ class ExpertsFunction(torch.autograd.Function):
             out, h, _, a = _triton_forward(x, weights, gate_up, down, b1, b2, routing, spec, save_h=True)
             ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, a)
         else:
-            out, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
-                                       routing.top_k, spec)
+            cpp = _cpp_experts()
+            if cpp is not None:
+                (out, h), act = _cpp_forward(cpp, x, weights, gate_up, down, b1, b2, routing, spec), None
+            else:
+                out, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
+                                           routing.top_k, spec)
             ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, act)
+            ctx.cpp = cpp
         ctx.routing, ctx.spec, ctx.triton = routing, spec, triton
         return out
 
@@ -669,6 +713,8 @@ class ExpertsFunction(torch.autograd.Function):
         r = ctx.routing
         if ctx.triton:
             grads = _triton_backward(dout, x, weights, gate_up, down, b1, b2, r, h, extra, ctx.spec, need)
+        elif ctx.cpp is not None:
+            grads = _cpp_backward(ctx.cpp, dout, x, weights, gate_up, down, b1, b2, r, h, ctx.spec, need)
         else:
             grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, h, extra,
                                   r.top_k, ctx.spec, need)
