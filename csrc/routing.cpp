@@ -201,14 +201,22 @@ at::Tensor top_k_ids(const at::Tensor& key, int64_t k, const std::optional<at::T
 }
 
 // Mixtral / Qwen-style router in one call: the top-k ids of the logits (as top_k_ids) and their
-// softmax weights — over the k chosen logits (renormalize) or over the whole row, gathered —
-// times routed_scaling; in double, rounded once to the logits' dtype. NaN anywhere the softmax
-// reads makes those weights NaN, as torch.softmax does.
+// softmax weights times routed_scaling. renormalize: the softmax over the k chosen logits, in
+// double, rounded once to the logits' dtype. Otherwise the softmax over the whole row, gathered:
+// ATen's vectorised softmax (E exps a row; in double they took 390 µs of 555 at 2048 x 64, the
+// vectorised pass ~60). NaN anywhere the softmax reads makes those weights NaN, as torch.softmax
+// does.
 std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, int64_t k, bool renormalize,
                                                       double routed_scaling) {
   at::Tensor ids = top_k_ids(logits, k, std::nullopt);
   const at::Tensor c = logits.contiguous();
   const int64_t T = c.size(0), E = c.size(1);
+  if (!renormalize) {
+    at::Tensor probs = at::_softmax(c, 1, false);
+    at::Tensor weights = probs.gather(1, ids);
+    if (routed_scaling != 1.0) weights.mul_(routed_scaling);
+    return {weights, ids};
+  }
   at::Tensor weights = at::empty({T, k}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "route_softmax_topk", [&] {
     const scalar_t* l = c.data_ptr<scalar_t>();
@@ -219,18 +227,8 @@ std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, 
         const scalar_t* row = l + t * E;
         const int64_t* sel = id + t * k;
         double m = -std::numeric_limits<double>::infinity(), s = 0.0;
-        if (renormalize) {
-          for (int64_t i = 0; i < k; ++i) m = std::max(m, static_cast<double>(row[sel[i]]));
-          for (int64_t i = 0; i < k; ++i) s += std::exp(static_cast<double>(row[sel[i]]) - m);
-        } else {
-          bool nan = false;
-          for (int64_t j = 0; j < E; ++j) {
-            nan |= std::isnan(row[j]);
-            m = std::max(m, static_cast<double>(row[j]));
-          }
-          for (int64_t j = 0; j < E; ++j) s += std::exp(static_cast<double>(row[j]) - m);
-          if (nan) s = std::numeric_limits<double>::quiet_NaN();
-        }
+        for (int64_t i = 0; i < k; ++i) m = std::max(m, static_cast<double>(row[sel[i]]));
+        for (int64_t i = 0; i < k; ++i) s += std::exp(static_cast<double>(row[sel[i]]) - m);
         for (int64_t i = 0; i < k; ++i) {
           const double v = static_cast<double>(row[sel[i]]);
           const double e = std::isnan(v) ? v : std::exp(v - m);

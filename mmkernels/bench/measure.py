@@ -91,6 +91,14 @@ def _add_rate(row: Dict[str, Any], amount: float, unit: float, rate: str, ceilin
         row[floor] = amount / (ceiling * unit) * 1e3
 
 
+def rescore(rows: Sequence[Dict[str, Any]], ceilings: Mapping[str, Any]) -> None:
+    """Recompute every row's fractions of the ceilings (after :func:`ceilings.best_of`)."""
+    for row in rows:
+        _add_rate(row, row["bytes"], 1e9, "GBps", ceilings["copy"]["GBps"], "frac_copy", "floor_ms")
+        if row.get("flops") is not None:
+            _add_rate(row, row["flops"], 1e12, "TFLOPs", ceilings["mm"]["TFLOPs"], "frac_mm", "mm_floor_ms")
+
+
 def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str, Any], device: torch.device,
                     ceilings: Optional[Mapping[str, Any]], opts: MeasureOptions) -> Dict[str, Any]:
     """Time one variant on the input ``sets`` (rotated) and build its result row around ``check``

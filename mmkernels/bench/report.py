@@ -81,9 +81,31 @@ def result_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False, comp
     return format_table(headers, body, markdown=markdown)
 
 
+def baselines_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> Optional[str]:
+    """Every baseline of the rows that have more than ``eager`` (and ``compile``): one line per
+    (row, baseline) with its time, ratio = baseline / ours and fraction of the mm rate, after a
+    line for ours (on CPU: ``torch_path`` is ours on the vectorised-torch fallback); None if no
+    row has such baselines."""
+    body = []
+    for r in rows:
+        if "error" in r or not set(r.get("baseline_ms", {})) - {"eager", "compile"}:
+            continue
+        shape = r.get("shape_text") or "x".join(map(str, r["shape"]))
+        pct = lambda f: fmt_num(None if f is None else 100 * f, ".0f")  # noqa: E731
+        body.append([r["label"], shape, r["dtype"], "ours", fmt_num(r["ours_ms"], ".3f"), "1.00",
+                     pct(r.get("frac_mm"))])
+        for name, ms in sorted(r["baseline_ms"].items(), key=lambda kv: kv[1]):
+            body.append(["", "", "", name, fmt_num(ms, ".3f"), fmt_num(ms / r["ours_ms"], ".2f"),
+                         pct(r.get("baseline_frac_mm", {}).get(name))])
+    if not body:
+        return None
+    return format_table(["op", "shape", "dtype", "impl", "ms", "ratio", "%mm"], body, markdown=markdown)
+
+
 def ceilings_line(ceilings: Mapping[str, Any]) -> str:
     c, m = ceilings["copy"], ceilings["mm"]
-    return (f"ceilings: copy {c['GBps']:.1f} GB/s (read+write, {c['bytes'] / 2**20:.0f} MiB), "
+    both = " (best of the start and end of the run)" if "samples" in m else ""
+    return (f"ceilings{both}: copy {c['GBps']:.1f} GB/s (read+write, {c['bytes'] / 2**20:.0f} MiB), "
             f"mm {m['TFLOPs']:.2f} TFLOP/s ({m['dtype']} {m['n']}^3)")
 
 

@@ -916,6 +916,15 @@ class ExpertsBench:
             Target("experts fwd >= 60% of copy over the touched weights (T=64)", "frac_copy", 0.60, rows("fwd", 64)),
             Target("experts CPU fwd+bwd >= 1.5x grouped_mm (Qwen3 block, T=2048, fp32)", "ratio_grouped_mm", 1.5,
                    rows("fwd+bwd", 2048, ("qwen3_cpu",))),
+            # issue 6 (the C++ CPU path): transformers' fastest CPU experts at this shape is
+            # grouped_mm (eager's backward is ~10x slower; batched_mm would copy T·k weight
+            # matrices, 17 GB here)
+            Target("experts CPU fwd+bwd >= 2x transformers' fastest (grouped_mm; Qwen3 block, T=2048, fp32)",
+                   "ratio_grouped_mm", 2.0, rows("fwd+bwd", 2048, ("qwen3_cpu",))),
+            Target("experts CPU fwd+bwd >= 1.3x the vectorised-torch path (Qwen3 block, T=2048, fp32)",
+                   "ratio_torch_path", 1.3, rows("fwd+bwd", 2048, ("qwen3_cpu",))),
+            Target("experts CPU fwd+bwd >= 60% of the fp32 mm rate (Qwen3 block, T=2048)", "frac_mm", 0.6,
+                   rows("fwd+bwd", 2048, ("qwen3_cpu",))),
         ]
 
 

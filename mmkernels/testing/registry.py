@@ -297,8 +297,9 @@ def _routing(style, T, E, k, dtype, tags, **params):
     return register(Case("routing", style, (T, E), dtype, frozenset(tags), {"k": k, **params}))
 
 
-# the main job on CPU
+# the main job on CPU (qwen3 2048 x 64: the router of issue 6's CPU MoE block)
 _routing("mixtral", 4096, 64, 8, torch.float32, {"bench"})
+_routing("qwen3", 2048, 64, 8, torch.float32, {"bench"})
 _routing("deepseek", 2048, 256, 8, torch.float32, {"bench"}, n_groups=8, topk_groups=4)
 
 # the GPU suite: the acceptance size (T = 16384, E = 128, k = 8), the models' own shapes, decode
