@@ -64,6 +64,13 @@ def _jit_build() -> None:
     _state["why"] = f"built from {CSRC} with ninja"
 
 
+def _gist(message: str, width: int = 300) -> str:
+    """The compiler's first ``error:`` line when the message has one (a failed ninja build starts
+    with the whole compile command), else the message's start."""
+    errors = [line.strip() for line in message.splitlines() if "error:" in line]
+    return (errors[0] if errors else message.strip())[:width]
+
+
 def load() -> bool:
     """Build / load the C++ kernels once per process; True when they are available."""
     if _state["tried"]:
@@ -75,7 +82,7 @@ def load() -> bool:
     try:
         _build()
     except Exception as exc:  # noqa: BLE001 - any failure means the fallback, said once
-        _state["why"] = f"build failed or no compiler: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        _state["why"] = f"build failed or no compiler: {type(exc).__name__}: {_gist(str(exc))}"
         warnings.warn(f"mmkernels: C++ CPU kernels unavailable ({_state['why']}); using the "
                       f"vectorised-torch CPU path", RuntimeWarning, stacklevel=3)
         return False

@@ -34,6 +34,11 @@ def backends(cpu_torch: bool = False):
     return out
 
 
+#: For CPU tests not parametrized by backend: the C++ kernels (``cpu``) and the vectorised-torch
+#: fallback (``cpu-torch``, selected by :func:`_cpu_impl` from the id); the value is unused.
+CPU_IMPLS = [pytest.param("auto", id="cpu"), pytest.param("torch", id="cpu-torch")]
+
+
 def backend_matrix(cases_by_backend, cpu_torch: bool = True):
     """pytest params ``(backend, device, case)``: each of :func:`backends` (``cpu_torch``: the CPU
     backend on both implementations) with the cases listed for its backend name, and its marks."""

@@ -11,7 +11,7 @@ from mmkernels import testing as mt
 from tests.conftest import backends
 from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
-BACKENDS = backends()
+BACKENDS = backends(cpu_torch=True)  # CPU: the C++ kernels and the vectorised-torch fallback
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import mmkernels
 from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
@@ -20,10 +21,67 @@ needs_cpp = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on thi
 FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_experts", "tile_row_starts", "num_tiles")
 
 
+OPS = ("route_softmax_topk", "top_k_ids", "route_metadata", "experts_forward", "experts_backward",
+       "bilinear_forward", "bilinear_backward")
+
+
 @needs_cpp
 def test_cpp_kernels_build_and_say_so():
     assert _cpp.load(), _cpp.status()
     assert _cpp.status().startswith("C++ CPU kernels active")
+    missing = [name for name in OPS if not hasattr(_cpp.ops(), name)]
+    assert not missing, f"operators not registered: {missing}"
+
+
+def _ran(fn) -> set:
+    """The mmkernels_cpu operators one call of ``fn`` ran (from the profiler's events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name.split("::")[1] for e in prof.events() if e.name.startswith("mmkernels_cpu::")}
+
+
+def _moe_and_bilinear_step():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=gen, requires_grad=True)
+    r = moe.route(torch.randn(40, 6, generator=gen, requires_grad=True), 2)
+    out = moe.experts(x, r, torch.randn(6, 10, 8, generator=gen, requires_grad=True),
+                      torch.randn(6, 8, 5, generator=gen, requires_grad=True))
+    z, w = torch.randn(40, 3, generator=gen, requires_grad=True), torch.randn(4, 3, 8, generator=gen, requires_grad=True)
+    y = mmkernels.bilinear(z, x, w)
+    (out.sum() + y.sum()).backward()
+
+
+@needs_cpp
+def test_each_op_runs_its_cpp_kernels_forward_and_backward():
+    """Not a silent fallback: on the C++ path every op's forward and backward run their operators
+    (seen by the profiler); on the torch path none runs."""
+    assert _cpp.load(), _cpp.status()
+    with _cpp.use_cpu_impl("cpp"):
+        assert _ran(_moe_and_bilinear_step) >= {"route_softmax_topk", "route_metadata", "experts_forward",
+                                                "experts_backward", "bilinear_forward", "bilinear_backward"}
+    with _cpp.use_cpu_impl("torch"):
+        assert _ran(_moe_and_bilinear_step) == set()
+
+
+@needs_cpp
+def test_experts_workspace_grows_and_is_reused():
+    """The experts' kept workspace (csrc/experts.cpp) across calls of growing and shrinking size:
+    the same results as the torch path each time."""
+    assert _cpp.load(), _cpp.status()
+    gen = torch.Generator().manual_seed(3)
+    E, H, I = 5, 12, 7
+    gu, dn = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    for T in (30, 200, 7, 200, 1):
+        x = torch.randn(T, H, generator=gen, requires_grad=True)
+        logits = torch.randn(T, E, generator=gen)
+        dout = torch.randn(T, H, generator=gen)
+        res = {}
+        for impl in ("cpp", "torch"):
+            with _cpp.use_cpu_impl(impl):
+                out = moe.experts(x, moe.route(logits, 2), gu, dn)
+                res[impl] = (out, *torch.autograd.grad(out, x, dout))
+        for a, b in zip(res["cpp"], res["torch"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @needs_cpp
@@ -103,6 +161,8 @@ def test_fallback_when_the_build_fails(monkeypatch):
         assert "simulated" in _cpp.status() and _cpp.status().startswith("vectorised-torch")
         with _cpp.use_cpu_impl("cpp"), pytest.raises(RuntimeError, match="unavailable"):
             moe.route(logits, 2)
+        _moe_and_bilinear_step()  # the experts and sigma-pi run their torch paths too
+        assert _ran(_moe_and_bilinear_step) == set()
     finally:
         _cpp._reset_for_tests()
 

@@ -25,6 +25,7 @@ import torch
 import mmkernels
 from mmkernels import moe
 from tests.reference import route_ref
+from tests.conftest import CPU_IMPLS
 
 VOCAB, HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 32, 48, 4, 2, 2
 
@@ -149,7 +150,8 @@ def _loss_and_grads(model, ids, proj):
 @pytest.mark.parametrize("name,dtype", [(n, torch.float64) for n in MODELS] + [("mixtral", torch.float32),
                                                                                 ("gpt_oss", torch.float32)],
                          ids=[f"{n}-f64" for n in MODELS] + ["mixtral-f32", "gpt_oss-f32"])
-def test_model_matches_eager(hf, monkeypatch, name, dtype):
+@pytest.mark.parametrize("cpu_impl", CPU_IMPLS)
+def test_model_matches_eager(hf, monkeypatch, name, dtype, cpu_impl):
     eager = _build(hf, name, dtype)
     ours = copy.deepcopy(eager)
     ours.set_experts_implementation("mmkernels")
@@ -408,7 +410,8 @@ MOE_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", list(MOE_CASES))
-def test_nn_moe_matches_reference(case, dtype):
+@pytest.mark.parametrize("cpu_impl", CPU_IMPLS)
+def test_nn_moe_matches_reference(case, dtype, cpu_impl):
     torch.manual_seed(0)
     layer = mmkernels.nn.MoE(16, 12, 6, 2, **MOE_CASES[case]).to(dtype)
     with torch.no_grad():  # weights big enough that every term matters (init std 0.02 is tiny)

@@ -536,6 +536,7 @@ class BilinearBench:
         if compile_baseline:
             fwd_base["compile"] = compiled(_unpack(eager_fwd, names), names)
             fb_base["compile"] = cls._fwd_bwd(compiled(_unpack(eager_fwd, names), names), names)
+        _cpp_baselines(case, fwd_base, fb_base, ours_fwd, fwd_bwd.ours)
         return [fwd, fwd_bwd]
 
     @staticmethod

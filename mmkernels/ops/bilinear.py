@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS, check_same, check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset
 
@@ -397,12 +397,26 @@ def _cpu_backward(z, x, w, dy, need_dz: bool, need_dx: bool, need_dw: bool):
 # ----------------------------------------------------------------------------------------------
 
 
+def _cpp_bilinear():
+    """``torch.ops.mmkernels_cpu`` when the C++ sigma-pi (csrc/bilinear.cpp) is selected and built."""
+    cpp = _cpp.ops()
+    return cpp if cpp is not None and hasattr(cpp, "bilinear_forward") else None
+
+
+def _cd(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` in the C++ path's compute dtype (16-bit storage is cast to float32)."""
+    return t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _forward(z, x, w, bias):
     if z.shape[0] == 0 or w.shape[0] == 0:
         y = torch.zeros(z.shape[0], w.shape[0], dtype=z.dtype, device=z.device)
         return y + bias if bias is not None else y
     if _backend.resolve(z.device) is _backend.Impl.TRITON:
         return bilinear_forward_triton(z, x, w, bias)
+    cpp = _cpp_bilinear()
+    if cpp is not None:
+        return cpp.bilinear_forward(_cd(z), _cd(x), _cd(w), _cd(bias)).to(z.dtype)
     return _cpu_forward(z, x, w, bias)
 
 
@@ -412,6 +426,11 @@ def _backward(z, x, w, dy, need_dz, need_dx, need_dw):
                 torch.zeros_like(w) if need_dw else None)
     if _backend.resolve(z.device) is _backend.Impl.TRITON:
         return bilinear_backward_triton(z, x, w, dy, need_dz=need_dz, need_dx=need_dx, need_dw=need_dw)
+    cpp = _cpp_bilinear()
+    if cpp is not None:
+        dz, dx, dw = cpp.bilinear_backward(_cd(z), _cd(x), _cd(w), _cd(dy), need_dz, need_dx, need_dw)
+        return (None if dz is None else dz.to(z.dtype), None if dx is None else dx.to(x.dtype),
+                None if dw is None else dw.to(w.dtype))
     return _cpu_backward(z, x, w, dy, need_dz, need_dx, need_dw)
 
 

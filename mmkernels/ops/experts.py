@@ -770,8 +770,12 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     On CUDA: Triton kernels — forward: two grouped GEMMs (the first gathers its rows through the
     routing, no permuted copy of x) and a combine; backward: an activation-gradient GEMM, a dx
     GEMM and its combine, the row gathers, two weight-gradient GEMMs and the weights' reduction.
-    fp32 runs its dots in IEEE fp32 (no TF32), 16-bit storage on tensor cores. On CPU: a loop of
-    matrix products over the experts in one scratch allocation.
+    fp32 runs its dots in IEEE fp32 (no TF32), 16-bit storage on tensor cores. On CPU: the C++
+    kernels of ``csrc/experts.cpp`` when built (:mod:`mmkernels._cpp`) — the experts shared among
+    the threads, each GEMM on one core, the activation recomputed from ``h`` in the backward
+    instead of saved; they keep a per-thread workspace of about ``rows × H`` floats between calls
+    (32 MB at T 2048, k 8, H 512) — else a Python loop of matrix products over the experts in one
+    scratch allocation.
 
     Example:
         >>> import torch
