@@ -21,9 +21,10 @@ def _ext_modules():
         raise SystemExit("MMKERNELS_BUILD_CSRC=1 but csrc/ has no .cpp sources")
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    # -fopenmp: at::parallel_for is inline OpenMP (mmkernels/_cpp.py builds the same way)
-    ext = CppExtension("mmkernels._C", sources, extra_compile_args=["-O3", "-fopenmp"],
-                       extra_link_args=["-fopenmp"])
+    # the flags of mmkernels._cpp.CFLAGS (the just-in-time build): -fopenmp for at::parallel_for
+    # (inline OpenMP), -fno-trapping-math so that loops with float selects vectorise
+    cflags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    ext = CppExtension("mmkernels._C", sources, extra_compile_args=cflags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

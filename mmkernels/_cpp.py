@@ -27,6 +27,8 @@ import torch
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _NAME = "mmkernels_cpu"
 _IMPLS = ("auto", "torch", "cpp")
+#: Compiler flags of the build (setup.py passes the same).
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 _state = {"tried": False, "ok": False, "why": "not built yet (built on first use)", "impl": "auto"}
 
 
@@ -58,8 +60,9 @@ def _jit_build() -> None:
     verify_ninja_availability()
     print(f"mmkernels: loading the C++ CPU kernels (built from {CSRC} with ninja on first use, then cached)...",
           file=sys.stderr, flush=True)
-    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernels would run on one thread
-    load(name=_NAME, sources=[str(s) for s in srcs], extra_cflags=["-O3", "-fopenmp"],
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernels would run on one thread.
+    # -fno-trapping-math (as torch's own build): lets loops with float selects vectorise.
+    load(name=_NAME, sources=[str(s) for s in srcs], extra_cflags=CFLAGS,
          extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _state["why"] = f"built from {CSRC} with ninja"
 
