@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import bench
+from mmkernels import _cpp, bench
 from mmkernels.__main__ import main as cli_main
 from mmkernels.bench.check import _sample_index
 from mmkernels.bench.inputs import _copy_like
@@ -76,11 +76,16 @@ def test_main_job_cpu_bilinear_flops_and_memory(tmp_path, capsys):
     assert "bilinear fwd " in out.out and "bilinear fwd+bwd" in out.out and "7 (17x13->11)" in out.out
     rows = json.loads(js.read_text())["results"]
     assert [r["direction"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert "ceilings (best of the start and end of the run)" in out.out
+    cpp = {"torch_path"} if _cpp.load() else set()
+    assert ("every baseline" in out.out) and all(f" {n} " in out.out for n in ("einsum", "gemm", *cpp))
     flops = 2 * 7 * 17 * 13 * 11
     for r, mult in zip(rows, (1, 3)):
         assert r["case"] == TINY_BILINEAR and "error" not in r and r["check"]["passed"], r.get("check")
         assert r["flops"] == mult * flops and r["TFLOPs"] > 0 and r["frac_mm"] > 0
-        assert set(r["baseline_ms"]) == {"eager", "einsum", "gemm"} and r["ratio"] > 0
+        # on CPU with the C++ kernels built, ours on the vectorised-torch path is a baseline too
+        assert set(r["baseline_ms"]) == {"eager", "einsum", "gemm"} | cpp and r["ratio"] > 0
+        assert set(r["baseline_frac_mm"]) == set(r["baseline_ms"])
         assert r["peak_bytes"] > 0 and r["baseline_peak_bytes"] > 0  # ours and F.bilinear
         assert r["params"] == {"b": 17, "c": 13, "d": 11, "bias": True}
     parts = rows[1]["check"]["parts"]
