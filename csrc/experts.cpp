@@ -12,7 +12,8 @@
 // them), applies the activation and the routing weight in place, and writes its expert's output
 // rows to their rows of one (rows, H) buffer. Rows of different experts belong to the same token,
 // so the combine over a token's k choices is a second pass, parallel over tokens, in the order
-// j = 0 .. k-1 (deterministic, race-free, no atomics).
+// j = 0 .. k-1 (deterministic, race-free, no atomics). The outputs over 1 MB, the rows buffer and
+// the scratch come from the tensor pool of pool.h (recycled, not fresh pages each call).
 //
 // Shapes: x (T, H), weights (T, k), gate_up (E, 2I, H), down (E, H, I), b1 (E, 2I), b2 (E, H),
 // all of one dtype, float32 or float64 (the Python side casts 16-bit storage); sorted_slots /
@@ -22,6 +23,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "pool.h"
 
 #include <algorithm>
 #include <atomic>
@@ -189,20 +192,6 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
 }
 
-// A per-calling-thread workspace kept between calls, grown to the largest request. The rows
-// buffers and per-thread scratch are ~rows x H floats (32 MB at T 2048, k 8, H 512): fresh pages
-// for them on every call cost more than the combine that reads them (first touch measured ~0.4 ms
-// per MB on one core of the 2-core dev machine).
-at::Tensor workspace(int64_t numel, at::ScalarType dtype) {
-  thread_local at::Tensor ws[2];
-  at::Tensor& w = ws[dtype == at::kDouble ? 1 : 0];
-  if (!w.defined() || w.numel() < numel) {
-    w = at::Tensor();  // free the old one first
-    w = at::empty({std::max<int64_t>(numel, 1)}, at::TensorOptions().dtype(dtype));
-  }
-  return w.narrow(0, 0, numel);
-}
-
 // Carves (m, cols) views out of one thread's scratch, each region sized for the widest expert.
 struct Carve {
   at::Tensor buf;
@@ -262,11 +251,11 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
   const int64_t n = rows.kept, m_max = rows.widest;
   const at::Tensor w = weights.reshape({-1}).contiguous();  // per slot
   auto opt = x.options();
-  at::Tensor h = at::empty({n, I2}, opt), out = at::empty({T, H}, opt);
+  at::Tensor h = pooled_empty({n, I2}, opt), out = pooled_empty({T, H}, opt);
   const int64_t nt = at::get_num_threads();
   // per thread: x rows (m, H), act (m, I), w·act (m, I), the rows' weights (m)
   const int64_t per = m_max * (H + 2 * I + 1);
-  at::Tensor ws = workspace(n * H + nt * per, x.scalar_type());
+  at::Tensor ws = pooled_empty({n * H + nt * per}, opt);
   at::Tensor y = ws.narrow(0, 0, n * H).view({n, H});  // each kept row's weighted expert output
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_forward", [&] {
@@ -315,8 +304,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              nb2 = flag(4) && b2.has_value(), nw = flag(5);
   const at::Tensor w = weights.reshape({-1}).contiguous();
   auto opt = x.options();
-  at::Tensor dgu = ngu ? at::empty(gate_up.sizes(), opt) : at::Tensor();
-  at::Tensor dd = nd ? at::empty(down.sizes(), opt) : at::Tensor();
+  at::Tensor dgu = ngu ? pooled_empty(gate_up.sizes(), opt) : at::Tensor();
+  at::Tensor dd = nd ? pooled_empty(down.sizes(), opt) : at::Tensor();
   at::Tensor db1 = nb1 ? at::empty({E, I2}, opt) : at::Tensor();
   at::Tensor db2 = nb2 ? at::empty({E, H}, opt) : at::Tensor();
   at::Tensor dw_rows = nw ? at::empty({n}, opt) : at::Tensor();
@@ -324,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t nt = at::get_num_threads();
   // per thread: dout rows (m, H), x rows (m, H), d h (m, 2I), act, g, scratch (m, I), weights (m)
   const int64_t per = m_max * (2 * H + I2 + 3 * I + 1), nrows = ndx ? n * H : 0;
-  at::Tensor ws = workspace(nrows + nt * per, x.scalar_type());
+  at::Tensor ws = pooled_empty({nrows + nt * per}, opt);
   at::Tensor dx_rows = ws.narrow(0, 0, nrows).view({ndx ? n : 0, H});  // each kept row's dx
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_backward", [&] {
@@ -366,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   at::Tensor dx, dweights;
   if (ndx) {
-    dx = at::empty({T, H}, opt);
+    dx = pooled_empty({T, H}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_combine", [&] { combine<scalar_t>(dx_rows, slot_rows, k, n, dx); });
   }
   if (nw) {  // the kept rows' gradients at their slots; dropped slots get zero

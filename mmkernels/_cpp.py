@@ -129,6 +129,22 @@ def status(build: bool = False) -> str:
     return f"vectorised-torch CPU path ({_state['why']})"
 
 
+def cache_info() -> dict:
+    """The C++ ops' tensor pool (csrc/pool.h: recycled large outputs and scratch, capped by
+    ``MMKERNELS_CPU_CACHE_MB``, default 1024): bytes held, bytes free (held but unused), hits and
+    misses; zeros when the C++ kernels are not loaded."""
+    if not _state["ok"]:
+        return {"held_bytes": 0, "free_bytes": 0, "hits": 0, "misses": 0}
+    held, free, hits, misses = getattr(torch.ops, _NAME).cache_info()
+    return {"held_bytes": held, "free_bytes": free, "hits": hits, "misses": misses}
+
+
+def empty_cache() -> int:
+    """Release the pool's unused tensors to the allocator (as ``torch.cuda.empty_cache`` does for
+    CUDA); returns the bytes released."""
+    return int(getattr(torch.ops, _NAME).empty_cache()) if _state["ok"] else 0
+
+
 def _reset_for_tests(why: Optional[str] = None) -> None:
     """Forget the load attempt (tests simulate a missing compiler with it)."""
     _state.update(tried=False, ok=False, why=why or "not built yet (built on first use)")

@@ -22,7 +22,7 @@ FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_exp
 
 
 OPS = ("route_softmax_topk", "top_k_ids", "route_metadata", "experts_forward", "experts_backward",
-       "bilinear_forward", "bilinear_backward")
+       "bilinear_forward", "bilinear_backward", "cache_info", "empty_cache")
 
 
 @needs_cpp
@@ -187,3 +187,46 @@ def test_use_cpu_impl_checks_its_argument():
 def test_the_cpu_torch_param_selects_the_fallback(request, backend, device):
     want = "torch" if "cpu-torch" in request.node.callspec.id else "auto"
     assert _cpp._state["impl"] == want
+
+
+@needs_cpp
+def test_pooled_outputs_are_recycled_only_when_unreferenced():
+    """csrc/pool.h: an output still referenced (here: kept, a view of it, or saved for backward)
+    never comes back from the pool; once dropped, its memory is handed out again; outputs are
+    not views (in-place use is allowed); empty_cache releases the free ones."""
+    assert _cpp.load(), _cpp.status()
+    gen = torch.Generator().manual_seed(5)
+    T, H, I, E = 512, 256, 96, 4  # h (T·2, 2I) and out (T, H): over the pool's 1 MB threshold
+    x = torch.randn(T, H, generator=gen)
+    gu, dn = torch.randn(E, 2 * I, H, generator=gen) * 0.05, torch.randn(E, H, I, generator=gen) * 0.05
+    r = moe.route(torch.randn(T, E, generator=gen), 2)
+    _cpp.empty_cache()
+    with _cpp.use_cpu_impl("cpp"):
+        first = moe.experts(x, r, gu, dn)
+        ref = first.clone()
+        view = first[:3]
+        second = moe.experts(x, r, gu, dn)
+        assert second.data_ptr() != first.data_ptr()  # first is alive: not recycled
+        del first, second
+        third = moe.experts(x, r, gu, dn)
+        assert view.data_ptr() != third.data_ptr()  # a view keeps the memory taken
+        torch.testing.assert_close(third, ref, rtol=0, atol=0)
+        del view
+        hits = _cpp.cache_info()["hits"]
+        fourth = moe.experts(x, r, gu, dn)
+        assert _cpp.cache_info()["hits"] > hits  # the dropped outputs' memory came back
+        assert fourth._base is None  # not a view: in-place use is fine
+        fourth.add_(1.0)
+        torch.testing.assert_close(fourth, ref + 1.0, rtol=0, atol=0)
+        xg = x.clone().requires_grad_()
+        out = moe.experts(xg, r, gu, dn)  # h saved for the backward: held until then
+        other = moe.experts(x, r, gu, dn)
+        (dx,) = torch.autograd.grad(out, xg, torch.ones_like(out))
+    with _cpp.use_cpu_impl("torch"):
+        out_t = moe.experts(xg, r, gu, dn)
+        (dx_t,) = torch.autograd.grad(out_t, xg, torch.ones_like(out_t))
+    torch.testing.assert_close(dx, dx_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other, ref, rtol=0, atol=0)
+    del fourth, out, other, dx, third
+    held = _cpp.cache_info()["held_bytes"]
+    assert held > 0 and _cpp.empty_cache() == held and _cpp.cache_info()["held_bytes"] == 0

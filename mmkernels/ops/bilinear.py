@@ -6,8 +6,10 @@ dispatch -> torch.library ops -> autograd.Function -> public functional. The ker
 ``triton_kernels/bilinear.py`` (``mmkernels._triton.bilinear``; its docstring gives the tiling and
 the ownership of dz / dx). No launcher copies an input: every kernel takes strides.
 
-The CPU path never holds more than :data:`CPU_CHUNK_ELEMS` elements of the ``N × b·c`` outer
-product (or of ``G = dy·W``) at once, so its peak memory does not grow with ``N·b·c``.
+On CPU the C++ kernels of ``csrc/bilinear.cpp`` run when built (blocked: never the outer
+product, a few hundred KB of products per thread; see that file's header); else the vectorised-
+torch path below, which never holds more than :data:`CPU_CHUNK_ELEMS` elements of the ``N × b·c``
+outer product (or of ``G = dy·W``) at once. Neither's peak memory grows with ``N·b·c``.
 """
 from __future__ import annotations
 
@@ -526,7 +528,9 @@ def bilinear(input1: torch.Tensor, input2: torch.Tensor, weight: torch.Tensor,
         ``(*, d)`` in the inputs' dtype.
 
     The ``N × b·c`` outer product is never materialised: the Triton kernels build its tiles in
-    registers, the CPU path works on row chunks of at most ``CPU_CHUNK_ELEMS`` elements. Batch
+    registers; on CPU the C++ kernels (csrc/bilinear.cpp) block over rows and ``h`` with at most
+    ~128K elements of products per thread, the fallback works on row chunks of at most
+    ``CPU_CHUNK_ELEMS`` elements. Batch
     dims are flattened with ``reshape`` (a copy only if they cannot be viewed as one dim).
 
     Example:

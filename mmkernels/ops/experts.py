@@ -773,9 +773,9 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     fp32 runs its dots in IEEE fp32 (no TF32), 16-bit storage on tensor cores. On CPU: the C++
     kernels of ``csrc/experts.cpp`` when built (:mod:`mmkernels._cpp`) — the experts shared among
     the threads, each GEMM on one core, the activation recomputed from ``h`` in the backward
-    instead of saved; they keep a per-thread workspace of about ``rows × H`` floats between calls
-    (32 MB at T 2048, k 8, H 512) — else a Python loop of matrix products over the experts in one
-    scratch allocation.
+    instead of saved; their outputs and scratch (about ``rows × H`` floats) come from a pool of
+    recycled tensors (``csrc/pool.h``; :func:`mmkernels._cpp.cache_info` / ``empty_cache``) —
+    else a Python loop of matrix products over the experts in one scratch allocation.
 
     Example:
         >>> import torch

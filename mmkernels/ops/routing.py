@@ -685,7 +685,9 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
     stay in ``[0, E)`` and all metadata stays exact and in bounds; the weights of a token whose
     chosen logits (softmax without renormalisation: any logit of its row) are NaN are NaN.
 
-    On CUDA this is three Triton launches and no host synchronisation; on CPU, vectorised torch.
+    On CUDA this is three Triton launches and no host synchronisation; on CPU, the C++ kernels of
+    ``csrc/routing.cpp`` when built (one pass for the softmax routers, a counting sort), else
+    vectorised torch.
     Only ``weights`` is differentiable.
 
     Example:
