@@ -68,9 +68,11 @@ def _jit_build() -> None:
 
 
 def _gist(message: str, width: int = 300) -> str:
-    """The compiler's first ``error:`` line when the message has one (a failed ninja build starts
-    with the whole compile command), else the message's start."""
-    errors = [line.strip() for line in message.splitlines() if "error:" in line]
+    """The first line saying what went wrong (a compiler ``error:``, a compiler ``not found``) when
+    the message has one — a failed ninja build starts with the whole compile command — else the
+    message's start."""
+    errors = [line.strip() for line in message.splitlines()
+              if "error:" in line or "not found" in line or "No such file" in line]
     return (errors[0] if errors else message.strip())[:width]
 
 

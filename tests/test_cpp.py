@@ -177,6 +177,29 @@ def test_import_works_with_the_cpp_path_disabled():
     assert "disabled by MMKERNELS_CPP=0" in out.stdout
 
 
+def test_import_and_ops_work_without_a_compiler(tmp_path):
+    """A machine without a C++ compiler, for real: CXX names no program and the build cache is
+    empty, so the first CPU op tries the build, fails, warns once, and every op runs its torch
+    path (importing never builds)."""
+    code = ("import warnings, torch, mmkernels; from mmkernels import moe, _cpp\n"
+            "assert not _cpp._state['tried'], 'importing built something'\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    r = moe.route(torch.randn(9, 4), 2)\n"
+            "    y = moe.experts(torch.randn(9, 6), r, torch.randn(4, 10, 6), torch.randn(4, 6, 5))\n"
+            "    b = mmkernels.bilinear(torch.randn(9, 3), torch.randn(9, 6), torch.randn(2, 3, 6))\n"
+            "print(len([x for x in w if 'vectorised-torch CPU path' in str(x.message)]), y.shape[0], b.shape[1])\n"
+            "print(_cpp.status())")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env.pop("MMKERNELS_CPP", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "1 9 2", out.stdout  # warned once, and the ops ran
+    assert lines[1].startswith("vectorised-torch CPU path (build failed or no compiler"), lines[1]
+
+
 def test_use_cpu_impl_checks_its_argument():
     with pytest.raises(ValueError, match="impl must be one of"):
         with _cpp.use_cpu_impl("fast"):
