@@ -148,14 +148,24 @@ struct Rows {
   int64_t kept = 0, widest = 0;
 };
 
-Rows make_rows(const at::Tensor& sorted_slots, const at::Tensor& offsets, int64_t k, int64_t T) {
-  TORCH_CHECK(sorted_slots.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt,
-              "experts: sorted_slots and offsets must be int32");
-  TORCH_CHECK(sorted_slots.is_contiguous() && offsets.is_contiguous(), "experts: routing tensors must be contiguous");
+Rows make_rows(const at::Tensor& sorted_slots, const at::Tensor& slot_rows, const at::Tensor& offsets, int64_t k,
+               int64_t T) {
+  TORCH_CHECK(sorted_slots.scalar_type() == at::kInt && slot_rows.scalar_type() == at::kInt &&
+                  offsets.scalar_type() == at::kInt,
+              "experts: sorted_slots, slot_rows and offsets must be int32");
+  TORCH_CHECK(sorted_slots.is_contiguous() && slot_rows.is_contiguous() && offsets.is_contiguous(),
+              "experts: routing tensors must be contiguous");
+  TORCH_CHECK(slot_rows.numel() == T * k && offsets.numel() >= 2, "experts: routing tensors of the wrong size");
   Rows r;
   const int64_t E = offsets.numel() - 1;
   const int32_t* off = offsets.data_ptr<int32_t>();
   r.bounds.assign(off, off + E + 1);
+  TORCH_CHECK(r.bounds[0] == 0, "experts: offsets[0] must be 0");
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK(r.bounds[e] <= r.bounds[e + 1], "experts: offsets must be non-decreasing");
+  const int32_t* sr = slot_rows.data_ptr<int32_t>();
+  for (int64_t s = 0; s < T * k; ++s)  // the combine reads each kept slot's row
+    TORCH_CHECK(sr[s] >= 0 && sr[s] < T * k, "experts: slot_rows entry ", sr[s], " out of range");
   r.kept = r.bounds[E];
   TORCH_CHECK(r.kept >= 0 && r.kept <= sorted_slots.numel(), "experts: offsets[E] out of range");
   const int32_t* ss = sorted_slots.data_ptr<int32_t>();
@@ -247,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
   const Spec spec = make_spec(activation, interleaved, alpha, limit);
   const at::Tensor x = x_in.detach().contiguous();
   const int64_t T = x.size(0), H = x.size(1), I2 = gate_up.size(1), I = I2 / 2;
-  const Rows rows = make_rows(sorted_slots, offsets, k, T);
+  const Rows rows = make_rows(sorted_slots, slot_rows, offsets, k, T);
   const int64_t n = rows.kept, m_max = rows.widest;
   const at::Tensor w = weights.reshape({-1}).contiguous();  // per slot
   auto opt = x.options();
@@ -296,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Spec spec = make_spec(activation, interleaved, alpha, limit);
   const at::Tensor x = x_in.detach().contiguous(), dout = dout_in.detach().contiguous();
   const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I2 = gate_up.size(1), I = I2 / 2;
-  const Rows rows = make_rows(sorted_slots, offsets, k, T);
+  const Rows rows = make_rows(sorted_slots, slot_rows, offsets, k, T);
   const int64_t n = rows.kept, m_max = rows.widest;
   TORCH_CHECK(h.size(0) == n && h.size(1) == I2, "experts_backward: h does not match the routing");
   auto flag = [&](int bit) { return ((need >> bit) & 1) != 0; };

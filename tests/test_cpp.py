@@ -145,6 +145,25 @@ def test_bad_ids_raise_in_cpp():
         _cpp.ops().route_metadata(torch.tensor([[0, 9]]), 4, 10, 16)
 
 
+@needs_cpp
+def test_corrupt_routing_raises_in_the_cpp_experts():
+    """The C++ experts read rows through the routing's tensors: entries out of range raise instead
+    of reading out of bounds."""
+    assert _cpp.load(), _cpp.status()
+    x, gu, dn = torch.randn(6, 4), torch.randn(3, 8, 4), torch.randn(3, 4, 4)
+    r = moe.route(torch.randn(6, 3), 2)
+    args = lambda ss, sr, off: (x, r.weights, gu, dn, None, None, ss, sr, off, 2, "silu", False, 1.0, 1.0)  # noqa: E731
+    bad_rows = r.slot_rows.clone()
+    bad_rows[3] = -1
+    bad_slots = r.sorted_slots.clone()
+    bad_slots[0] = 99
+    for ss, sr, off, match in ((r.sorted_slots, bad_rows, r.offsets, "slot_rows entry"),
+                               (bad_slots, r.slot_rows, r.offsets, "sorted_slots entry"),
+                               (r.sorted_slots, r.slot_rows, r.offsets.flip(0).contiguous(), "offsets")):
+        with pytest.raises(RuntimeError, match=match):
+            _cpp.ops().experts_forward(*args(ss, sr, off))
+
+
 def test_fallback_when_the_build_fails(monkeypatch):
     """No compiler: route() warns once and runs the vectorised-torch path; 'cpp' is an error."""
     def broken():
