@@ -27,6 +27,8 @@ import torch
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _NAME = "mmkernels_cpu"
 _IMPLS = ("auto", "torch", "cpp")
+#: The op families with C++ kernels, by one operator each registers.
+_FAMILIES = {"routing": "route_metadata", "experts": "experts_forward", "sigma-pi": "bilinear_forward"}
 #: Compiler flags of the build (setup.py passes the same).
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 _state = {"tried": False, "ok": False, "why": "not built yet (built on first use)", "impl": "auto"}
@@ -127,7 +129,10 @@ def status(build: bool = False) -> str:
     if build:
         load()
     if _state["ok"]:
-        return f"C++ CPU kernels active ({_state['why']}; selection {_state['impl']!r})"
+        ns = getattr(torch.ops, _NAME)
+        have = [fam for fam, op in _FAMILIES.items() if hasattr(ns, op)]
+        return (f"C++ CPU kernels active for {', '.join(have)} ({_state['why']}; selection {_state['impl']!r}); "
+                f"softmax runs ATen's CPU kernels")
     return f"vectorised-torch CPU path ({_state['why']})"
 
 
