@@ -214,7 +214,7 @@ struct Carve {
 };
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate_up, const at::Tensor& down,
-                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2) {
+                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, int64_t k) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "experts: the C++ path computes in float32 / float64, got ", x.scalar_type());
   for (const at::Tensor* t : {&w, &gate_up, &down}) {
@@ -225,12 +225,13 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ga
     if (t->has_value()) TORCH_CHECK((*t)->scalar_type() == x.scalar_type(), "experts: biases must have x's dtype");
   }
   TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3, "experts: bad ranks");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == k, "experts: weights must be (T, k)");
   TORCH_CHECK(gate_up.size(2) == x.size(1) && down.size(1) == x.size(1) && down.size(2) * 2 == gate_up.size(1),
               "experts: gate_up (E, 2I, H) and down (E, H, I) do not match x (T, H)");
 }
 
-// Per expert: its rows' token indices gathered, weights of its rows, activation (the forward's
-// and the backward's common first steps).
+// An expert's rows a .. a+m: src's token rows gathered into dst (m, H) and the rows' routing
+// weights into we (m) — the first step of the forward and of the backward.
 template <typename scalar_t>
 void load_rows(const Rows& rows, int64_t a, int64_t m, const at::Tensor& src, const at::Tensor& w_flat,
                at::Tensor& dst, at::Tensor& we) {
@@ -250,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
     const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in, const at::Tensor& sorted_slots,
     const at::Tensor& slot_rows, const at::Tensor& offsets, int64_t k, const std::string& activation,
     bool interleaved, double alpha, double limit) {
-  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in);
+  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
   // detached views: the worker threads run with grad mode on (it is thread-local)
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const auto b1 = detached(b1_in), b2 = detached(b2_in);
@@ -297,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& down_in, const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
     const at::Tensor& sorted_slots, const at::Tensor& slot_rows, const at::Tensor& offsets, const at::Tensor& h_in,
     int64_t k, const std::string& activation, bool interleaved, double alpha, double limit, int64_t need) {
-  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in);
+  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const at::Tensor h = h_in.detach();
   const auto b1 = detached(b1_in), b2 = detached(b2_in);

@@ -12,7 +12,7 @@ import mmkernels
 from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
-from .reference import dispatch_ref, route_ref
+from .reference import dispatch_ref, experts_ref, route_ref
 from tests.conftest import backends
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -64,24 +64,29 @@ def test_each_op_runs_its_cpp_kernels_forward_and_backward():
 
 
 @needs_cpp
-def test_experts_workspace_grows_and_is_reused():
-    """The experts' kept workspace (csrc/experts.cpp) across calls of growing and shrinking size:
-    the same results as the torch path each time."""
+def test_experts_pooled_buffers_across_sizes_match_the_reference():
+    """The C++ experts' pooled outputs and scratch (csrc/pool.h) across calls of growing and
+    shrinking size — new tensors, exact-fit and larger recycled ones, and calls under the pool's
+    1 MB threshold — against the float64 reference, forward and dx, each time."""
     assert _cpp.load(), _cpp.status()
     gen = torch.Generator().manual_seed(3)
-    E, H, I = 5, 12, 7
-    gu, dn = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
-    for T in (30, 200, 7, 200, 1):
-        x = torch.randn(T, H, generator=gen, requires_grad=True)
-        logits = torch.randn(T, E, generator=gen)
-        dout = torch.randn(T, H, generator=gen)
-        res = {}
-        for impl in ("cpp", "torch"):
-            with _cpp.use_cpu_impl(impl):
-                out = moe.experts(x, moe.route(logits, 2), gu, dn)
-                res[impl] = (out, *torch.autograd.grad(out, x, dout))
-        for a, b in zip(res["cpp"], res["torch"]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    E, H, I, k = 5, 256, 8, 2
+    gu = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64) * H ** -0.5
+    dn = torch.randn(E, H, I, generator=gen, dtype=torch.float64) * I ** -0.5
+    hits = _cpp.cache_info()["hits"]
+    with _cpp.use_cpu_impl("cpp"):
+        for T in (600, 1024, 7, 1024, 513):  # rows x H: 1.2 MB, 2 MB, under 1 MB, 2 MB, 1.05 MB
+            x = torch.randn(T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+            dout = torch.randn(T, H, generator=gen, dtype=torch.float64)
+            r = moe.route(torch.randn(T, E, generator=gen, dtype=torch.float64), k)
+            out = moe.experts(x, r, gu, dn)
+            (dx,) = torch.autograd.grad(out, x, dout)
+            xr = x.detach().requires_grad_()
+            ref = experts_ref(xr, r.weights.detach(), r.expert_ids, r.dropped, gu, dn)
+            (dx_ref,) = torch.autograd.grad(ref, xr, dout)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    assert _cpp.cache_info()["hits"] > hits  # the later calls did recycle
 
 
 @needs_cpp
@@ -238,7 +243,7 @@ def test_pooled_outputs_are_recycled_only_when_unreferenced():
     not views (in-place use is allowed); empty_cache releases the free ones."""
     assert _cpp.load(), _cpp.status()
     gen = torch.Generator().manual_seed(5)
-    T, H, I, E = 512, 256, 96, 4  # h (T·2, 2I) and out (T, H): over the pool's 1 MB threshold
+    T, H, I, E = 1024, 256, 160, 4  # h (2T, 2I) 2.6 MB, out (T, H) 1 MB: pooled (1 MB and over)
     x = torch.randn(T, H, generator=gen)
     gu, dn = torch.randn(E, 2 * I, H, generator=gen) * 0.05, torch.randn(E, H, I, generator=gen) * 0.05
     r = moe.route(torch.randn(T, E, generator=gen), 2)
@@ -262,13 +267,16 @@ def test_pooled_outputs_are_recycled_only_when_unreferenced():
         torch.testing.assert_close(fourth, ref + 1.0, rtol=0, atol=0)
         xg = x.clone().requires_grad_()
         out = moe.experts(xg, r, gu, dn)  # h saved for the backward: held until then
-        other = moe.experts(x, r, gu, dn)
+        x2 = torch.randn(T, H, generator=gen)  # another input: a recycled h would be overwritten
+        other = moe.experts(x2, r, gu, dn)
         (dx,) = torch.autograd.grad(out, xg, torch.ones_like(out))
-    with _cpp.use_cpu_impl("torch"):
-        out_t = moe.experts(xg, r, gu, dn)
-        (dx_t,) = torch.autograd.grad(out_t, xg, torch.ones_like(out_t))
-    torch.testing.assert_close(dx, dx_t, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(other, ref, rtol=0, atol=0)
+    xr = x.clone().double().requires_grad_()
+    ref_out = experts_ref(xr, r.weights, r.expert_ids, r.dropped, gu, dn)
+    (dx_ref,) = torch.autograd.grad(ref_out, xr, torch.ones_like(ref_out))
+    torch.testing.assert_close(ref, ref_out.float(), rtol=1e-4, atol=1e-5)  # the first output was right
+    torch.testing.assert_close(dx, dx_ref.float(), rtol=1e-4, atol=1e-5)  # h was not recycled under it
+    ref_other = experts_ref(x2.double(), r.weights, r.expert_ids, r.dropped, gu, dn)
+    torch.testing.assert_close(other, ref_other.float(), rtol=1e-4, atol=1e-5)
     del fourth, out, other, dx, third
     held = _cpp.cache_info()["held_bytes"]
     assert held > 0 and _cpp.empty_cache() == held and _cpp.cache_info()["held_bytes"] == 0
