@@ -327,3 +327,20 @@ def test_targets_pass_fail_no_data():
     assert res["softmax fwd never slower than torch.softmax"]["status"] == "PASS"
     assert res["softmax bwd >= 1.6x torch eager backward"]["status"] == "PASS"
     assert bench.evaluate_targets([], bench.all_targets())[0]["status"] == "NO DATA"
+
+
+def test_rescore_uses_the_better_ceilings_and_skips_crashed_rows():
+    from mmkernels.bench.ceilings import best_of
+    from mmkernels.bench.measure import _error_row, rescore
+
+    first = {"copy": {"GBps": 20.0, "bytes": 1}, "mm": {"TFLOPs": 0.10, "n": 8, "dtype": "float32"}}
+    again = {"copy": {"GBps": 10.0, "bytes": 1}, "mm": {"TFLOPs": 0.20, "n": 8, "dtype": "float32"}}
+    ceil = best_of(first, again)
+    assert ceil["copy"]["GBps"] == 20.0 and ceil["mm"]["TFLOPs"] == 0.20
+    assert ceil["mm"]["samples"] == [0.10, 0.20]
+    row = {"bytes": 2e6, "flops": 1e9, "ours_ms": 10.0, "baseline_ms": {"eager": 20.0}}
+    crashed = _error_row(_case(), RuntimeError("boom"))
+    rescore([row, crashed], ceil)
+    assert row["frac_mm"] == pytest.approx(0.1 / 0.2) and row["baseline_frac_mm"]["eager"] == pytest.approx(0.25)
+    assert row["frac_copy"] == pytest.approx(0.2 / 20.0)
+    assert "frac_mm" not in crashed

@@ -92,8 +92,11 @@ def _add_rate(row: Dict[str, Any], amount: float, unit: float, rate: str, ceilin
 
 
 def rescore(rows: Sequence[Dict[str, Any]], ceilings: Mapping[str, Any]) -> None:
-    """Recompute every row's fractions of the ceilings (after :func:`ceilings.best_of`)."""
+    """Recompute every row's fractions of the ceilings (after :func:`ceilings.best_of`); rows of
+    a case that crashed (``error``) have no time and are left as they are."""
     for row in rows:
+        if "error" in row:
+            continue
         _add_rate(row, row["bytes"], 1e9, "GBps", ceilings["copy"]["GBps"], "frac_copy", "floor_ms")
         if row.get("flops") is not None:
             _add_rate(row, row["flops"], 1e12, "TFLOPs", ceilings["mm"]["TFLOPs"], "frac_mm", "mm_floor_ms")
