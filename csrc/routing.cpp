@@ -12,11 +12,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "router_simd.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace mmkernels {
@@ -24,23 +28,42 @@ namespace mmkernels {
 using Metadata = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                             at::Tensor, at::Tensor>;
 
-// (counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_row_starts, num_tiles)
-Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capacity, int64_t block_m) {
-  TORCH_CHECK(ids.dim() == 2, "route_metadata: ids must be (T, k), got ", ids.dim(), " dims");
-  TORCH_CHECK(ids.device().is_cpu(), "route_metadata: ids must be on the CPU");
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-              "route_metadata: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(num_experts >= 1, "route_metadata: num_experts must be >= 1");
-  TORCH_CHECK(capacity >= 0, "route_metadata: capacity must be >= 0");
-  TORCH_CHECK(block_m >= 1, "route_metadata: block_m must be >= 1");
-  const int64_t T = ids.size(0), k = ids.size(1), n = T * k, E = num_experts;
-  const at::Tensor flat = ids.contiguous().to(at::kLong).reshape({n});
-  const int64_t* f = flat.data_ptr<int64_t>();
+// The metadata of the (T, k) choices f (route_metadata, below; ids checked in range).
+template <typename index_t>
+static Metadata metadata_of(const index_t* f, int64_t T, int64_t k, int64_t E, int64_t capacity, int64_t block_m) {
+  const int64_t n = T * k;
 
+  // The slots split into one contiguous chunk per thread; each thread counts its chunk's
+  // choices per expert, and later ranks them from the counts of the chunks before it: the same
+  // stable order as one pass over all slots.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
+  const int64_t chunk = (n + chunks - 1) / chunks;
+  // per chunk: its count, then its first rank, per expert; rows apart by a cache line at least
+  const int64_t stride = (E + 7) / 8 * 8 + 8;
+  std::vector<int64_t> seen(chunks * stride, 0);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* __restrict cnt = seen.data() + c * stride;
+      for (int64_t i = c * chunk, end = std::min(n, i + chunk); i < end; ++i) {
+        const int64_t e = f[i];
+        if (e < 0 || e >= E) {
+          bad.store(i);
+          return;
+        }
+        ++cnt[e];
+      }
+    }
+  });
+  if (bad.load() >= 0)
+    TORCH_CHECK(false, "route_metadata: expert id ", f[bad.load()], " out of range [0, ", E, ")");
   std::vector<int64_t> total(E, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(f[i] >= 0 && f[i] < E, "route_metadata: expert id ", f[i], " out of range [0, ", E, ")");
-    ++total[f[i]];
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t here = seen[c * stride + e];
+      seen[c * stride + e] = total[e];
+      total[e] += here;
+    }
   }
   auto i32 = at::TensorOptions().dtype(at::kInt);
   at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
@@ -63,15 +86,23 @@ Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capa
   int32_t* sorted = sorted_slots.data_ptr<int32_t>();
   int32_t* rows = slot_rows.data_ptr<int32_t>();
   bool* drop = dropped.data_ptr<bool>();
-  std::vector<int64_t> seen(E, 0);
-  for (int64_t i = 0; i < n; ++i) {  // one stable pass: the rank of slot i among its expert's slots
-    const int64_t e = f[i], r = seen[e]++;
-    const bool kept = r < capacity;
-    const int64_t row = kept ? off[e] + r : drop_base[e] + r - capacity;
-    rows[i] = static_cast<int32_t>(row);
-    sorted[row] = static_cast<int32_t>(i);
-    drop[i] = !kept;
-  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int32_t* __restrict o = off;
+    int32_t* __restrict sorted_w = sorted;
+    int32_t* __restrict rows_w = rows;
+    bool* __restrict drop_w = drop;
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* __restrict rank = seen.data() + c * stride;
+      for (int64_t i = c * chunk, end = std::min(n, i + chunk); i < end; ++i) {
+        const int64_t e = f[i], r = rank[e]++;  // the rank of slot i among its expert's slots
+        const bool kept = r < capacity;
+        const int64_t row = kept ? o[e] + r : drop_base[e] + r - capacity;
+        rows_w[i] = static_cast<int32_t>(row);
+        sorted_w[row] = static_cast<int32_t>(i);
+        drop_w[i] = !kept;
+      }
+    }
+  });
 
   // tile table: ceil(counts[e] / block_m) tiles per expert, -1 past the tiles in use
   const int64_t max_tiles = n / block_m + std::min(E, n);
@@ -88,6 +119,25 @@ Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capa
   at::Tensor num_tiles = at::full({1}, tile, i32);
   return {counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts, num_tiles};
 }
+
+// (counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_row_starts, num_tiles)
+Metadata route_metadata(const at::Tensor& ids, int64_t num_experts, int64_t capacity, int64_t block_m) {
+  TORCH_CHECK(ids.dim() == 2, "route_metadata: ids must be (T, k), got ", ids.dim(), " dims");
+  TORCH_CHECK(ids.device().is_cpu(), "route_metadata: ids must be on the CPU");
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+              "route_metadata: ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(num_experts >= 1, "route_metadata: num_experts must be >= 1");
+  TORCH_CHECK(capacity >= 0, "route_metadata: capacity must be >= 0");
+  TORCH_CHECK(block_m >= 1, "route_metadata: block_m must be >= 1");
+  const int64_t T = ids.size(0), k = ids.size(1), E = num_experts;
+  const at::Tensor flat = ids.contiguous();
+  Metadata out;
+  AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "route_metadata", [&] {
+    out = metadata_of(flat.data_ptr<index_t>(), T, k, E, capacity, block_m);
+  });
+  return out;
+}
+
 
 // The k best columns of each row — allowed columns first, then numbers before NaN, then by
 // descending key, ties to the lower index: the ids of ops/routing.py::_best_first's first k
@@ -142,38 +192,94 @@ static bool top_k_of_candidates(const scalar_t* row, int64_t E, int64_t k, scala
   return true;
 }
 
+// One row of top_k_rows: the candidate pass when it applies, else the insertion pass over every
+// column. best / best_cls / idx / cand: scratch of k, k, k and E.
 template <typename scalar_t>
-static void top_k_rows(const scalar_t* key, const bool* allowed, int64_t T, int64_t E, int64_t k, int64_t* out) {
+static void top_k_row(const scalar_t* row, const bool* ok, int64_t E, int64_t k, scalar_t* best, uint8_t* best_cls,
+                      int64_t* idx, int64_t* cand, int64_t* out) {
+  if (!ok && E >= 2 * k && top_k_of_candidates(row, E, k, best, idx, cand)) {
+    std::copy(idx, idx + k, out);
+    return;
+  }
+  int64_t filled = 0;
+  for (int64_t j = 0; j < E; ++j) {
+    const scalar_t v = row[j];
+    const uint8_t cls = static_cast<uint8_t>((ok && !ok[j] ? 2 : 0) + (std::isnan(v) ? 1 : 0));
+    if (filled == k && !better(v, cls, best[k - 1], best_cls[k - 1])) continue;
+    int64_t pos = filled < k ? filled : k - 1;
+    while (pos > 0 && better(v, cls, best[pos - 1], best_cls[pos - 1])) {
+      best[pos] = best[pos - 1];
+      best_cls[pos] = best_cls[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    best_cls[pos] = cls;
+    idx[pos] = j;
+    if (filled < k) ++filled;
+  }
+  std::copy(idx, idx + k, out);
+}
+
+// Per-thread scratch of top_k_row.
+template <typename scalar_t>
+struct RowScratch {
+  std::vector<scalar_t> best;
+  std::vector<uint8_t> best_cls;
+  std::vector<int64_t> idx, cand;
+  RowScratch(int64_t E, int64_t k) : best(k), best_cls(k), idx(k), cand(E) {}
+  void top_k(const scalar_t* row, const bool* ok, int64_t E, int64_t k, int64_t* out) {
+    top_k_row(row, ok, E, k, best.data(), best_cls.data(), idx.data(), cand.data(), out);
+  }
+};
+
+// The AVX-512 row kernel (router_simd.h) is used when the CPU has it, unless switched off (the
+// tests run both; mmkernels_cpu::simd).
+static std::atomic<bool> g_simd_allowed{true};
+
+static bool simd_active() {
+#ifdef MMKERNELS_AVX512
+  return g_simd_allowed.load(std::memory_order_relaxed) && simd::cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+// mmkernels_cpu::simd(set): set < 0 asks; 0 / 1 switches the AVX-512 router kernel off / on.
+// Returns whether it is in use now (false on a CPU without AVX-512 whatever was asked).
+bool simd_router(int64_t set) {
+  if (set >= 0) g_simd_allowed.store(set != 0);
+  return simd_active();
+}
+
+#ifdef MMKERNELS_AVX512
+// The AVX-512 row kernel for float32 rows of E columns and this k, or nullptr.
+static simd::RowFn simd_rows(const at::Tensor& key, int64_t E, int64_t k) {
+  if (!simd_active() || key.scalar_type() != at::kFloat || k > 16) return nullptr;
+  return simd::route_row_for(E);
+}
+#endif
+
+template <typename scalar_t>
+static void top_k_rows(const scalar_t* key, const bool* allowed, int64_t T, int64_t E, int64_t k, int64_t* out,
+                       bool vector_rows) {
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-    std::vector<scalar_t> best(k);
-    std::vector<uint8_t> best_cls(k);
-    std::vector<int64_t> idx(k);
-    std::vector<int64_t> cand(E);
+    RowScratch<scalar_t> scratch(E, k);
+#ifdef MMKERNELS_AVX512
+    const simd::RowFn fast = vector_rows ? simd::route_row_for(E) : nullptr;
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       const scalar_t* row = key + t * E;
-      const bool* ok = allowed ? allowed + t * E : nullptr;
-      if (!ok && E >= 2 * k && top_k_of_candidates(row, E, k, best.data(), idx.data(), cand.data())) {
-        std::copy(idx.begin(), idx.end(), out + t * k);
-        continue;
-      }
-      int64_t filled = 0;
-      for (int64_t j = 0; j < E; ++j) {
-        const scalar_t v = row[j];
-        const uint8_t cls = static_cast<uint8_t>((ok && !ok[j] ? 2 : 0) + (std::isnan(v) ? 1 : 0));
-        if (filled == k && !better(v, cls, best[k - 1], best_cls[k - 1])) continue;
-        int64_t pos = filled < k ? filled : k - 1;
-        while (pos > 0 && better(v, cls, best[pos - 1], best_cls[pos - 1])) {
-          best[pos] = best[pos - 1];
-          best_cls[pos] = best_cls[pos - 1];
-          idx[pos] = idx[pos - 1];
-          --pos;
+#ifdef MMKERNELS_AVX512
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        int32_t ids[16];
+        if (fast && fast(row, E, k, simd::Weights::kNone, 1.0f, ids, nullptr)) {
+          std::copy(ids, ids + k, out + t * k);
+          continue;
         }
-        best[pos] = v;
-        best_cls[pos] = cls;
-        idx[pos] = j;
-        if (filled < k) ++filled;
       }
-      std::copy(idx.begin(), idx.end(), out + t * k);
+#endif
+      scratch.top_k(row, allowed ? allowed + t * E : nullptr, E, k, out + t * k);
     }
   });
 }
@@ -193,29 +299,88 @@ at::Tensor top_k_ids(const at::Tensor& key, int64_t k, const std::optional<at::T
   }
   const at::Tensor c = key.contiguous();
   at::Tensor out = at::empty({T, k}, at::TensorOptions().dtype(at::kLong));
+  bool vector_rows = false;
+#ifdef MMKERNELS_AVX512
+  vector_rows = !mask.defined() && simd_rows(c, E, k) != nullptr;
+#endif
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "top_k_ids", [&] {
     top_k_rows<scalar_t>(c.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr, T, E, k,
-                         out.data_ptr<int64_t>());
+                         out.data_ptr<int64_t>(), vector_rows);
   });
   return out;
 }
 
-// Mixtral / Qwen-style router in one call: the top-k ids of the logits (as top_k_ids) and their
-// softmax weights times routed_scaling. renormalize: the softmax over the k chosen logits, in
-// double, rounded once to the logits' dtype. Otherwise the softmax over the whole row, gathered:
-// ATen's vectorised softmax (E exps a row; in double they took 390 µs of 555 at 2048 x 64, the
-// vectorised pass ~60). NaN anywhere the softmax reads makes those weights NaN, as torch.softmax
-// does.
+// The softmax weights of one row's chosen columns sel[0..k), in double, rounded once: over the
+// chosen only (renormalize) or over the whole row of E. NaN where the softmax reads one (as
+// torch.softmax: a NaN anywhere in the row makes the whole-row softmax NaN).
+template <typename scalar_t>
+static void softmax_weights_row(const scalar_t* row, int64_t E, const int64_t* sel, int64_t k, bool renormalize,
+                                double scale, scalar_t* w) {
+  double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+  if (renormalize) {
+    for (int64_t i = 0; i < k; ++i) m = std::max(m, static_cast<double>(row[sel[i]]));
+    for (int64_t i = 0; i < k; ++i) s += std::exp(static_cast<double>(row[sel[i]]) - m);
+  } else {
+    bool nan = false;
+    for (int64_t j = 0; j < E; ++j) {
+      nan |= std::isnan(row[j]);
+      m = std::max(m, static_cast<double>(row[j]));
+    }
+    for (int64_t j = 0; j < E; ++j) s += std::exp(static_cast<double>(row[j]) - m);
+    if (nan) s = std::numeric_limits<double>::quiet_NaN();
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const double v = static_cast<double>(row[sel[i]]);
+    const double e = std::isnan(v) ? v : std::exp(v - m);
+    w[i] = static_cast<scalar_t>(e / s * scale);
+  }
+}
+
+// Mixtral / Qwen-style router in one call: the top-k ids of the logits (as top_k_ids, but int32) and their
+// softmax weights times routed_scaling. renormalize: the softmax over the k chosen logits;
+// otherwise the softmax over the whole row, gathered. NaN anywhere the softmax reads makes those
+// weights NaN, as torch.softmax does.
+//   float32 rows with the AVX-512 kernel: one pass per row (router_simd.h: float exp, an ulp or
+//   two); its rows it does not take, and every other case, per row in double, rounded once —
+//   except the whole-row softmax without the kernel, which is ATen's vectorised softmax (E exps a
+//   row in double took 390 µs of 555 at 2048 x 64, the vectorised pass ~60).
 std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, int64_t k, bool renormalize,
                                                       double routed_scaling) {
-  at::Tensor ids = top_k_ids(logits, k, std::nullopt);
+  TORCH_CHECK(logits.dim() == 2, "route_softmax_topk: logits must be (T, E), got ", logits.dim(), " dims");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+              "route_softmax_topk: logits must be float32 or float64, got ", logits.scalar_type());
   const at::Tensor c = logits.contiguous();
   const int64_t T = c.size(0), E = c.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "route_softmax_topk: k must be in [1, E=", E, "], got ", k);
+#ifdef MMKERNELS_AVX512
+  if (simd::RowFn fast = simd_rows(c, E, k)) {
+    at::Tensor ids = at::empty({T, k}, at::TensorOptions().dtype(at::kInt));
+    at::Tensor weights = at::empty({T, k}, c.options());
+    const float* l = c.data_ptr<float>();
+    int32_t* id = ids.data_ptr<int32_t>();
+    float* w = weights.data_ptr<float>();
+    const auto mode = renormalize ? simd::Weights::kChosen : simd::Weights::kRow;
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      std::optional<RowScratch<float>> scratch;  // only for the rows of the scalar pass
+      std::vector<int64_t> wide(k);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* row = l + t * E;
+        if (fast(row, E, k, mode, static_cast<float>(routed_scaling), id + t * k, w + t * k)) continue;
+        if (!scratch) scratch.emplace(E, k);
+        scratch->top_k(row, nullptr, E, k, wide.data());
+        softmax_weights_row(row, E, wide.data(), k, renormalize, routed_scaling, w + t * k);
+        std::copy(wide.begin(), wide.end(), id + t * k);
+      }
+    });
+    return {weights, ids};
+  }
+#endif
+  at::Tensor ids = top_k_ids(c, k, std::nullopt);
   if (!renormalize) {
     at::Tensor probs = at::_softmax(c, 1, false);
     at::Tensor weights = probs.gather(1, ids);
     if (routed_scaling != 1.0) weights.mul_(routed_scaling);
-    return {weights, ids};
+    return {weights, ids.to(at::kInt)};
   }
   at::Tensor weights = at::empty({T, k}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "route_softmax_topk", [&] {
@@ -223,21 +388,11 @@ std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, 
     const int64_t* id = ids.data_ptr<int64_t>();
     scalar_t* w = weights.data_ptr<scalar_t>();
     at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* row = l + t * E;
-        const int64_t* sel = id + t * k;
-        double m = -std::numeric_limits<double>::infinity(), s = 0.0;
-        for (int64_t i = 0; i < k; ++i) m = std::max(m, static_cast<double>(row[sel[i]]));
-        for (int64_t i = 0; i < k; ++i) s += std::exp(static_cast<double>(row[sel[i]]) - m);
-        for (int64_t i = 0; i < k; ++i) {
-          const double v = static_cast<double>(row[sel[i]]);
-          const double e = std::isnan(v) ? v : std::exp(v - m);
-          w[t * k + i] = static_cast<scalar_t>(e / s * routed_scaling);
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t)
+        softmax_weights_row(l + t * E, E, id + t * k, k, true, routed_scaling, w + t * k);
     });
   });
-  return {weights, ids};
+  return {weights, ids.to(at::kInt)};
 }
 
 }  // namespace mmkernels
@@ -245,9 +400,14 @@ std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, 
 TORCH_LIBRARY(mmkernels_cpu, m) {
   m.def("route_softmax_topk(Tensor logits, int k, bool renormalize, float routed_scaling) -> (Tensor, Tensor)");
   m.def("top_k_ids(Tensor key, int k, Tensor? allowed=None) -> Tensor");
+  m.def("simd(int set=-1) -> bool");
   m.def(
       "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmkernels_cpu, CatchAll, m) {
+  m.impl("simd", &mmkernels::simd_router);
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {

@@ -43,7 +43,8 @@ def _build() -> None:
     ``csrc/`` just in time (raises on any failure)."""
     # setup.py's ahead-of-time build, unless a source changed after it
     prebuilt = sorted(Path(__file__).resolve().parent.glob("_C*.so"))
-    newest_src = max((p.stat().st_mtime for p in _sources()), default=0.0)
+    headers = sorted(CSRC.glob("*.h")) if CSRC.is_dir() else []
+    newest_src = max((p.stat().st_mtime for p in _sources() + headers), default=0.0)
     if prebuilt and prebuilt[0].stat().st_mtime >= newest_src:
         torch.ops.load_library(str(prebuilt[0]))
         _state["why"] = f"prebuilt {prebuilt[0].name}"

@@ -12,7 +12,8 @@ import mmkernels
 from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
-from .reference import dispatch_ref, experts_ref, route_ref
+from .reference import (dispatch_ref, experts_ref, route_ref, routing_keys_ref, routing_weights_ref,
+                        select_experts_ref)
 from tests.conftest import backends
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -21,7 +22,7 @@ needs_cpp = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on thi
 FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_experts", "tile_row_starts", "num_tiles")
 
 
-OPS = ("route_softmax_topk", "top_k_ids", "route_metadata", "experts_forward", "experts_backward",
+OPS = ("route_softmax_topk", "top_k_ids", "simd", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "cache_info", "empty_cache")
 
 
@@ -105,17 +106,56 @@ def test_route_metadata_equals_the_reference_and_the_torch_path(T, E, k, cap, bl
             assert torch.equal(a, ref[name].to(a.dtype)), name
 
 
+@pytest.fixture(params=[True, False], ids=["avx512", "scalar"])
+def router_isa(request):
+    """Each router test twice: with csrc/router_simd.h's AVX-512 row kernel (skipped on a CPU
+    without it) and with the scalar pass only."""
+    assert _cpp.load(), _cpp.status()
+    before = _cpp.ops().simd(-1)
+    if _cpp.ops().simd(int(request.param)) != request.param:
+        _cpp.ops().simd(int(before))
+        pytest.skip("this CPU has no AVX-512: the scalar pass is the one in use")
+    yield request.param
+    _cpp.ops().simd(int(before))
+
+
+def _hard_rows(T: int, E: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """Logits with the rows a router gets wrong: ties, -inf rows, +inf, NaN, +0 / -0."""
+    key = torch.randn(T, E, generator=gen, dtype=dtype) * 3
+    key[::3] = torch.randint(0, 3, (key[::3].shape), generator=gen).to(dtype)  # rows full of ties
+    key[2::7] = float("-inf")
+    key[5::11, : max(1, E // 2)] = float("inf")
+    key[1::5, 0] = float("nan")  # some rows: NaN among -inf (NaN ranks last)
+    key[4::9, -1] = float("nan")
+    key[6::13] = torch.where(torch.rand(key[6::13].shape, generator=gen) < 0.5, 0.0, -0.0).to(dtype)
+    return key
+
+
+@needs_cpp
+@pytest.mark.parametrize("E,k", [(1, 1), (5, 3), (16, 16), (17, 1), (33, 2), (48, 4), (64, 8), (64, 9),
+                                 (100, 8), (128, 16), (256, 8), (300, 4)])
+def test_router_kernel_against_the_reference(E, k, router_isa):
+    """route_softmax_topk and top_k_ids on float32 rows of every register count of the AVX-512
+    kernel (E up to 256, k up to 16; past them the scalar pass) against the float64 reference:
+    ids exactly, weights within float32 softmax rounding, both softmax modes, hard rows included."""
+    gen = torch.Generator().manual_seed(E * 100 + k)
+    logits = _hard_rows(90, E, gen)
+    ids_ref = select_experts_ref(routing_keys_ref(logits), k)
+    assert torch.equal(_cpp.ops().top_k_ids(logits, k), ids_ref)
+    for renormalize in (True, False):
+        w, ids = _cpp.ops().route_softmax_topk(logits, k, renormalize, 2.5)
+        assert torch.equal(ids, ids_ref)
+        want = routing_weights_ref(logits, ids_ref, renormalize=renormalize, routed_scaling=2.5).detach()
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w.double(), want, rtol=2e-6, atol=1e-30, equal_nan=True)
+
+
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 1, 1), (37, 8, 2), (200, 64, 8), (50, 5, 5)])
-def test_top_k_ids_equals_the_stable_order(T, E, k, dtype):
+def test_top_k_ids_equals_the_stable_order(T, E, k, dtype, router_isa):
     gen = torch.Generator().manual_seed(E * 7 + k)
-    key = torch.randn(T, E, generator=gen, dtype=dtype)
-    key[::3] = torch.randint(0, 3, (key[::3].shape), generator=gen).to(dtype)  # rows full of ties
-    key[2::7] = float("-inf")
-    key[1::5, 0] = float("nan")  # some rows: NaN among -inf (NaN ranks last)
-    key[4::9, -1] = float("nan")
-    assert _cpp.load()
+    key = _hard_rows(T, E, gen, dtype)
     got = _cpp.ops().top_k_ids(key, k)
     want = R._best_first(key)[:, :k]
     assert got.dtype == torch.int64 and torch.equal(got, want)
@@ -126,7 +166,7 @@ def test_top_k_ids_equals_the_stable_order(T, E, k, dtype):
 @needs_cpp
 @pytest.mark.parametrize("kw", [{}, dict(renormalize=False), dict(renormalize=False, routed_scaling=2.5),
                                 dict(capacity_factor=1.0), dict(scoring="sigmoid", n_groups=4, topk_groups=2)])
-def test_route_on_both_cpu_impls_against_the_reference(kw):
+def test_route_on_both_cpu_impls_against_the_reference(kw, router_isa):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(200, 16, generator=gen)
     ref = route_ref(logits, 4, block_m=16, **kw)
@@ -138,9 +178,9 @@ def test_route_on_both_cpu_impls_against_the_reference(kw):
         a, b = getattr(out["cpp"], name), getattr(out["torch"], name)
         assert torch.equal(a, b), name
         assert torch.equal(a.cpu().to(ref[name].dtype), ref[name]), name
-    # the C++ router's softmax runs in double, rounded once: within an ulp or two of torch's
-    torch.testing.assert_close(out["cpp"].weights, out["torch"].weights, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(out["cpp"].weights.double(), ref["weights"].detach(), rtol=1e-6, atol=1e-7)
+    # the C++ router's softmax: in double, rounded once, or float32 in the AVX-512 kernel (as torch's)
+    torch.testing.assert_close(out["cpp"].weights, out["torch"].weights, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(out["cpp"].weights.double(), ref["weights"].detach(), rtol=2e-6, atol=1e-7)
 
 
 @needs_cpp

@@ -1,0 +1,178 @@
+// The AVX-512 row kernel of the softmax routers (included by routing.cpp): the top-k columns of one
+// float32 row of E <= 16·C logits, in the order of top_k_rows (descending, ties to the lower
+// column), and their softmax weights — without a branch that depends on the data.
+//
+// 1. Bound: the lane-wise maximum over the C registers is the maximum of 16 strided column groups;
+//    folded down to g >= k groups (g a power of two), the minimum of the g maxima is reached by g
+//    distinct columns, so every top-k column is >= it. Usually about 2k columns pass (the scalar
+//    insertion pass took ~25 hard-to-predict branches a row).
+// 2. Candidates (columns >= bound, in column order) are compressed into at most 4 registers.
+// 3. Each candidate's rank = #candidates above it + #equal ones at a lower column; rank < k is the
+//    output position. Ranks are a permutation, so each position is written once.
+// 4. Weights: exp by a degree-7 polynomial after a Cody–Waite reduction, scaled by vscalefps
+//    (relative error ~1e-7, an ulp or two); max = the top value.
+//
+// A row the kernel does not take (returns false; nothing written) goes to the scalar pass: a NaN,
+// more than 64 candidates (many ties), or a top value of ±inf (the softmax is then NaN or exact
+// zeros, which the double pass gets right).
+//
+// Compiled for AVX-512 with a target attribute and chosen at run time (cpu_has_avx512()), so the
+// library still loads and runs the scalar pass on any x86-64 or non-x86 machine.
+#pragma once
+
+#include <cstdint>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define MMKERNELS_AVX512 1
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+
+namespace mmkernels {
+namespace simd {
+
+#define MMK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi,bmi2,popcnt")))
+
+inline bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  return ok;
+}
+
+// exp(x) for x <= 0 (not NaN): 2^n · e^r, |r| <= ln2/2, e^r by its Taylor polynomial of degree 7
+// (truncation < 6e-9 relative), 2^n by vscalefps (underflows to 0 below -103).
+MMK_AVX512 static inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split: hi exact in n·hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Scatters the n <= 16·R candidates (cv, ci: in column order, padded to 16·R) to their ranks:
+// rank = #candidates above + #equal ones at a lower column (= an earlier candidate). A store to
+// the computed slot instead of a "rank < k" branch, which a random row mispredicts about every
+// other candidate.
+template <int R>
+MMK_AVX512 static inline void rank_candidates(const float* cv, const int32_t* ci, int n, float* chosen,
+                                              int32_t* chosen_id) {
+  __m512 cr[R];
+  __mmask16 valid[R];
+  for (int r = 0; r < R; ++r) {
+    const int rem = n - 16 * r;
+    valid[r] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+    cr[r] = _mm512_load_ps(cv + 16 * r);
+  }
+  for (int p = 0; p < n; ++p) {
+    const __m512 b = _mm512_set1_ps(cv[p]);
+    uint64_t above = 0, equal = 0;
+    for (int r = 0; r < R; ++r) {
+      above |= uint64_t(_mm512_mask_cmp_ps_mask(valid[r], cr[r], b, _CMP_GT_OQ)) << (16 * r);
+      equal |= uint64_t(_mm512_mask_cmp_ps_mask(valid[r], cr[r], b, _CMP_EQ_OQ)) << (16 * r);
+    }
+    const int rank = __builtin_popcountll(above) + __builtin_popcountll(equal & ((uint64_t(1) << p) - 1));
+    chosen_id[rank] = ci[p];
+    chosen[rank] = cv[p];
+  }
+}
+
+// What the softmax weights of one row are: none (ids only), the softmax over the k chosen
+// (renormalised; gpt-oss's softmax after top-k), or the softmax over the whole row, gathered.
+enum class Weights { kNone, kChosen, kRow };
+
+// Row t of the router: ids[0..k) and, unless kNone, w[0..k) = softmax weights · scale.
+// Requires 1 <= k <= 16 and E <= 16·C. Returns false, writing nothing, for the rows of the scalar
+// pass (see the top of this file).
+template <int C>
+MMK_AVX512 static bool route_row(const float* row, int64_t E, int64_t k, Weights weights, float scale,
+                                 int32_t* ids, float* w) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 v[C];
+  __mmask16 live[C];
+  __mmask16 nan = 0;
+  __m512 lane_max = ninf;
+  for (int c = 0; c < C; ++c) {
+    const int64_t rem = E - 16 * c;
+    live[c] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+    v[c] = _mm512_mask_loadu_ps(ninf, live[c], row + 16 * c);
+    nan |= _mm512_mask_cmp_ps_mask(live[c], v[c], v[c], _CMP_UNORD_Q);
+    lane_max = _mm512_max_ps(lane_max, v[c]);
+  }
+  if (nan) return false;
+  // fold the 16 lane maxima (disjoint column groups) to g >= k groups; the min over them bounds
+  // the k-th largest from below (lanes of padding only are -inf: then every column passes)
+  __m512 m = lane_max;
+  if (k <= 8) m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0x4E));
+  if (k <= 4) m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
+  if (k <= 2) m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
+  if (k <= 1) m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xB1));
+  const __m512 bound = _mm512_set1_ps(_mm512_reduce_min_ps(m));
+
+  alignas(64) float cv[64 + 16];
+  alignas(64) int32_t ci[64 + 16];
+  int n = 0;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int c = 0; c < C; ++c) {
+    const __mmask16 pass = _mm512_mask_cmp_ps_mask(live[c], v[c], bound, _CMP_GE_OQ);
+    const int cnt = __builtin_popcount(pass);
+    if (n + cnt > 64) return false;
+    _mm512_storeu_ps(cv + n, _mm512_maskz_compress_ps(pass, v[c]));
+    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(
+                                    pass, _mm512_add_epi32(iota, _mm512_set1_epi32(16 * c))));
+    n += cnt;
+  }
+  const float top = _mm512_reduce_max_ps(lane_max);
+  if (weights != Weights::kNone && !std::isfinite(top)) return false;
+
+  // every rank (< n <= 64) has its slot; the first k are the output
+  alignas(64) float chosen[64];
+  int32_t chosen_id[64];
+  if (n <= 32)  // the register count as a constant: n hovers around 16, a branch on it would not
+    rank_candidates<2>(cv, ci, n, chosen, chosen_id);
+  else
+    rank_candidates<4>(cv, ci, n, chosen, chosen_id);
+  for (int i = 0; i < k; ++i) ids[i] = chosen_id[i];
+  if (weights == Weights::kNone) return true;
+
+  const __mmask16 first_k = __mmask16((1u << k) - 1);
+  const __m512 top_v = _mm512_set1_ps(top);
+  const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_load_ps(first_k, chosen), top_v));
+  float denom;
+  if (weights == Weights::kChosen) {
+    denom = _mm512_mask_reduce_add_ps(first_k, e);
+  } else {
+    __m512 s = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) s = _mm512_add_ps(s, exp_nonpositive(_mm512_sub_ps(v[c], top_v)));  // pads: 0
+    denom = _mm512_reduce_add_ps(s);
+  }
+  _mm512_mask_storeu_ps(w, first_k, _mm512_mul_ps(e, _mm512_set1_ps(scale / denom)));
+  return true;
+}
+
+// route_row for E columns: the instance with the fewest registers that hold them (nullptr past 256).
+using RowFn = bool (*)(const float*, int64_t, int64_t, Weights, float, int32_t*, float*);
+inline RowFn route_row_for(int64_t E) {
+  if (E <= 16) return &route_row<1>;
+  if (E <= 32) return &route_row<2>;
+  if (E <= 48) return &route_row<3>;
+  if (E <= 64) return &route_row<4>;
+  if (E <= 128) return &route_row<8>;
+  if (E <= 256) return &route_row<16>;
+  return nullptr;
+}
+
+#undef MMK_AVX512
+}  // namespace simd
+}  // namespace mmkernels
+#endif
