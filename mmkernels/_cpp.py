@@ -132,8 +132,10 @@ def status(build: bool = False) -> str:
     if _state["ok"]:
         ns = getattr(torch.ops, _NAME)
         have = [fam for fam, op in _FAMILIES.items() if hasattr(ns, op)]
-        return (f"C++ CPU kernels active for {', '.join(have)} ({_state['why']}; selection {_state['impl']!r}); "
-                f"softmax runs ATen's CPU kernels")
+        rows = ("AVX-512 router rows" if hasattr(ns, "simd") and ns.simd(-1)
+                else "scalar router rows (no AVX-512 on this CPU, or switched off)")
+        return (f"C++ CPU kernels active for {', '.join(have)} ({_state['why']}; selection {_state['impl']!r}; "
+                f"{rows}); softmax runs ATen's CPU kernels")
     return f"vectorised-torch CPU path ({_state['why']})"
 
 

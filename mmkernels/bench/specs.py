@@ -691,7 +691,8 @@ class RoutingBench:
     def targets() -> List[Target]:
         """Acceptance targets (GPU; T = 16384, E = 128, k = 8, dropless, softmax routers):
         route + metadata >= 3x the torch composition (both timed alike: ``ratio_nosync``; and the
-        composition with bincount, ``ratio``), in at most 3 launches."""
+        composition with bincount, ``ratio``), in at most 3 launches. CPU (issue 6): >= 3x the
+        torch composition at T = 2048, E = 64, k = 8 (the Qwen3 router)."""
 
         def rows(r: Mapping[str, Any]) -> bool:
             p = r.get("params") or {}
@@ -699,11 +700,18 @@ class RoutingBench:
                     and list(r.get("shape", ())) == [16384, 128] and p.get("k") == 8
                     and r.get("op") in ("mixtral", "qwen3") and not p.get("capacity_factor"))
 
+        def cpu_rows(r: Mapping[str, Any]) -> bool:  # issue 6: the C++ CPU path at the Qwen3 block's shape
+            p = r.get("params") or {}
+            return (r.get("family") == "routing" and r.get("direction") == "fwd" and r.get("op") == "qwen3"
+                    and list(r.get("shape", ())) == [2048, 64] and p.get("k") == 8 and not p.get("capacity_factor"))
+
         size = "(T=16384, E=128, k=8)"
+        cpu = "(CPU, Qwen3 router, T=2048, E=64, k=8, fp32)"
         return [
             Target(f"route + metadata >= 3x the torch composition {size}", "ratio", 3.0, rows),
             Target(f"route + metadata >= 3x the sync-free torch composition {size}", "ratio_nosync", 3.0, rows),
             Target(f"route + metadata in at most 3 launches {size}", "launches", 3, rows, at_most=True),
+            Target(f"route + metadata >= 3x the torch composition {cpu}", "ratio", 3.0, cpu_rows),
         ]
 
 
