@@ -1,10 +1,13 @@
 """mmkernels: fused Triton kernels for the multiplicative modules of neural networks.
 
 Public API (functional): :func:`softmax`, :func:`log_softmax`, :func:`softmin`,
-:func:`softmax_backward`, :func:`bilinear`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
+:func:`softmax_backward`, :func:`bilinear`, :func:`cross_entropy`,
+:func:`attention_module` (:func:`soft_switch`), :func:`hard_switch`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
 """
 from mmkernels._backend import BackendError, get_backend, set_backend, use_backend
+from mmkernels.ops.attention import attention_module, hard_switch, soft_switch
 from mmkernels.ops.bilinear import bilinear
+from mmkernels.ops.cross_entropy import cross_entropy
 from mmkernels.ops.softmax import log_softmax, softmax, softmax_backward, softmin
 from mmkernels import nn  # noqa: E402  (after the ops it wraps)
 
@@ -16,6 +19,10 @@ __all__ = [
     "set_backend",
     "use_backend",
     "bilinear",
+    "attention_module",
+    "soft_switch",
+    "hard_switch",
+    "cross_entropy",
     "softmax",
     "log_softmax",
     "softmin",

@@ -349,3 +349,111 @@ def experts_ref(x, weights, expert_ids, dropped, gate_up, down, b1=None, b2=None
     if not rows:
         return torch.zeros(0, H, dtype=torch.float64) + 0 * x.sum()
     return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The seeds' other modules (issue 7)
+# ----------------------------------------------------------------------------------------------
+
+def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy`` from its definition: the target distribution ``q = (1-ε)·onehot(t) + ε/C``,
+    ``loss_n = -Σ_c q_c · log p_c`` with ``log p = x - log Σ exp x``; rows with ``t == ignore_index``
+    are 0 and left out of the mean. Differentiable w.r.t. ``logits``."""
+    x = _f64_grad(logits)
+    t = target.to("cpu", torch.int64).reshape(-1)
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    N, C = x.shape
+    m = x.detach().amax(dim=1, keepdim=True)
+    logp = x - m - (x - m).exp().sum(dim=1, keepdim=True).log()
+    valid = t != ignore_index
+    q = torch.full((N, C), label_smoothing / C, dtype=torch.float64)
+    rows = valid.nonzero().flatten()
+    q[rows, t[rows]] += 1.0 - label_smoothing
+    loss = -torch.where(q != 0, q * logp, 0.0).sum(dim=1)  # a zero weight on a -inf log p adds nothing
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "mean":
+        return loss.sum() / valid.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss.reshape(target.shape)
+
+
+def attention_module_ref(z, x, mask=None, temperature=1.0):
+    """``s[..., d] = Σ_j p_j · x[..., j, d]`` with ``p = softmax(z / τ)`` over the allowed ``j``
+    (``mask`` True); a row with nothing allowed gives ``s = 0``. Differentiable."""
+    z, x = _f64_grad(z), _f64_grad(x)
+    logits = z / temperature
+    if mask is not None:
+        allowed = mask.to("cpu").expand(z.shape)
+        logits = torch.where(allowed, logits, float("-inf"))
+        any_allowed = allowed.any(dim=-1, keepdim=True)
+        logits = torch.where(any_allowed, logits, 0.0)  # an empty row: finite logits, weights zeroed below
+    e = (logits - logits.detach().amax(dim=-1, keepdim=True)).exp()
+    p = e / e.sum(dim=-1, keepdim=True)
+    if mask is not None:
+        p = torch.where(allowed & any_allowed, p, 0.0)
+    return (p.unsqueeze(-1) * x).sum(dim=-2)
+
+
+def gated_fusion_ref(a, b, weight, bias=None):
+    """Gated fusion (seed 004): ``g = σ([a, b] · Wᵀ + c)``, ``out = g·a + (1 - g)·b``. Differentiable."""
+    a, b, weight = _f64_grad(a), _f64_grad(b), _f64_grad(weight)
+    pre = torch.cat([a, b], dim=-1) @ weight.T
+    if bias is not None:
+        pre = pre + _f64_grad(bias)
+    g = 1.0 / (1.0 + torch.exp(-pre))
+    return g * a + (1.0 - g) * b
+
+
+def cross_entropy_magnitudes(logits, target, grad, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """The size of the terms each result of :func:`cross_entropy_ref` sums (for the assert's
+    ``magnitude``: a loss of ``lse - x_t`` or a gradient of ``p_t - 1`` can cancel to ~0): the loss
+    from ``|lse| + (1-ε)|x_t| + ε/C·Σ|x|``, d logits from ``|g|·(p + (1-ε)·onehot + ε/C)``."""
+    x = _f64(logits)
+    t = target.to("cpu", torch.int64).reshape(-1)
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    N, C = x.shape
+    eps = label_smoothing
+    valid = t != ignore_index
+    safe = torch.where(valid, t, 0)
+    lse = torch.logsumexp(x, dim=1)
+    fin = torch.where(torch.isfinite(x), x.abs(), 0.0)
+    rows = lse.abs() + (1 - eps) * fin.gather(1, safe[:, None]).squeeze(1) + eps / C * fin.sum(1)
+    rows = torch.where(valid, rows, 0.0)
+    g = _f64(grad).reshape(-1)
+    if reduction == "none":
+        loss_mag, g_rows = rows.reshape(target.shape), g.expand(N)
+    elif reduction == "sum":
+        loss_mag, g_rows = rows.sum(), g.expand(N)
+    else:
+        loss_mag, g_rows = rows.sum() / valid.sum(), (g / valid.sum()).expand(N)
+    onehot = torch.zeros(N, C, dtype=torch.float64).scatter_(1, safe[:, None], 1.0 - eps)
+    p = torch.softmax(x, dim=1)
+    grad_mag = torch.where(valid[:, None], g_rows.abs()[:, None] * (p + onehot + eps / C), 0.0)
+    return loss_mag, grad_mag.reshape(logits.shape)
+
+
+def attention_module_magnitudes(z, x, ds, mask=None, temperature=1.0):
+    """The size of the terms behind each result of :func:`attention_module_ref` (they cancel for
+    inputs of mixed sign): ``s`` from ``Σ_j p_j |x_j|``, ``dz`` from ``p_j (|x_j|·|ds| + Σ_i p_i
+    |x_i|·|ds|) / τ``; ``dx = p ⊗ ds`` does not cancel."""
+    with torch.no_grad():
+        p = attention_module_ref(z, torch.eye(z.shape[-1], dtype=torch.float64).expand(*z.shape, z.shape[-1]),
+                                 mask, temperature)  # s with x = identity rows: the weights p
+        ax, ads = _f64(x).abs(), _f64(ds).abs()
+        s_mag = (p.unsqueeze(-1) * ax).sum(-2)
+        a = (ax * ads.unsqueeze(-2)).sum(-1)
+        dz_mag = p * (a + (s_mag * ads).sum(-1, keepdim=True)) / temperature
+    return s_mag, dz_mag
+
+
+def hard_switch_ref(z, x):
+    """``x[..., argmax z, :]`` row by row (ties to the lowest index), float64."""
+    z, x = _f64(z), _f64(x)
+    J, D = z.shape[-1], x.shape[-1]
+    zr, xr = z.reshape(-1, J), x.reshape(-1, J, D)
+    out = torch.stack([xr[r, max(range(J), key=lambda j: (zr[r, j].item(), -j))] for r in range(zr.shape[0])]) \
+        if zr.shape[0] else torch.zeros(0, D, dtype=torch.float64)
+    return out.reshape(*z.shape[:-1], D)

@@ -81,3 +81,12 @@ def collapsed_strides(t: torch.Tensor, plan: ReductionPlan) -> Optional[Tuple[in
 def max_offset(t: torch.Tensor) -> int:
     """Largest element offset reachable from ``t``'s data pointer."""
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def split_float(name: str, value: float) -> dict:
+    """``value`` as two float32 kernel arguments ``{name}_hi`` + ``{name}_lo`` (Triton passes Python
+    floats as float32; a float64 kernel adds the two and gets ~48 bits of ``value``)."""
+    import struct
+
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return {f"{name}_hi": hi, f"{name}_lo": value - hi}

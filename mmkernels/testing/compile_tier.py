@@ -692,12 +692,88 @@ def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]
     return jobs
 
 
+_CROSS_ENTROPY_MODULE = "mmkernels._triton.cross_entropy"
+_CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel")
+
+
+def _cross_entropy_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """The cross-entropy kernels as :mod:`mmkernels.ops.cross_entropy` launches them (forward and
+    backward on meta tensors): every config of ``launch_configs`` (C = 1 .. 4096 and 32000) in fp32
+    with label smoothing; at C = 32000 also bf16 and fp16 logits, fp64, no smoothing, smoothing 1,
+    and int64 offsets (2**17 rows)."""
+    import torch
+
+    from mmkernels._triton import cross_entropy as K
+    from mmkernels.ops import cross_entropy as CE
+
+    entries = []
+    with _recorded_launches(K, _CROSS_ENTROPY_KERNELS) as calls:
+        def launches(N, C, variant, dtype=torch.float32, eps=0.1):
+            x = torch.empty((N, C), dtype=dtype, device="meta")
+            t = torch.empty((N,), dtype=torch.int64, device="meta")
+            start = len(calls)
+            loss, lse = CE._triton_forward(x, t, -100, eps)
+            g = torch.empty((), dtype=lse.dtype, device="meta").reshape(1).expand(N)
+            CE._triton_backward(x, t, lse, g, -100, eps, torch.empty_like(x))
+            entries.extend(tuple(c) + (variant, f"BLOCK_C={CE.resolve_config(C).block_c}", None)
+                           for c in calls[start:])
+
+        for cfg in CE.launch_configs():
+            launches(64, cfg.block_c, "fp32 smoothing")
+        launches(64, 32000, "fp32 smoothing")
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):
+            launches(64, 32000, f"{str(dtype)[6:]}", dtype)
+        launches(64, 32000, "fp32 no smoothing", eps=0.0)
+        launches(64, 32000, "fp32 smoothing 1", eps=1.0)
+        launches(1 << 17, 32000, "fp32 int64 offsets")
+    return _jobs_from_launches("cross_entropy", _CROSS_ENTROPY_MODULE, entries, targets)
+
+
+_ATTENTION_MODULE = "mmkernels._triton.attention"
+_ATTENTION_KERNELS = ("attention_fwd_kernel", "attention_bwd_kernel")
+
+
+def _attention_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """The attention-module kernels as :mod:`mmkernels.ops.attention` launches them (forward and
+    backward on meta tensors): every config of ``launch_configs`` (J = 1 .. MAX_J, D = 1 .. 4096)
+    in fp32 with a mask; at J = 8, D = 512 and at J = MAX_J also bf16, fp16 and fp64, no mask, and
+    int64 offsets."""
+    import torch
+
+    from mmkernels._triton import attention as K
+    from mmkernels.ops import attention as A
+
+    entries = []
+    with _recorded_launches(K, _ATTENTION_KERNELS) as calls:
+        def launches(R, J, D, variant, dtype=torch.float32, masked=True):
+            z = torch.empty((R, J), dtype=dtype, device="meta")
+            x = torch.empty((R, J, D), dtype=dtype, device="meta")
+            mask = torch.empty((R, J), dtype=torch.bool, device="meta") if masked else None
+            start = len(calls)
+            s, lse = A._triton_forward(z, x, mask, 0.5)
+            A._triton_backward(z, x, mask, s, lse, torch.empty_like(s), 0.5)
+            cfg = A.resolve_config(J, D)
+            entries.extend(tuple(c) + (variant, f"BLOCK_J={cfg.block_j} BLOCK_D={cfg.block_d}", None)
+                           for c in calls[start:])
+
+        for cfg in A.launch_configs():
+            launches(64, cfg.block_j, cfg.block_d, "fp32 mask")
+        for J, D in ((8, 512), (A.MAX_J, 64)):
+            for dtype in (torch.bfloat16, torch.float16, torch.float64):
+                launches(64, J, D, str(dtype)[6:], dtype)
+            launches(64, J, D, "fp32 no mask", masked=False)
+            launches((1 << 31) // (J * D) + 1, J, D, "fp32 int64 offsets")
+    return _jobs_from_launches("attention", _ATTENTION_MODULE, entries, targets)
+
+
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
 FAMILIES: Dict[str, Family] = {
     "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
     "bilinear": Family("bilinear", _BILINEAR_MODULE, _bilinear_jobs),
     "routing": Family("routing", _ROUTING_MODULE, _routing_jobs),
     "experts": Family("experts", _EXPERTS_MODULE, _experts_jobs),
+    "cross_entropy": Family("cross_entropy", _CROSS_ENTROPY_MODULE, _cross_entropy_jobs),
+    "attention": Family("attention", _ATTENTION_MODULE, _attention_jobs),
 }
 
 
