@@ -2,12 +2,13 @@
 
 Public API (functional): :func:`softmax`, :func:`log_softmax`, :func:`softmin`,
 :func:`softmax_backward`, :func:`bilinear`, :func:`cross_entropy`,
-:func:`attention_module` (:func:`soft_switch`), :func:`hard_switch`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
+:func:`attention_module` (:func:`soft_switch`), :func:`hard_switch`, :func:`gated_fusion`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
 """
 from mmkernels._backend import BackendError, get_backend, set_backend, use_backend
 from mmkernels.ops.attention import attention_module, hard_switch, soft_switch
 from mmkernels.ops.bilinear import bilinear
 from mmkernels.ops.cross_entropy import cross_entropy
+from mmkernels.ops.gating import gated_fusion
 from mmkernels.ops.softmax import log_softmax, softmax, softmax_backward, softmin
 from mmkernels import nn  # noqa: E402  (after the ops it wraps)
 
@@ -23,6 +24,7 @@ __all__ = [
     "soft_switch",
     "hard_switch",
     "cross_entropy",
+    "gated_fusion",
     "softmax",
     "log_softmax",
     "softmin",

@@ -457,3 +457,17 @@ def hard_switch_ref(z, x):
     out = torch.stack([xr[r, max(range(J), key=lambda j: (zr[r, j].item(), -j))] for r in range(zr.shape[0])]) \
         if zr.shape[0] else torch.zeros(0, D, dtype=torch.float64)
     return out.reshape(*z.shape[:-1], D)
+
+
+def gated_fusion_magnitudes(a, b, weight, dout):
+    """Sizes of the terms behind :func:`gated_fusion_ref`'s results (``a - b`` and the GEMM sums
+    cancel for mixed signs): out from ``|a| + |b|``; da, db from ``|dout| + |dpre|·|W|``; dW from
+    ``|dpre|ᵀ·[|a|, |b|]`` with ``|dpre| = |dout|·(|a| + |b|)/4`` (σ' <= 1/4)."""
+    a, b, w, dout = _f64(a), _f64(b), _f64(weight), _f64(dout)
+    D = a.shape[-1]
+    dpre = dout.abs() * (a.abs() + b.abs()) / 4
+    ab = torch.cat([a.abs(), b.abs()], dim=-1)
+    dab = dout.abs().repeat_interleave(1, -1)
+    return {"out": a.abs() + b.abs(),
+            "a": dab + dpre @ w[:, :D].abs(), "b": dab + dpre @ w[:, D:].abs(),
+            "weight": dpre.reshape(-1, D).T @ ab.reshape(-1, 2 * D), "bias": dpre.reshape(-1, D).sum(0)}

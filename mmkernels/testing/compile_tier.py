@@ -766,6 +766,36 @@ def _attention_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Jo
     return _jobs_from_launches("attention", _ATTENTION_MODULE, entries, targets)
 
 
+_GATING_MODULE = "mmkernels._triton.gating"
+_GATING_KERNELS = ("gated_blend_fwd_kernel", "gated_blend_bwd_kernel")
+
+
+def _gating_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """The gate-blend kernels as :mod:`mmkernels.ops.gating` launches them (forward and backward on
+    meta tensors; one config): fp32, bf16, fp16, fp64, strided pathways, int64 offsets."""
+    import torch
+
+    from mmkernels._triton import gating as K
+    from mmkernels.ops import gating as G
+
+    entries = []
+    with _recorded_launches(K, _GATING_KERNELS) as calls:
+        def launches(R, D, variant, dtype=torch.float32, strided=False):
+            a = torch.empty((R, D), dtype=dtype, device="meta")
+            b = torch.empty((D, R), dtype=dtype, device="meta").t() if strided else torch.empty_like(a)
+            pre = torch.empty_like(a)
+            start = len(calls)
+            out = G._triton_forward(pre, a, b)
+            G._triton_backward(torch.empty_like(out), pre, a, b)
+            entries.extend(tuple(c) + (variant, f"BLOCK={G.BLOCK}", None) for c in calls[start:])
+
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            launches(4096, 1024, str(dtype)[6:], dtype)
+        launches(4096, 1024, "fp32 strided b", strided=True)
+        launches(1 << 20, 4096, "fp32 int64 offsets")
+    return _jobs_from_launches("gating", _GATING_MODULE, entries, targets)
+
+
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
 FAMILIES: Dict[str, Family] = {
     "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
@@ -774,6 +804,7 @@ FAMILIES: Dict[str, Family] = {
     "experts": Family("experts", _EXPERTS_MODULE, _experts_jobs),
     "cross_entropy": Family("cross_entropy", _CROSS_ENTROPY_MODULE, _cross_entropy_jobs),
     "attention": Family("attention", _ATTENTION_MODULE, _attention_jobs),
+    "gating": Family("gating", _GATING_MODULE, _gating_jobs),
 }
 
 
