@@ -471,3 +471,16 @@ def gated_fusion_magnitudes(a, b, weight, dout):
     return {"out": a.abs() + b.abs(),
             "a": dab + dpre @ w[:, :D].abs(), "b": dab + dpre @ w[:, D:].abs(),
             "weight": dpre.reshape(-1, D).T @ ab.reshape(-1, 2 * D), "bias": dpre.reshape(-1, D).sum(0)}
+
+
+def dense_moe_ref(x, gate_weight, gate_up, down, activation="silu"):
+    """``y_t = Σ_e softmax(W_g x_t)_e · down_e(act(gate_e x_t) · up_e x_t)``, expert by expert in
+    float64. Differentiable."""
+    x, gw, gate_up, down = (_f64_grad(t) for t in (x, gate_weight, gate_up, down))
+    p = _softmax_rows(x @ gw.T)
+    I = gate_up.shape[1] // 2
+    out = torch.zeros_like(x)
+    for e in range(gw.shape[0]):
+        h = x @ gate_up[e].T
+        out = out + p[:, e:e + 1] * (_gated_ref(h[:, :I], h[:, I:], activation, 1.702, 7.0) @ down[e].T)
+    return out

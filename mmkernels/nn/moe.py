@@ -181,3 +181,15 @@ class MoE(torch.nn.Module):
         shared = f", shared_expert_size={self.shared_expert.gate_proj.out_features}" if self.shared_expert is not None else ""
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}{shared}{extra}")
+
+
+class DenseMoE(MoE):
+    r"""Dense mixture of experts (seed 004): ``y = Σ_e softmax(gate(x))_e · expert_e(x)`` over all
+    ``num_experts`` — a :class:`MoE` with ``top_k = num_experts`` and the softmax over every expert
+    (``renormalize=False``), so the same kernels (no per-expert loop), parameters and
+    :class:`MoEOutput`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *, activation: str = "silu",
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(hidden_size, intermediate_size, num_experts, num_experts, renormalize=False,
+                         activation=activation, bias=bias, device=device, dtype=dtype)

@@ -797,3 +797,34 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
         triton = False  # nothing to launch: the CPU path's torch ops give the empty result and zero grads
     return ExpertsFunction.apply(hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
                                  routing, spec, triton)
+
+
+def dense_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, gate_up_proj: torch.Tensor,
+              down_proj: torch.Tensor, *, activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,
+              down_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""Dense mixture of experts (seed 004): ``y = Σ_e softmax(x·W_gᵀ)_e · expert_e(x)`` over every
+    expert, ``expert_e(x) = down_e(act(gate_e x) · up_e x)``.
+
+    The MoE kernels with ``k = E``: :func:`mmkernels.moe.route` (``renormalize=False``: the softmax
+    over all experts, differentiable) and :func:`experts` (each expert's grouped GEMM over all
+    ``T`` tokens) — no per-expert Python loop.
+
+    Args:
+        hidden_states: ``(T, H)``; gate_weight: ``(E, H)`` the gate's linear layer (no bias);
+        gate_up_proj ``(E, 2I, H)``, down_proj ``(E, H, I)``, activation and biases as in :func:`experts`.
+
+    Returns:
+        ``(T, H)`` in ``hidden_states``' dtype.
+    """
+    from mmkernels.ops import routing as _routing
+
+    _check_tensor("gate_weight", gate_weight)
+    if gate_weight.dim() != 2 or gate_weight.shape[1] != hidden_states.shape[-1]:
+        raise ValueError(f"gate_weight must be (E, H) with H = hidden_states.shape[-1] = {hidden_states.shape[-1]}, "
+                         f"got {tuple(gate_weight.shape)}")
+    E = gate_weight.shape[0]
+    logits = torch.nn.functional.linear(hidden_states, gate_weight)
+    T = hidden_states.shape[0]
+    routing = _routing.route(logits, E, renormalize=False, block_m=_routing.suggest_block_m(T, E, E))
+    return experts(hidden_states, routing, gate_up_proj, down_proj, activation=activation,
+                   gate_up_bias=gate_up_bias, down_bias=down_bias)
