@@ -100,7 +100,8 @@ def load_references(dry_run: bool):
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         missing = [n for n in ("softmax_ref", "log_softmax_ref", "softmin_ref", "softmax_backward_ref",
-                               "bilinear_ref", "bilinear_grads_ref", "route_ref", "experts_ref")
+                               "bilinear_ref", "bilinear_grads_ref", "route_ref", "experts_ref",
+                               "cross_entropy_ref", "attention_module_ref", "gated_fusion_ref")
                    if not hasattr(mod, n)]
         if not missing:
             return mod, "tests/reference.py (float64)"
@@ -138,7 +139,7 @@ def dry_run_cases():
     kernels), a reduction over a non-last dim, every op, fp32 and fp16; one bilinear case (fp32,
     forward and forward+backward; more rows than the 4096-element check bound allows, so the
     check's row sample runs); three routing cases (softmax, grouped sigmoid, capacity drops); one
-    experts case (odd sizes)."""
+    experts case (odd sizes); one case of each of issue 7's modules."""
     import torch
 
     from mmkernels.ops.softmax import MAX_FUSED_N
@@ -158,6 +159,10 @@ def dry_run_cases():
         Case("routing", "deepseek", (24, 32), f32, frozenset({"dry-run"}), {"k": 4, "n_groups": 4, "topk_groups": 2}),
         Case("routing", "qwen3", (33, 8), f16, frozenset({"dry-run"}), {"k": 2, "capacity_factor": 1.0}),
         Case("experts", "qwen3", (40,), f32, frozenset({"dry-run"}), {"H": 24, "I": 40, "E": 4, "k": 2}),
+        Case("modules", "cross_entropy", (16, 300), f32, frozenset({"dry-run"}), {"label_smoothing": 0.1}),
+        Case("modules", "attention", (8, 5, 33), f32, frozenset({"dry-run"})),
+        Case("modules", "gated_fusion", (10, 24), f32, frozenset({"dry-run"})),
+        Case("modules", "gated_blend", (10, 24), f16, frozenset({"dry-run"})),
     ]
 
 

@@ -160,6 +160,22 @@ class TorchReferences:
     name = "torch float64 (the baseline computed in float64)"
 
     @staticmethod
+    def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+        return torch.nn.functional.cross_entropy(logits.double(), target.long(), ignore_index=ignore_index,
+                                                 reduction=reduction, label_smoothing=label_smoothing)
+
+    @staticmethod
+    def attention_module_ref(z, x, mask=None, temperature=1.0):
+        return torch.einsum("rj,rjd->rd", torch.softmax(z.double() / temperature, dim=-1), x.double())
+
+    @staticmethod
+    def gated_fusion_ref(a, b, weight, bias=None):
+        a, b = a.double(), b.double()
+        g = torch.sigmoid(torch.nn.functional.linear(torch.cat([a, b], dim=-1), weight.double(),
+                                                     None if bias is None else bias.double()))
+        return g * a + (1 - g) * b
+
+    @staticmethod
     def softmax_ref(x, dim):
         return torch.softmax(x.double(), dim)
 
@@ -938,13 +954,140 @@ class ExpertsBench:
 
 
 # ----------------------------------------------------------------------------------------------
+# The seeds' other modules (issue 7)
+# ----------------------------------------------------------------------------------------------
+
+
+def _grads(fn: Callable[[Inputs], torch.Tensor], wrt: Sequence[str], upstream: Optional[str]):
+    """forward + backward of ``fn``: (its output, d output / d each of ``wrt``), the incoming
+    gradient from input ``upstream`` (None: a scalar loss)."""
+    def call(i: Inputs) -> Outputs:
+        leaves = {n: i[n].detach().requires_grad_() for n in wrt}
+        out = fn({**i, **leaves})
+        grads = torch.autograd.grad(out, [leaves[n] for n in wrt], None if upstream is None else i[upstream])
+        return (out.detach(),) + tuple(grads)
+    return call
+
+
+def _eager_attention(i: Inputs) -> torch.Tensor:
+    p = torch.softmax(i["z"].float() if i["z"].dtype != torch.float64 else i["z"], dim=-1)
+    return torch.einsum("rj,rjd->rd", p, i["x"].to(p.dtype)).to(i["x"].dtype)
+
+
+def _eager_gated(i: Inputs) -> torch.Tensor:
+    g = torch.sigmoid(torch.nn.functional.linear(torch.cat([i["a"], i["b"]], dim=-1), i["weight"], i["bias"]))
+    return g * i["a"] + (1 - g) * i["b"]
+
+
+from mmkernels.ops.gating import GatedBlendFunction  # noqa: E402 - the blend alone (gated_blend)
+
+
+class ModulesBench:
+    """Bench spec of the seeds' other modules (issue 7), forward + backward each:
+
+    * ``cross_entropy`` (N, C): ours :func:`mmkernels.cross_entropy` vs ``F.cross_entropy`` (label
+      smoothing, every 16th row ignored); outputs loss and d logits. Bytes: the logits read twice
+      and d logits written (forward reads once, backward reads and writes).
+    * ``attention`` (R, J, D): :func:`mmkernels.attention_module` vs softmax + einsum; outputs s,
+      dz, dx. Minimum traffic: forward reads z, x and writes s; backward reads z, x, s, ds, writes
+      dz, dx.
+    * ``gated_fusion`` (R, D): :func:`mmkernels.gated_fusion` vs cat + linear + sigmoid + blend;
+      outputs out, da, db, d weight, d bias; useful FLOPs: the gate's GEMMs (3 x 4·R·D² forward +
+      backward). Bytes: the blend's minimum, as below.
+    * ``gated_blend`` (R, D): the fused blend alone (``ops.gating.GatedBlendFunction``) vs
+      ``lerp(b, a, sigmoid(pre))`` under autograd; outputs out, dpre, da, db. Minimum traffic 11
+      tensors (forward pre, a, b, out; backward dout, pre, a, b, da, db, dpre).
+
+    The float64 references: ``refs``' ``cross_entropy_ref``, ``attention_module_ref`` and
+    ``gated_fusion_ref`` (``tests/reference.py`` in the GPU suite), differentiated by autograd; the
+    blend's is ``lerp`` and ``sigmoid`` in float64.
+    """
+
+    family = "modules"
+
+    @classmethod
+    def variants(cls, case: Case, refs=TorchReferences, compile_baseline: bool = False) -> List[Variant]:
+        import mmkernels
+
+        esize = torch.empty((), dtype=case.dtype).element_size()
+        everything = lambda names: (lambda inputs, max_elems, gen: [  # noqa: E731 - whole outputs
+            CheckSample(inputs, names, lambda n, t: t)])
+        if case.op == "cross_entropy":
+            N, C = case.shape
+            eps = float(case.params.get("label_smoothing", 0.0))
+            ours = _grads(lambda i: mmkernels.cross_entropy(i["logits"], i["target"].long(), label_smoothing=eps),
+                          ("logits",), None)
+            eager = _grads(lambda i: torch.nn.functional.cross_entropy(i["logits"], i["target"].long(),
+                                                                      label_smoothing=eps), ("logits",), None)
+            ref = _grads(lambda i: refs.cross_entropy_ref(i["logits"], i["target"].long(), label_smoothing=eps),
+                         ("logits",), None)
+            names, outputs = ("logits", "target"), ("loss", "dlogits")
+            nbytes, flops = 3 * N * C * esize, None
+        elif case.op == "attention":
+            R, J, D = case.shape
+            ours = _grads(lambda i: mmkernels.attention_module(i["z"], i["x"]), ("z", "x"), "ds")
+            eager = _grads(_eager_attention, ("z", "x"), "ds")
+            ref = _grads(lambda i: refs.attention_module_ref(i["z"], i["x"]), ("z", "x"), "ds")
+            names, outputs = ("z", "x", "ds"), ("s", "dz", "dx")
+            nbytes, flops = (2 * R * J + 2 * R * J * D + 3 * R * D + R * J * D + R * J) * esize, None
+        elif case.op == "gated_fusion":
+            R, D = case.shape
+            ours = _grads(lambda i: mmkernels.gated_fusion(i["a"], i["b"], i["weight"], i["bias"]),
+                          ("a", "b", "weight", "bias"), "dout")
+            eager = _grads(_eager_gated, ("a", "b", "weight", "bias"), "dout")
+            ref = _grads(lambda i: refs.gated_fusion_ref(i["a"], i["b"], i["weight"], i["bias"]),
+                         ("a", "b", "weight", "bias"), "dout")
+            names, outputs = ("a", "b", "weight", "bias", "dout"), ("out", "da", "db", "dweight", "dbias")
+            nbytes, flops = 11 * R * D * esize, 3 * 2 * R * (2 * D) * D
+        elif case.op == "gated_blend":
+            R, D = case.shape
+            ours = _grads(lambda i: GatedBlendFunction.apply(i["pre"], i["a"], i["b"]), ("pre", "a", "b"), "dout")
+            eager = _grads(lambda i: torch.lerp(i["b"], i["a"], torch.sigmoid(i["pre"])), ("pre", "a", "b"), "dout")
+            ref = eager  # σ and a lerp: the eager ops in float64
+            names, outputs = ("pre", "a", "b", "dout"), ("out", "dpre", "da", "db")
+            nbytes, flops = 11 * R * D * esize, None
+        else:
+            raise KeyError(f"modules family has no op {case.op!r}")
+        baselines = {"eager": eager}
+        if compile_baseline:
+            baselines["compile"] = compiled(lambda *ts: eager(dict(zip(names, ts)))[0], names)
+        fb = Variant(case=case, direction="fwd+bwd", ours=ours, baselines=baselines,
+                     reference=ref,
+                     prepare=lambda raw: {n: raw[n] for n in names}, bytes_moved=nbytes, passes=None,
+                     reduced_dims=(), outputs=outputs, flops=flops, check_samples=everything(outputs),
+                     shape_text="x".join(map(str, case.shape)))
+        return [fb]
+
+    @staticmethod
+    def targets() -> List[Target]:
+        """Issue 7's GPU targets: the attention module and gated fusion at >= 80% of the copy
+        bandwidth on their minimum traffic (forward + backward here), cross-entropy >= 2x
+        F.cross_entropy forward + backward at (8192, 32000) bf16."""
+
+        def rows(op: str, shape, dtype: Optional[str] = None):
+            def applies(r: Mapping[str, Any]) -> bool:
+                return (r.get("family") == "modules" and r.get("op") == op and list(r.get("shape", ())) == list(shape)
+                        and (dtype is None or r.get("dtype") == dtype))
+            return applies
+
+        return [
+            Target("attention module fwd+bwd >= 80% of copy bandwidth (65536 x 8 x 512, GPU)", "frac_copy", 0.80,
+                   rows("attention", (65536, 8, 512))),
+            Target("gated fusion blend fwd+bwd >= 80% of copy bandwidth (65536 x 1024, GPU)", "frac_copy", 0.80,
+                   rows("gated_blend", (65536, 1024))),
+            Target("cross-entropy fwd+bwd >= 2x F.cross_entropy (8192 x 32000 bf16, GPU)", "ratio", 2.0,
+                   rows("cross_entropy", (8192, 32000), "bfloat16")),
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
 # Every family
 # ----------------------------------------------------------------------------------------------
 
 
 #: Bench spec of each op family, by registry family name.
 FAMILIES: Dict[str, Any] = {"softmax": SoftmaxBench, "bilinear": BilinearBench, "routing": RoutingBench,
-                            "experts": ExpertsBench}
+                            "experts": ExpertsBench, "modules": ModulesBench}
 
 
 def variants_for(case: Case, refs=None, compile_baseline: bool = False) -> List[Variant]:

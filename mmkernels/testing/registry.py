@@ -345,3 +345,50 @@ _experts("qwen3_cpu", 2048, torch.float32, {"bench"})
 for _T in (16384, 64, 1024):
     for _name in ("qwen3", "mixtral", "olmoe"):
         _experts(_name, _T, torch.bfloat16, {"gpu"})
+
+
+# ----------------------------------------------------------------------------------------------
+# modules family (issue 7: the seeds' other modules): ops cross_entropy (shape (N, C); inputs
+# logits, target with every 16th row ignored), attention (shape (R, J, D); inputs z, x, ds),
+# gated_fusion (shape (R, D); inputs a, b, weight (D, 2D), bias (D,), dout), gated_blend (the
+# fused blend alone; inputs pre, a, b, dout)
+# ----------------------------------------------------------------------------------------------
+
+@register_builder("modules")
+def _modules_inputs(case: Case, device: torch.device, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    if case.op == "cross_entropy":
+        N, C = case.shape
+        target = torch.randint(0, C, (N,), generator=gen, device=gen.device)
+        target[::16] = -100
+        return {"logits": _randn((N, C), case.dtype, device, gen, 2.0), "target": target.to(device)}
+    if case.op == "attention":
+        R, J, D = case.shape
+        return {"z": _randn((R, J), case.dtype, device, gen, 2.0), "x": _randn((R, J, D), case.dtype, device, gen),
+                "ds": _randn((R, D), case.dtype, device, gen)}
+    if case.op == "gated_fusion":
+        R, D = case.shape
+        return {"a": _randn((R, D), case.dtype, device, gen), "b": _randn((R, D), case.dtype, device, gen),
+                "weight": _randn((D, 2 * D), case.dtype, device, gen, (2 * D) ** -0.5),
+                "bias": _randn((D,), case.dtype, device, gen), "dout": _randn((R, D), case.dtype, device, gen)}
+    if case.op == "gated_blend":
+        R, D = case.shape
+        return {n: _randn((R, D), case.dtype, device, gen, 2.0 if n == "pre" else 1.0) for n in ("pre", "a", "b", "dout")}
+    raise KeyError(f"modules family has no op {case.op!r}")
+
+
+def _module(op, shape, dtype, tags, **params):
+    return register(Case("modules", op, tuple(shape), dtype, frozenset(tags), params))
+
+
+# the main job on CPU (sizes of well under a second a call)
+_module("cross_entropy", (1024, 32000), torch.float32, {"bench"}, label_smoothing=0.1)
+_module("attention", (4096, 8, 256), torch.float32, {"bench"})
+_module("gated_fusion", (8192, 512), torch.float32, {"bench"})
+_module("gated_blend", (8192, 512), torch.float32, {"bench"})
+# the GPU suite: issue 7's acceptance sizes
+_module("cross_entropy", (8192, 32000), torch.bfloat16, {"gpu"}, label_smoothing=0.1)
+_module("cross_entropy", (8192, 32000), torch.float32, {"gpu"}, label_smoothing=0.1)
+for _dt in (torch.float32, torch.bfloat16):
+    _module("attention", (65536, 8, 512), _dt, {"gpu"})
+    _module("gated_fusion", (65536, 1024), _dt, {"gpu"})
+    _module("gated_blend", (65536, 1024), _dt, {"gpu"})
