@@ -484,3 +484,60 @@ def dense_moe_ref(x, gate_weight, gate_up, down, activation="silu"):
         h = x @ gate_up[e].T
         out = out + p[:, e:e + 1] * (_gated_ref(h[:, :I], h[:, I:], activation, 1.702, 7.0) @ down[e].T)
     return out
+
+
+PRODUCT_EPS_REF = 2.0 ** -100  # the documented clamp of |x| in mmkernels.product_unit
+
+
+def product_unit_ref(x, weight, out_weight=None):
+    """``p_j = Re Π_i x_i^{w_ji}`` by complex powers (principal branch: a negative x is
+    ``|x|·e^{iπ}``), ``|x| < 2^-100`` replaced by ``+2^-100`` (zero gradient there); then
+    ``o = p·vᵀ``. Differentiable."""
+    x, w = _f64_grad(x), _f64_grad(weight)
+    xc = torch.where(x.abs() < PRODUCT_EPS_REF, torch.full_like(x, PRODUCT_EPS_REF), x)
+    powers = torch.pow(xc.to(torch.complex128).unsqueeze(-2), w.to(torch.complex128))  # (..., J, I)
+    p = torch.real(powers.prod(dim=-1))
+    return p if out_weight is None else p @ _f64_grad(out_weight).T
+
+
+def product_unit_magnitudes(x, weight, dp):
+    """Sizes behind the product unit's d x and d W (sums of ``±dA·log|x|`` cancel): from
+    ``|dA| = |dp|·|p|``-like terms: ``|dp|·e^A`` times ``|W|`` (dx, over |x|) and ``|log|x|| + π``
+    (dW)."""
+    x, w, dp = _f64(x), _f64(weight), _f64(dp)
+    lg = torch.log(x.abs().clamp_min(PRODUCT_EPS_REF))
+    ea = torch.exp(lg @ w.T)
+    t = dp.abs() * ea * (1 + math.pi)
+    dx = (t @ w.abs()) / x.abs().clamp_min(PRODUCT_EPS_REF)
+    dw = t.reshape(-1, t.shape[-1]).T @ (lg.abs() + 1).reshape(-1, x.shape[-1])
+    return dx, dw
+
+
+def sigma_pi_unit_ref(z, conjuncts, weight, bias=None):
+    """``o_k = Σ_q w_kq Π_{i∈q, i>=0} z_i + b_k``, conjunct by conjunct. Differentiable."""
+    z, w = _f64_grad(z), _f64_grad(weight)
+    feats = []
+    for q in conjuncts.tolist():
+        f = torch.ones(z.shape[:-1], dtype=torch.float64)
+        for i in q:
+            if i >= 0:
+                f = f * z[..., i]
+        feats.append(f)
+    out = torch.stack(feats, dim=-1) @ w.T
+    return out if bias is None else out + _f64_grad(bias)
+
+
+def pi_sigma_ref(z, weight, bias=None):
+    """``o_k = Π_s (w_ks·z + b_ks)`` (no activation), unit by unit. Differentiable."""
+    z, w = _f64_grad(z), _f64_grad(weight)
+    K, S, _ = w.shape
+    outs = []
+    for k in range(K):
+        acc = torch.ones(z.shape[:-1], dtype=torch.float64)
+        for s in range(S):
+            h = (z * w[k, s]).sum(-1)
+            if bias is not None:
+                h = h + _f64_grad(bias)[k, s]
+            acc = acc * h
+        outs.append(acc)
+    return torch.stack(outs, dim=-1)

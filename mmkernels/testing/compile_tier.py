@@ -796,6 +796,39 @@ def _gating_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
     return _jobs_from_launches("gating", _GATING_MODULE, entries, targets)
 
 
+_PRODUCT_MODULE = "mmkernels._triton.product"
+_PRODUCT_KERNELS = ("product_terms_kernel", "product_dweight_kernel")
+
+
+def _product_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
+    """The product-unit kernels as :mod:`mmkernels.ops.product` launches them (forward terms and
+    the weight gradient on meta tensors; one tile config): fp32, bf16 and fp16 inputs (fp32 math),
+    fp64, a transposed x."""
+    import torch
+
+    from mmkernels._triton import product as K
+    from mmkernels.ops import product as P
+
+    entries = []
+    with _recorded_launches(K, _PRODUCT_KERNELS) as calls:
+        def launches(variant, dtype=torch.float32, transposed=False):
+            x = torch.empty((512, 256), dtype=dtype, device="meta")
+            if transposed:
+                x = torch.empty((256, 512), dtype=dtype, device="meta").t()
+            w = torch.empty((128, 256), dtype=dtype, device="meta")
+            start = len(calls)
+            a, b = P._triton_terms(x, w)
+            P._triton_dweight(x, a, b, w.dtype)
+            cfg = P.resolve_config(1, 1, 1)
+            entries.extend(tuple(c) + (variant, f"BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k}", None)
+                           for c in calls[start:])
+
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            launches(str(dtype)[6:], dtype)
+        launches("fp32 transposed x", transposed=True)
+    return _jobs_from_launches("product", _PRODUCT_MODULE, entries, targets)
+
+
 #: Every op family the compile tier covers. A new family adds its kernel module and job builder.
 FAMILIES: Dict[str, Family] = {
     "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
@@ -805,6 +838,7 @@ FAMILIES: Dict[str, Family] = {
     "cross_entropy": Family("cross_entropy", _CROSS_ENTROPY_MODULE, _cross_entropy_jobs),
     "attention": Family("attention", _ATTENTION_MODULE, _attention_jobs),
     "gating": Family("gating", _GATING_MODULE, _gating_jobs),
+    "product": Family("product", _PRODUCT_MODULE, _product_jobs),
 }
 
 

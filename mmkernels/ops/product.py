@@ -1,0 +1,280 @@
+"""Product units, sigma-pi units with sparse conjuncts, and the pi-sigma network (the seeds'
+multiplicative units beyond the bilinear form).
+
+* :func:`product_unit` — ``o_k = Σ_j v_kj Π_i x_i^{w_ji}`` in log space (Durbin & Rumelhart): one
+  fused Triton kernel builds both GEMM operands from one load of ``x`` (``log|x|`` and ``[x < 0]``)
+  and applies ``exp · cos`` in its epilogue; a second fused kernel gives ``dW`` the same way.
+* :func:`sigma_pi_unit` — ``o = g(Σ_q w_q Π_{k∈q} z_k)`` over a given list of conjuncts (index
+  tuples), and :func:`pi_sigma` — ``o = g(Π_k (w_k·z + b_k))``: compositions of torch ops (a
+  gather and a product, or a GEMM and a product: no traffic a fused kernel would save beyond the
+  GEMM's).
+
+Order in this file: config -> launchers and the CPU path -> autograd.Function -> public functionals.
+Kernels live in ``triton_kernels/product.py`` (``mmkernels._triton.product``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from mmkernels import _backend
+from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._checks import check_same as _check_same
+from mmkernels.ops._checks import check_tensor as _check_tensor
+
+#: |x| below this is clamped to it before the log (log 0 = -inf): x = 0 acts as ±2^-100 ≈ 7.9e-31
+#: — its power is ~0 for positive exponents and huge for negative ones (documented in
+#: product_unit). A power of two: exact as the kernels' float32 argument.
+PRODUCT_EPS = 2.0 ** -100
+
+_ACTIVATIONS = {None: lambda t: t, "identity": lambda t: t, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+                "relu": torch.relu}
+
+
+def _activation(name: Union[str, Callable, None]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if callable(name):
+        return name
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(k for k in _ACTIVATIONS if k)} or a callable, got {name!r}")
+    return _ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Product unit: config, launchers, CPU path
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ProductConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def resolve_config(M: int, N: int, K: int) -> ProductConfig:
+    """One tile shape for both kernels. IEEE dots (the exp in the epilogue would amplify TF32's
+    10-bit mantissa) run on the FMA units with the operands in registers: the compile tier showed
+    64 x 64 x 32 tiles spilling (1.5 KB of stack in the dW kernel) and 32 x 32 x 32 still 120-200
+    bytes; 32 x 32 x 16 does not spill (fp32: 164-168 registers on sm_90)."""
+    return ProductConfig(32, 32, 16, 4)
+
+
+def launch_configs():
+    """Every config the resolver returns (the compile tier's coverage)."""
+    return [resolve_config(1, 1, 1)]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B): A = log(max(|x|, eps))·Wᵀ, B = [x < 0]·Wᵀ, (N, J) in the math dtype."""
+    import triton
+    import triton.language as tl
+
+    from mmkernels._triton import product as K
+
+    N, I = x.shape
+    J = w.shape[0]
+    acc = _acc(x.dtype)
+    a = torch.empty((N, J), dtype=acc, device=x.device)
+    b = torch.empty((N, J), dtype=acc, device=x.device)
+    cfg = resolve_config(N, J, I)
+    K.product_terms_kernel[(triton.cdiv(N, cfg.block_m), triton.cdiv(J, cfg.block_n))](
+        x_ptr=x, w_ptr=w, a_ptr=a, b_ptr=b, M=N, N=J, K=I,
+        sx_m=x.stride(0), sx_k=x.stride(1), sw_n=w.stride(0), sw_k=w.stride(1),
+        so_m=a.stride(0), so_n=a.stride(1), eps=PRODUCT_EPS,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=cfg.num_warps,
+    )
+    return a, b
+
+
+def _triton_dweight(x, da, db, w_dtype) -> torch.Tensor:
+    """dW = daᵀ·log(max(|x|, eps)) + dbᵀ·[x < 0], (J, I), the operands built from one load of x."""
+    import triton
+    import triton.language as tl
+
+    from mmkernels._triton import product as K
+
+    N, I = x.shape
+    J = da.shape[1]
+    dw = torch.empty((J, I), dtype=da.dtype, device=x.device)
+    cfg = resolve_config(J, I, N)
+    K.product_dweight_kernel[(triton.cdiv(J, cfg.block_m), triton.cdiv(I, cfg.block_n))](
+        x_ptr=x, da_ptr=da, db_ptr=db, dw_ptr=dw, M=J, N=I, K=N,
+        sx_k=x.stride(0), sx_n=x.stride(1), sd_k=da.stride(0), sd_m=da.stride(1),
+        so_m=dw.stride(0), so_n=dw.stride(1), eps=PRODUCT_EPS,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ACC=tl.float64 if da.dtype == torch.float64 else tl.float32, num_warps=cfg.num_warps,
+    )
+    return dw.to(w_dtype)
+
+
+def _log_and_sign(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    xm = x.to(_acc(x.dtype))
+    return torch.log(xm.abs().clamp_min(PRODUCT_EPS)), (xm < 0).to(xm.dtype)
+
+
+def _cpu_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
+    lg, neg = _log_and_sign(x)
+    wm = w.to(lg.dtype)
+    return lg @ wm.T, neg @ wm.T
+
+
+def _cpu_dweight(x, da, db, w_dtype) -> torch.Tensor:
+    lg, neg = _log_and_sign(x)
+    return (da.T @ lg + db.T @ neg).to(w_dtype)
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return x.numel() > 0 and _backend.resolve(x.device) is _backend.Impl.TRITON
+
+
+class ProductTermsFunction(torch.autograd.Function):
+    """P = exp(A)·cos(πB) with A = log|x|·Wᵀ, B = [x<0]·Wᵀ: (N, I), (J, I) -> (N, J).
+    Saves x, W, A, B; backward: dA = dP·P, dB = -π·dP·exp(A)·sin(πB), dx = (dA·W) / x (0 where |x|
+    was clamped; the sign indicator has no gradient), dW = dAᵀ·log|x| + dBᵀ·[x<0] (fused)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        a, b = (_triton_terms if _fused(x) else _cpu_terms)(x, w)
+        p = torch.exp(a) * torch.cos(math.pi * b)
+        ctx.save_for_backward(x, w, a, b)
+        return p.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dp):
+        x, w, a, b = ctx.saved_tensors
+        dp = dp.to(a.dtype)
+        ea = torch.exp(a)
+        da = dp * ea * torch.cos(math.pi * b)
+        db = -math.pi * dp * ea * torch.sin(math.pi * b)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            xm = x.to(a.dtype)
+            dlog = da @ w.to(a.dtype)
+            dx = torch.where(xm.abs() > PRODUCT_EPS, dlog / xm, 0.0).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (_triton_dweight if _fused(x) else _cpu_dweight)(x, da, db, w.dtype)
+        return dx, dw
+
+
+def product_unit(x: torch.Tensor, weight: torch.Tensor, out_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""Product units (Durbin & Rumelhart): ``p_j = Π_i x_i^{w_ji}``, ``o_k = Σ_j v_kj · p_j``.
+
+    Computed in log space for inputs of any sign: ``p_j = exp(Σ_i w_ji·log|x_i|) ·
+    cos(π·Σ_i w_ji·[x_i < 0])`` — the real part of the complex power, which equals
+    ``Π x_i^{w_ji}`` whenever that is real (integer exponents). ``|x_i|`` is clamped to at least
+    ``2^-100`` (PRODUCT_EPS) first, so an exact zero contributes ``2^{-100·w}`` (≈ 0 for ``w > 0``,
+    huge for ``w < 0``, 1 for ``w = 0``) and has zero gradient.
+
+    On CUDA (and under Triton's interpreter) one fused kernel computes both sums from one load of
+    ``x`` with ``exp·cos`` in its epilogue (fp32 IEEE dots), and a second builds ``dW``; the
+    ``v``-layer is an ordinary GEMM. On CPU, torch ops.
+
+    Args:
+        x: ``(..., I)`` inputs, float16 / bfloat16 / float32 / float64 (math in float32, float64
+            for float64).
+        weight: ``(J, I)`` exponents ``w``.
+        out_weight: optional ``(K, J)`` ``v``; None returns the ``J`` products.
+
+    Returns:
+        ``(..., K)`` (or ``(..., J)``) in ``x``'s dtype.
+    """
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    tensors, names = [x, weight], ["x", "weight"]
+    if out_weight is not None:
+        _check_tensor("out_weight", out_weight)
+        tensors.append(out_weight)
+        names.append("out_weight")
+    for n, t in zip(names, tensors):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{n} must be floating-point (float16, bfloat16, float32, float64), got {t.dtype}")
+    _check_same(names, tensors, "dtype")
+    _check_same(names, tensors, "device")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (J, I) with I = x.shape[-1] = {x.shape[-1] if x.dim() else '?'}, got "
+                         f"{tuple(weight.shape)} for x {tuple(x.shape)}")
+    if out_weight is not None and (out_weight.dim() != 2 or out_weight.shape[1] != weight.shape[0]):
+        raise ValueError(f"out_weight must be (K, J) with J = {weight.shape[0]}, got {tuple(out_weight.shape)}")
+    lead = x.shape[:-1]
+    p = ProductTermsFunction.apply(x.reshape(math.prod(lead), x.shape[-1]), weight)
+    if out_weight is not None:
+        p = torch.nn.functional.linear(p, out_weight)
+    return p.reshape(*lead, p.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sigma-pi units with sparse conjuncts, pi-sigma
+# ----------------------------------------------------------------------------------------------
+
+def sigma_pi_unit(z: torch.Tensor, conjuncts: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, activation: Union[str, Callable, None] = None) -> torch.Tensor:
+    r"""Sigma-pi units over a given list of conjuncts: ``o_k = g(Σ_q w_kq · Π_{i ∈ q} z_i + b_k)``.
+
+    Args:
+        z: ``(..., n)`` inputs (float dtype).
+        conjuncts: ``(Q, m)`` integer indices into the last dim of ``z``: conjunct ``q`` is the
+            product of ``z`` at ``conjuncts[q]``; entries ``-1`` pad conjuncts shorter than ``m``
+            (a conjunct of only ``-1`` is the constant 1). Repeated indices give powers.
+        weight: ``(K, Q)``; bias: optional ``(K,)``.
+        activation: ``None`` / ``"identity"``, ``"sigmoid"``, ``"tanh"``, ``"relu"`` or a callable.
+
+    Returns:
+        ``(..., K)`` in ``z``'s dtype. A gather, a product over ``m`` and a GEMM (torch ops; the
+        gradient of a product with exact zeros is torch's, exact).
+    """
+    _check_tensor("z", z)
+    _check_tensor("conjuncts", conjuncts)
+    _check_tensor("weight", weight)
+    if z.dtype not in _FLOATS:
+        raise TypeError(f"z must be floating-point, got {z.dtype}")
+    if conjuncts.dtype.is_floating_point or conjuncts.dtype == torch.bool or conjuncts.dim() != 2:
+        raise TypeError(f"conjuncts must be a (Q, m) integer tensor, got {conjuncts.dtype} of shape "
+                        f"{tuple(conjuncts.shape)}")
+    n = z.shape[-1]
+    if conjuncts.numel() and (int(conjuncts.min()) < -1 or int(conjuncts.max()) >= n):
+        raise ValueError(f"conjuncts entries must be in [0, {n}) or -1 (padding), got values in "
+                         f"[{int(conjuncts.min())}, {int(conjuncts.max())}]")
+    if weight.dim() != 2 or weight.shape[1] != conjuncts.shape[0]:
+        raise ValueError(f"weight must be (K, Q) with Q = {conjuncts.shape[0]} conjuncts, got {tuple(weight.shape)}")
+    _check_same(("z", "weight"), (z, weight), "dtype")
+    g = _activation(activation)
+    idx = conjuncts.to(z.device, torch.int64)
+    pad = idx < 0
+    factors = z[..., idx.clamp_min(0)]                      # (..., Q, m)
+    factors = torch.where(pad.to(z.device), torch.ones((), dtype=z.dtype, device=z.device), factors)
+    return g(torch.nn.functional.linear(factors.prod(dim=-1), weight, bias))
+
+
+def pi_sigma(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+             activation: Union[str, Callable, None] = "sigmoid") -> torch.Tensor:
+    r"""Pi-sigma network (Shin & Ghosh): ``o_k = g(Π_{s=1..S} (w_ks · z + b_ks))``.
+
+    Args:
+        z: ``(..., n)``; weight: ``(K, S, n)`` — ``S`` summing units per output; bias: optional
+            ``(K, S)``.
+        activation: as in :func:`sigma_pi_unit` (default ``"sigmoid"``, the network's own).
+
+    Returns:
+        ``(..., K)`` in ``z``'s dtype: one GEMM ``(..., n) -> (..., K·S)`` and a product over ``S``.
+    """
+    _check_tensor("z", z)
+    _check_tensor("weight", weight)
+    if z.dtype not in _FLOATS:
+        raise TypeError(f"z must be floating-point, got {z.dtype}")
+    if weight.dim() != 3 or weight.shape[2] != z.shape[-1]:
+        raise ValueError(f"weight must be (K, S, n) with n = z.shape[-1] = {z.shape[-1]}, got {tuple(weight.shape)}")
+    K, S, n = weight.shape
+    if bias is not None and bias.shape != (K, S):
+        raise ValueError(f"bias must be (K, S) = ({K}, {S}), got {tuple(bias.shape)}")
+    _check_same(("z", "weight"), (z, weight), "dtype")
+    g = _activation(activation)
+    h = torch.nn.functional.linear(z, weight.reshape(K * S, n), None if bias is None else bias.reshape(K * S))
+    return g(h.reshape(*z.shape[:-1], K, S).prod(dim=-1))
