@@ -163,6 +163,11 @@ def dry_run_cases():
         Case("modules", "attention", (8, 5, 33), f32, frozenset({"dry-run"})),
         Case("modules", "gated_fusion", (10, 24), f32, frozenset({"dry-run"})),
         Case("modules", "gated_blend", (10, 24), f16, frozenset({"dry-run"})),
+        Case("modules", "hard_switch", (8, 5, 33), f32, frozenset({"dry-run"})),
+        Case("modules", "dense_moe", (12, 8, 6, 3), f32, frozenset({"dry-run"})),
+        Case("modules", "product_unit", (40, 9, 7, 3), f32, frozenset({"dry-run"})),
+        Case("modules", "sigma_pi_unit", (10, 6, 5, 3, 2), f32, frozenset({"dry-run"})),
+        Case("modules", "pi_sigma", (10, 6, 3, 2), f32, frozenset({"dry-run"})),
     ]
 
 

@@ -145,3 +145,12 @@ def test_kernels_compile_for_sm80_and_sm90_without_local_memory():
     configs = {(c.block_j, c.block_d) for c in ops.launch_configs()}
     built = {tuple(int(v.split("=")[1]) for v in r.config.split()[:2]) for r in results}
     assert configs <= built
+
+
+@pytest.mark.parametrize("backend,device", backends())
+def test_hard_switch_gradcheck_on_x(backend, device):
+    """The hard switch is differentiable in x (a selection); z's straight-through gradient is by
+    design not the (zero) true one, so only x is checked numerically."""
+    z, x, _, _ = _inputs((3, 4, 2), torch.float64, device, seed=12)
+    with mmkernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda v: mmkernels.hard_switch(z, v), (x.detach().requires_grad_(),))

@@ -45,3 +45,12 @@ def test_nn_dense_moe_is_an_moe_over_every_expert():
 def test_bad_gate_weight():
     with pytest.raises(ValueError, match="gate_weight must be"):
         moe.dense_moe(torch.randn(3, 8), torch.randn(4, 7), torch.randn(4, 12, 8), torch.randn(4, 8, 6))
+
+
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
+def test_gradcheck(backend, device):
+    gen = torch.Generator().manual_seed(1)
+    f = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
+    args = (f(3, 2), f(2, 2), f(2, 4, 2), f(2, 2, 2))  # tiny: gradcheck calls the op ~2 x 26 times
+    with mmkernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *a: moe.dense_moe(*a), args)

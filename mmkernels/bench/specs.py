@@ -982,6 +982,41 @@ def _eager_gated(i: Inputs) -> torch.Tensor:
 from mmkernels.ops.gating import GatedBlendFunction  # noqa: E402 - the blend alone (gated_blend)
 
 
+def refs_dense_moe(x, gate_weight, gate_up, down):
+    """Dense MoE as users write it: softmax gate, then a Python loop over the experts (SwiGLU)."""
+    p = torch.softmax(x @ gate_weight.T, dim=-1)
+    I = gate_up.shape[1] // 2
+    out = torch.zeros_like(x)
+    for e in range(gate_weight.shape[0]):
+        h = x @ gate_up[e].T
+        out = out + p[:, e:e + 1] * ((torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ down[e].T)
+    return out
+
+
+def _eager_product_unit(x, weight, out_weight):
+    """Product units in log space with torch ops (what the CPU path computes)."""
+    lg = torch.log(x.abs().clamp_min(2.0 ** -100))
+    neg = (x < 0).to(x.dtype)
+    return (torch.exp(lg @ weight.T) * torch.cos(math.pi * (neg @ weight.T))) @ out_weight.T
+
+
+def _eager_sigma_pi(z, conjuncts, weight, bias):
+    """Sigma-pi units with a Python loop over the conjuncts."""
+    feats = []
+    for q in conjuncts.tolist():
+        f = torch.ones(z.shape[:-1], dtype=z.dtype, device=z.device)
+        for i in q:
+            if i >= 0:
+                f = f * z[..., i]
+        feats.append(f)
+    return torch.stack(feats, dim=-1) @ weight.T + bias
+
+
+def _eager_pi_sigma(z, weight, bias):
+    K, S, n = weight.shape
+    return (torch.einsum("nd,ksd->nks", z, weight) + bias).prod(dim=-1)
+
+
 class ModulesBench:
     """Bench spec of the seeds' other modules (issue 7), forward + backward each:
 
@@ -994,6 +1029,13 @@ class ModulesBench:
     * ``gated_fusion`` (R, D): :func:`mmkernels.gated_fusion` vs cat + linear + sigmoid + blend;
       outputs out, da, db, d weight, d bias; useful FLOPs: the gate's GEMMs (3 x 4·R·D² forward +
       backward). Bytes: the blend's minimum, as below.
+    * ``hard_switch`` (R, J, D): :func:`mmkernels.hard_switch` (dx) vs ``gather``.
+    * ``dense_moe`` (T, H, I, E): :func:`mmkernels.moe.dense_moe` vs a softmax gate and a Python
+      loop over the experts; useful FLOPs 3 x 6·T·E·H·I.
+    * ``product_unit`` (N, I, J, K): :func:`mmkernels.product_unit` vs the same log-space formula
+      in torch ops.
+    * ``sigma_pi_unit`` (N, n, Q, m, K) and ``pi_sigma`` (N, n, K, S): the compositions vs a loop
+      over the conjuncts / an einsum and a product.
     * ``gated_blend`` (R, D): the fused blend alone (``ops.gating.GatedBlendFunction``) vs
       ``lerp(b, a, sigmoid(pre))`` under autograd; outputs out, dpre, da, db. Minimum traffic 11
       tensors (forward pre, a, b, out; backward dout, pre, a, b, da, db, dpre).
@@ -1039,6 +1081,52 @@ class ModulesBench:
                          ("a", "b", "weight", "bias"), "dout")
             names, outputs = ("a", "b", "weight", "bias", "dout"), ("out", "da", "db", "dweight", "dbias")
             nbytes, flops = 11 * R * D * esize, 3 * 2 * R * (2 * D) * D
+        elif case.op == "hard_switch":
+            R, J, D = case.shape
+            ours = _grads(lambda i: mmkernels.hard_switch(i["z"], i["x"]), ("x",), "ds")
+            eager = _grads(lambda i: i["x"].gather(1, i["z"].argmax(1)[:, None, None].expand(-1, 1, D)).squeeze(1),
+                           ("x",), "ds")
+            ref = eager  # a selection: exact in any dtype
+            names, outputs = ("z", "x", "ds"), ("s", "dx")
+            nbytes, flops = (R * J + 2 * R * D + R * J * D + R * D) * esize, None
+        elif case.op == "dense_moe":
+            from mmkernels import moe
+
+            T, H, I, E = case.shape
+            wrt = ("x", "gate_weight", "gate_up", "down")
+            ours = _grads(lambda i: moe.dense_moe(*(i[n] for n in wrt)), wrt, "dout")
+            eager = _grads(lambda i: refs_dense_moe(*(i[n] for n in wrt)), wrt, "dout")
+            ref = _grads(lambda i: getattr(refs, "dense_moe_ref", refs_dense_moe)(*(i[n] for n in wrt)), wrt, "dout")
+            names, outputs = wrt + ("dout",), ("out", "dx", "dgate_weight", "dgate_up", "ddown")
+            nbytes, flops = (T * H * 2 + 3 * E * H * I) * esize, 3 * 6 * T * E * H * I
+        elif case.op == "product_unit":
+            N, I, J, K = case.shape
+            wrt = ("x", "weight", "out_weight")
+            ours = _grads(lambda i: mmkernels.product_unit(*(i[n] for n in wrt)), wrt, "dout")
+            eager = _grads(lambda i: _eager_product_unit(*(i[n] for n in wrt)), wrt, "dout")
+            ref = _grads(lambda i: getattr(refs, "product_unit_ref", _eager_product_unit)(*(i[n] for n in wrt)),
+                         wrt, "dout")
+            names, outputs = wrt + ("dout",), ("out", "dx", "dweight", "dout_weight")
+            nbytes, flops = (2 * N * I + N * K) * esize, 3 * 2 * N * (2 * I * J + J * K)
+        elif case.op == "sigma_pi_unit":
+            N, n, Q, m, K = case.shape
+            wrt = ("z", "weight", "bias")
+            ours = _grads(lambda i: mmkernels.sigma_pi_unit(i["z"], i["conjuncts"].long(), i["weight"], i["bias"]),
+                          wrt, "dout")
+            eager = _grads(lambda i: _eager_sigma_pi(i["z"], i["conjuncts"].long(), i["weight"], i["bias"]), wrt, "dout")
+            ref = _grads(lambda i: getattr(refs, "sigma_pi_unit_ref", _eager_sigma_pi)(
+                i["z"], i["conjuncts"].long(), i["weight"], i["bias"]), wrt, "dout")
+            names, outputs = ("z", "conjuncts", "weight", "bias", "dout"), ("out", "dz", "dweight", "dbias")
+            nbytes, flops = (2 * N * n + N * K) * esize, 3 * 2 * N * Q * K
+        elif case.op == "pi_sigma":
+            N, n, K, S = case.shape
+            wrt = ("z", "weight", "bias")
+            ours = _grads(lambda i: mmkernels.pi_sigma(i["z"], i["weight"], i["bias"], activation=None), wrt, "dout")
+            eager = _grads(lambda i: _eager_pi_sigma(i["z"], i["weight"], i["bias"]), wrt, "dout")
+            ref = _grads(lambda i: getattr(refs, "pi_sigma_ref", _eager_pi_sigma)(i["z"], i["weight"], i["bias"]),
+                         wrt, "dout")
+            names, outputs = wrt + ("dout",), ("out", "dz", "dweight", "dbias")
+            nbytes, flops = (2 * N * n + N * K) * esize, 3 * 2 * N * n * K * S
         elif case.op == "gated_blend":
             R, D = case.shape
             ours = _grads(lambda i: GatedBlendFunction.apply(i["pre"], i["a"], i["b"]), ("pre", "a", "b"), "dout")

@@ -351,7 +351,9 @@ for _T in (16384, 64, 1024):
 # modules family (issue 7: the seeds' other modules): ops cross_entropy (shape (N, C); inputs
 # logits, target with every 16th row ignored), attention (shape (R, J, D); inputs z, x, ds),
 # gated_fusion (shape (R, D); inputs a, b, weight (D, 2D), bias (D,), dout), gated_blend (the
-# fused blend alone; inputs pre, a, b, dout)
+# fused blend alone; inputs pre, a, b, dout), hard_switch ((R, J, D)), dense_moe ((T, H, I, E)),
+# product_unit ((N, I, J, K)), sigma_pi_unit ((N, n, Q, m, K): Q random conjuncts of up to m
+# factors), pi_sigma ((N, n, K, S))
 # ----------------------------------------------------------------------------------------------
 
 @register_builder("modules")
@@ -370,6 +372,33 @@ def _modules_inputs(case: Case, device: torch.device, gen: torch.Generator) -> D
         return {"a": _randn((R, D), case.dtype, device, gen), "b": _randn((R, D), case.dtype, device, gen),
                 "weight": _randn((D, 2 * D), case.dtype, device, gen, (2 * D) ** -0.5),
                 "bias": _randn((D,), case.dtype, device, gen), "dout": _randn((R, D), case.dtype, device, gen)}
+    if case.op == "hard_switch":
+        R, J, D = case.shape
+        return {"z": _randn((R, J), case.dtype, device, gen), "x": _randn((R, J, D), case.dtype, device, gen),
+                "ds": _randn((R, D), case.dtype, device, gen)}
+    if case.op == "dense_moe":
+        T, H, I, E = case.shape
+        return {"x": _randn((T, H), case.dtype, device, gen), "gate_weight": _randn((E, H), case.dtype, device, gen, H ** -0.5),
+                "gate_up": _randn((E, 2 * I, H), case.dtype, device, gen, H ** -0.5),
+                "down": _randn((E, H, I), case.dtype, device, gen, I ** -0.5), "dout": _randn((T, H), case.dtype, device, gen)}
+    if case.op == "product_unit":
+        N, I, J, K = case.shape
+        mag = torch.rand((N, I), generator=gen, dtype=torch.float64, device=gen.device) * 1.5 + 0.5
+        sign = torch.where(torch.rand((N, I), generator=gen, device=gen.device) < 0.3, -1.0, 1.0).to(mag.dtype)
+        return {"x": (mag * sign).to(device=device, dtype=case.dtype),
+                "weight": _randn((J, I), case.dtype, device, gen, 0.3 * I ** -0.5),
+                "out_weight": _randn((K, J), case.dtype, device, gen, J ** -0.5), "dout": _randn((N, K), case.dtype, device, gen)}
+    if case.op == "sigma_pi_unit":
+        N, n, Q, m, K = case.shape
+        conj = torch.randint(0, n, (Q, m), generator=gen, device=gen.device)
+        conj[::3, -1] = -1  # every third conjunct one factor shorter
+        return {"z": _randn((N, n), case.dtype, device, gen), "conjuncts": conj.to(device),
+                "weight": _randn((K, Q), case.dtype, device, gen, Q ** -0.5), "bias": _randn((K,), case.dtype, device, gen),
+                "dout": _randn((N, K), case.dtype, device, gen)}
+    if case.op == "pi_sigma":
+        N, n, K, S = case.shape
+        return {"z": _randn((N, n), case.dtype, device, gen), "weight": _randn((K, S, n), case.dtype, device, gen, n ** -0.5),
+                "bias": _randn((K, S), case.dtype, device, gen), "dout": _randn((N, K), case.dtype, device, gen)}
     if case.op == "gated_blend":
         R, D = case.shape
         return {n: _randn((R, D), case.dtype, device, gen, 2.0 if n == "pre" else 1.0) for n in ("pre", "a", "b", "dout")}
@@ -385,6 +414,11 @@ _module("cross_entropy", (1024, 32000), torch.float32, {"bench"}, label_smoothin
 _module("attention", (4096, 8, 256), torch.float32, {"bench"})
 _module("gated_fusion", (8192, 512), torch.float32, {"bench"})
 _module("gated_blend", (8192, 512), torch.float32, {"bench"})
+_module("hard_switch", (4096, 8, 256), torch.float32, {"bench"})
+_module("dense_moe", (512, 256, 128, 8), torch.float32, {"bench"})       # T, H, I, E
+_module("product_unit", (4096, 64, 64, 32), torch.float32, {"bench"})    # N, I, J, K
+_module("sigma_pi_unit", (4096, 64, 256, 3, 16), torch.float32, {"bench"})  # N, n, Q, m, K
+_module("pi_sigma", (8192, 256, 16, 4), torch.float32, {"bench"})        # N, n, K, S
 # the GPU suite: issue 7's acceptance sizes
 _module("cross_entropy", (8192, 32000), torch.bfloat16, {"gpu"}, label_smoothing=0.1)
 _module("cross_entropy", (8192, 32000), torch.float32, {"gpu"}, label_smoothing=0.1)
@@ -392,3 +426,8 @@ for _dt in (torch.float32, torch.bfloat16):
     _module("attention", (65536, 8, 512), _dt, {"gpu"})
     _module("gated_fusion", (65536, 1024), _dt, {"gpu"})
     _module("gated_blend", (65536, 1024), _dt, {"gpu"})
+    _module("hard_switch", (65536, 8, 512), _dt, {"gpu"})
+_module("dense_moe", (8192, 1024, 512, 8), torch.bfloat16, {"gpu"})
+_module("product_unit", (65536, 256, 256, 256), torch.float32, {"gpu"})
+_module("sigma_pi_unit", (65536, 256, 1024, 3, 64), torch.float32, {"gpu"})
+_module("pi_sigma", (65536, 1024, 64, 4), torch.bfloat16, {"gpu"})
