@@ -9,7 +9,8 @@ multiplicative units beyond the bilinear form).
   gather and a product, or a GEMM and a product: no traffic a fused kernel would save beyond the
   GEMM's).
 
-Order in this file: config -> launchers and the CPU path -> autograd.Function -> public functionals.
+Order in this file: config -> launchers and the CPU path -> torch.library ops -> autograd.Function
+-> public functionals.
 Kernels live in ``triton_kernels/product.py`` (``mmkernels._triton.product``).
 """
 from __future__ import annotations
@@ -135,6 +136,39 @@ def _fused(x: torch.Tensor) -> bool:
     return x.numel() > 0 and _backend.resolve(x.device) is _backend.Impl.TRITON
 
 
+def _terms(x, w):
+    return (_triton_terms if _fused(x) else _cpu_terms)(x, w)
+
+
+def _dweight(x, da, db, w_dtype):
+    return (_triton_dweight if _fused(x) else _cpu_dweight)(x, da, db, w_dtype)
+
+
+# torch.library ops (so that torch.compile(fullgraph=True) traces them)
+
+@torch.library.custom_op("mmkernels::product_terms", mutates_args=())
+def product_terms_op(x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log|x|·Wᵀ, [x<0]·Wᵀ) in the math dtype."""
+    return _terms(x, w)
+
+
+@product_terms_op.register_fake
+def _(x, w):
+    shape = (x.shape[0], w.shape[0])
+    return x.new_empty(shape, dtype=_acc(x.dtype)), x.new_empty(shape, dtype=_acc(x.dtype))
+
+
+@torch.library.custom_op("mmkernels::product_dweight", mutates_args=())
+def product_dweight_op(x: torch.Tensor, da: torch.Tensor, db: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
+    """daᵀ·log|x| + dbᵀ·[x<0] in ``w_dtype``."""
+    return _dweight(x, da, db, w_dtype)
+
+
+@product_dweight_op.register_fake
+def _(x, da, db, w_dtype):
+    return x.new_empty((da.shape[1], x.shape[1]), dtype=w_dtype)
+
+
 class ProductTermsFunction(torch.autograd.Function):
     """P = exp(A)·cos(πB) with A = log|x|·Wᵀ, B = [x<0]·Wᵀ: (N, I), (J, I) -> (N, J).
     Saves x, W, A, B; backward: dA = dP·P, dB = -π·dP·exp(A)·sin(πB), dx = (dA·W) / x (0 where |x|
@@ -142,7 +176,7 @@ class ProductTermsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w):
-        a, b = (_triton_terms if _fused(x) else _cpu_terms)(x, w)
+        a, b = _terms(x, w) if _backend.direct_call_ok(x, w) else product_terms_op(x, w)
         p = torch.exp(a) * torch.cos(math.pi * b)
         ctx.save_for_backward(x, w, a, b)
         return p.to(x.dtype)
@@ -160,7 +194,8 @@ class ProductTermsFunction(torch.autograd.Function):
             dlog = da @ w.to(a.dtype)
             dx = torch.where(xm.abs() > PRODUCT_EPS, dlog / xm, 0.0).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = (_triton_dweight if _fused(x) else _cpu_dweight)(x, da, db, w.dtype)
+            dw = (_dweight(x, da, db, w.dtype) if _backend.direct_call_ok(x, da, db)
+                  else product_dweight_op(x, da, db, w.dtype))
         return dx, dw
 
 
