@@ -106,6 +106,7 @@ def test_pi_sigma(backend, device, poison_outputs):
         out = mmkernels.pi_sigma(*leaves, activation=None)
         out.backward(do.to(device))
         sig = mmkernels.pi_sigma(z.to(device), w.to(device), b.to(device))
+        assert torch.autograd.gradcheck(mmkernels.pi_sigma, tuple(t.detach().requires_grad_() for t in leaves))
     refs = [t.clone().requires_grad_() for t in (z, w, b)]
     ref = pi_sigma_ref(*refs)
     ref.backward(do)

@@ -2,7 +2,8 @@
 
 ``product_terms_kernel``: ``A = log(max(|x|, eps))·Wᵀ`` and ``B = [x < 0]·Wᵀ`` (M = rows of x,
 N = units, K = inputs): each x tile is loaded once and transformed twice; both products share the
-W tile. The caller applies ``P = exp(A)·cos(πB)`` (and keeps A, B for the backward).
+W tile. The epilogue writes ``P = exp(A)·cos(πB)`` (the products) and ``Q = exp(A)·sin(πB)`` (what
+the backward needs: ``dA = dP·P``, ``dB = -π·dP·Q``), never A or B.
 
 ``product_dweight_kernel``: ``dW = dAᵀ·log(max(|x|, eps)) + dBᵀ·[x < 0]`` (M = units, N = inputs,
 K = rows): one x tile, two products into one accumulator.
@@ -20,8 +21,42 @@ def _log_and_sign(x, eps):
 
 
 @triton.jit
+def _cos_sin_pi(b):
+    """(cos πb, sin πb) by a Taylor polynomial on a quarter period, so that no libdevice range
+    reduction (whose slow path for large arguments keeps a stack frame) is compiled in:
+    r = b mod 2 in [-1, 1), k = the nearest quarter turn, t = π(r - k/2) in [-π/4, π/4]; terms up
+    to t^17 / t^18 (below 1e-17 there: float64-accurate), then a rotation by k quarter turns."""
+    r = b - 2.0 * tl.floor(b * 0.5 + 0.5)
+    k = tl.floor(2.0 * r + 0.5)
+    t = (r - 0.5 * k) * 3.141592653589793
+    t2 = t * t
+    c = 1.0 / 20922789888000.0
+    c = c * t2 - 1.0 / 87178291200.0
+    c = c * t2 + 1.0 / 479001600.0
+    c = c * t2 - 1.0 / 3628800.0
+    c = c * t2 + 1.0 / 40320.0
+    c = c * t2 - 1.0 / 720.0
+    c = c * t2 + 1.0 / 24.0
+    c = c * t2 - 0.5
+    c = c * t2 + 1.0
+    s = 1.0 / 355687428096000.0
+    s = s * t2 - 1.0 / 1307674368000.0
+    s = s * t2 + 1.0 / 6227020800.0
+    s = s * t2 - 1.0 / 39916800.0
+    s = s * t2 + 1.0 / 362880.0
+    s = s * t2 - 1.0 / 5040.0
+    s = s * t2 + 1.0 / 120.0
+    s = s * t2 - 1.0 / 6.0
+    s = (s * t2 + 1.0) * t
+    q = k - 4.0 * tl.floor(k * 0.25)  # k mod 4
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    return cos, sin
+
+
+@triton.jit
 def product_terms_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr,
+    x_ptr, w_ptr, p_ptr, q_ptr,
     M, N, K,
     sx_m, sx_k, sw_n, sw_k, so_m, so_n,
     eps,
@@ -44,8 +79,10 @@ def product_terms_kernel(
         acc_b = tl.dot(ng, wt, acc_b, input_precision="ieee", out_dtype=ACC)
     out = rm[:, None] * so_m + rn[None, :] * so_n
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(a_ptr + out, acc_a, mask=mask)
-    tl.store(b_ptr + out, acc_b, mask=mask)
+    ea = tl.exp(acc_a)
+    cos, sin = _cos_sin_pi(acc_b)
+    tl.store(p_ptr + out, (ea * cos).to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + out, (ea * sin).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -3,7 +3,8 @@ multiplicative units beyond the bilinear form).
 
 * :func:`product_unit` — ``o_k = Σ_j v_kj Π_i x_i^{w_ji}`` in log space (Durbin & Rumelhart): one
   fused Triton kernel builds both GEMM operands from one load of ``x`` (``log|x|`` and ``[x < 0]``)
-  and applies ``exp · cos`` in its epilogue; a second fused kernel gives ``dW`` the same way.
+  and applies ``exp · cos`` (and ``exp · sin``, for the backward) in its epilogue; a second fused
+  kernel gives ``dW`` the same way.
 * :func:`sigma_pi_unit` — ``o = g(Σ_q w_q Π_{k∈q} z_k)`` over a given list of conjuncts (index
   tuples), and :func:`pi_sigma` — ``o = g(Π_k (w_k·z + b_k))``: compositions of torch ops (a
   gather and a product, or a GEMM and a product: no traffic a fused kernel would save beyond the
@@ -73,7 +74,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(A, B): A = log(max(|x|, eps))·Wᵀ, B = [x < 0]·Wᵀ, (N, J) in the math dtype."""
+    """(P, Q) = exp(A)·(cos πB, sin πB) with A = log(max(|x|, eps))·Wᵀ, B = [x < 0]·Wᵀ: (N, J) in
+    the math dtype, the exp·cos / exp·sin in the kernel's epilogue."""
     import triton
     import triton.language as tl
 
@@ -82,17 +84,17 @@ def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
     N, I = x.shape
     J = w.shape[0]
     acc = _acc(x.dtype)
-    a = torch.empty((N, J), dtype=acc, device=x.device)
-    b = torch.empty((N, J), dtype=acc, device=x.device)
+    p = torch.empty((N, J), dtype=acc, device=x.device)
+    q = torch.empty((N, J), dtype=acc, device=x.device)
     cfg = resolve_config(N, J, I)
     K.product_terms_kernel[(triton.cdiv(N, cfg.block_m), triton.cdiv(J, cfg.block_n))](
-        x_ptr=x, w_ptr=w, a_ptr=a, b_ptr=b, M=N, N=J, K=I,
+        x_ptr=x, w_ptr=w, p_ptr=p, q_ptr=q, M=N, N=J, K=I,
         sx_m=x.stride(0), sx_k=x.stride(1), sw_n=w.stride(0), sw_k=w.stride(1),
-        so_m=a.stride(0), so_n=a.stride(1), eps=PRODUCT_EPS,
+        so_m=p.stride(0), so_n=p.stride(1), eps=PRODUCT_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=cfg.num_warps,
     )
-    return a, b
+    return p, q
 
 
 def _triton_dweight(x, da, db, w_dtype) -> torch.Tensor:
@@ -124,7 +126,8 @@ def _log_and_sign(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _cpu_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
     lg, neg = _log_and_sign(x)
     wm = w.to(lg.dtype)
-    return lg @ wm.T, neg @ wm.T
+    ea, angle = torch.exp(lg @ wm.T), math.pi * (neg @ wm.T)
+    return ea * torch.cos(angle), ea * torch.sin(angle)
 
 
 def _cpu_dweight(x, da, db, w_dtype) -> torch.Tensor:
@@ -148,7 +151,7 @@ def _dweight(x, da, db, w_dtype):
 
 @torch.library.custom_op("mmkernels::product_terms", mutates_args=())
 def product_terms_op(x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(log|x|·Wᵀ, [x<0]·Wᵀ) in the math dtype."""
+    """(P, Q) = exp(log|x|·Wᵀ)·(cos, sin)(π·[x<0]·Wᵀ) in the math dtype."""
     return _terms(x, w)
 
 
@@ -171,27 +174,26 @@ def _(x, da, db, w_dtype):
 
 class ProductTermsFunction(torch.autograd.Function):
     """P = exp(A)·cos(πB) with A = log|x|·Wᵀ, B = [x<0]·Wᵀ: (N, I), (J, I) -> (N, J).
-    Saves x, W, A, B; backward: dA = dP·P, dB = -π·dP·exp(A)·sin(πB), dx = (dA·W) / x (0 where |x|
-    was clamped; the sign indicator has no gradient), dW = dAᵀ·log|x| + dBᵀ·[x<0] (fused)."""
+    Saves x, W, P and Q = exp(A)·sin(πB) (math dtype); backward: dA = dP·P, dB = -π·dP·Q,
+    dx = (dA·W) / x (0 where |x| was clamped; the sign indicator has no gradient),
+    dW = dAᵀ·log|x| + dBᵀ·[x<0] (fused)."""
 
     @staticmethod
     def forward(ctx, x, w):
-        a, b = _terms(x, w) if _backend.direct_call_ok(x, w) else product_terms_op(x, w)
-        p = torch.exp(a) * torch.cos(math.pi * b)
-        ctx.save_for_backward(x, w, a, b)
+        p, q = _terms(x, w) if _backend.direct_call_ok(x, w) else product_terms_op(x, w)
+        ctx.save_for_backward(x, w, p, q)
         return p.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dp):
-        x, w, a, b = ctx.saved_tensors
-        dp = dp.to(a.dtype)
-        ea = torch.exp(a)
-        da = dp * ea * torch.cos(math.pi * b)
-        db = -math.pi * dp * ea * torch.sin(math.pi * b)
+        x, w, p, q = ctx.saved_tensors
+        dp = dp.to(p.dtype)
+        da = dp * p
+        db = -math.pi * dp * q
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            xm = x.to(a.dtype)
-            dlog = da @ w.to(a.dtype)
+            xm = x.to(p.dtype)
+            dlog = da @ w.to(p.dtype)
             dx = torch.where(xm.abs() > PRODUCT_EPS, dlog / xm, 0.0).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = (_dweight(x, da, db, w.dtype) if _backend.direct_call_ok(x, da, db)
