@@ -106,6 +106,15 @@ class MoE(torch.nn.Module):
     Weights are drawn from ``N(0, 0.02²)`` (transformers' default ``initializer_range``), biases
     are zero.
 
+    ``process_group``: expert parallelism over ``torch.distributed`` — each of the group's P ranks
+    holds ``num_experts / P`` experts (``experts.*`` are that slice: rank r's experts
+    ``[r·E/P, (r+1)·E/P)``; :func:`mmkernels.ops.expert_parallel.shard_state_dict` /
+    ``gather_state_dict`` convert full state dicts), routes its own tokens over all E experts and
+    exchanges them with ``all_to_all_single`` (:mod:`mmkernels.ops.expert_parallel`). The router
+    and shared expert are replicated (their gradients are per rank, as in data parallelism). The
+    only host synchronisation is the read of the exchanged per-expert counts, the collectives'
+    split sizes. ``num_experts`` not divisible by P is a ValueError.
+
     Input ``(..., H)``; :meth:`forward` returns a :class:`MoEOutput` ``(output (..., H),
     router_logits (T, E), counts (E,))`` with ``T`` the number of tokens (the product of the
     leading dims); feed ``router_logits`` to :func:`mmkernels.moe.load_balancing_loss` or
@@ -116,7 +125,8 @@ class MoE(torch.nn.Module):
                  scoring: str = "softmax", renormalize: bool = True, n_groups: Optional[int] = None,
                  topk_groups: Optional[int] = None, routed_scaling: float = 1.0, softmax_after_topk: bool = False,
                  activation: str = "silu", shared_expert_size: Optional[int] = None,
-                 capacity_factor: Optional[float] = None, bias: bool = False, device=None, dtype=None):
+                 capacity_factor: Optional[float] = None, bias: bool = False, process_group=None,
+                 device=None, dtype=None):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                         ("num_experts", num_experts), ("top_k", top_k)):
@@ -142,7 +152,14 @@ class MoE(torch.nn.Module):
                                    topk_groups, routed_scaling, softmax_after_topk, capacity_factor, None,
                                    _routing.DEFAULT_BLOCK_M)
         self.gate = torch.nn.Linear(hidden_size, num_experts, bias=False, **kw)
-        self.experts = Experts(hidden_size, intermediate_size, num_experts, bias=bias, **kw)
+        self.process_group = process_group
+        local = num_experts
+        if process_group is not None:
+            from mmkernels.ops import expert_parallel as _ep
+
+            start, stop = _ep.local_expert_range(num_experts, process_group)
+            local = stop - start
+        self.experts = Experts(hidden_size, intermediate_size, local, bias=bias, **kw)
         if shared_expert_size is not None:
             self.shared_expert = SharedExpert(hidden_size, shared_expert_size, activation, **kw)
             self.shared_expert_gate = torch.nn.Linear(hidden_size, 1, bias=False, **kw)
@@ -166,9 +183,17 @@ class MoE(torch.nn.Module):
         logits = self.gate(x2)
         routing = _routing.route(logits, self.top_k, **self.route_kwargs,
                                  block_m=_routing.suggest_block_m(x2.shape[0], self.num_experts, self.top_k))
-        out = _experts.experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
-                               activation=self.activation, gate_up_bias=self.experts.gate_up_proj_bias,
-                               down_bias=self.experts.down_proj_bias)
+        if self.process_group is not None:
+            from mmkernels.ops import expert_parallel as _ep
+
+            out = _ep.expert_parallel_experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
+                                              self.process_group, activation=self.activation,
+                                              gate_up_bias=self.experts.gate_up_proj_bias,
+                                              down_bias=self.experts.down_proj_bias)
+        else:
+            out = _experts.experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
+                                   activation=self.activation, gate_up_bias=self.experts.gate_up_proj_bias,
+                                   down_bias=self.experts.down_proj_bias)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
         return MoEOutput(out.reshape(shape), logits, routing.counts)
