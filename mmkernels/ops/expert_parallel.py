@@ -18,6 +18,7 @@ The backward runs the same exchanges in reverse (autograd of the collectives). S
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -49,7 +50,11 @@ def _collective(what: str, fn, *args, **kwargs):
     """Run one collective; a failure (a peer that died, or the group's timeout) becomes an
     ExpertParallelError that says which exchange and why."""
     try:
-        return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            # torch.distributed.nn.functional.all_to_all_single (the public differentiable one)
+            # warns that it is deprecated in favour of a private module; it works in torch 2.11-2.13
+            warnings.filterwarnings("ignore", message=".*all_to_all_single is deprecated", category=FutureWarning)
+            return fn(*args, **kwargs)
     except RuntimeError as exc:
         raise ExpertParallelError(
             f"expert-parallel MoE: {what} with the other ranks failed — a rank failed, exited or did not "

@@ -2,7 +2,8 @@
 the example: :func:`run` spawns P processes, each runs :func:`_worker`, and returns what each rank
 reported.
 
-Each rank compares its expert-parallel :class:`mmkernels.nn.MoE` (E/P experts, loaded with
+Each rank also checks ``gather_state_dict`` and the error for experts that do not divide over
+the ranks. Each rank compares its expert-parallel :class:`mmkernels.nn.MoE` (E/P experts, loaded with
 ``shard_state_dict``) against single-process ``MoE`` layers with the full weights on the same
 inputs: its output and input gradient against the reference on its own tokens, its router
 gradient likewise (the router is replicated, its gradient per rank), its experts' gradients
@@ -101,6 +102,30 @@ def _scenario(name: str, rank: int, P: int, group) -> List[str]:
     return problems
 
 
+def _helpers(rank: int, P: int, group) -> List[str]:
+    """gather_state_dict gives back the full layer's state dict; E not divisible by P raises."""
+    import torch
+
+    from mmkernels.nn import MoE
+    from mmkernels.ops.expert_parallel import gather_state_dict, shard_state_dict
+
+    problems = []
+    torch.manual_seed(0)
+    full = MoE(H, I, E, K, bias=True)
+    ep = MoE(H, I, E, K, bias=True, process_group=group)
+    ep.load_state_dict(shard_state_dict(full.state_dict(), rank, P))
+    back = gather_state_dict(ep.state_dict(), group)
+    if set(back) != set(full.state_dict()) or not all(torch.equal(back[k], v) for k, v in full.state_dict().items()):
+        problems.append("gather_state_dict did not give back the full state dict")
+    try:
+        MoE(H, I, E * P + 1, K, process_group=group)
+        problems.append(f"num_experts={E * P + 1} over {P} ranks did not raise")
+    except ValueError as exc:
+        if "divisible" not in str(exc):
+            problems.append(f"unclear error for indivisible experts: {exc}")
+    return problems
+
+
 def _worker(rank: int, P: int, port: int, scenarios: List[str], out_dir: str, fail_rank: Optional[int],
             timeout_s: float, hang: bool = False) -> None:
     import torch
@@ -112,6 +137,8 @@ def _worker(rank: int, P: int, port: int, scenarios: List[str], out_dir: str, fa
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        if fail_rank is None:
+            report["problems"] += _helpers(rank, P, dist.group.WORLD)
         for name in scenarios:
             if fail_rank == rank:
                 if hang:  # alive but absent: the others must give up at the group's timeout
