@@ -27,10 +27,11 @@ def _inputs(N, C, dtype, device, seed, ignored=0.25, ignore_index=-100):
 def _check(x, t, backend, **kw):
     """ours: loss and d logits; checked against the float64 reference and F.cross_entropy."""
     xr = x.detach().clone().requires_grad_()
-    with mmkernels.use_backend(backend):
+    g = torch.randn(() if kw.get("reduction", "mean") != "none" else t.shape, dtype=torch.float64)
+    g = g.to(device=x.device, dtype=x.dtype)
+    with mmkernels.use_backend(backend):  # the backward too: the backend is read at each call
         loss = mmkernels.cross_entropy(xr, t, **kw)
-    g = torch.randn(loss.shape, dtype=torch.float64).to(device=x.device, dtype=loss.dtype)
-    loss.backward(g)
+        loss.backward(g)
     x64 = x.detach().double().cpu().requires_grad_()
     ref = cross_entropy_ref(x64, t, **kw)
     ref.backward(g.double().cpu())
@@ -67,7 +68,7 @@ def test_ignore_index_everywhere_and_full_smoothing(reduction, backend, device, 
     xr = x.clone().requires_grad_()
     with mmkernels.use_backend(backend):
         loss = mmkernels.cross_entropy(xr, t_all, ignore_index=3, reduction=reduction)
-    loss.sum().backward()
+        loss.sum().backward()
     want = F.cross_entropy(x.cpu().double(), t_all.cpu(), ignore_index=3, reduction=reduction)
     torch.testing.assert_close(loss.detach().cpu().double(), want, equal_nan=True)
     assert torch.equal(xr.grad, torch.zeros_like(x)) or reduction == "mean"
