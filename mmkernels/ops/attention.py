@@ -16,7 +16,7 @@ from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
+from mmkernels.ops._layout import INT32_LIMIT, math_dtype, max_offset, split_float
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver
@@ -64,10 +64,6 @@ def launch_configs():
     return seen
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton) and the composition (CPU path; also CUDA past MAX_J)
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +81,7 @@ def _triton_forward(z, x, mask, tau: float) -> Tuple[torch.Tensor, torch.Tensor]
 
     R, J, D = x.shape
     s = torch.empty((R, D), dtype=x.dtype, device=x.device)
-    lse = torch.empty(R, dtype=_acc(x.dtype), device=x.device)
+    lse = torch.empty(R, dtype=math_dtype(x.dtype), device=x.device)
     cfg = resolve_config(J, D)
     m, sm_r, sm_j = _mask_args(mask, z)
     K.attention_fwd_kernel[(R,)](
@@ -126,7 +122,7 @@ def _triton_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, 
 
 def _torch_probs(z, mask, lse: Optional[torch.Tensor], tau: float):
     """(p, lse) in the math dtype: the softmax of the allowed logits, 0 in an empty row."""
-    logits = z.to(_acc(z.dtype)) / tau
+    logits = z.to(math_dtype(z.dtype)) / tau
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     if lse is None:
@@ -181,7 +177,7 @@ def attention_fwd_op(z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tens
 @attention_fwd_op.register_fake
 def _(z, x, mask, tau):
     R, J, D = x.shape
-    return x.new_empty((R, D)), x.new_empty((R,), dtype=_acc(x.dtype))
+    return x.new_empty((R, D)), x.new_empty((R,), dtype=math_dtype(x.dtype))
 
 
 @torch.library.custom_op("mmkernels::attention_bwd", mutates_args=())

@@ -14,7 +14,7 @@ import torch
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
+from mmkernels.ops._layout import INT32_LIMIT, math_dtype, max_offset, split_float
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -50,10 +50,6 @@ def launch_configs():
     return seen
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton) and the CPU path
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +60,7 @@ def _triton_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Ten
     from mmkernels._triton import cross_entropy as K
 
     N, C = x.shape
-    acc = _acc(x.dtype)
+    acc = math_dtype(x.dtype)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
     cfg = resolve_config(C)
@@ -109,7 +105,7 @@ def _chunks(N: int, C: int):
 def _cpu_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row chunks of at most CPU_CHUNK_ELEMS elements: no full-size temporary."""
     N, C = x.shape
-    acc = _acc(x.dtype)
+    acc = math_dtype(x.dtype)
     loss = torch.empty(N, dtype=acc)
     lse = torch.empty(N, dtype=acc)
     valid = target != ignore_index
@@ -159,7 +155,7 @@ def _check_targets_on_host(target: torch.Tensor, C: int, ignore_index: int) -> N
 
 def _forward(x, target, ignore_index: int, eps: float):
     if x.shape[0] == 0:
-        acc = _acc(x.dtype)
+        acc = math_dtype(x.dtype)
         return torch.empty(0, dtype=acc, device=x.device), torch.empty(0, dtype=acc, device=x.device)
     if x.device.type == "cpu":
         _check_targets_on_host(target, x.shape[1], ignore_index)
@@ -190,7 +186,7 @@ def cross_entropy_fwd_op(x: torch.Tensor, target: torch.Tensor, ignore_index: in
 
 @cross_entropy_fwd_op.register_fake
 def _(x, target, ignore_index, eps):
-    acc = _acc(x.dtype)
+    acc = math_dtype(x.dtype)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 

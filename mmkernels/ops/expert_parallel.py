@@ -19,7 +19,7 @@ The backward runs the same exchanges in reverse (autograd of the collectives). S
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -62,17 +62,16 @@ def _collective(what: str, fn, *args, **kwargs):
         ) from exc
 
 
-def _expert_major(recv_counts: List[List[int]]) -> torch.Tensor:
-    """Row order that turns the received rows (blocks by source rank, each in local-expert order)
-    expert-major (within an expert, source ranks in order)."""
-    P, El = len(recv_counts), len(recv_counts[0]) if recv_counts else 0
-    starts, pos = [[0] * El for _ in range(P)], 0
-    for p in range(P):
-        for e in range(El):
-            starts[p][e] = pos
-            pos += recv_counts[p][e]
-    order = [i for e in range(El) for p in range(P) for i in range(starts[p][e], starts[p][e] + recv_counts[p][e])]
-    return torch.tensor(order, dtype=torch.int64)
+def _expert_major(recv: torch.Tensor, n_recv: int) -> torch.Tensor:
+    """Row order that turns the received rows (blocks by source rank, each in local-expert order;
+    ``recv`` (P, El) counts on the device) expert-major (within an expert, source ranks in order):
+    tensor ops of the counts' size plus one of the rows' (no per-row Python, no host read)."""
+    flat = recv.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).reshape(recv.shape)  # where block (p, e) starts
+    em_counts, em_starts = recv.t().reshape(-1), starts.t().reshape(-1)  # blocks expert-major
+    em_first = torch.cumsum(em_counts, 0) - em_counts                     # their places in the output
+    shift = torch.repeat_interleave(em_starts - em_first, em_counts, output_size=n_recv)
+    return torch.arange(n_recv, device=recv.device) + shift
 
 
 def expert_parallel_experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor,
@@ -116,10 +115,9 @@ def expert_parallel_experts(hidden_states: torch.Tensor, routing: Routing, gate_
     x_recv = _collective("sending the tokens to their experts' ranks", _all_to_all,
                          hidden_states.new_empty((n_recv, H)), x_send, recv_splits, send_splits, group=group)
 
-    order = _expert_major(recv_counts).to(dev)
+    order = _expert_major(recv, n_recv)
     x_local = x_recv.index_select(0, order)
-    per_expert = torch.tensor([sum(recv_counts[p][e] for p in range(P)) for e in range(El)], dtype=torch.int64)
-    local_ids = torch.repeat_interleave(torch.arange(El), per_expert).to(dev).view(-1, 1)
+    local_ids = torch.repeat_interleave(torch.arange(El, device=dev), recv.sum(0), output_size=n_recv).view(-1, 1)
     local = route(torch.zeros((n_recv, El), device=dev), 1, expert_ids=local_ids,
                   block_m=suggest_block_m(max(n_recv, 1), El, 1))
     y_local = experts(x_local, local, gate_up_proj, down_proj, activation=activation, gate_up_bias=gate_up_bias,

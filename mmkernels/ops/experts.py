@@ -22,6 +22,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
+from mmkernels.ops._layout import math_dtype
 from mmkernels.ops.routing import Routing
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
@@ -479,8 +480,7 @@ def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch
 # CPU path: a loop over experts of matrix products on the expert-ordered rows
 # ----------------------------------------------------------------------------------------------
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_compute_dtype = math_dtype
 
 
 def _rows(sorted_slots: torch.Tensor, offsets: torch.Tensor, k: int):

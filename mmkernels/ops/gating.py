@@ -17,7 +17,7 @@ from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import INT32_LIMIT, max_offset
+from mmkernels.ops._layout import INT32_LIMIT, math_dtype, max_offset
 
 #: Elements per program of the blend kernels (memory bound: 8 per thread at 8 warps).
 BLOCK = 2048
@@ -33,10 +33,6 @@ def _acc(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _rows(t: torch.Tensor) -> Tuple[int, int]:
-    return t.stride(0), t.stride(1)
 
 
 def _int64(*ts: torch.Tensor) -> bool:
@@ -78,7 +74,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _math(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.to(math_dtype(t.dtype))
 
 
 def _cpu_forward(pre, a, b) -> torch.Tensor:

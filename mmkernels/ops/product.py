@@ -26,6 +26,7 @@ from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
+from mmkernels.ops._layout import math_dtype
 
 #: |x| below this is clamped to it before the log (log 0 = -inf): x = 0 acts as ±2^-100 ≈ 7.9e-31
 #: — its power is ~0 for positive exponents and huge for negative ones (documented in
@@ -69,10 +70,6 @@ def launch_configs():
     return [resolve_config(1, 1, 1)]
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
     """(P, Q) = exp(A)·(cos πB, sin πB) with A = log(max(|x|, eps))·Wᵀ, B = [x < 0]·Wᵀ: (N, J) in
     the math dtype, the exp·cos / exp·sin in the kernel's epilogue."""
@@ -83,7 +80,7 @@ def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
 
     N, I = x.shape
     J = w.shape[0]
-    acc = _acc(x.dtype)
+    acc = math_dtype(x.dtype)
     p = torch.empty((N, J), dtype=acc, device=x.device)
     q = torch.empty((N, J), dtype=acc, device=x.device)
     cfg = resolve_config(N, J, I)
@@ -119,7 +116,7 @@ def _triton_dweight(x, da, db, w_dtype) -> torch.Tensor:
 
 
 def _log_and_sign(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    xm = x.to(_acc(x.dtype))
+    xm = x.to(math_dtype(x.dtype))
     return torch.log(xm.abs().clamp_min(PRODUCT_EPS)), (xm < 0).to(xm.dtype)
 
 
@@ -158,7 +155,7 @@ def product_terms_op(x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, to
 @product_terms_op.register_fake
 def _(x, w):
     shape = (x.shape[0], w.shape[0])
-    return x.new_empty(shape, dtype=_acc(x.dtype)), x.new_empty(shape, dtype=_acc(x.dtype))
+    return x.new_empty(shape, dtype=math_dtype(x.dtype)), x.new_empty(shape, dtype=math_dtype(x.dtype))
 
 
 @torch.library.custom_op("mmkernels::product_dweight", mutates_args=())

@@ -25,6 +25,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
+from mmkernels.ops._layout import math_dtype
 
 #: Row block of the grouped GEMM that the default tile table is made for.
 DEFAULT_BLOCK_M = 64
@@ -302,8 +303,7 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _weights_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+_weights_dtype = math_dtype
 
 
 def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,

@@ -70,7 +70,6 @@ def _scenario(name: str, rank: int, P: int, group) -> List[str]:
     # the reference, batch by batch (each rank's own tokens, as its routing sees them)
     ref_out, ref_dx, ref_dgate = None, None, None
     for r, (x, g) in enumerate(zip(xs, gs)):
-        ref.zero_grad(set_to_none=False) if r == 0 else None
         xr = x.clone().requires_grad_()
         gate_before = None if ref.gate.weight.grad is None else ref.gate.weight.grad.clone()
         out = ref(xr).output
