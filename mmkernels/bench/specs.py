@@ -1013,7 +1013,6 @@ def _eager_sigma_pi(z, conjuncts, weight, bias):
 
 
 def _eager_pi_sigma(z, weight, bias):
-    K, S, n = weight.shape
     return (torch.einsum("nd,ksd->nks", z, weight) + bias).prod(dim=-1)
 
 
