@@ -3,7 +3,7 @@
 
     python bench/bilinear_memory.py [--n 8192 --b 256 --c 256 --d 64] [--device cpu] [--out FILE.json]
 
-The acceptance shape of issues 3 and 6 (N=8192, b=c=256, d=64, fp32 on the CPU path):
+The sigma-pi memory target's shape (N=8192, b=c=256, d=64, fp32 on the CPU path):
 F.bilinear's backward materialises the N×b×c outer product; ours does not — on CPU both of our
 implementations are run: the C++ kernels (csrc/bilinear.cpp, blocked, a few hundred KB of
 products per thread) and the vectorised-torch fallback (row chunks of 16 MB). Peak memory is what one

@@ -3,7 +3,7 @@
 
     python bench/cross_entropy_memory.py [--n 8192 --c 32000] [--device cpu] [--out FILE.json]
 
-Issue 7's acceptance shape: (8192, 32000) fp32 logits on the CPU path, whose peak memory must be
+The cross-entropy memory target's shape: (8192, 32000) fp32 logits on the CPU path, whose peak memory must be
 at most the logits plus the gradient — no full-size temporary. The logits are a view of a leaf
 ``h`` (an op's output, as the output layer's, so that ``inplace_backward`` applies; the gradient
 lands in ``h.grad``). Peak memory is what one forward+backward allocates above what was live

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-#: (H, I, E, k) — as mmkernels.testing.registry.EXPERT_SHAPES.
+#: (H, I, E, k) — as mmkernels.families.experts.SHAPES.
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2), "olmoe": (2048, 1024, 64, 8)}
 
 #: Which launch is which role, and the buffer it writes.
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
             spec = X.ExpertSpec()
             calls = []
             with recording(calls):
-                _, h, _, a = X._triton_forward(x, w, gu, dn, None, None, r, spec, save_h=True)
-                X._triton_backward(dout, x, w, gu, dn, None, None, r, h, a, spec, (True,) * 6)
+                _, h, _, a = X.triton_forward(x, w, gu, dn, None, None, r, spec, save_h=True)
+                X.triton_backward(dout, x, w, gu, dn, None, None, r, h, a, spec, (True,) * 6)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             for name, kernel, grid, kw in calls:
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                     continue
                 ref = kw[OUTPUT[role]].clone()
                 base = None
-                arch = X._arch(x)
+                arch = X.gpu_arch(x)
                 if role in ("dgate_up", "ddown"):
                     resolved = X.resolve_config(role, 0, *((H, 2 * I) if role == "dgate_up" else (I, H)), dtype, arch)
                 else:
@@ -176,13 +176,13 @@ def main(argv=None) -> int:
                     kw2 = dict(kw)
                     if role in ("dgate_up", "ddown"):
                         m, n = (2 * I, H) if role == "dgate_up" else (H, I)
-                        grid2 = X._wgrad_grid(E, m, n, cand)
-                        kw2.update(X._wgrad_args(m, n, cand))
+                        grid2, tiling = X.weight_grad_launch(E, m, n, cand)
+                        kw2.update(tiling)
                     else:
                         cand = dataclasses.replace(cand, block_m=block_m)
                         n = I if role in ("up", "dact") else H
-                        grid2 = X._grid(r, n, cand)
-                        kw2.update(X._tile_args(r, n, cand))
+                        grid2, tiling = X.grouped_launch(r, n, cand)
+                        kw2.update(tiling)
                         if role == "dact":
                             nb = -(-I // cand.block_n)
                             kw2["dwp_ptr"] = torch.empty((T * k, nb), dtype=torch.float32, device=device)
@@ -241,13 +241,11 @@ def main(argv=None) -> int:
 
 
 def _hf_grouped_mm(H, I, E, k, gu, dn):
-    try:
-        from mmkernels.bench.specs import _hf_experts
-    except ImportError:
-        return None
     import torch
 
-    mod = _hf_experts(H, I, E, k, torch.nn.Parameter(gu.detach().clone()), torch.nn.Parameter(dn.detach().clone()))
+    from mmkernels.families.experts import hf_experts
+
+    mod = hf_experts(H, I, E, k, torch.nn.Parameter(gu.detach().clone()), torch.nn.Parameter(dn.detach().clone()))
     if mod is None:
         return None
     mod.config._experts_implementation = "grouped_mm"

@@ -11,15 +11,15 @@ In order:
 1. the two ceilings, measured now: device-to-device copy bandwidth (bytes read + written, 1 GiB)
    and the rate of an 8192^3 bf16 ``torch.mm`` on random data;
 2. per op family, on the registry cases tagged ``gpu``: correctness on fresh random inputs with the
-   package's outputs poisoned with NaN, against the float64 references of ``tests/reference.py``
+   package's outputs poisoned with NaN, against the float64 references of :mod:`mmkernels.reference`
    (every element must be written; errors within the tolerance table, on a bounded sample of whole
    rows that always holds the first and last); then median timings of ours and of the baselines
    (CUDA-graph replays of sub-millisecond calls, CUDA events otherwise; rotation among buffer sets
    when the inputs fit in L2), as ratio vs torch eager and as a fraction of the copy bandwidth
    (matmul families also: useful FLOPs / time as a fraction of the bf16 mm rate); a family whose
    Triton module does not import is skipped, and the output says so;
-3. config exploration: alternative launch configs timed next to the resolver's choice
-   (:mod:`mmkernels.bench.explore`), checked against the resolver's output;
+3. config exploration: the families' probes, alternative launch configs timed next to the
+   resolver's choice (:mod:`mmkernels.bench.explore`), checked against the resolver's output;
 4. the acceptance targets of each family, PASS / FAIL;
 5. ``gpu_suite.json`` (everything: environment, ceilings, raw medians and samples) and
    ``gpu_suite.md`` in ``--out``; a results table, then a short summary last.
@@ -28,9 +28,10 @@ Exit status: 0 when every correctness check passed, 1 when one failed or a case 
 ``--strict`` when a target failed), 2 on a usage error. It budgets itself to finish within
 ``--max-minutes`` (default 4.0): cases left when the budget is spent are skipped and listed.
 
-``--dry-run`` runs the same code path on CPU, through Triton's interpreter, on tiny fp32/fp16 cases
-(bf16 arithmetic is unreliable under the interpreter), with ``perf_counter`` timings: the check that
-the script works before GPU minutes are spent on it. Its timings mean nothing.
+``--dry-run`` runs the same code path on CPU, through Triton's interpreter, on the families' tiny
+fp32/fp16 cases tagged ``dry-run`` (bf16 arithmetic is unreliable under the interpreter), with
+``perf_counter`` timings: the check that the script works before GPU minutes are spent on it. Its
+timings mean nothing.
 
 This script holds no measurement code of its own: timing, ceilings, checks, bench specs, targets
 and tables come from :mod:`mmkernels.bench` (the main job ``python -m mmkernels bench``).
@@ -43,7 +44,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -82,93 +82,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_references(dry_run: bool):
-    """The float64 references of ``tests/reference.py`` (repo root added to ``sys.path``).
+def unavailable_families(names) -> dict:
+    """{family: why} for the families whose Triton kernel module fails to import (e.g. a kernel
+    being rewritten): the suite skips them and says so."""
+    from mmkernels.families import family
 
-    Falls back to :class:`mmkernels.bench.TorchReferences` only in a dry run (saying so): a GPU run
-    without the independent references is no GPU tier."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    path = ROOT / "tests" / "reference.py"
-    if path.exists():
-        try:
-            mod = importlib.import_module("tests.reference")
-            if Path(mod.__file__).resolve() != path.resolve():
-                raise ImportError(f"'tests.reference' resolved to {mod.__file__}")
-        except ImportError:  # another top-level `tests` package shadows ours: load the file itself
-            spec = importlib.util.spec_from_file_location("mmkernels_tests_reference", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        missing = [n for n in ("softmax_ref", "log_softmax_ref", "softmin_ref", "softmax_backward_ref",
-                               "bilinear_ref", "bilinear_grads_ref", "route_ref", "experts_ref",
-                               "cross_entropy_ref", "attention_module_ref", "gated_fusion_ref")
-                   if not hasattr(mod, n)]
-        if not missing:
-            return mod, "tests/reference.py (float64)"
-        problem = f"tests/reference.py lacks {missing}"
-    else:
-        problem = "tests/reference.py not found"
-    if not dry_run:
-        raise SystemExit(f"error: {problem}; the GPU tier checks against the independent references")
-    from mmkernels.bench import TorchReferences
-
-    print(f"warning: {problem}; dry run falls back to {TorchReferences.name}", file=sys.stderr)
-    return TorchReferences, f"{TorchReferences.name} (FALLBACK: {problem})"
-
-
-#: The Triton launcher module of each family that has one apart from its op module: a family whose
-#: module does not import (not written yet, or broken) is skipped, and the output says so.
-TRITON_MODULES = {"bilinear": "mmkernels._triton.bilinear", "routing": "mmkernels._triton.routing",
-                  "experts": "mmkernels._triton.experts"}
-
-
-def unavailable_families() -> dict:
-    """{family: why} for the families whose Triton module fails to import (e.g. not written yet)."""
     out = {}
-    for family, module in TRITON_MODULES.items():
+    for name in names:
+        module = family(name).kernels_module
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            out[family] = f"{module} does not import ({type(exc).__name__}: {str(exc)[:160]})"
+            out[name] = f"{module} does not import ({type(exc).__name__}: {str(exc)[:160]})"
     return out
-
-
-def dry_run_cases():
-    """Tiny cases through the same code paths as the GPU cases: rows (one-pass kernels, with and
-    without a row sample for the reference), a row longer than the on-chip limit (online / looped
-    kernels), a reduction over a non-last dim, every op, fp32 and fp16; one bilinear case (fp32,
-    forward and forward+backward; more rows than the 4096-element check bound allows, so the
-    check's row sample runs); three routing cases (softmax, grouped sigmoid, capacity drops); one
-    experts case (odd sizes); one case of each of issue 7's modules."""
-    import torch
-
-    from mmkernels.ops.softmax import MAX_FUSED_N
-    from mmkernels.testing import Case
-
-    def c(op, shape, dtype, dim=-1):
-        return Case("softmax", op, tuple(shape), dtype, frozenset({"dry-run"}), {"dim": dim})
-
-    f32, f16 = torch.float32, torch.float16
-    return [
-        c("softmax", (4, 128), f32), c("softmax", (4, 128), f16), c("softmax", (16, 512), f32),
-        c("softmax", (3, 1000), f16), c("softmax", (2, MAX_FUSED_N + 17), f32),
-        c("log_softmax", (4, 256), f32), c("softmin", (4, 256), f16),
-        c("softmax", (2, 64, 8), f32, dim=1),
-        Case("bilinear", "bilinear", (40,), f32, frozenset({"dry-run"}), {"b": 12, "c": 10, "d": 6, "bias": True}),
-        Case("routing", "mixtral", (40, 16), f32, frozenset({"dry-run"}), {"k": 4}),
-        Case("routing", "deepseek", (24, 32), f32, frozenset({"dry-run"}), {"k": 4, "n_groups": 4, "topk_groups": 2}),
-        Case("routing", "qwen3", (33, 8), f16, frozenset({"dry-run"}), {"k": 2, "capacity_factor": 1.0}),
-        Case("experts", "qwen3", (40,), f32, frozenset({"dry-run"}), {"H": 24, "I": 40, "E": 4, "k": 2}),
-        Case("modules", "cross_entropy", (16, 300), f32, frozenset({"dry-run"}), {"label_smoothing": 0.1}),
-        Case("modules", "attention", (8, 5, 33), f32, frozenset({"dry-run"})),
-        Case("modules", "gated_fusion", (10, 24), f32, frozenset({"dry-run"})),
-        Case("modules", "gated_blend", (10, 24), f16, frozenset({"dry-run"})),
-        Case("modules", "hard_switch", (8, 5, 33), f32, frozenset({"dry-run"})),
-        Case("modules", "dense_moe", (12, 8, 6, 3), f32, frozenset({"dry-run"})),
-        Case("modules", "product_unit", (40, 9, 7, 3), f32, frozenset({"dry-run"})),
-        Case("modules", "sigma_pi_unit", (10, 6, 5, 3, 2), f32, frozenset({"dry-run"})),
-        Case("modules", "pi_sigma", (10, 6, 3, 2), f32, frozenset({"dry-run"})),
-    ]
 
 
 def _progress(r: dict) -> str:
@@ -299,7 +225,7 @@ def main(argv=None) -> int:
     else:
         print("error: no CUDA device visible; use --dry-run to check the script on CPU", file=sys.stderr)
         return 2
-    refs, ref_name = load_references(args.dry_run)
+    ref_name = bench.REFERENCE
     env = bench.environment(device)
     if args.out:
         out = Path(args.out)
@@ -313,7 +239,7 @@ def main(argv=None) -> int:
           f"references: {ref_name}; out {out}", flush=True)
 
     if args.dry_run:
-        case_list = dry_run_cases()
+        case_list = bench.select_cases("dry-run")
         opts = bench.MeasureOptions(repeats=3, warmup=1, graph=False, eager_timing=False,
                                     compile_baseline=args.compile_baseline, check_max_elems=4096,
                                     max_sets=2, device_draw_above=1 << 14)
@@ -326,7 +252,7 @@ def main(argv=None) -> int:
     print(bench.ceilings_line(ceilings), flush=True)
     if args.family:
         case_list = [c for fam in args.family for c in case_list if c.family == fam]
-    skipped_families = unavailable_families()
+    skipped_families = unavailable_families(sorted({c.family for c in case_list}))
     for family, why in skipped_families.items():
         n = sum(c.family == family for c in case_list)
         print(f"SKIPPING the {family} family ({n} cases): {why}", flush=True)
@@ -338,8 +264,7 @@ def main(argv=None) -> int:
         if time.perf_counter() - t_start > budget_s:
             skipped.append(case.id)
             continue
-        rows += bench.measure_cases([case], device, ceilings, opts, refs=refs, name_filter=args.filter,
-                                    progress=None)
+        rows += bench.measure_cases([case], device, ceilings, opts, name_filter=args.filter, progress=None)
         # the record so far, after every case: a run killed by the call's time limit keeps its rows
         bench.write_json(out / JSON_NAME, {"kind": "mmkernels-gpu-suite", "dry_run": args.dry_run, "partial": True,
                                            "environment": env, "reference": ref_name, "ceilings": ceilings,
@@ -352,12 +277,14 @@ def main(argv=None) -> int:
         print(f"time budget ({args.max_minutes} min) spent: skipped {len(skipped)} cases", flush=True)
 
     from mmkernels.bench import explore as ex
+    from mmkernels.families import FAMILIES
 
     explored = []
-    if args.family and "softmax" not in args.family:
-        print("config exploration (softmax probes) skipped: --family leaves out softmax", flush=True)
+    probes = [p for name, fam in FAMILIES.items() if not args.family or name in args.family
+              for p in (fam.dry_run_probes if args.dry_run else fam.probes)]
+    if not probes:
+        print("config exploration: no probes in the families run", flush=True)
     elif time.perf_counter() - t_start < budget_s:
-        probes = ex.SOFTMAX_DRY_PROBES if args.dry_run else ex.SOFTMAX_PROBES
         print(f"config exploration: {len(probes)} probes", flush=True)
         explored = ex.explore(probes, device, ceilings, **opts.timing_kwargs())
     else:

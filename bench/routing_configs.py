@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         base_cfg = R.resolve_config(T, E, k)
 
         def run(cfg):
-            return R._triton_route(logits, bias, None, spec, cap, R.DEFAULT_BLOCK_M, config=cfg)
+            return R.triton_route(logits, bias, None, spec, cap, R.DEFAULT_BLOCK_M, config=cfg)
 
         want = run(base_cfg)
         cands = [base_cfg]
@@ -87,10 +87,9 @@ def main(argv=None) -> int:
                 ms, err = t.median_ms, None
             except Exception as exc:  # noqa: BLE001 - a config that fails is a result
                 same, ms, err, differ = False, None, f"{type(exc).__name__}: {str(exc)[:200]}", []
-            if differ and not err:  # which side is right: the float64 reference of tests/reference.py
+            if differ and not err:  # which side is right: the float64 reference
                 try:
-                    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-                    from tests.reference import route_ref
+                    from mmkernels.reference import route_ref
 
                     ref = route_ref(logits.double().cpu(), k,
                                     selection_bias=None if bias is None else bias.double().cpu(),

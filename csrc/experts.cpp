@@ -37,7 +37,10 @@
 namespace mmkernels {
 namespace {
 
-enum class Act { kSilu, kGelu, kGeluTanh, kRelu, kSwigluOai };
+// The gated activations by code: the code is the activation's index in
+// mmkernels.ops.experts.ACTIVATIONS ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"), as the
+// Triton kernels take it.
+enum class Act : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSwigluOai = 4 };
 
 struct Spec {
   Act act;
@@ -45,15 +48,10 @@ struct Spec {
   double alpha, limit;  // swiglu_oai only
 };
 
-Spec make_spec(const std::string& activation, bool interleaved, double alpha, double limit) {
-  Act a;
-  if (activation == "silu") a = Act::kSilu;
-  else if (activation == "gelu") a = Act::kGelu;
-  else if (activation == "gelu_tanh") a = Act::kGeluTanh;
-  else if (activation == "relu") a = Act::kRelu;
-  else if (activation == "swiglu_oai") a = Act::kSwigluOai;
-  else TORCH_CHECK(false, "experts: unknown activation '", activation, "'");
-  return {a, interleaved, alpha, limit};
+Spec make_spec(int64_t activation, bool interleaved, double alpha, double limit) {
+  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Act::kSwigluOai),
+              "experts: unknown activation code ", activation);
+  return {static_cast<Act>(activation), interleaved, alpha, limit};
 }
 
 // (gate, up) views of rows of the first GEMM's output (m, 2I).
@@ -244,12 +242,12 @@ void load_rows(const Rows& rows, int64_t a, int64_t m, const at::Tensor& src, co
 
 }  // namespace
 
-// (out (T, H), h (kept, 2I)): h is the first GEMM's output with b1, saved for the backward (the
+// (out (T, H), h (T·k, 2I), the kept rows written): h is the first GEMM's output with b1, saved for the backward (the
 // activation is recomputed from it there: one elementwise pass instead of kept x I more floats).
 std::tuple<at::Tensor, at::Tensor> experts_forward(
     const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in, const at::Tensor& down_in,
     const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in, const at::Tensor& sorted_slots,
-    const at::Tensor& slot_rows, const at::Tensor& offsets, int64_t k, const std::string& activation,
+    const at::Tensor& slot_rows, const at::Tensor& offsets, int64_t k, int64_t activation,
     bool interleaved, double alpha, double limit) {
   check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
   // detached views: the worker threads run with grad mode on (it is thread-local)
@@ -262,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
   const int64_t n = rows.kept, m_max = rows.widest;
   const at::Tensor w = weights.reshape({-1}).contiguous();  // per slot
   auto opt = x.options();
-  at::Tensor h = pooled_empty({n, I2}, opt), out = pooled_empty({T, H}, opt);
+  // T·k rows (the kept n written): the shape is known without reading the routing
+  at::Tensor h = pooled_empty({T * k, I2}, opt), out = pooled_empty({T, H}, opt);
   const int64_t nt = at::get_num_threads();
   // per thread: x rows (m, H), act (m, I), w·act (m, I), the rows' weights (m)
   const int64_t per = m_max * (H + 2 * I + 1);
@@ -297,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dout_in, const at::Tensor& x_in, const at::Tensor& weights_in, const at::Tensor& gate_up_in,
     const at::Tensor& down_in, const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
     const at::Tensor& sorted_slots, const at::Tensor& slot_rows, const at::Tensor& offsets, const at::Tensor& h_in,
-    int64_t k, const std::string& activation, bool interleaved, double alpha, double limit, int64_t need) {
+    int64_t k, int64_t activation, bool interleaved, double alpha, double limit, int64_t need) {
   check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const at::Tensor h = h_in.detach();
@@ -309,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I2 = gate_up.size(1), I = I2 / 2;
   const Rows rows = make_rows(sorted_slots, slot_rows, offsets, k, T);
   const int64_t n = rows.kept, m_max = rows.widest;
-  TORCH_CHECK(h.size(0) == n && h.size(1) == I2, "experts_backward: h does not match the routing");
+  TORCH_CHECK(h.size(0) >= n && h.size(1) == I2, "experts_backward: h does not match the routing");
   auto flag = [&](int bit) { return ((need >> bit) & 1) != 0; };
   const bool ndx = flag(0), ngu = flag(1), nd = flag(2), nb1 = flag(3) && b1.has_value(),
              nb2 = flag(4) && b2.has_value(), nw = flag(5);
@@ -382,12 +381,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(mmkernels_cpu, m) {
   m.def(
       "experts_forward(Tensor x, Tensor weights, Tensor gate_up, Tensor down, Tensor? b1, Tensor? b2, "
-      "Tensor sorted_slots, Tensor slot_rows, Tensor offsets, int k, str activation, bool interleaved, "
+      "Tensor sorted_slots, Tensor slot_rows, Tensor offsets, int k, int activation, bool interleaved, "
       "float alpha, float limit) -> (Tensor, Tensor)");
   m.def(
       "experts_backward(Tensor dout, Tensor x, Tensor weights, Tensor gate_up, Tensor down, Tensor? b1, "
       "Tensor? b2, Tensor sorted_slots, Tensor slot_rows, Tensor offsets, Tensor h, int k, "
-      "str activation, bool interleaved, float alpha, float limit, int need) -> "
+      "int activation, bool interleaved, float alpha, float limit, int need) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

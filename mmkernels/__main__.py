@@ -36,11 +36,13 @@ def main(argv=None) -> int:
 def _info(args) -> int:
     import torch
 
-    from mmkernels import _backend, _cpp
+    from mmkernels import _backend
 
     print(f"torch {torch.__version__}; triton {'available' if _backend.triton_available() else 'missing'}; "
           f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
-    print(f"CPU ops: {_cpp.status(build=True)}")
+    from mmkernels.families import cpu_paths
+
+    print(f"CPU ops: {cpu_paths()}")
     return 0
 
 

@@ -27,8 +27,6 @@ import torch
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _NAME = "mmkernels_cpu"
 _IMPLS = ("auto", "torch", "cpp")
-#: The op families with C++ kernels, by one operator each registers.
-_FAMILIES = {"routing": "route_metadata", "experts": "experts_forward", "sigma-pi": "bilinear_forward"}
 #: Compiler flags of the build (setup.py passes the same).
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 _state = {"tried": False, "ok": False, "why": "not built yet (built on first use)", "impl": "auto"}
@@ -125,17 +123,22 @@ def use_cpu_impl(impl: str):
         _state["impl"] = saved
 
 
+def has_ops(names) -> bool:
+    """Whether the loaded C++ library registers every operator of ``names``."""
+    ns = getattr(torch.ops, _NAME) if _state["ok"] else None
+    return ns is not None and all(hasattr(ns, n) for n in names)
+
+
 def status(build: bool = False) -> str:
-    """One line: which CPU implementation runs and why (``build``: try the build first)."""
+    """One line: whether the C++ kernels run and why (``build``: try the build first); which
+    family uses them: :func:`mmkernels.families.cpu_paths`."""
     if build:
         load()
     if _state["ok"]:
         ns = getattr(torch.ops, _NAME)
-        have = [fam for fam, op in _FAMILIES.items() if hasattr(ns, op)]
         rows = ("AVX-512 router rows" if hasattr(ns, "simd") and ns.simd(-1)
                 else "scalar router rows (no AVX-512 on this CPU, or switched off)")
-        return (f"C++ CPU kernels active for {', '.join(have)} ({_state['why']}; selection {_state['impl']!r}; "
-                f"{rows}); softmax runs ATen's CPU kernels")
+        return f"C++ CPU kernels active ({_state['why']}; selection {_state['impl']!r}; {rows})"
     return f"vectorised-torch CPU path ({_state['why']})"
 
 

@@ -111,9 +111,39 @@ def assert_compiled_clean(results, kernels, targets):
 def record_launches(monkeypatch, module, names):
     """Replace the kernels ``names`` of ``module`` by recorders: launching one appends
     ``(name, real kernel, launch kwargs)`` to the returned list and runs nothing."""
-    from mmkernels.testing.compile_tier import LaunchRecorder
-
     calls = []
+
+    class Recorder:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, self.real, kw))
+
     for name in names:
-        monkeypatch.setattr(module, name, LaunchRecorder(name, getattr(module, name), calls))
+        monkeypatch.setattr(module, name, Recorder(name, getattr(module, name)))
     return calls
+
+
+_JOBS = {}
+
+
+def assert_launch_is_compiled(family: str, name: str, kernel, kwargs: dict, target: int = 90):
+    """The compile tier has a job for this launch of ``kernel`` (a real launch by the family's
+    launchers, specialised by Triton's binder): same kernel, argument types (strides of 1 as
+    constexpr 1), constexprs, warps and stages — the 16-byte alignment attributes aside."""
+    from mmkernels.families import family as lookup
+    from mmkernels.testing import compile_tier as C
+
+    if (family, target) not in _JOBS:
+        _JOBS[(family, target)] = C.family_jobs(lookup(family), (target,))
+    sig, cons, _, opts = C.jit_specialization(kernel, kwargs, target)
+    cons = {k: C.constexpr_json(v) for k, v in cons.items()}
+    for j in _JOBS[(family, target)]:
+        if (j.kernel == name and j.signature == sig and j.constexprs == cons
+                and j.options.get("num_warps") == opts.get("num_warps")
+                and j.options.get("num_stages", opts.get("num_stages")) == opts.get("num_stages")):
+            return j
+    near = [j for j in _JOBS[(family, target)] if j.kernel == name and j.constexprs == cons]
+    raise AssertionError(f"no compile-tier job for {name} with signature {sig} and constexprs {cons}"
+                         + (f"; same constexprs, signature {near[0].signature}" if near else ""))

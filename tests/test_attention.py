@@ -11,7 +11,7 @@ import mmkernels
 from mmkernels import testing as mt
 from mmkernels.ops import attention as ops
 from tests.conftest import assert_compiled_clean, backends, compile_family
-from tests.reference import attention_module_magnitudes, attention_module_ref, hard_switch_ref
+from mmkernels.reference import attention_module_magnitudes, attention_module_ref, hard_switch_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(5, 1, 3), (7, 6, 5), (3, 17, 200), (2, 3, 5, 7)]  # z (..., J), x (..., J, D): lead.., J, D

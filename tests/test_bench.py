@@ -14,8 +14,8 @@ import torch
 import mmkernels
 from mmkernels import _cpp, bench
 from mmkernels.__main__ import main as cli_main
-from mmkernels.bench.check import _sample_index
-from mmkernels.bench.inputs import _copy_like
+from mmkernels.bench.inputs import copy_like
+from mmkernels.family import sample_index
 from mmkernels.testing import Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_main_job_cpu_table_json_png(tmp_path, capsys):
     # the table: header and one row per variant
     assert "ours ms" in out.out and "ratio" in out.out and "%copy" in out.out
     assert "softmax fwd" in out.out and "softmax bwd" in out.out
-    assert "[1/" in out.err  # one progress line per case on stderr
+    assert f"] {SMALL}: fwd" in out.err  # one progress line per case on stderr
 
     data = json.loads(js.read_text())
     assert data["kind"] == "mmkernels-bench"
@@ -104,7 +104,7 @@ def test_gpu_suite_dry_run(tmp_path):
     data = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert data["dry_run"] is True and data["environment"]["triton_interpreter"] is True
     assert data["environment"]["impl"] == "triton"
-    assert data["reference"].startswith("tests/reference.py")
+    assert data["reference"].startswith("mmkernels.reference")
     rows = data["results"]
     assert rows and all("error" not in r and r["check"]["passed"] for r in rows)
     assert not data["skipped_families"]
@@ -276,17 +276,17 @@ def test_bilinear_targets():
 
 def test_row_sample_keeps_whole_rows_first_and_last():
     gen = torch.Generator().manual_seed(0)
-    d, idx = _sample_index((100, 64), keep=(1,), max_elems=640, gen=gen)
+    d, idx = sample_index((100, 64), keep=(1,), max_elems=640, gen=gen)
     assert d == 0 and len(idx) == 10 and idx[0] == 0 and idx[-1] == 99
-    assert _sample_index((4, 64), keep=(1,), max_elems=640, gen=gen) == (None, None)
-    d, idx = _sample_index((8, 50, 16), keep=(1,), max_elems=400, gen=gen)
+    assert sample_index((4, 64), keep=(1,), max_elems=640, gen=gen) == (None, None)
+    d, idx = sample_index((8, 50, 16), keep=(1,), max_elems=400, gen=gen)
     assert d == 2 and idx[0] == 0 and idx[-1] == 15  # the largest free dim, the reduced dim whole
 
 
 def test_copy_like_keeps_layouts():
     base = torch.randn(6, 8)
     for t in (base, base.t(), base[:, ::2], base[:1].expand(6, 8)):
-        c = _copy_like(t)
+        c = copy_like(t)
         assert torch.equal(c, t) and c.stride() == t.stride() and c.data_ptr() != t.data_ptr()
 
 

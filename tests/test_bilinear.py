@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mmkernels
 from mmkernels import testing as mt
 from tests.conftest import backends
-from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
+from mmkernels.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 
 BACKENDS = backends(cpu_torch=True)  # CPU: the C++ kernels and the vectorised-torch fallback
 
@@ -120,7 +120,7 @@ def test_tracers_see_the_op():
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("c,d,bias", [(1, 1, True), (5, 3, True), (7, 4, False)])
 def test_quadratic_layer(c, d, bias, backend, device):
-    from tests.reference import quadratic_ref
+    from mmkernels.reference import quadratic_ref
 
     torch.manual_seed(c * 10 + d)
     layer = mmkernels.nn.Quadratic(c, d, bias=bias).to(device).double()
@@ -140,7 +140,7 @@ def test_quadratic_layer(c, d, bias, backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_hyperlinear_layer(bias, backend, device):
-    from tests.reference import hyperlinear_ref
+    from mmkernels.reference import hyperlinear_ref
 
     torch.manual_seed(3)
     layer = mmkernels.nn.HyperLinear(4, 6, 5, bias=bias).to(device).double()

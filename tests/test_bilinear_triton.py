@@ -3,20 +3,19 @@ against a float64 einsum reference (interpreter tier on CPU, natively on CUDA), 
 tier for the family's kernels.
 
 fp32, fp16, bf16 and fp64 storage (bf16 under the interpreter with fp32 dot operands, DOT_F32).
-The reference is written inline for now (``tests/reference.py`` is another session's file).
+
 Outputs the launchers allocate are poisoned with NaN, so an unwritten element fails.
 """
 from __future__ import annotations
-
 
 import pytest
 import torch
 
 from mmkernels.ops import bilinear as BT
+from mmkernels.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
 from mmkernels.testing.asserts import assert_close
 from mmkernels.testing.poison import poison_allocations
-from tests.conftest import assert_compiled_clean, compile_family, record_launches
-from tests.reference import bilinear_grads_ref, bilinear_magnitudes, bilinear_ref
+from tests.conftest import assert_compiled_clean, assert_launch_is_compiled, compile_family, record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "triton"
@@ -232,7 +231,6 @@ def test_job_signatures_match_real_launches(monkeypatch, N, b, c, d, dtype, tf32
     specialised by Triton's own binder, are what the compile tier compiles: same argument types
     (strides of 1 as constexpr 1), constexprs and warps, at a config launch_configs() yields."""
     from mmkernels._triton import bilinear as K
-    from mmkernels.testing import compile_tier as C
 
     calls = record_launches(monkeypatch, K, ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"))
     monkeypatch.setattr(BT, "_dot_f32", lambda t: False)  # as on CUDA (CPU bf16 sets it)
@@ -250,24 +248,12 @@ def test_job_signatures_match_real_launches(monkeypatch, N, b, c, d, dtype, tf32
         torch.backends.cuda.matmul.allow_tf32 = previous
     assert [n for n, _, _ in calls] == ["bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel",
                                         "bilinear_bwd_dw_kernel"]
-    storage = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}[dtype]
     configs = set(BT.launch_configs())
-    jobs = {(j.kernel, j.config, j.variant) for j in C._bilinear_jobs((90,))}
     for (name, real, kw), cfg in zip(calls, (cfgs.fwd, cfgs.dzdx, cfgs.dw)):
         assert (name, cfg, dclass) in configs
-        sig, cons, attrs, opts = C.jit_specialization(real, kw, target=90)
-        multi_i = bool(cons.get("MULTI_I", False))
-        want_sig, want_cons, want_attrs = C._bilinear_spec(name, cfg, storage, cons["PRECISION"],
-                                                           multi_i=multi_i)
-        assert cons["PRECISION"] == ("tf32" if dclass == "tf32" else "ieee")
-        assert sig == want_sig, name
-        assert {k: C._resolve_constexpr(v) for k, v in want_cons.items()} == cons, name
-        assert attrs == {k: v for k, v in want_attrs.items()}, name
-        assert (opts["num_warps"], opts["num_stages"]) == (cfg.num_warps, cfg.num_stages)
-        label = storage + (" multi-i" if multi_i else "") + ("" if dclass == "16bit" else f" {dclass}")
-        # fp16 is compiled at each kernel's largest 16-bit config; elsewhere bf16 stands for it
-        assert ((name, C._bilinear_config_label(cfg), label) in jobs
-                or (name, C._bilinear_config_label(cfg), label.replace("fp16", "bf16")) in jobs), (name, label)
+        assert kw["PRECISION"] == ("tf32" if dclass == "tf32" else "ieee")
+        assert (kw["num_warps"], kw["num_stages"]) == (cfg.num_warps, cfg.num_stages)
+        assert_launch_is_compiled("bilinear", name, real, kw)
 
 
 @pytest.mark.interp

@@ -1,6 +1,7 @@
-"""Compile tier (DESIGN.md, "Verification tiers", item 3): every softmax-family kernel at every
-launch config compiles ahead of time for sm_80 and sm_90 on this CPU machine and meets the
-EXPECTATIONS its module declares; the expectation checker itself reports violations.
+"""Compile tier (docs/DESIGN.md, "Verification tiers", item 3): every softmax-family kernel at
+every launch config compiles ahead of time for sm_80 and sm_90 on this CPU machine and meets the
+EXPECTATIONS its module declares; the expectation checker itself reports violations; the jobs are
+the launchers' own launches.
 
 Runs with or without TRITON_INTERPRET=1 (under the interpreter the compile tier re-runs itself in a
 subprocess without it). ``pytest -m compile tests/test_compile_tier.py``.
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 
 from mmkernels.testing import compile_tier as C
-from tests.conftest import compile_family, describe_results, record_launches
+from tests.conftest import assert_launch_is_compiled, compile_family, describe_results, record_launches
 
 pytestmark = pytest.mark.compile
 
@@ -56,6 +57,7 @@ def test_softmax_kernels_on_both_targets_without_spills(softmax_results):
 
 def test_softmax_every_launch_config_is_covered(softmax_results):
     """Each config of launch_configs() was compiled, with the kernel it selects, on both targets."""
+    from mmkernels.families.softmax import config_label
     from mmkernels.ops.softmax import launch_configs
 
     seen = {(r.kernel, r.config, r.target) for r in softmax_results}
@@ -64,7 +66,7 @@ def test_softmax_every_launch_config_is_covered(softmax_results):
                     else ("softmax_fwd_fused_kernel", "softmax_bwd_fused_kernel"))
         for kernel in (fwd, bwd):
             for target in TARGETS:
-                assert (kernel, C._softmax_config_label(cfg), target) in seen, (kernel, cfg, target)
+                assert (kernel, f"{config_label(cfg)} w={cfg.num_warps}", target) in seen, (kernel, cfg, target)
     # the non-representative variants are there too (storage dtypes, kinds, int64)
     variants = {r.variant.split(" columns")[0].split(" rows")[0] for r in softmax_results}
     for v in ("fp32 softmax", "bf16 softmax", "fp16 softmax", "fp64 softmax", "fp32 log_softmax",
@@ -204,10 +206,11 @@ _LAUNCHES = [  # (direction, shape, dim, kind, dtype)
 
 
 @pytest.mark.parametrize("direction, shape, dim, kind, dtype", _LAUNCHES)
-def test_job_signatures_match_real_launches(monkeypatch, direction, shape, dim, kind, dtype):
-    """Capture the launch the softmax launcher makes (kernels replaced by recorders, CPU tensors),
-    let Triton's own binder specialise it, and compare with the compile tier's job for that
-    config: same kernel, argument types (strides equal to 1 as constexpr 1), constexprs, warps."""
+def test_real_launches_are_compiled(monkeypatch, direction, shape, dim, kind, dtype):
+    """A launch the softmax launcher makes for real inputs (kernels replaced by recorders, CPU
+    tensors), specialised by Triton's own binder, is one the compile tier compiles: same kernel,
+    argument types (strides equal to 1 as constexpr 1), constexprs and warps — at a config of
+    launch_configs()."""
     import torch
 
     from mmkernels._triton import softmax as K
@@ -218,31 +221,14 @@ def test_job_signatures_match_real_launches(monkeypatch, direction, shape, dim, 
     x = torch.randn(shape).to(dt)
     dim = dim % x.dim()  # the launchers take the normalised dim
     if direction == "fwd":
-        S._triton_forward(x, dim, S.Kind(kind), dt)
+        S.triton_forward(x, dim, S.Kind(kind), dt)
     else:
-        S._triton_backward(x, torch.randn(shape).to(dt), dim, S.Kind(kind), dt)
+        S.triton_backward(x, torch.randn(shape).to(dt), dim, S.Kind(kind), dt)
     (name, real, kw), = calls
-
-    sig, cons, attrs, opts = C.jit_specialization(real, kw, target=90)
+    job = assert_launch_is_compiled("softmax", name, real, kw)
     online = name in ("softmax_fwd_online_kernel", "softmax_bwd_looped_kernel")
-    cfg = S.SoftmaxConfig(cons["BLOCK_I"], cons["BLOCK_N"], opts["num_warps"], online)
-    ptr_names = [n for n in sig if n.endswith("_ptr")]
-    layout = "columns" if cons.get(f"s{ptr_names[0][:-4]}_i") == 1 else "rows"
-    f64 = cons["ACC"] == C._resolve_constexpr("tl.float64")
-    assert (cfg, layout, f64) in set(S.launch_configs()), (cfg, layout, f64)
-    storage = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}[dtype]
-    want_sig, want_cons, want_attrs = C._softmax_spec(name, cfg, layout, storage, kind,
-                                                      int64=cons["USE_INT64"])
-    assert sig == want_sig
-    assert {k: C._resolve_constexpr(v) for k, v in want_cons.items()} == cons
-    assert {n: attrs.get(n) for n in ptr_names} == {n: want_attrs.get(n) for n in ptr_names}
-
-    # ... and the compile tier has a job for this kernel at this config and layout
-    jobs = C._softmax_jobs((90,), exhaustive=True)
-    assert any(j.kernel == name and j.config == C._softmax_config_label(cfg)
-               and j.variant.endswith(layout) for j in jobs)
-    default = {(j.kernel, j.config) for j in C._softmax_jobs((90,))}
-    assert (name, C._softmax_config_label(cfg)) in default
+    cfg = S.SoftmaxConfig(kw["BLOCK_I"], kw["BLOCK_N"], kw["num_warps"], online)
+    assert cfg in {c for c, _, _ in S.launch_configs()} and job.options["num_warps"] == cfg.num_warps
 
 
 def test_compile_errors_and_crashes_are_failures_of_their_own(tmp_path, monkeypatch):
@@ -250,7 +236,9 @@ def test_compile_errors_and_crashes_are_failures_of_their_own(tmp_path, monkeypa
     result; the jobs around them still compile, and the run's exit code is non-zero."""
     (tmp_path / "mmk_crash_probe.py").write_text("import os\nos._exit(3)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    good = C._softmax_jobs((80,))[0]
+    from mmkernels.families import FAMILIES
+
+    good = C.family_jobs(FAMILIES["softmax"], (80,))[0]
     rejected = C.Job(**{**good.__dict__, "variant": "BLOCK_N=3",
                         "constexprs": {**good.constexprs, "BLOCK_N": 3}})  # arange needs a power of 2
     crash = C.Job(**{**good.__dict__, "module": "mmk_crash_probe", "variant": "crash"})

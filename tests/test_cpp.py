@@ -12,7 +12,7 @@ import mmkernels
 from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
-from .reference import (dispatch_ref, experts_ref, route_ref, routing_keys_ref, routing_weights_ref,
+from mmkernels.reference import (dispatch_ref, experts_ref, route_ref, routing_keys_ref, routing_weights_ref,
                         select_experts_ref)
 from tests.conftest import backends
 
@@ -29,7 +29,10 @@ OPS = ("route_softmax_topk", "top_k_ids", "simd", "route_metadata", "experts_for
 @needs_cpp
 def test_cpp_kernels_build_and_say_so():
     assert _cpp.load(), _cpp.status()
-    assert _cpp.status().startswith("C++ CPU kernels active for routing, experts, sigma-pi")
+    assert _cpp.status().startswith("C++ CPU kernels active")
+    from mmkernels.families import cpu_paths
+
+    assert "C++ for bilinear, experts, routing; torch for attention, cross_entropy" in cpu_paths()
     missing = [name for name in OPS if not hasattr(_cpp.ops(), name)]
     assert not missing, f"operators not registered: {missing}"
 
@@ -197,7 +200,7 @@ def test_corrupt_routing_raises_in_the_cpp_experts():
     assert _cpp.load(), _cpp.status()
     x, gu, dn = torch.randn(6, 4), torch.randn(3, 8, 4), torch.randn(3, 4, 4)
     r = moe.route(torch.randn(6, 3), 2)
-    args = lambda ss, sr, off: (x, r.weights, gu, dn, None, None, ss, sr, off, 2, "silu", False, 1.0, 1.0)  # noqa: E731
+    args = lambda ss, sr, off: (x, r.weights, gu, dn, None, None, ss, sr, off, 2, 0, False, 1.0, 1.0)  # noqa: E731
     bad_rows = r.slot_rows.clone()
     bad_rows[3] = -1
     bad_slots = r.sorted_slots.clone()

@@ -9,7 +9,7 @@ import mmkernels
 from mmkernels import moe
 from mmkernels import testing as mt
 from tests.conftest import backends
-from tests.reference import dense_moe_ref
+from mmkernels.reference import dense_moe_ref
 
 
 @pytest.mark.parametrize("backend,device", backends(cpu_torch=True))

@@ -1,6 +1,6 @@
 """moe.experts (the experts of an MoE layer over a Routing): the forward and every gradient
 (hidden_states, gate_up_proj, down_proj, both biases, the routing weights and through them the
-router logits) against the naive float64 per-token loop of tests/reference.py, on the CPU path and
+router logits) against the naive float64 per-token loop of mmkernels/reference.py, on the CPU path and
 the Triton path; every activation, both gate/up layouts and gpt-oss's transposed weight views,
 biases, capacity drops, the routing_weights override, storage dtypes, gradcheck, transformers'
 GptOssExperts / MixtralExperts, and bad input.
@@ -21,7 +21,7 @@ import mmkernels
 from mmkernels import moe
 from mmkernels import testing as mt
 from tests.conftest import backend_matrix, backends
-from tests.reference import experts_ref, route_ref, routing_grad_magnitude_ref
+from mmkernels.reference import experts_ref, route_ref, routing_grad_magnitude_ref
 
 
 @pytest.fixture(autouse=True, scope="module")

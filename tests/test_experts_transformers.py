@@ -8,7 +8,7 @@ gradient of every parameter (transformers' routers included, reached through ``t
 must agree. Also: expert-parallel sentinel ids, activations, unsupported modules (raise or fall
 back), and that transformers' ``grouped_mm`` agrees.
 
-nn.MoE: against a naive float64 per-token loop (``tests/reference.py``), gradients to every
+nn.MoE: against a naive float64 per-token loop (``mmkernels.reference``), gradients to every
 parameter, the shared expert, shapes ``(..., H)``, and ``state_dict`` compatibility with
 transformers' ``Qwen2MoeSparseMoeBlock``.
 
@@ -24,7 +24,7 @@ import torch
 
 import mmkernels
 from mmkernels import moe
-from tests.reference import route_ref
+from mmkernels.reference import route_ref
 from tests.conftest import CPU_IMPLS
 
 VOCAB, HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 64, 32, 48, 4, 2, 2
@@ -250,7 +250,7 @@ def test_routing_from_ids_metadata(block_m):
     """The E+1-column routing with column E cut off is the dispatch of the non-sentinel slots,
     with the sentinel slots as dropped rows past offsets[E] and their tiles gone from the table."""
     from mmkernels.integrations.transformers import routing_from_ids
-    from tests.reference import dispatch_ref
+    from mmkernels.reference import dispatch_ref
 
     E = 5
     ids = torch.tensor([[0, 5], [2, 7], [5, 1], [2, 0], [6, 5], [4, 3], [1, 2]])

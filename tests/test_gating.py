@@ -9,7 +9,7 @@ import torch
 import mmkernels
 from mmkernels import testing as mt
 from tests.conftest import assert_compiled_clean, backends, compile_family
-from tests.reference import gated_fusion_magnitudes, gated_fusion_ref
+from mmkernels.reference import gated_fusion_magnitudes, gated_fusion_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -10,7 +10,7 @@ import torch
 import mmkernels
 from mmkernels import testing as mt
 from tests.conftest import assert_compiled_clean, backends, compile_family
-from tests.reference import pi_sigma_ref, product_unit_magnitudes, product_unit_ref, sigma_pi_unit_ref
+from mmkernels.reference import pi_sigma_ref, product_unit_magnitudes, product_unit_ref, sigma_pi_unit_ref
 
 
 def _product_inputs(lead, I, J, K, dtype, device, seed, integer=False):

@@ -1,6 +1,6 @@
 """MoE routing (``moe.route``): selection, weights and their gradients, and the exact dispatch
 metadata (counts, offsets, the expert-ordered permutation and its inverse, capacity drops, the tile
-table) against the naive float64 reference of tests/reference.py, on the CPU path and the Triton
+table) against the naive float64 reference of mmkernels/reference.py, on the CPU path and the Triton
 path; the router styles of Mixtral / Qwen3 / DeepSeek-V3 / gpt-oss, given expert ids, ties, NaN,
 bad input, torch.compile, gradcheck and the balancing losses.
 
@@ -21,9 +21,9 @@ import torch
 import mmkernels
 from mmkernels import moe
 from mmkernels import testing as mt
-from mmkernels.testing.registry import laid_out
+from mmkernels.family import laid_out
 from tests.conftest import backend_matrix, backends
-from tests.reference import (load_balancing_loss_ref, route_ref, router_z_loss_ref, routing_grad_magnitude_ref,
+from mmkernels.reference import (load_balancing_loss_ref, route_ref, router_z_loss_ref, routing_grad_magnitude_ref,
                              routing_keys_ref, routing_weights_ref)
 
 TOKENS = (0, 1, 5, 257)

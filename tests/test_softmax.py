@@ -16,10 +16,10 @@ import mmkernels
 from mmkernels import testing as mt
 from mmkernels._backend import interpreter_active
 from mmkernels.ops import softmax as ops
-from mmkernels.testing import registry
+from mmkernels.families import softmax as softmax_family
 from mmkernels.ops._layout import collapsed_strides, plan_reduction
 from tests.conftest import DEVICE, backends
-from tests.reference import FORWARD, softmax_backward_magnitude, softmax_backward_ref
+from mmkernels.reference import FORWARD, softmax_backward_magnitude, softmax_backward_ref
 
 FUNCS = {"softmax": mmkernels.softmax, "log_softmax": mmkernels.log_softmax, "softmin": mmkernels.softmin}
 TORCH = {"softmax": torch.softmax, "log_softmax": torch.log_softmax, "softmin": F.softmin}
@@ -68,7 +68,7 @@ def test_softmax_backward_functional(kind, backend, device, poison_outputs):
 
 
 def test_row_lengths_cover_the_online_path():
-    assert ops.MAX_FUSED_N + 1 in registry.SOFTMAX_ROW_LENGTHS
+    assert ops.MAX_FUSED_N + 1 in softmax_family.ROW_LENGTHS
     assert ops.resolve_config(ops.MAX_FUSED_N, 2, columns=False).online is False
     assert ops.resolve_config(ops.MAX_FUSED_N + 1, 2, columns=False).online is True
     assert ops.resolve_config(1100, 20, columns=True).online is True
@@ -200,8 +200,8 @@ def test_int64_offsets(kind, shape, dim, poison_outputs):
     x = torch.randn(shape, device=DEVICE)
     dy = torch.randn(shape, device=DEVICE)
     name = ops.Kind(kind).name.lower()
-    y = ops._triton_forward(x, dim % x.dim(), kind, x.dtype, force_int64=True)
-    dx = ops._triton_backward(y, dy, dim % x.dim(), kind, x.dtype, force_int64=True)
+    y = ops.triton_forward(x, dim % x.dim(), kind, x.dtype, force_int64=True)
+    dx = ops.triton_backward(y, dy, dim % x.dim(), kind, x.dtype, force_int64=True)
     mt.assert_close(y, FORWARD[name](x, dim), backend="triton")
     mt.assert_close(dx, softmax_backward_ref(y, dy, dim, name), backend="triton",
                     magnitude=softmax_backward_magnitude(y, dy, dim, name))

@@ -37,8 +37,13 @@ fp64 storage, bf16 / fp16 operands with fp32 accumulation otherwise).
 import triton
 import triton.language as tl
 
-# activations
-SILU, GELU, GELU_TANH, RELU, SWIGLU_OAI = 0, 1, 2, 3, 4
+# The gated activations by code (``ACT``): the activation's index in
+# ``mmkernels.ops.experts.ACTIVATIONS``, as the C++ kernels (csrc/experts.cpp) take it too.
+SILU = tl.constexpr(0)
+GELU = tl.constexpr(1)
+GELU_TANH = tl.constexpr(2)
+RELU = tl.constexpr(3)
+SWIGLU_OAI = tl.constexpr(4)
 
 
 @triton.jit
@@ -49,14 +54,14 @@ def _sigmoid(x):
 @triton.jit
 def _gated(g, u, ACT: tl.constexpr, alpha, limit):
     """act(g) · u (gpt-oss: (clamp(u) + 1) · g'·σ(α g'), g' = min(g, limit))."""
-    if ACT == 0:
+    if ACT == SILU:
         a = g * _sigmoid(g) * u
-    elif ACT == 1:
+    elif ACT == GELU:
         a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
-    elif ACT == 2:
+    elif ACT == GELU_TANH:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = 0.5 * g * (2.0 * _sigmoid(2.0 * inner)) * u  # 1 + tanh(z) = 2 σ(2z)
-    elif ACT == 3:
+    elif ACT == RELU:
         a = tl.maximum(g, 0.0) * u
     else:
         gc = tl.minimum(g, limit)
@@ -68,23 +73,23 @@ def _gated(g, u, ACT: tl.constexpr, alpha, limit):
 @triton.jit
 def _gated_backward(g, u, da, ACT: tl.constexpr, alpha, limit):
     """(d g, d u) of act(g) · u for the incoming ``da``."""
-    if ACT == 0:
+    if ACT == SILU:
         s = _sigmoid(g)
         act = g * s
         dact = s * (1.0 + g * (1.0 - s))
-    elif ACT == 1:
+    elif ACT == GELU:
         cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
         act = g * cdf
         dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
-    elif ACT == 2:
+    elif ACT == GELU_TANH:
         c = 0.7978845608028654
         th = 2.0 * _sigmoid(2.0 * c * (g + 0.044715 * g * g * g)) - 1.0
         act = 0.5 * g * (1.0 + th)
         dact = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * 0.044715 * g * g)
-    elif ACT == 3:
+    elif ACT == RELU:
         act = tl.maximum(g, 0.0)
         dact = tl.where(g > 0, 1.0, 0.0)
-    if ACT == 4:
+    if ACT == SWIGLU_OAI:
         gc = tl.minimum(g, limit)
         uc = tl.minimum(tl.maximum(u, -limit), limit)
         s = _sigmoid(gc * alpha)

@@ -1,4 +1,4 @@
-"""Gated fusion kernels (seed 004): the gate blend ``out = g·a + (1 - g)·b``, ``g = σ(pre)``.
+"""Gated fusion kernels: the gate blend ``out = g·a + (1 - g)·b``, ``g = σ(pre)``.
 
 ``pre`` is the gate's pre-activation ``[a, b] · Wᵀ + c`` (a GEMM the caller's BLAS computes); these
 kernels fuse the rest. The tensors are seen as ``(R, D)`` rows with their own row and column

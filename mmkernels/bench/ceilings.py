@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .environment import _free, cache_bytes
+from .environment import cache_bytes, free_device_memory
 from .timing import time_fn
 
 
@@ -47,7 +47,7 @@ def measure_ceilings(device: torch.device, *, copy_bytes: Optional[int] = None, 
     timing = dict(target_s=0.1 if quick else 0.3, min_repeats=3, max_repeats=50)
     out = {"copy": measure_copy_bandwidth(device, copy_bytes, **timing),
            "mm": measure_mm_rate(device, mm_n, mm_dtype, **timing)}
-    _free(device)
+    free_device_memory(device)
     return out
 
 

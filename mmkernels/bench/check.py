@@ -3,34 +3,16 @@ run, every element of every output written, normwise error of each output on a b
 tolerance table) and its peak memory (:func:`peak_memory`)."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import os
+import sys
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from mmkernels.family import CheckSample, Inputs, Variant, sample_index
 from mmkernels.testing import error_report, poison_allocations, tolerance
-
-from .inputs import Inputs
-from .specs import CheckSample, Variant
-
-
-def _sample_index(shape: Sequence[int], keep: Sequence[int], max_elems: int,
-                  gen: torch.Generator) -> Tuple[Optional[int], Optional[torch.Tensor]]:
-    """A dim to subsample and the indices to keep (first, last and random ones) so that the
-    sample holds about ``max_elems`` elements (at least two slices: the dims in ``keep`` stay
-    whole); (None, None) when everything fits."""
-    numel = math.prod(shape)
-    if numel <= max_elems:
-        return None, None
-    free = [d for d in range(len(shape)) if d not in keep and shape[d] > 1]
-    if not free:
-        return None, None
-    d = max(free, key=lambda i: shape[i])
-    per = numel // shape[d]
-    k = max(2, min(shape[d], max_elems // max(per, 1)))
-    middle = torch.randperm(shape[d] - 2, generator=gen)[: k - 2] + 1 if shape[d] > 2 else torch.empty(0, dtype=torch.long)
-    idx = torch.cat([torch.tensor([0, shape[d] - 1]), middle]).unique().sort().values
-    return d, idx
 
 
 def _take(t: torch.Tensor, d: Optional[int], idx: Optional[torch.Tensor]) -> torch.Tensor:
@@ -45,7 +27,7 @@ def _nonfinite_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
 def _row_sample(variant: Variant, inputs: Inputs, shape: Sequence[int], max_elems: int,
                 gen: torch.Generator) -> CheckSample:
     """The default sample: whole rows of the (single) output and of every input along one dim."""
-    d, idx = _sample_index(shape, variant.reduced_dims, max_elems, gen)
+    d, idx = sample_index(shape, variant.reduced_dims, max_elems, gen)
     return CheckSample({k: _take(v, d, idx) for k, v in inputs.items()}, variant.outputs,
                        lambda name, t: _take(t, d, idx))
 
@@ -128,6 +110,27 @@ def check_variant(variant: Variant, raw: Inputs, *, backend: str, max_elems: int
     return out
 
 
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Within the block, the process's stdout and stderr file descriptors go to ``/dev/null``:
+    torch's profiler (kineto) prints ``USDT: ... profiler_start`` / ``profiler_stop`` lines from
+    C++ each time it starts and stops, which no Python setting turns off. The main job's output
+    is progress and tables only."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(devnull)
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[Optional[int], str]:
     """Peak bytes allocated above what was live before one call of ``fn`` (its output included).
 
@@ -145,7 +148,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[Optiona
         return int(peak), "cuda max_memory_allocated delta, output included"
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     try:

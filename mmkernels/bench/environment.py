@@ -70,7 +70,7 @@ def cache_bytes(device: torch.device) -> int:
     return best or 32 << 20
 
 
-def _free(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
     """Hand the CUDA caching allocator's unused blocks back (large cases follow one another)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -103,7 +103,8 @@ def environment(device: torch.device) -> Dict[str, Any]:
         info.update(cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}",
                     sm_count=props.multi_processor_count, memory_bytes=props.total_memory)
     else:
-        from mmkernels import _cpp
 
-        info.update(threads=torch.get_num_threads(), cpu_ops=_cpp.status(build=True))
+        from mmkernels.families import cpu_paths
+
+        info.update(threads=torch.get_num_threads(), cpu_ops=cpu_paths())
     return info

@@ -1,18 +1,16 @@
 """Inputs of a case: fresh random draws (:func:`random_inputs`) and copies in the same layout
-(:func:`_copy_like`, for the buffer sets the timings rotate among)."""
+(:func:`copy_like`, for the buffer sets the timings rotate among)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
-from mmkernels.testing import Case, make_inputs
+from mmkernels.family import Case, Inputs
+from mmkernels.testing import make_inputs
 
-from .environment import _free
-
-#: A variant's (or a case's) input tensors, by name.
-Inputs = Dict[str, torch.Tensor]
+from .environment import free_device_memory
 
 
 #: On CUDA, cases above this many elements are drawn on the device (a float64 host draw of 2**31
@@ -32,11 +30,11 @@ def random_inputs(case: Case, device: torch.device, seed: int,
     if limit is None or math.prod(case.shape) <= limit:
         return make_inputs(case, device, seed)
     out = make_inputs(case, device, seed, generator_device=device)
-    _free(device)
+    free_device_memory(device)
     return out
 
 
-def _copy_like(t: torch.Tensor) -> torch.Tensor:
+def copy_like(t: torch.Tensor) -> torch.Tensor:
     """Another buffer holding ``t``'s values in ``t``'s layout (zero strides included)."""
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t.clone(memory_format=torch.preserve_format)

@@ -1,6 +1,7 @@
 """The measurement loop: :class:`MeasureOptions`; :func:`measure_cases` -> :func:`measure_case`
 (checks on one random draw, then timings on another) -> :func:`measure_variant` (one result row);
-and :func:`evaluate_targets` (PASS / FAIL / NO DATA of the acceptance targets over the rows)."""
+:func:`variants_for` (a case's variants, from its family's bench spec) and :func:`evaluate_targets`
+(PASS / FAIL / NO DATA of the families' acceptance targets over the rows)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +13,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 
 from mmkernels import _backend, _cpp
-from mmkernels.testing import Case
+from mmkernels.family import Case, Inputs, Target, Variant
 
-from .check import check_variant, peak_memory
-from .environment import _free, cache_bytes
-from .inputs import Inputs, _copy_like, random_inputs
-from .specs import Target, Variant, variants_for
+from .check import check_variant, peak_memory, quiet_profiler
+from .environment import cache_bytes, free_device_memory
+from .inputs import copy_like, random_inputs
 from .timing import rotation_sets, time_fn, time_interleaved
 
 
@@ -50,6 +50,34 @@ class MeasureOptions:
                     min_repeats=self.min_repeats, max_repeats=self.max_repeats)
 
 
+def variants_for(case: Case, compile_baseline: bool = False) -> List[Variant]:
+    """The variants (e.g. forward and backward) of ``case``, from its family's bench spec. On CPU,
+    a family with C++ kernels also gets the ``torch_path`` baseline: ours on the vectorised-torch
+    CPU path, to show what the C++ kernels buy (when they are built)."""
+    from mmkernels.families import family
+
+    fam = family(case.family)
+    out = fam.variants(case, compile_baseline)
+    if fam.cpp_ops and "gpu" not in case.tags and _cpp.load():
+        for v in out:
+            v.baselines["torch_path"] = _on_torch_path(v.ours)
+    return out
+
+
+def all_targets() -> List[Target]:
+    """Every family's acceptance targets."""
+    from mmkernels.families import FAMILIES
+
+    return [t for fam in FAMILIES.values() for t in fam.targets()]
+
+
+def _on_torch_path(fn):
+    def call(i: Inputs):
+        with _cpp.use_cpu_impl("torch"):
+            return fn(i)
+    return call
+
+
 def count_launches(fn, device: torch.device) -> Optional[int]:
     """GPU kernels one call of ``fn`` launches (torch.profiler's CUDA activity, memcpy / memset
     left out); None off CUDA or when the profiler cannot say."""
@@ -60,7 +88,7 @@ def count_launches(fn, device: torch.device) -> Optional[int]:
 
         fn()
         torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with quiet_profiler(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize(device)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
@@ -164,7 +192,7 @@ def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str
 
 
 def measure_case(case: Case, device: torch.device, ceilings: Optional[Mapping[str, Any]],
-                 opts: MeasureOptions, refs=None, name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
+                 opts: MeasureOptions, name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
     """Every variant of ``case`` (those whose ``"<case id> <op> <direction>"`` contains every word
     of ``name_filter``), in two phases so that large cases hold one input draw at a time:
 
@@ -172,7 +200,7 @@ def measure_case(case: Case, device: torch.device, ceilings: Optional[Mapping[st
     2. timings on another draw, copied into :func:`rotation_sets` buffer sets when it fits in cache.
 
     A variant that raises becomes a failed row (``error``)."""
-    variants = [v for v in variants_for(case, refs, compile_baseline=opts.compile_baseline)
+    variants = [v for v in variants_for(case, compile_baseline=opts.compile_baseline)
                 if _matches(v, name_filter)]
     if not variants:
         return []
@@ -186,14 +214,14 @@ def measure_case(case: Case, device: torch.device, ceilings: Optional[Mapping[st
                                           max_elems=opts.check_max_elems, seed=opts.seed + 7)
         except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the run goes on
             crashed[v.key] = _error_row(case, exc, v.direction)
-        _free(device)
+        free_device_memory(device)
     del check_raw
-    _free(device)
+    free_device_memory(device)
 
     rows = []
     raw = random_inputs(case, device, seed=opts.seed, device_draw_above=opts.device_draw_above)
     n_sets = rotation_sets(max(v.bytes_moved for v in variants), cache_bytes(device), opts.max_sets)
-    sets = [raw] + [{k: _copy_like(t) for k, t in raw.items()} for _ in range(n_sets - 1)]
+    sets = [raw] + [{k: copy_like(t) for k, t in raw.items()} for _ in range(n_sets - 1)]
     for v in variants:
         if v.key in crashed:
             rows.append(crashed[v.key])
@@ -202,9 +230,9 @@ def measure_case(case: Case, device: torch.device, ceilings: Optional[Mapping[st
             rows.append(measure_variant(v, sets, checks[v.key], device, ceilings, opts))
         except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the run goes on
             rows.append(_error_row(case, exc, v.direction))
-        _free(device)
+        free_device_memory(device)
     del sets, raw
-    _free(device)
+    free_device_memory(device)
     return rows
 
 
@@ -224,7 +252,7 @@ def _error_row(case: Case, exc: BaseException, direction: str = "?") -> Dict[str
 
 
 def measure_cases(case_list: Iterable[Case], device: torch.device, ceilings: Optional[Mapping[str, Any]],
-                  opts: MeasureOptions, refs=None, name_filter: Optional[str] = None,
+                  opts: MeasureOptions, name_filter: Optional[str] = None,
                   progress: Any = True) -> List[Dict[str, Any]]:
     """:func:`measure_case` over ``case_list`` with one progress line per case on ``progress``
     (True: ``sys.stderr`` at call time; a file; False / None: silent).
@@ -240,10 +268,10 @@ def measure_cases(case_list: Iterable[Case], device: torch.device, ceilings: Opt
     for i, case in enumerate(case_list, 1):
         t0 = time.perf_counter()
         try:
-            new = measure_case(case, device, ceilings, opts, refs, name_filter)
+            new = measure_case(case, device, ceilings, opts, name_filter)
         except Exception as exc:  # noqa: BLE001 - recorded as a failure, the run goes on
             new = [_error_row(case, exc)]
-            _free(device)
+            free_device_memory(device)
         rows.extend(new)
         if progress and new:
             parts = []

@@ -24,7 +24,7 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> None:
 
 
 class Quadratic(torch.nn.Module):
-    r"""The seeds' quadratic layer: ``y[..., j] = Σ_{i ≤ k} W[j, (i, k)] · x[..., i] · x[..., k] + b[j]``.
+    r"""The quadratic layer (docs/modules.md): ``y[..., j] = Σ_{i ≤ k} W[j, (i, k)] · x[..., i] · x[..., k] + b[j]``.
 
     The ``c(c+1)/2`` products ``x_i·x_k`` (``i ≤ k``) are the features; ``weight`` is
     ``(out_features, c(c+1)/2)`` in ``torch.triu_indices(c, c)`` order. Computed by the bilinear
@@ -62,7 +62,7 @@ class Quadratic(torch.nn.Module):
 
 
 class HyperLinear(torch.nn.Module):
-    r"""The seeds' parameter transformation: ``y = x · W(z)ᵀ + b`` with per-sample weights
+    r"""Parameter transformation (a hypernetwork layer, docs/modules.md): ``y = x · W(z)ᵀ + b`` with per-sample weights
     ``W(z) = W0 + Σ_h z_h U_h`` that are never formed.
 
     ``weight`` is ``W0`` ``(out_features, in_features)`` (as ``nn.Linear``), ``hyper_weight`` is

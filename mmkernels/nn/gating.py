@@ -1,4 +1,4 @@
-"""Gated fusion module (seed 004)."""
+"""Gated fusion module (docs/modules.md)."""
 from __future__ import annotations
 
 import torch

@@ -148,7 +148,7 @@ class MoE(torch.nn.Module):
                                  capacity_factor=capacity_factor)
         self.activation = activation
         # Routing options are checked now, on a dummy row, rather than on the first forward.
-        _routing._check_route_args(torch.zeros(1, num_experts), top_k, scoring, renormalize, None, n_groups,
+        _routing.check_route_args(torch.zeros(1, num_experts), top_k, scoring, renormalize, None, n_groups,
                                    topk_groups, routed_scaling, softmax_after_topk, capacity_factor, None,
                                    _routing.DEFAULT_BLOCK_M)
         self.gate = torch.nn.Linear(hidden_size, num_experts, bias=False, **kw)
@@ -209,7 +209,7 @@ class MoE(torch.nn.Module):
 
 
 class DenseMoE(MoE):
-    r"""Dense mixture of experts (seed 004): ``y = Σ_e softmax(gate(x))_e · expert_e(x)`` over all
+    r"""Dense mixture of experts (docs/modules.md): ``y = Σ_e softmax(gate(x))_e · expert_e(x)`` over all
     ``num_experts`` — a :class:`MoE` with ``top_k = num_experts`` and the softmax over every expert
     (``renormalize=False``), so the same kernels (no per-expert loop), parameters and
     :class:`MoEOutput`."""

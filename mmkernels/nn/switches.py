@@ -15,7 +15,7 @@ class AttentionModule(torch.nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        self.temperature = _ops._check_tau(temperature)
+        self.temperature = _ops.check_temperature(temperature)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _ops.attention_module(z, x, mask, self.temperature)
@@ -24,7 +24,7 @@ class AttentionModule(torch.nn.Module):
         return f"temperature={self.temperature}"
 
 
-#: The seeds' soft switch is the attention module.
+#: The soft switch is the attention module (docs/modules.md).
 SoftSwitch = AttentionModule
 
 
@@ -35,7 +35,7 @@ class HardSwitch(torch.nn.Module):
     def __init__(self, straight_through: bool = False, temperature: float = 1.0) -> None:
         super().__init__()
         self.straight_through = bool(straight_through)
-        self.temperature = _ops._check_tau(temperature)
+        self.temperature = _ops.check_temperature(temperature)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return _ops.hard_switch(z, x, self.straight_through, self.temperature)

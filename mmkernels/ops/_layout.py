@@ -91,7 +91,3 @@ def split_float(name: str, value: float) -> dict:
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return {f"{name}_hi": hi, f"{name}_lo": value - hi}
 
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops compute in for tensors stored in ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

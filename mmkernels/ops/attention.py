@@ -16,7 +16,8 @@ from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import INT32_LIMIT, math_dtype, max_offset, split_float
+from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
+from mmkernels.ops._util import acc_dtype, math_dtype, next_pow2
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver
@@ -35,9 +36,6 @@ class AttentionConfig:
     num_warps: int
 
 
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
 
 #: Column chunk for narrow inputs (D <= this); wider ones take the whole tile.
 NARROW_D = 64
@@ -46,7 +44,7 @@ NARROW_D = 64
 def resolve_config(J: int, D: int) -> AttentionConfig:
     """All of J on chip; D in chunks so that the tile holds at most TILE elements: the widest
     chunk for D > NARROW_D, else NARROW_D columns (two chunk widths per J: few configs to build)."""
-    bj = _p2(J)
+    bj = next_pow2(J)
     bd = max(1, TILE // bj)
     if D <= NARROW_D:
         bd = min(bd, NARROW_D)
@@ -74,8 +72,7 @@ def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
     return mask.view(torch.uint8), mask.stride(0), mask.stride(1)
 
 
-def _triton_forward(z, x, mask, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    import triton.language as tl
+def triton_forward(z, x, mask, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
 
     from mmkernels._triton import attention as K
 
@@ -89,15 +86,14 @@ def _triton_forward(z, x, mask, tau: float) -> Tuple[torch.Tensor, torch.Tensor]
         sz_r=z.stride(0), sz_j=z.stride(1), sx_r=x.stride(0), sx_j=x.stride(1), sx_d=x.stride(2),
         sm_r=sm_r, sm_j=sm_j, ss_r=s.stride(0), ss_d=s.stride(1), **split_float("inv_tau", 1.0 / tau),
         BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, HAS_MASK=mask is not None,
-        ACC=tl.float64 if lse.dtype == torch.float64 else tl.float32,
+        ACC=acc_dtype(lse.dtype),
         USE_INT64=max(max_offset(x), max_offset(z), max_offset(s)) + TILE * 8 >= INT32_LIMIT,
         num_warps=cfg.num_warps,
     )
     return s, lse
 
 
-def _triton_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    import triton.language as tl
+def triton_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
 
     from mmkernels._triton import attention as K
 
@@ -113,7 +109,7 @@ def _triton_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, 
         sdz_r=dz.stride(0), sdz_j=dz.stride(1), sdx_r=dx.stride(0), sdx_j=dx.stride(1), sdx_d=dx.stride(2),
         **split_float("inv_tau", 1.0 / tau),
         BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, HAS_MASK=mask is not None,
-        ACC=tl.float64 if lse.dtype == torch.float64 else tl.float32,
+        ACC=acc_dtype(lse.dtype),
         USE_INT64=max(max_offset(x), max_offset(dx), max_offset(ds)) + TILE * 8 >= INT32_LIMIT,
         num_warps=cfg.num_warps,
     )
@@ -154,13 +150,13 @@ def _fused(x: torch.Tensor) -> bool:
 def _forward(z, x, mask, tau: float):
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         return _torch_forward(z, x, mask, tau)
-    return (_triton_forward if _fused(x) else _torch_forward)(z, x, mask, tau)
+    return (triton_forward if _fused(x) else _torch_forward)(z, x, mask, tau)
 
 
 def _backward(z, x, mask, s, lse, ds, tau: float):
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         return _torch_backward(z, x, mask, s, lse, ds, tau)
-    return (_triton_backward if _fused(x) else _torch_backward)(z, x, mask, s, lse, ds, tau)
+    return (triton_backward if _fused(x) else _torch_backward)(z, x, mask, s, lse, ds, tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +259,9 @@ def _rows(name_z: str, z: torch.Tensor, x: torch.Tensor):
     return z.reshape(R, J), x.reshape(R, J, D), lead
 
 
-def _check_tau(temperature) -> float:
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float, or a ValueError naming it (the attention module's and the
+    switches' argument check)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not (1e-30 <= float(temperature) < math.inf):
         raise ValueError(f"temperature must be a positive finite float (>= 1e-30), got {temperature!r}")
@@ -298,7 +296,7 @@ def attention_module(z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tens
         >>> s = mmkernels.attention_module(z, x)          # (8, 16)
     """
     z2, x2, lead = _rows("z", z, x)
-    tau = _check_tau(temperature)
+    tau = check_temperature(temperature)
     m2 = None
     if mask is not None:
         _check_tensor("mask", mask)
@@ -336,7 +334,7 @@ def hard_switch(z: torch.Tensor, x: torch.Tensor, straight_through: bool = False
         ``(..., D)`` in ``x``'s dtype.
     """
     z2, x2, lead = _rows("z", z, x)
-    tau = _check_tau(temperature)
+    tau = check_temperature(temperature)
     if z2.shape[1] == 0:
         raise ValueError("hard_switch needs at least one input (J >= 1)")
     s = HardSwitchFunction.apply(z2, x2, bool(straight_through), tau)

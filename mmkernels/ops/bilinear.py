@@ -1,6 +1,6 @@
 """Sigma-pi / bilinear family: ``y[n,j] = Σ_h Σ_i z[n,h]·x[n,i]·W[j,h,i] (+ b[j])``.
 
-The same op as ``torch.nn.functional.bilinear(z, x, W, b)`` (the seeds' ``W = z×U, y = x×W`` with
+The same op as ``torch.nn.functional.bilinear(z, x, W, b)`` (the sigma-pi contraction ``W = z×U, y = x×W`` of docs/modules.md, with
 ``U[h,i,j] = W[j,h,i]``). Order in this file: config resolver -> Triton launchers -> CPU path ->
 dispatch -> torch.library ops -> autograd.Function -> public functional. The kernels are in
 ``triton_kernels/bilinear.py`` (``mmkernels._triton.bilinear``; its docstring gives the tiling and
@@ -21,6 +21,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS, check_same, check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset
+from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver (heuristic; configs are data)
@@ -72,9 +73,6 @@ class BilinearConfigs:
     dw: DwConfig
 
 
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
 
 #: Widest i-block of the dz/dx kernel's G tile (its width): c above it takes several i-blocks.
 MAX_BLOCK_I = 64
@@ -102,7 +100,7 @@ def _hi_split(c: int, tile_k: int) -> Tuple[int, int]:
     minimum): the i-block covers c when it can (then dz needs no carried partial sums), the
     h-block takes the rest. The tile width is fixed (not shrunk for small b) to keep the number of
     compiled variants small: a tiny b·c wastes masked columns, not time that matters."""
-    bi = min(_p2(c), tile_k)
+    bi = min(next_pow2(c), tile_k)
     return tile_k // bi, bi
 
 
@@ -167,23 +165,15 @@ def launch_configs() -> Iterator[Tuple[str, object, str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input_precision: TF32 for fp32 only where torch allows it for matmuls."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _interpret(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
-def _acc(t: torch.Tensor):
-    import triton.language as tl
-
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
+    """CPU tensors reach the Triton launchers only under Triton's interpreter (meta tensors, as the
+    compile tier records launches, get the GPU's configs)."""
+    return t.device.type == "cpu"
 
 
 def _dot_f32(t: torch.Tensor) -> bool:
@@ -244,7 +234,7 @@ def bilinear_forward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     cfg = config or resolve_configs(N, b, c, d, dtype_class(z.dtype), _interpret(z)).fwd
     w_flat = weight.stride(1) == c * weight.stride(2) or b == 1
     s_wh = weight.stride(1) if b > 1 else c * weight.stride(2)
-    grid = (_cdiv(N, cfg.block_n) * _cdiv(d, cfg.block_d),)
+    grid = (cdiv(N, cfg.block_n) * cdiv(d, cfg.block_d),)
     K.bilinear_fwd_kernel[grid](
         z_ptr=z, x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, y_ptr=y,
         N=N, B=b, C=c, D=d,
@@ -255,7 +245,7 @@ def bilinear_forward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         s_yn=y.stride(0), s_yj=y.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, W_FLAT=w_flat,
-        PRECISION=_precision(z.dtype), DOT_F32=_dot_f32(z), ACC=_acc(z),
+        PRECISION=_precision(z.dtype), DOT_F32=_dot_f32(z), ACC=acc_dtype(z.dtype),
         USE_INT64=_needs_int64(z, x, weight, bias, y),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -288,15 +278,15 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                     t.zero_()
         else:
             cfg = cfgs.dzdx
-            multi_i = _cdiv(c, cfg.block_i) > 1
+            multi_i = cdiv(c, cfg.block_i) > 1
             dzacc = None
             if need_dz and multi_i:
-                acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-                dzacc = dz if dz.dtype == acc_dtype else torch.empty((N, b), dtype=acc_dtype, device=z.device)
+                md = math_dtype(z.dtype)
+                dzacc = dz if dz.dtype == md else torch.empty((N, b), dtype=md, device=z.device)
             dz_arg = dz if dz is not None else z  # never touched when not needed (constexpr)
             dx_arg = dx if dx is not None else x
             acc_arg = dzacc if dzacc is not None else dz_arg
-            K.bilinear_bwd_dzdx_kernel[(_cdiv(N, cfg.block_n),)](
+            K.bilinear_bwd_dzdx_kernel[(cdiv(N, cfg.block_n),)](
                 z_ptr=z, x_ptr=x, w_ptr=weight, dy_ptr=dy, dz_ptr=dz_arg, dzacc_ptr=acc_arg, dx_ptr=dx_arg,
                 N=N, B=b, C=c, D=d,
                 s_zn=z.stride(0), s_zh=z.stride(1),
@@ -308,7 +298,7 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                 s_dxn=dx_arg.stride(0), s_dxi=dx_arg.stride(1),
                 BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_I=cfg.block_i, BLOCK_J=cfg.block_j,
                 NEED_DZ=need_dz, NEED_DX=need_dx, MULTI_I=multi_i,
-                PRECISION=prec, DOT_F32=_dot_f32(z), ACC=_acc(z),
+                PRECISION=prec, DOT_F32=_dot_f32(z), ACC=acc_dtype(z.dtype),
                 USE_INT64=_needs_int64(z, x, weight, dy, dz_arg, acc_arg, dx_arg),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
@@ -322,7 +312,7 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
             dw.zero_()
         else:
             cfg = cfgs.dw
-            grid = (_cdiv(b * c, cfg.block_k) * _cdiv(d, cfg.block_d),)
+            grid = (cdiv(b * c, cfg.block_k) * cdiv(d, cfg.block_d),)
             K.bilinear_bwd_dw_kernel[grid](
                 z_ptr=z, x_ptr=x, dy_ptr=dy, dw_ptr=dw,
                 N=N, B=b, C=c, D=d,
@@ -331,7 +321,7 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                 s_dyn=dy.stride(0), s_dyj=dy.stride(1),
                 s_dwj=b * c, s_dwk=1,
                 BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n,
-                PRECISION=prec, DOT_F32=_dot_f32(z), ACC=_acc(z),
+                PRECISION=prec, DOT_F32=_dot_f32(z), ACC=acc_dtype(z.dtype),
                 USE_INT64=_needs_int64(z, x, dy, dw),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
@@ -515,7 +505,7 @@ def bilinear(input1: torch.Tensor, input2: torch.Tensor, weight: torch.Tensor,
     ``y[..., j] = Σ_h Σ_i input1[..., h] · input2[..., i] · weight[j, h, i] + bias[j]``.
 
     Args:
-        input1: ``(*, b)`` — the seeds' ``z``.
+        input1: ``(*, b)`` — ``z``, the modulating input.
         input2: ``(*, c)`` with the same batch shape ``*`` (any rank, empty batches too) — ``x``.
         weight: ``(d, b, c)`` — ``U`` with ``U[h, i, j] = weight[j, h, i]``.
         bias: ``(d,)`` or None.

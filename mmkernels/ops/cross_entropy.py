@@ -14,7 +14,8 @@ import torch
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import INT32_LIMIT, math_dtype, max_offset, split_float
+from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
+from mmkernels.ops._util import acc_dtype, math_dtype, next_pow2
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -36,7 +37,7 @@ class CrossEntropyConfig:
 
 def resolve_config(C: int) -> CrossEntropyConfig:
     """One program per row; the row in chunks of ``block_c`` (the whole row when it fits)."""
-    block = min(MAX_BLOCK_C, 1 << max(0, int(C) - 1).bit_length())
+    block = min(MAX_BLOCK_C, next_pow2(C))
     return CrossEntropyConfig(block, max(1, min(16, block // 256)))
 
 
@@ -54,8 +55,7 @@ def launch_configs():
 # Launchers (Triton) and the CPU path
 # ----------------------------------------------------------------------------------------------
 
-def _triton_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    import triton.language as tl
+def triton_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
 
     from mmkernels._triton import cross_entropy as K
 
@@ -69,15 +69,14 @@ def _triton_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Ten
         C=C, sx_n=x.stride(0), sx_c=x.stride(1), st=target.stride(0),
         ignore_index=ignore_index, **split_float("eps", eps),
         BLOCK_C=cfg.block_c, SMOOTH=eps > 0, TARGET=eps < 1,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        ACC=acc_dtype(acc),
         USE_INT64=max_offset(x) + cfg.block_c * abs(x.stride(1)) >= INT32_LIMIT,
         num_warps=cfg.num_warps,
     )
     return loss, lse
 
 
-def _triton_backward(x, target, lse, g, ignore_index: int, eps: float, dx: torch.Tensor) -> torch.Tensor:
-    import triton.language as tl
+def triton_backward(x, target, lse, g, ignore_index: int, eps: float, dx: torch.Tensor) -> torch.Tensor:
 
     from mmkernels._triton import cross_entropy as K
 
@@ -88,7 +87,7 @@ def _triton_backward(x, target, lse, g, ignore_index: int, eps: float, dx: torch
         C=C, sx_n=x.stride(0), sx_c=x.stride(1), st=target.stride(0), sg=g.stride(0),
         sdx_n=dx.stride(0), sdx_c=dx.stride(1),
         ignore_index=ignore_index, **split_float("eps", eps),
-        BLOCK_C=cfg.block_c, ACC=tl.float64 if lse.dtype == torch.float64 else tl.float32,
+        BLOCK_C=cfg.block_c, ACC=acc_dtype(lse.dtype),
         USE_INT64=max(max_offset(x) + cfg.block_c * abs(x.stride(1)),
                       max_offset(dx) + cfg.block_c * abs(dx.stride(1))) >= INT32_LIMIT,
         num_warps=cfg.num_warps,
@@ -160,7 +159,7 @@ def _forward(x, target, ignore_index: int, eps: float):
     if x.device.type == "cpu":
         _check_targets_on_host(target, x.shape[1], ignore_index)
     if _backend.resolve(x.device) is _backend.Impl.TRITON:
-        return _triton_forward(x, target, ignore_index, eps)
+        return triton_forward(x, target, ignore_index, eps)
     return _cpu_forward(x, target, ignore_index, eps)
 
 
@@ -169,7 +168,7 @@ def _backward(x, target, lse, g, ignore_index: int, eps: float, inplace: bool) -
     if x.shape[0] == 0:
         return dx
     if _backend.resolve(x.device) is _backend.Impl.TRITON:
-        return _triton_backward(x, target, lse, g, ignore_index, eps, dx)
+        return triton_backward(x, target, lse, g, ignore_index, eps, dx)
     return _cpu_backward(x, target, lse, g, ignore_index, eps, dx)
 
 

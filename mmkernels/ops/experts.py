@@ -13,16 +13,15 @@ Rows. Every GEMM runs over the *expert-ordered rows* of the routing: row ``r < o
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import math_dtype
+from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2
 from mmkernels.ops.routing import Routing
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
@@ -184,29 +183,6 @@ class ExpertsConfig:
 KERNELS = ("up", "down", "dact", "dx", "dgate_up", "ddown")
 #: Output tiles each role's kernel holds (gate and up: 2).
 _ACCUMULATORS = {"up": 2, "down": 1, "dact": 1, "dx": 1, "dgate_up": 1, "ddown": 1}
-#: Tests and ``bench/experts_configs.py`` set configs here by role (``config_override``).
-_OVERRIDES: Dict[str, ExpertsConfig] = {}
-
-
-@contextlib.contextmanager
-def config_override(**configs: ExpertsConfig):
-    """Within the block, launch the named kernels (:data:`KERNELS`) with the given configs instead
-    of :func:`resolve_config`'s (``block_m`` of a grouped GEMM is the routing's and is ignored)."""
-    unknown = set(configs) - set(KERNELS)
-    if unknown:
-        raise ValueError(f"unknown expert kernels {sorted(unknown)}; known: {KERNELS}")
-    saved = dict(_OVERRIDES)
-    _OVERRIDES.update(configs)
-    try:
-        yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
-
-
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
 
 #: 16-bit (tensor-core) tiles by role: (block_n, block_k, warps, stages) of the grouped GEMMs
 #: and (block_m, block_n, block_k, warps, stages) of the weight gradients, for routing tiles of 64
@@ -218,29 +194,11 @@ _TC_TILES = {"up": (64, 64, 8, 4), "down": (128, 64, 8, 3), "dact": (64, 64, 8, 
              "dgate_up": (128, 128, 64, 8, 3), "ddown": (128, 128, 64, 8, 3)}
 _TC_TILES_SM90 = {"up": (128, 64, 16, 4), "down": (256, 64, 8, 3), "dact": (64, 64, 8, 4), "dx": (256, 64, 8, 3),
                   "dgate_up": (128, 256, 64, 8, 3), "ddown": (128, 256, 64, 8, 3)}
-#: The compute capability's major the configs are for (``target_arch``); None: from the tensors.
-_ARCH: List[Optional[int]] = [None]
 
 
-@contextlib.contextmanager
-def target_arch(major: Optional[int]):
-    """Within the block, resolve configs for compute capability ``major`` (8: sm_80, 9: sm_90)
-    whatever the tensors' device — how the compile tier records each target's launches."""
-    saved = _ARCH[0]
-    _ARCH[0] = major
-    try:
-        yield
-    finally:
-        _ARCH[0] = saved
-
-
-def _arch(x: torch.Tensor) -> Optional[int]:
-    """Compute capability major of ``x``'s GPU (``target_arch`` first); None off CUDA."""
-    if _ARCH[0] is not None:
-        return _ARCH[0]
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device)[0]
-    return None
+def gpu_arch(x: torch.Tensor) -> Optional[int]:
+    """Compute capability major of ``x``'s GPU (8: sm_80, 9: sm_90); None off CUDA."""
+    return torch.cuda.get_device_capability(x.device)[0] if x.device.type == "cuda" else None
 
 
 def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype,
@@ -258,9 +216,6 @@ def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype
     tiles spilling. Sizes below the tile shrink it, never below :data:`MIN_BLOCK`; small tiles
     run 4 warps."""
     wgrad = kernel in ("dgate_up", "ddown")
-    if kernel in _OVERRIDES:
-        c = _OVERRIDES[kernel]
-        return c if wgrad else dataclasses.replace(c, block_m=block_m)
     stages = 3
     if dtype in (torch.float16, torch.bfloat16):
         tiles = _TC_TILES_SM90.get(kernel, _TC_TILES[kernel]) if arch == 9 else _TC_TILES[kernel]
@@ -274,11 +229,11 @@ def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype
         bm, bn, bk, warps = 32, 32, 32, 4
     else:
         bm, bn, bk, warps = 16, 16, 16, 4
-    bn = max(MIN_BLOCK, min(bn, _p2(n)))
+    bn = max(MIN_BLOCK, min(bn, next_pow2(n)))
     if wgrad:  # shrink to the output's rows, not under 64 in 16-bit (HGMMA's smallest M)
-        bm = min(bm, max(64 if dtype in (torch.float16, torch.bfloat16) else MIN_BLOCK, _p2(k)))
+        bm = min(bm, max(64 if dtype in (torch.float16, torch.bfloat16) else MIN_BLOCK, next_pow2(k)))
     else:
-        bm, bk = block_m, max(MIN_BLOCK, min(bk, _p2(k)))
+        bm, bk = block_m, max(MIN_BLOCK, min(bk, next_pow2(k)))
     if bm * bn * _ACCUMULATORS[kernel] < (64 * 128 if dtype in (torch.float16, torch.bfloat16) else 4096):
         warps = 4
     elif dtype not in (torch.float16, torch.bfloat16):
@@ -286,50 +241,57 @@ def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype
     return ExpertsConfig(bm, bn, bk, warps, stages, group=8)
 
 
-def _acc_and_precision(dtype: torch.dtype):
-    import triton.language as tl
-
-    return (tl.float64 if dtype == torch.float64 else tl.float32), "ieee"
-
-
 def _dot_f32(x: torch.Tensor) -> bool:
     """fp32 dot operands: only for bf16 under Triton's interpreter (its bf16 ``tl.dot`` is wrong)."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _backend.interpreter_active()
 
 
-def _grid(routing: Routing, n: int, c: ExpertsConfig) -> Tuple[int]:
-    """1-D grid of a grouped GEMM: every possible tile x the column blocks of ``n``."""
-    return (routing.max_tiles * -(-n // c.block_n),)
+def grouped_launch(routing, n: int, c: ExpertsConfig) -> Tuple[Tuple[int], dict]:
+    """(grid, launch arguments) of a grouped GEMM's tiling at config ``c`` over ``n`` output
+    columns: a 1-D grid of every possible tile (``routing.max_tiles``) x the column blocks of
+    ``n``; the arguments name the tile and its warps and stages (what ``bench/experts_configs.py``
+    relaunches a recorded launch with)."""
+    grid = (routing.max_tiles * cdiv(n, c.block_n),)
+    return grid, dict(NUM_TILES=routing.max_tiles, NUM_COLS=cdiv(n, c.block_n), GROUP=c.group,
+                      BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                      num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _tile_args(routing: Routing, n: int, c: ExpertsConfig) -> dict:
-    """The launch arguments of a grouped GEMM's tiling."""
-    return dict(NUM_TILES=routing.max_tiles, NUM_COLS=-(-n // c.block_n), GROUP=c.group,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                num_warps=c.num_warps, num_stages=c.num_stages)
+def weight_grad_launch(E: int, m: int, n: int, c: ExpertsConfig) -> Tuple[Tuple[int, int], dict]:
+    """(grid, launch arguments) of a weight gradient at config ``c``: the (m, n) output tiles of
+    one expert x the experts."""
+    grid = (cdiv(m, c.block_m) * cdiv(n, c.block_n), E)
+    return grid, dict(NUM_M=cdiv(m, c.block_m), NUM_N=cdiv(n, c.block_n), GROUP=c.group,
+                      BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_k,
+                      num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _wgrad_grid(E: int, m: int, n: int, c: ExpertsConfig) -> Tuple[int, int]:
-    """Grid of a weight gradient: the (m, n) output tiles of one expert x the experts."""
-    return (-(-m // c.block_m) * -(-n // c.block_n), E)
+def _config(role: str, configs: Optional[Mapping[str, ExpertsConfig]], block_m: int, n: int, k: int,
+            dtype: torch.dtype, arch: Optional[int]) -> ExpertsConfig:
+    """``configs[role]`` when given (a grouped GEMM's ``block_m`` is the routing's), else the resolver's."""
+    if configs and role in configs:
+        c = configs[role]
+        return c if role in ("dgate_up", "ddown") else dataclasses.replace(c, block_m=block_m)
+    return resolve_config(role, block_m, n, k, dtype, arch)
 
 
-def _wgrad_args(m: int, n: int, c: ExpertsConfig) -> dict:
-    return dict(NUM_M=-(-m // c.block_m), NUM_N=-(-n // c.block_n), GROUP=c.group,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_k,
-                num_warps=c.num_warps, num_stages=c.num_stages)
+def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec, save_h: bool, *,
+                   configs: Optional[Mapping[str, ExpertsConfig]] = None, arch: Optional[int] = None):
+    """The forward's launches: ``(out (T, H), h, y, a)`` — the first GEMM's output ``h`` (T·k × 2I,
+    gate | up; None unless ``save_h``), the weighted expert outputs ``y`` (T·k × H) and the
+    activation ``a`` (T·k × I), in row order.
 
-
-def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, save_h: bool):
-    """out (T, H) and (h, y): the first GEMM's output (T·k × 2I, gate | up; None unless
-    ``save_h``) and the weighted expert outputs (T·k × H), both in row order."""
+    ``routing``: a :class:`~mmkernels.ops.routing.Routing` or a :class:`Dispatch` (the fields the
+    kernels read). ``configs``: tiles by role (:data:`KERNELS`) instead of the resolver's (config
+    exploration); ``arch``: the compute capability major to resolve tiles for (default: the
+    tensors' GPU — the compile tier records sm_80 and sm_90 launches on meta tensors)."""
     from mmkernels._triton import experts as KX
 
     T, H = x.shape
     I = gate_up.shape[1] // 2
-    k, E = routing.top_k, routing.num_experts
+    k = routing.top_k
     rows = T * k
-    acc, prec = _acc_and_precision(x.dtype)
+    acc, prec = acc_dtype(x.dtype), "ieee"
     dot_f32 = _dot_f32(x)
     dev = x.device
     h = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev) if save_h else None
@@ -338,10 +300,11 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    arch = _arch(x)
-    c1 = resolve_config("up", routing.block_m, I, H, x.dtype, arch)
-    KX.experts_up_kernel[_grid(routing, I, c1)](
-        **_tile_args(routing, I, c1),
+    arch = gpu_arch(x) if arch is None else arch
+    c1 = _config("up", configs, routing.block_m, I, H, x.dtype, arch)
+    grid, tiling = grouped_launch(routing, I, c1)
+    KX.experts_up_kernel[grid](
+        **tiling,
         x_ptr=x, gu_ptr=gate_up, b1_ptr=b1 if b1 is not None else gate_up, h_ptr=h if save_h else a, a_ptr=a,
         **tiles, H=H, I=I, K=k,
         s_xt=x.stride(0), s_xh=x.stride(1),
@@ -350,9 +313,10 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
         INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
         ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
     )
-    c2 = resolve_config("down", routing.block_m, H, I, x.dtype, arch)
-    KX.experts_rows_kernel[_grid(routing, H, c2)](
-        **_tile_args(routing, H, c2),
+    c2 = _config("down", configs, routing.block_m, H, I, x.dtype, arch)
+    grid, tiling = grouped_launch(routing, H, c2)
+    KX.experts_rows_kernel[grid](
+        **tiling,
         a_ptr=a, wm_ptr=down, b_ptr=b2 if b2 is not None else down, w_ptr=weights, out_ptr=y,
         **tiles, N=H, KD=I, K=k,
         s_me=down.stride(0), s_mn=down.stride(1), s_mk=down.stride(2),
@@ -363,7 +327,8 @@ def _triton_forward(x, weights, gate_up, down, b1, b2, routing: Routing, spec: E
     return out, h, y, a
 
 
-def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, h, a, spec: ExpertSpec, need):
+def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec: ExpertSpec, need, *,
+                    configs: Optional[Mapping[str, ExpertsConfig]] = None, arch: Optional[int] = None):
     """(dx, d gate_up, d down, d b1, d b2, d weights) from the saved ``h`` and ``a``; ``need``
     flags which to compute (in that order)."""
     from mmkernels._triton import experts as KX
@@ -373,19 +338,20 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     I = I2 // 2
     k = routing.top_k
     rows = T * k
-    acc, prec = _acc_and_precision(x.dtype)
+    acc, prec = acc_dtype(x.dtype), "ieee"
     dot_f32 = _dot_f32(x)
     dev = x.device
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
     common = dict(PRECISION=prec, ACC=acc, DOT_F32=dot_f32)
-    arch = _arch(x)
-    c1 = resolve_config("dact", routing.block_m, I, H, x.dtype, arch)
-    nb_i = -(-I // c1.block_n)
+    arch = gpu_arch(x) if arch is None else arch
+    c1 = _config("dact", configs, routing.block_m, I, H, x.dtype, arch)
+    nb_i = cdiv(I, c1.block_n)
     dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)  # gate_up's row order
     dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
-    KX.experts_dact_kernel[_grid(routing, I, c1)](
-        **_tile_args(routing, I, c1),
+    grid, tiling = grouped_launch(routing, I, c1)
+    KX.experts_dact_kernel[grid](
+        **tiling,
         dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
         dh_ptr=dh, dwp_ptr=dwp, **tiles, H=H, I=I, K=k, NB_I=nb_i,
         s_ot=dout.stride(0), s_oh=dout.stride(1),
@@ -397,18 +363,19 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
     dx = dgu = dd = db1 = db2 = dw = None
     if need[5]:
         dw = torch.empty((T, k), dtype=weights.dtype, device=dev)
-        k_pad = _p2(k)
-        bt = max(1, 1024 // (k_pad * _p2(nb_i)))
-        KX.experts_dw_kernel[(-(-T // bt),)](
+        k_pad = next_pow2(k)
+        bt = max(1, 1024 // (k_pad * next_pow2(nb_i)))
+        KX.experts_dw_kernel[(cdiv(T, bt),)](
             dwp_ptr=dwp, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, dw_ptr=dw,
             T=T, K=k, E=E, NB_I=nb_i,
-            BLOCK_T=bt, K_PAD=k_pad, NB_PAD=_p2(nb_i), ACC=acc,
+            BLOCK_T=bt, K_PAD=k_pad, NB_PAD=next_pow2(nb_i), ACC=acc,
         )
     if need[0]:
-        c2 = resolve_config("dx", routing.block_m, H, 2 * I, x.dtype, arch)
+        c2 = _config("dx", configs, routing.block_m, H, 2 * I, x.dtype, arch)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
-        KX.experts_rows_kernel[_grid(routing, H, c2)](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
-            **_tile_args(routing, H, c2),
+        grid, tiling = grouped_launch(routing, H, c2)
+        KX.experts_rows_kernel[grid](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
+            **tiling,
             a_ptr=dh, wm_ptr=gate_up, b_ptr=gate_up, w_ptr=weights, out_ptr=dxs, **tiles, N=H, KD=2 * I, K=k,
             s_me=gate_up.stride(0), s_mn=gate_up.stride(2), s_mk=gate_up.stride(1),
             s_wt=weights.stride(0), s_wj=weights.stride(1),
@@ -416,24 +383,26 @@ def _triton_backward(dout, x, weights, gate_up, down, b1, b2, routing: Routing, 
         )
         dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
     if need[1] or need[3]:  # d gate_up_e = dhᵀ · x_rows (2I x H)
-        c3 = resolve_config("dgate_up", 0, H, 2 * I, x.dtype, arch)
+        c3 = _config("dgate_up", configs, 0, H, 2 * I, x.dtype, arch)
         xs = _gather_rows(x, routing, weights, scale=False)
         dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
         db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
-        KX.experts_dweight_kernel[_wgrad_grid(E, 2 * I, H, c3)](
-            **_wgrad_args(2 * I, H, c3),
+        grid, tiling = weight_grad_launch(E, 2 * I, H, c3)
+        KX.experts_dweight_kernel[grid](
+            **tiling,
             lhs_ptr=dh, rhs_ptr=xs, grad_ptr=dgu, dbias_ptr=db1 if db1 is not None else dgu,
             offsets_ptr=routing.offsets, M=2 * I, N=H,
             s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2), HAS_BIAS=db1 is not None, **common,
         )
         del xs
     if need[2] or need[4]:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
-        c4 = resolve_config("ddown", 0, I, H, x.dtype, arch)
+        c4 = _config("ddown", configs, 0, I, H, x.dtype, arch)
         doutw = _gather_rows(dout, routing, weights, scale=True)
         dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
         db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
-        KX.experts_dweight_kernel[_wgrad_grid(E, H, I, c4)](
-            **_wgrad_args(H, I, c4),
+        grid, tiling = weight_grad_launch(E, H, I, c4)
+        KX.experts_dweight_kernel[grid](
+            **tiling,
             lhs_ptr=doutw, rhs_ptr=a, grad_ptr=dd, dbias_ptr=db2 if db2 is not None else dd,
             offsets_ptr=routing.offsets, M=H, N=I,
             s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2), HAS_BIAS=db2 is not None, **common,
@@ -448,13 +417,13 @@ def _gather_rows(src: torch.Tensor, routing: Routing, weights: torch.Tensor, sca
 
     T, H = src.shape
     out = torch.empty((T * routing.top_k, H), dtype=src.dtype, device=src.device)
-    bh = max(16, min(256, _p2(H)))
+    bh = max(16, min(256, next_pow2(H)))
     br = max(1, min(64, 8192 // bh))
-    KX.experts_gather_kernel[(-(-out.shape[0] // br), -(-H // bh))](
+    KX.experts_gather_kernel[(cdiv(out.shape[0], br), cdiv(H, bh))](
         src_ptr=src, sorted_ptr=routing.sorted_slots, offsets_ptr=routing.offsets, w_ptr=weights, dst_ptr=out,
         H=H, K=routing.top_k, E=routing.num_experts,
         s_st=src.stride(0), s_sh=src.stride(1), s_wt=weights.stride(0), s_wj=weights.stride(1),
-        BLOCK_R=br, BLOCK_H=bh, SCALE=scale, ACC=_acc_and_precision(src.dtype)[0],
+        BLOCK_R=br, BLOCK_H=bh, SCALE=scale, ACC=acc_dtype(src.dtype),
     )
     return out
 
@@ -464,10 +433,10 @@ def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch
     from mmkernels._triton import experts as KX
 
     T, H = out.shape
-    acc, _ = _acc_and_precision(out.dtype)
-    bh = max(16, min(256, _p2(H)))
+    acc = acc_dtype(out.dtype)
+    bh = max(16, min(256, next_pow2(H)))
     bt = max(1, min(16, 4096 // bh))
-    KX.experts_combine_kernel[(-(-T // bt), -(-H // bh))](
+    KX.experts_combine_kernel[(cdiv(T, bt), cdiv(H, bh))](
         y_ptr=rows_t, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out,
         T=T, H=H, K=routing.top_k, E=routing.num_experts,
         s_ot=out.stride(0), s_oh=out.stride(1),
@@ -479,8 +448,6 @@ def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------------------------
 # CPU path: a loop over experts of matrix products on the expert-ordered rows
 # ----------------------------------------------------------------------------------------------
-
-_compute_dtype = math_dtype
 
 
 def _rows(sorted_slots: torch.Tensor, offsets: torch.Tensor, k: int):
@@ -522,14 +489,15 @@ def _widest(bounds) -> int:
 
 def _cpu_forward(x, weights, gate_up, down, b1, b2, sorted_slots, offsets, k: int, spec: ExpertSpec):
     """out (T, H) and what the backward needs, over the kept rows in expert order: the first GEMM's
-    output ``h`` (n, 2I) and the activation ``act`` (n, I). Row gathers, expert outputs and their
-    scatter into ``out`` go one expert at a time through :class:`_Scratch` rows."""
-    cd = _compute_dtype(x.dtype)
+    output ``h`` and the activation ``act`` (T·k rows allocated, the kept ``n`` written: shapes
+    known without reading the routing). Row gathers, expert outputs and their scatter into ``out``
+    go one expert at a time through :class:`_Scratch` rows."""
+    cd = math_dtype(x.dtype)
     T, H = x.shape
     n, tok, slots, bounds = _rows(sorted_slots, offsets, k)
     I2 = gate_up.shape[1]
-    h = torch.empty((n, I2), dtype=cd, device=x.device)
-    act = torch.empty((n, I2 // 2), dtype=cd, device=x.device)
+    h = torch.empty((T * k, I2), dtype=cd, device=x.device)
+    act = torch.empty((T * k, I2 // 2), dtype=cd, device=x.device)
     out = torch.zeros((T, H), dtype=cd, device=x.device)
     w = weights.reshape(-1).to(cd).index_select(0, slots)[:, None]
     S = _Scratch(_widest(bounds), {"x": H, "y": H, "aw": I2 // 2}, cd, x.device)
@@ -644,39 +612,163 @@ def _cpu_backward(dout, x, weights, gate_up, down, b1, b2, sorted_slots, offsets
 # CPU path in C++ (csrc/experts.cpp) when the kernels are built: experts shared among the threads
 # ----------------------------------------------------------------------------------------------
 
-def _need_bits(need) -> int:
-    """The C++ op's bit mask of the gradients to compute (:func:`_cpu_backward`'s ``need`` order)."""
-    return sum(1 << i for i, f in enumerate(need) if f)
-
-
-def _cpp_args(x, weights, gate_up, down, b1, b2):
-    """The tensors in the compute dtype (16-bit storage is cast: the C++ op computes in float32)."""
-    cd = _compute_dtype(x.dtype)
-    return [None if t is None else t.to(cd) for t in (x, weights, gate_up, down, b1, b2)]
-
-
-def _cpp_forward(cpp, x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec):
-    """:func:`_cpu_forward` in one C++ call: (out, h); the backward recomputes the activation."""
-    out, h = cpp.experts_forward(*_cpp_args(x, weights, gate_up, down, b1, b2), routing.sorted_slots,
-                                      routing.slot_rows, routing.offsets, routing.top_k, spec.activation,
-                                      spec.interleaved, spec.alpha, spec.limit)
-    return out.to(x.dtype), h
-
-
-def _cpp_backward(cpp, dout, x, weights, gate_up, down, b1, b2, routing: Routing, h, spec: ExpertSpec, need):
-    """:func:`_cpu_backward` in one C++ call."""
-    xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
-    grads = cpp.experts_backward(dout.to(h.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots,
-                                 routing.slot_rows, routing.offsets, h, routing.top_k, spec.activation,
-                                 spec.interleaved, spec.alpha, spec.limit, _need_bits(need))
-    likes = (dout, gate_up, down, gate_up, down, weights)
-    return tuple(None if g is None else g.to(like.dtype) for g, like in zip(grads, likes))
-
-
 def _cpp_experts():
     """``torch.ops.mmkernels_cpu`` when the C++ experts are selected and built, else None."""
     cpp = _cpp.ops()
     return cpp if cpp is not None and hasattr(cpp, "experts_forward") else None
+
+
+def _cpp_args(x, weights, gate_up, down, b1, b2):
+    """The tensors in the compute dtype (16-bit storage is cast: the C++ op computes in float32)."""
+    cd = math_dtype(x.dtype)
+    return [None if t is None else t.to(cd) for t in (x, weights, gate_up, down, b1, b2)]
+
+
+def _cpp_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec):
+    """:func:`_cpu_forward` in one C++ call: (out, h, act) with ``act`` empty — the C++ backward
+    recomputes the activation from ``h``."""
+    out, h = _cpp_experts().experts_forward(
+        *_cpp_args(x, weights, gate_up, down, b1, b2), routing.sorted_slots, routing.slot_rows, routing.offsets,
+        routing.top_k, ACTIVATIONS.index(spec.activation), spec.interleaved, spec.alpha, spec.limit)
+    return out.to(x.dtype), h, h.new_empty((0, gate_up.shape[1] // 2))
+
+
+def _cpp_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, act, spec: ExpertSpec, need):
+    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``)."""
+    xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
+    grads = _cpp_experts().experts_backward(
+        dout.to(h.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots, routing.slot_rows, routing.offsets, h,
+        routing.top_k, ACTIVATIONS.index(spec.activation), spec.interleaved, spec.alpha, spec.limit,
+        sum(1 << i for i, f in enumerate(need) if f))
+    likes = (dout, gate_up, down, gate_up, down, weights)
+    return tuple(None if g is None else g.to(like.dtype) for g, like in zip(grads, likes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch: one calling convention for the three backends, and the torch.library ops
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The part of a :class:`~mmkernels.ops.routing.Routing` the expert kernels read: what the
+    custom ops take (tensors and ints; a ``Routing`` also carries the weights and the ids)."""
+
+    sorted_slots: torch.Tensor
+    slot_rows: torch.Tensor
+    offsets: torch.Tensor
+    tile_experts: torch.Tensor
+    tile_row_starts: torch.Tensor
+    top_k: int
+    block_m: int
+
+    @classmethod
+    def of(cls, routing: Routing) -> "Dispatch":
+        return cls(routing.sorted_slots, routing.slot_rows, routing.offsets, routing.tile_experts,
+                   routing.tile_row_starts, routing.top_k, routing.block_m)
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_experts.shape[0]
+
+
+@torch.compiler.assume_constant_result
+def _backend_of(x: torch.Tensor) -> str:
+    """``"triton"``, ``"cpp"`` or ``"torch"``: which implementation runs for ``x`` (read once per
+    call, at the forward; the backward runs where the forward ran). No tokens: the torch CPU path,
+    whatever the device (nothing to launch; its torch ops give the empty result and zero
+    gradients). A constant to torch.compile: decided when the graph is traced."""
+    if x.shape[0] and _backend.resolve(x.device) is _backend.Impl.TRITON:
+        return "triton"
+    return "cpp" if x.device.type == "cpu" and _cpp_experts() is not None else "torch"
+
+
+def _saved_like(x: torch.Tensor, I: int, k: int, backend: str, save: bool):
+    """Empty tensors shaped as what ``backend``'s forward saves for the backward: ``h`` (T·k, 2I)
+    and ``act`` (T·k, I) — rows in the routing's expert order — in the storage dtype on the Triton
+    path, the math dtype on the CPU paths; ``act`` has no rows where the backward recomputes it
+    (C++), neither has when nothing is saved (no gradient needed). The custom op's fake kernel
+    and the real forward both allocate through here, so their shapes agree by construction."""
+    rows = x.shape[0] * k if save else 0
+    dtype = x.dtype if backend == "triton" else math_dtype(x.dtype)
+    return (x.new_empty((rows, 2 * I), dtype=dtype),
+            x.new_empty((0 if backend == "cpp" else rows, I), dtype=dtype))
+
+
+def _forward(backend: str, x, weights, gate_up, down, b1, b2, d: Dispatch, spec: ExpertSpec, save: bool):
+    """``(out, h, act)`` on ``backend`` (see :func:`_backend_of`, :func:`_saved_like`)."""
+    if backend == "triton":
+        out, h, _, act = triton_forward(x, weights, gate_up, down, b1, b2, d, spec, save_h=save)
+        return (out, h, act) if save else (out, *_saved_like(x, down.shape[2], d.top_k, backend, False))
+    if backend == "cpp":
+        out, h, act = _cpp_forward(x, weights, gate_up, down, b1, b2, d, spec)
+    else:
+        out, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, d.sorted_slots, d.offsets, d.top_k, spec)
+    return (out, h, act) if save else (out, *_saved_like(x, down.shape[2], d.top_k, backend, False))
+
+
+def _backward(backend: str, dout, x, weights, gate_up, down, b1, b2, d: Dispatch, h, act, spec: ExpertSpec,
+              need):
+    """``(dx, d gate_up, d down, d b1, d b2, d weights)`` (None where ``need`` says no) on the
+    ``backend`` that ran the forward."""
+    if backend == "triton":
+        return triton_backward(dout, x, weights, gate_up, down, b1, b2, d, h, act, spec, need)
+    if backend == "cpp":
+        return _cpp_backward(dout, x, weights, gate_up, down, b1, b2, d, h, act, spec, need)
+    return _cpu_backward(dout, x, weights, gate_up, down, b1, b2, d.sorted_slots, d.offsets, h, act, d.top_k,
+                         spec, need)
+
+
+def _spec_args(spec: ExpertSpec):
+    return ACTIVATIONS.index(spec.activation), spec.interleaved, spec.alpha, spec.limit
+
+
+def _spec_of(act: int, interleaved: bool, alpha: float, limit: float) -> ExpertSpec:
+    return ExpertSpec(ACTIVATIONS[act], interleaved, alpha, limit)
+
+
+@torch.library.custom_op("mmkernels::experts_fwd", mutates_args=())
+def experts_fwd_op(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], sorted_slots: torch.Tensor,
+                   slot_rows: torch.Tensor, offsets: torch.Tensor, tile_experts: torch.Tensor,
+                   tile_row_starts: torch.Tensor, top_k: int, block_m: int, act: int, interleaved: bool,
+                   alpha: float, limit: float, save: bool, backend: str
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, h, act) of the experts on ``backend``; ``act`` is the activation's index in
+    :data:`ACTIVATIONS`."""
+    d = Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k, block_m)
+    return _forward(backend, x, weights, gate_up, down, b1, b2, d, _spec_of(act, interleaved, alpha, limit), save)
+
+
+@experts_fwd_op.register_fake
+def _(x, weights, gate_up, down, b1, b2, sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k,
+      block_m, act, interleaved, alpha, limit, save, backend):
+    return (torch.empty_like(x), *_saved_like(x, down.shape[2], top_k, backend, save))
+
+
+@torch.library.custom_op("mmkernels::experts_bwd", mutates_args=())
+def experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, b1: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+                   sorted_slots: torch.Tensor, slot_rows: torch.Tensor, offsets: torch.Tensor,
+                   tile_experts: torch.Tensor, tile_row_starts: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
+                   top_k: int, block_m: int, act: int, interleaved: bool, alpha: float, limit: float,
+                   need: List[bool], backend: str) -> List[torch.Tensor]:
+    """(dx, d gate_up, d down, d b1, d b2, d weights) on the forward's ``backend``; an empty tensor
+    where ``need`` says no."""
+    d = Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k, block_m)
+    grads = _backward(backend, dout, x, weights, gate_up, down, b1, b2, d, h, a,
+                      _spec_of(act, interleaved, alpha, limit), tuple(need))
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@experts_bwd_op.register_fake
+def _(dout, x, weights, gate_up, down, b1, b2, sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts,
+      h, a, top_k, block_m, act, interleaved, alpha, limit, need, backend):
+    likes = (dout, gate_up, down, b1, b2, weights)
+    return [torch.empty_like(like) if n and like is not None else x.new_empty(0) for n, like in zip(need, likes)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -686,40 +778,41 @@ def _cpp_experts():
 
 class ExpertsFunction(torch.autograd.Function):
     """Autograd wrapper. Saved: the first GEMM's output ``h`` (rows × 2I) and the activation
-    ``act(gate)·up`` (rows × I); the input rows are gathered again in the backward."""
+    ``act(gate)·up`` (rows × I; not on the C++ path, which recomputes it from ``h``); the input
+    rows are gathered again in the backward. Tracers (torch.compile, export) see the two custom
+    ops; eager calls skip the torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, b1, b2, routing: Routing, spec: ExpertSpec, triton: bool):
-        if triton:
-            out, h, _, a = _triton_forward(x, weights, gate_up, down, b1, b2, routing, spec, save_h=True)
-            ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, a)
+    def forward(ctx, x, weights, gate_up, down, b1, b2, sorted_slots, slot_rows, offsets, tile_experts,
+                tile_row_starts, top_k: int, block_m: int, act: int, interleaved: bool, alpha: float, limit: float,
+                save: bool):
+        tensors = (x, weights, gate_up, down, b1, b2, sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts)
+        scalars = (top_k, block_m, act, interleaved, alpha, limit)
+        backend = _backend_of(x)
+        if _backend.direct_call_ok(*(t for t in tensors if t is not None)):
+            d = Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k, block_m)
+            out, h, a = _forward(backend, x, weights, gate_up, down, b1, b2, d, _spec_of(*scalars[2:]), save)
         else:
-            cpp = _cpp_experts()
-            if cpp is not None:
-                (out, h), act = _cpp_forward(cpp, x, weights, gate_up, down, b1, b2, routing, spec), None
-            else:
-                out, h, act = _cpu_forward(x, weights, gate_up, down, b1, b2, routing.sorted_slots, routing.offsets,
-                                           routing.top_k, spec)
-            ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, act)
-            ctx.cpp = cpp
-        ctx.routing, ctx.spec, ctx.triton = routing, spec, triton
+            out, h, a = experts_fwd_op(*tensors, *scalars, save, backend)
+        ctx.save_for_backward(*tensors, h, a)
+        ctx.scalars, ctx.backend = scalars, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weights, gate_up, down, b1, b2, h, extra = ctx.saved_tensors
+        x, weights, gate_up, down, b1, b2, *dispatch, h, a = ctx.saved_tensors
         nx, nw, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
-        need = (nx, ngu, nd, nb1, nb2, nw)
-        r = ctx.routing
-        if ctx.triton:
-            grads = _triton_backward(dout, x, weights, gate_up, down, b1, b2, r, h, extra, ctx.spec, need)
-        elif ctx.cpp is not None:
-            grads = _cpp_backward(ctx.cpp, dout, x, weights, gate_up, down, b1, b2, r, h, ctx.spec, need)
+        need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nw)
+        if _backend.direct_call_ok(dout, x, h, a):
+            top_k, block_m = ctx.scalars[:2]
+            grads = _backward(ctx.backend, dout, x, weights, gate_up, down, b1, b2, Dispatch(*dispatch, top_k, block_m),
+                              h, a, _spec_of(*ctx.scalars[2:]), need)
         else:
-            grads = _cpu_backward(dout, x, weights, gate_up, down, b1, b2, r.sorted_slots, r.offsets, h, extra,
-                                  r.top_k, ctx.spec, need)
+            got = experts_bwd_op(dout, x, weights, gate_up, down, b1, b2, *dispatch, h, a, *ctx.scalars, list(need),
+                                 ctx.backend)
+            grads = [g if n else None for g, n in zip(got, need)]
         dx, dgu, dd, db1, db2, dw = grads
-        return dx, dw, dgu, dd, db1, db2, None, None, None
+        return (dx, dw, dgu, dd, db1, db2) + (None,) * 12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,19 +883,19 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     weights = routing.weights if routing_weights is None else routing_weights
     spec = _check_experts_args(hidden_states, routing, gate_up_proj, down_proj, gate_up_bias, down_bias, weights,
                                activation, interleaved, swiglu_alpha, swiglu_limit)
-    triton = _backend.resolve(hidden_states.device) is _backend.Impl.TRITON
-    if triton and routing.block_m < MIN_BLOCK:
+    if _backend_of(hidden_states) == "triton" and routing.block_m < MIN_BLOCK:
         raise ValueError(f"the Triton path needs a routing with block_m >= {MIN_BLOCK}, got {routing.block_m}")
-    if hidden_states.shape[0] == 0:
-        triton = False  # nothing to launch: the CPU path's torch ops give the empty result and zero grads
-    return ExpertsFunction.apply(hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                                 routing, spec, triton)
+    tensors = (hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return ExpertsFunction.apply(*tensors, routing.sorted_slots, routing.slot_rows, routing.offsets,
+                                 routing.tile_experts, routing.tile_row_starts, routing.top_k, routing.block_m,
+                                 *_spec_args(spec), save)
 
 
 def dense_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, gate_up_proj: torch.Tensor,
               down_proj: torch.Tensor, *, activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,
               down_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    r"""Dense mixture of experts (seed 004): ``y = Σ_e softmax(x·W_gᵀ)_e · expert_e(x)`` over every
+    r"""Dense mixture of experts (docs/modules.md): ``y = Σ_e softmax(x·W_gᵀ)_e · expert_e(x)`` over every
     expert, ``expert_e(x) = down_e(act(gate_e x) · up_e x)``.
 
     The MoE kernels with ``k = E``: :func:`mmkernels.moe.route` (``renormalize=False``: the softmax

@@ -1,4 +1,4 @@
-"""Gated fusion network (seed 004): ``g = σ([a, b]·Wᵀ + c)``, ``out = g·a + (1 - g)·b``.
+"""Gated fusion network (gated multimodal units; docs/modules.md): ``g = σ([a, b]·Wᵀ + c)``, ``out = g·a + (1 - g)·b``.
 
 The gate's linear layer runs as two GEMMs on the caller's BLAS (``a·W_aᵀ + b·W_bᵀ``: the
 concatenation ``[a, b]`` is never built); the blend is one fused kernel forward and one backward.
@@ -17,7 +17,8 @@ from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import INT32_LIMIT, math_dtype, max_offset
+from mmkernels.ops._layout import INT32_LIMIT, max_offset
+from mmkernels.ops._util import acc_dtype, cdiv, math_dtype
 
 #: Elements per program of the blend kernels (memory bound: 8 per thread at 8 warps).
 BLOCK = 2048
@@ -29,48 +30,38 @@ def launch_configs():
     return [(BLOCK, NUM_WARPS)]
 
 
-def _acc(dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _int64(*ts: torch.Tensor) -> bool:
     return max(max_offset(t) for t in ts) + BLOCK * 2 >= INT32_LIMIT or ts[0].numel() + BLOCK >= INT32_LIMIT
 
 
-def _triton_forward(pre, a, b) -> torch.Tensor:
+def triton_forward(pre, a, b) -> torch.Tensor:
     from mmkernels._triton import gating as K
 
     R, D = a.shape
     out = torch.empty((R, D), dtype=a.dtype, device=a.device)
-    K.gated_blend_fwd_kernel[(triton_cdiv(R * D, BLOCK),)](
+    K.gated_blend_fwd_kernel[(cdiv(R * D, BLOCK),)](
         pre_ptr=pre, a_ptr=a, b_ptr=b, out_ptr=out, R=R, D=D,
         sp_r=pre.stride(0), sp_d=pre.stride(1), sa_r=a.stride(0), sa_d=a.stride(1),
         sb_r=b.stride(0), sb_d=b.stride(1), so_r=out.stride(0), so_d=out.stride(1),
-        BLOCK=BLOCK, ACC=_acc(a.dtype), USE_INT64=_int64(a, b, pre, out), num_warps=NUM_WARPS,
+        BLOCK=BLOCK, ACC=acc_dtype(a.dtype), USE_INT64=_int64(a, b, pre, out), num_warps=NUM_WARPS,
     )
     return out
 
 
-def _triton_backward(dout, pre, a, b) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_backward(dout, pre, a, b) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from mmkernels._triton import gating as K
 
     R, D = a.shape
     da = torch.empty((R, D), dtype=a.dtype, device=a.device)
     db = torch.empty((R, D), dtype=b.dtype, device=b.device)
     dpre = torch.empty((R, D), dtype=pre.dtype, device=pre.device)
-    K.gated_blend_bwd_kernel[(triton_cdiv(R * D, BLOCK),)](
+    K.gated_blend_bwd_kernel[(cdiv(R * D, BLOCK),)](
         dout_ptr=dout, pre_ptr=pre, a_ptr=a, b_ptr=b, da_ptr=da, db_ptr=db, dpre_ptr=dpre, R=R, D=D,
         sdo_r=dout.stride(0), sdo_d=dout.stride(1), sp_r=pre.stride(0), sp_d=pre.stride(1),
         sa_r=a.stride(0), sa_d=a.stride(1), sb_r=b.stride(0), sb_d=b.stride(1),
-        BLOCK=BLOCK, ACC=_acc(a.dtype), USE_INT64=_int64(a, b, pre, dout, da), num_warps=NUM_WARPS,
+        BLOCK=BLOCK, ACC=acc_dtype(a.dtype), USE_INT64=_int64(a, b, pre, dout, da), num_warps=NUM_WARPS,
     )
     return da, db, dpre
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _math(t: torch.Tensor) -> torch.Tensor:
@@ -91,13 +82,13 @@ def _cpu_backward(dout, pre, a, b):
 
 def _forward(pre, a, b):
     if a.numel() and _backend.resolve(a.device) is _backend.Impl.TRITON:
-        return _triton_forward(pre, a, b)
+        return triton_forward(pre, a, b)
     return _cpu_forward(pre, a, b)
 
 
 def _backward(dout, pre, a, b):
     if a.numel() and _backend.resolve(a.device) is _backend.Impl.TRITON:
-        return _triton_backward(dout, pre, a, b)
+        return triton_backward(dout, pre, a, b)
     return _cpu_backward(dout, pre, a, b)
 
 
@@ -158,7 +149,7 @@ class GatedBlendFunction(torch.autograd.Function):
 
 def gated_fusion(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    r"""Gated fusion of two pathways (seed 004): ``g = σ([a, b]·Wᵀ + c)``, ``out = g·a + (1-g)·b``.
+    r"""Gated fusion of two pathways (docs/modules.md): ``g = σ([a, b]·Wᵀ + c)``, ``out = g·a + (1-g)·b``.
 
     The gate's pre-activation is ``a·W[:, :D]ᵀ + b·W[:, D:]ᵀ + c`` (two GEMMs, no concatenation);
     the blend is one fused kernel each way: forward reads ``pre, a, b`` and writes ``out``;

@@ -1,5 +1,5 @@
-"""Product units, sigma-pi units with sparse conjuncts, and the pi-sigma network (the seeds'
-multiplicative units beyond the bilinear form).
+"""Product units, sigma-pi units with sparse conjuncts, and the pi-sigma network (the multiplicative
+units beyond the bilinear form; docs/modules.md).
 
 * :func:`product_unit` — ``o_k = Σ_j v_kj Π_i x_i^{w_ji}`` in log space (Durbin & Rumelhart): one
   fused Triton kernel builds both GEMM operands from one load of ``x`` (``log|x|`` and ``[x < 0]``)
@@ -26,7 +26,7 @@ from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import math_dtype
+from mmkernels.ops._util import acc_dtype, cdiv, math_dtype
 
 #: |x| below this is clamped to it before the log (log 0 = -inf): x = 0 acts as ±2^-100 ≈ 7.9e-31
 #: — its power is ~0 for positive exponents and huge for negative ones (documented in
@@ -70,11 +70,9 @@ def launch_configs():
     return [resolve_config(1, 1, 1)]
 
 
-def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
+def triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
     """(P, Q) = exp(A)·(cos πB, sin πB) with A = log(max(|x|, eps))·Wᵀ, B = [x < 0]·Wᵀ: (N, J) in
     the math dtype, the exp·cos / exp·sin in the kernel's epilogue."""
-    import triton
-    import triton.language as tl
 
     from mmkernels._triton import product as K
 
@@ -84,20 +82,18 @@ def _triton_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
     p = torch.empty((N, J), dtype=acc, device=x.device)
     q = torch.empty((N, J), dtype=acc, device=x.device)
     cfg = resolve_config(N, J, I)
-    K.product_terms_kernel[(triton.cdiv(N, cfg.block_m), triton.cdiv(J, cfg.block_n))](
+    K.product_terms_kernel[(cdiv(N, cfg.block_m), cdiv(J, cfg.block_n))](
         x_ptr=x, w_ptr=w, p_ptr=p, q_ptr=q, M=N, N=J, K=I,
         sx_m=x.stride(0), sx_k=x.stride(1), sw_n=w.stride(0), sw_k=w.stride(1),
         so_m=p.stride(0), so_n=p.stride(1), eps=PRODUCT_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=cfg.num_warps,
+        ACC=acc_dtype(acc), num_warps=cfg.num_warps,
     )
     return p, q
 
 
-def _triton_dweight(x, da, db, w_dtype) -> torch.Tensor:
+def triton_dweight(x, da, db, w_dtype) -> torch.Tensor:
     """dW = daᵀ·log(max(|x|, eps)) + dbᵀ·[x < 0], (J, I), the operands built from one load of x."""
-    import triton
-    import triton.language as tl
 
     from mmkernels._triton import product as K
 
@@ -105,12 +101,12 @@ def _triton_dweight(x, da, db, w_dtype) -> torch.Tensor:
     J = da.shape[1]
     dw = torch.empty((J, I), dtype=da.dtype, device=x.device)
     cfg = resolve_config(J, I, N)
-    K.product_dweight_kernel[(triton.cdiv(J, cfg.block_m), triton.cdiv(I, cfg.block_n))](
+    K.product_dweight_kernel[(cdiv(J, cfg.block_m), cdiv(I, cfg.block_n))](
         x_ptr=x, da_ptr=da, db_ptr=db, dw_ptr=dw, M=J, N=I, K=N,
         sx_k=x.stride(0), sx_n=x.stride(1), sd_k=da.stride(0), sd_m=da.stride(1),
         so_m=dw.stride(0), so_n=dw.stride(1), eps=PRODUCT_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ACC=tl.float64 if da.dtype == torch.float64 else tl.float32, num_warps=cfg.num_warps,
+        ACC=acc_dtype(da.dtype), num_warps=cfg.num_warps,
     )
     return dw.to(w_dtype)
 
@@ -137,11 +133,11 @@ def _fused(x: torch.Tensor) -> bool:
 
 
 def _terms(x, w):
-    return (_triton_terms if _fused(x) else _cpu_terms)(x, w)
+    return (triton_terms if _fused(x) else _cpu_terms)(x, w)
 
 
 def _dweight(x, da, db, w_dtype):
-    return (_triton_dweight if _fused(x) else _cpu_dweight)(x, da, db, w_dtype)
+    return (triton_dweight if _fused(x) else _cpu_dweight)(x, da, db, w_dtype)
 
 
 # torch.library ops (so that torch.compile(fullgraph=True) traces them)

@@ -25,7 +25,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._layout import math_dtype
+from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2
 
 #: Row block of the grouped GEMM that the default tile table is made for.
 DEFAULT_BLOCK_M = 64
@@ -175,9 +175,6 @@ class RoutingConfig:
         return self.block_t * self.e_pad
 
 
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
 
 def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
     """Token block so that one program holds about :data:`TARGET_TILE` logits (at most 64 tokens,
@@ -185,9 +182,9 @@ def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
     warps. The router keeps about six tile-shaped values live: the compile tier showed small spills
     on sm_90 with 2048-element tiles at 8 per thread (ptxas held those kernels to 80 registers),
     and with 16 warps (64 registers); the scan takes :data:`SCAN_TILE` histogram entries a step."""
-    e_pad, k_pad = _p2(E), _p2(K)
+    e_pad, k_pad = next_pow2(E), next_pow2(K)
     target = TARGET_TILE // (2 if f64 else 1)
-    block_t = max(1, min(64, target // e_pad, _p2(max(T, 1))))
+    block_t = max(1, min(64, target // e_pad, next_pow2(max(T, 1))))
     tile = block_t * e_pad
     num_warps = max(1, min(8, tile * (2 if f64 else 1) // 128))
     scan_cols = min(e_pad, SCAN_EXPERTS)
@@ -217,7 +214,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias, n_groups, topk_groups,
+def check_route_args(router_logits, top_k, scoring, renormalize, selection_bias, n_groups, topk_groups,
                       routed_scaling, softmax_after_topk, capacity_factor, expert_ids, block_m) -> RouterSpec:
     _check_tensor("router_logits", router_logits)
     if router_logits.dim() != 2:
@@ -237,7 +234,9 @@ def _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias
         raise ValueError(f"scoring must be one of {_SCORINGS}, got {scoring!r}")
     if softmax_after_topk and scoring != "softmax":
         raise ValueError("softmax_after_topk=True needs scoring='softmax' (it is a softmax over the chosen logits)")
-    if not isinstance(routed_scaling, (int, float)) or isinstance(routed_scaling, bool) or not math.isfinite(routed_scaling):
+    # abs(v) < inf, not math.isfinite(v): torch.compile may hand a module's float in as a SymFloat
+    if not isinstance(routed_scaling, (int, float)) or isinstance(routed_scaling, bool) \
+            or not abs(routed_scaling) < math.inf:
         raise TypeError(f"routed_scaling must be a finite number, got {routed_scaling!r}")
     if selection_bias is not None:
         _check_tensor("selection_bias", selection_bias)
@@ -268,7 +267,7 @@ def _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias
     if capacity_factor is not None:
         if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool):
             raise TypeError(f"capacity_factor must be a number or None, got {capacity_factor!r}")
-        if not capacity_factor > 0 or not math.isfinite(capacity_factor):
+        if not 0 < capacity_factor < math.inf:
             raise ValueError(f"capacity_factor must be a positive finite number, got {capacity_factor}")
     if not _is_int(block_m) or block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a positive power of two, got {block_m!r}")
@@ -281,11 +280,11 @@ def _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias
         if expert_ids.device != router_logits.device:
             raise ValueError(f"expert_ids must be on router_logits' device {router_logits.device}, got {expert_ids.device}")
         if expert_ids.numel():
-            if expert_ids.device.type == "cpu":
+            if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling():
                 lo, hi = int(expert_ids.min()), int(expert_ids.max())
                 if lo < 0 or hi >= E:
                     raise ValueError(f"expert_ids must lie in [0, E={E}), got values in [{lo}, {hi}]")
-            else:  # no host synchronisation: a device-side assert, as torch's own indexing does
+            else:  # no host read (a graph break, a device sync): an assert in the graph, as torch's indexing does
                 torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(),
                                     f"expert_ids must lie in [0, E={E})")
     return RouterSpec(top_k=top_k, scoring=scoring, renormalize=bool(renormalize or softmax_after_topk), n_groups=groups,
@@ -297,16 +296,8 @@ def _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _acc(dtype: torch.dtype):
-    import triton.language as tl
 
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-_weights_dtype = math_dtype
-
-
-def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
+def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
                   config: Optional[RoutingConfig] = None):
     """The three routing launches; returns the tensors of :class:`Routing` in field order."""
     from mmkernels._triton import routing as K
@@ -315,10 +306,10 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
     k = spec.top_k
     dev = logits.device
     cfg = config or resolve_config(T, E, k, logits.dtype == torch.float64)
-    nb = -(-T // cfg.block_t)
+    nb = cdiv(T, cfg.block_t)
     n_tiles = max_tiles(T * k, E, block_m)
     i32 = dict(dtype=torch.int32, device=dev)
-    weights = torch.empty((T, k), dtype=_weights_dtype(logits.dtype), device=dev)
+    weights = torch.empty((T, k), dtype=math_dtype(logits.dtype), device=dev)
     ids = torch.empty((T, k), **i32)
     rank = torch.empty((T, k), **i32)
     hist = torch.empty((nb, E), **i32)
@@ -347,11 +338,11 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
         scaling=spec.routed_scaling,
         BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
         SCORING=int(spec.sigmoid), RENORM=spec.renormalize, KEY_ON_SCORES=spec.key_on_scores,
-        HAS_BIAS=bias is not None, G_PAD=_p2(spec.n_groups) if spec.grouped else 1,
-        GIVEN_IDS=given, EPS=SIGMOID_RENORM_EPS, ACC=_acc(logits.dtype),
+        HAS_BIAS=bias is not None, G_PAD=next_pow2(spec.n_groups) if spec.grouped else 1,
+        GIVEN_IDS=given, EPS=SIGMOID_RENORM_EPS, ACC=acc_dtype(logits.dtype),
         num_warps=cfg.num_warps,
     )
-    K.route_scan_kernel[(-(-E // cfg.scan_cols),)](
+    K.route_scan_kernel[(cdiv(E, cfg.scan_cols),)](
         hist_ptr=hist, base_ptr=base, total_ptr=total, done_ptr=done,
         counts_ptr=counts, offsets_ptr=offsets, drop_base_ptr=drop_base,
         tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
@@ -359,7 +350,7 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
         E_PAD=cfg.e_pad, EB=cfg.scan_cols, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
         num_warps=cfg.scan_warps,
     )
-    grid = max(nb, -(-n_tiles // TILE_CHUNK))
+    grid = max(nb, cdiv(n_tiles, TILE_CHUNK))
     K.route_scatter_kernel[(grid,)](
         ids_ptr=ids, rank_ptr=rank, base_ptr=base, offsets_ptr=offsets, drop_base_ptr=drop_base,
         tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
@@ -373,14 +364,14 @@ def _triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int
             tile_experts, tile_row_starts, num_tiles)
 
 
-def _triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
+def triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
                            config: Optional[RoutingConfig] = None) -> torch.Tensor:
     from mmkernels._triton import routing as K
 
     T, E = logits.shape
     cfg = config or resolve_config(T, E, spec.top_k, logits.dtype == torch.float64)
     dl = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
-    K.route_bwd_kernel[(-(-T // cfg.block_t),)](
+    K.route_bwd_kernel[(cdiv(T, cfg.block_t),)](
         logits_ptr=logits, ids_ptr=ids, dw_ptr=grad_weights, dl_ptr=dl,
         T=T, E=E, K=spec.top_k,
         s_lt=logits.stride(0), s_le=logits.stride(1),
@@ -388,7 +379,7 @@ def _triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
         scaling=spec.routed_scaling,
         BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
         SCORING=int(spec.sigmoid), RENORM=spec.renormalize, EPS=SIGMOID_RENORM_EPS,
-        ACC=_acc(logits.dtype),
+        ACC=acc_dtype(logits.dtype),
         num_warps=cfg.num_warps,
     )
     return dl
@@ -497,7 +488,7 @@ def _metadata(ids: torch.Tensor, E: int, cap: int, block_m: int):
 
 
 def _cpu_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
-    l = logits.to(_weights_dtype(logits.dtype))
+    l = logits.to(math_dtype(logits.dtype))
     cpp = _cpp.ops()  # csrc/routing.cpp when built: one-pass router, counting sort; else torch
     if cpp is not None and ids_in is None and not spec.key_on_scores and not spec.sigmoid:
         weights, ids = cpp.route_softmax_topk(l, spec.top_k, spec.renormalize, float(spec.routed_scaling))
@@ -510,7 +501,7 @@ def _cpu_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
 
 
 def _cpu_route_backward(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:
-    l = logits.to(_weights_dtype(logits.dtype))
+    l = logits.to(math_dtype(logits.dtype))
     ids = ids.long()
     g = grad_weights.to(l.dtype) * spec.routed_scaling
     lsel = l.gather(1, ids)
@@ -539,7 +530,7 @@ def _route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
     if T == 0:
         return _cpu_route(logits, bias, ids_in, spec, cap, block_m)  # nothing to launch
     if _backend.resolve(logits.device) is _backend.Impl.TRITON:
-        return _triton_route(logits, bias, ids_in, spec, cap, block_m)
+        return triton_route(logits, bias, ids_in, spec, cap, block_m)
     return _cpu_route(logits, bias, ids_in, spec, cap, block_m)
 
 
@@ -547,7 +538,7 @@ def _route_backward_impl(grad_weights, logits, ids, spec: RouterSpec) -> torch.T
     if logits.shape[0] == 0:
         return torch.zeros_like(logits)
     if _backend.resolve(logits.device) is _backend.Impl.TRITON:
-        return _triton_route_backward(grad_weights, logits, ids, spec)
+        return triton_route_backward(grad_weights, logits, ids, spec)
     return _cpu_route_backward(grad_weights, logits, ids, spec)
 
 
@@ -578,7 +569,7 @@ def _(logits, bias, ids_in, top_k, scoring, renormalize, n_groups, topk_groups, 
     n = T * top_k
     i32 = dict(dtype=torch.int32, device=logits.device)
     nt = max_tiles(n, E, block_m)
-    return (logits.new_empty((T, top_k), dtype=_weights_dtype(logits.dtype)), logits.new_empty((T, top_k), **i32),
+    return (logits.new_empty((T, top_k), dtype=math_dtype(logits.dtype)), logits.new_empty((T, top_k), **i32),
             logits.new_empty((E,), **i32), logits.new_empty((E + 1,), **i32), logits.new_empty((n,), **i32),
             logits.new_empty((n,), **i32), logits.new_empty((T, top_k), dtype=torch.bool),
             logits.new_empty((nt,), **i32), logits.new_empty((nt,), **i32), logits.new_empty((1,), **i32))
@@ -696,7 +687,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
         >>> r.weights.shape, r.counts.sum().item(), r.offsets[-1].item()
         (torch.Size([5, 2]), 10, 10)
     """
-    spec = _check_route_args(router_logits, top_k, scoring, renormalize, selection_bias, n_groups, topk_groups,
+    spec = check_route_args(router_logits, top_k, scoring, renormalize, selection_bias, n_groups, topk_groups,
                              routed_scaling, softmax_after_topk, capacity_factor, expert_ids, block_m)
     T, E = router_logits.shape
     cap = capacity_for(capacity_factor, T, top_k, E)

@@ -23,6 +23,7 @@ from mmkernels.ops._layout import (
     max_offset,
     plan_reduction,
 )
+from mmkernels.ops._util import acc_dtype, cdiv, next_pow2
 
 
 class Kind(enum.IntEnum):
@@ -62,9 +63,6 @@ class SoftmaxConfig:
         return self.block_i * self.block_n
 
 
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
 
 def _warps(tile: int, f64: bool = False) -> int:
     # ~16 fp32 (8 fp64) values per thread, between 1 and 16 warps
@@ -84,17 +82,17 @@ def resolve_config(N: int, I: int, columns: bool, f64: bool = False) -> SoftmaxC
     max_tile, max_fused_n, target_tile = MAX_TILE // shrink, MAX_FUSED_N // shrink, TARGET_TILE // shrink
     if not columns:
         if N <= max_fused_n:
-            bn = _p2(N)
-            bi = max(1, min(target_tile // bn, _p2(I)))
+            bn = next_pow2(N)
+            bi = max(1, min(target_tile // bn, next_pow2(I)))
             return SoftmaxConfig(bi, bn, _warps(bi * bn, f64), online=False)
         return SoftmaxConfig(1, LOOP_TILE, _warps(LOOP_TILE, f64), online=True)
-    bn = _p2(N)
+    bn = next_pow2(N)
     for bi in COLUMN_BLOCK_I:
-        bi = min(bi, _p2(I))
+        bi = min(bi, next_pow2(I))
         if bi * bn <= max_tile:
-            bi = max(bi, min(_p2(I), target_tile // bn))  # short reductions: more lanes per program
+            bi = max(bi, min(next_pow2(I), target_tile // bn))  # short reductions: more lanes per program
             return SoftmaxConfig(bi, bn, _warps(bi * bn, f64), online=False)
-    bi = min(COLUMN_BLOCK_I[0], _p2(I))
+    bi = min(COLUMN_BLOCK_I[0], next_pow2(I))
     return SoftmaxConfig(bi, max(1, LOOP_TILE // bi), _warps(LOOP_TILE, f64), online=True)
 
 
@@ -121,12 +119,6 @@ def launch_configs():
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-def _acc_dtype(*dtypes: torch.dtype):
-    import triton.language as tl
-
-    return tl.float64 if torch.float64 in dtypes else tl.float32
-
 
 def _in_layout(t: torch.Tensor, ref: torch.Tensor, plan: ReductionPlan) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     """``t`` with its collapsed strides; copied into ``ref``'s layout only when its non-reduced dims
@@ -155,7 +147,7 @@ def _needs_int64(cfg: SoftmaxConfig, tensors, strides3) -> bool:
     return False
 
 
-def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
+def triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
                     force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
     """Launch the forward kernel; ``config`` overrides the resolver (tests, config exploration)."""
     import triton.language as tl
@@ -167,10 +159,10 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
     x, sx = _in_layout(x, y, plan)
     sy = collapsed_strides(y, plan)
     O, N, I, columns, (sx, sy) = _index_space(plan, sx, sy)
-    acc = _acc_dtype(x.dtype, out_dtype)
+    acc = acc_dtype(x.dtype, out_dtype)
     cfg = config or resolve_config(N, I, columns, f64=acc == tl.float64)
     kernel = K.softmax_fwd_online_kernel if cfg.online else K.softmax_fwd_fused_kernel
-    grid = (O * triton_cdiv(I, cfg.block_i),)
+    grid = (O * cdiv(I, cfg.block_i),)
     kernel[grid](
         x_ptr=x, y_ptr=y, N=N, I=I,
         sx_o=sx[0], sx_n=sx[1], sx_i=sx[2],
@@ -184,7 +176,7 @@ def _triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtyp
     return y
 
 
-def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in_dtype: torch.dtype,
+def triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in_dtype: torch.dtype,
                      force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
     """Launch the backward kernel; ``config`` overrides the resolver (tests, config exploration)."""
     import triton.language as tl
@@ -197,10 +189,10 @@ def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in
     dy, sdy = _in_layout(dy, dx, plan)
     sdx = collapsed_strides(dx, plan)
     O, N, I, columns, (sy, sdy, sdx) = _index_space(plan, sy, sdy, sdx)
-    acc = _acc_dtype(y.dtype, dy.dtype, in_dtype)
+    acc = acc_dtype(y.dtype, dy.dtype, in_dtype)
     cfg = config or resolve_config(N, I, columns, f64=acc == tl.float64)
     kernel = K.softmax_bwd_looped_kernel if cfg.online else K.softmax_bwd_fused_kernel
-    grid = (O * triton_cdiv(I, cfg.block_i),)
+    grid = (O * cdiv(I, cfg.block_i),)
     kernel[grid](
         y_ptr=y, dy_ptr=dy, dx_ptr=dx, N=N, I=I,
         sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
@@ -212,10 +204,6 @@ def _triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in
         num_warps=cfg.num_warps,
     )
     return dx
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,7 +241,7 @@ def _forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> t
     if x.numel() == 0:
         return torch.empty_like(x, dtype=out_dtype)
     if _backend.resolve(x.device) is _backend.Impl.TRITON:
-        return _triton_forward(x, dim, kind, out_dtype)
+        return triton_forward(x, dim, kind, out_dtype)
     return _cpu_forward(x, dim, kind, out_dtype)
 
 
@@ -262,7 +250,7 @@ def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
     if y.numel() == 0:
         return torch.empty_like(y, dtype=in_dtype)
     if _backend.resolve(y.device) is _backend.Impl.TRITON:
-        return _triton_backward(y, dy, dim, kind, in_dtype)
+        return triton_backward(y, dy, dim, kind, in_dtype)
     return _cpu_backward(y, dy, dim, kind, in_dtype)
 
 

@@ -1,6 +1,6 @@
 """Compile tier: every kernel, at every config it can launch with, compiled ahead of time for
-``sm_80`` / ``sm_90`` on a CPU machine, with its resource usage checked (DESIGN.md, "Verification
-tiers", item 3).
+``sm_80`` / ``sm_90`` on a CPU machine, with its resource usage checked (docs/DESIGN.md,
+"Verification tiers", item 3).
 
 For each (kernel, config, variant, target) the kernel is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
@@ -32,15 +32,14 @@ Numeric limits may also be given per target (``{"max_registers": {80: 255, 90: 1
 target. Whatever the declarations, a kernel must also be launchable on its target: shared memory
 within the per-block limit and ``registers * threads`` within the register file.
 
-Compile configurations: every config at one representative specialisation (fp32 in and out,
-or fp64 for the configs the resolver picks for float64 math; softmax kind, rows layout -- or columns for the configs the resolver picks for a strided reduced
-dim --, aligned pointers and strides, int32 indexing); the largest one-pass config and the looped
-config of each kernel (per layout) additionally at every other variant: bf16 / fp16
-storage, each kind (LOG / NEG / KIND), ``USE_INT64=True``, and unaligned pointers and strides.
-Strides that are 1 in real launches (``s*_n`` for rows, ``s*_i`` for columns) are constexpr 1,
-as Triton's launcher specialises them (``tests/test_compile_tier.py`` checks the job signatures
-against launches captured from the launchers and specialised by Triton's own binder). The configs
-are exactly those the family's ``launch_configs()`` yields: ``(config, layout, f64)`` triples.
+What is compiled: each family's own launchers, called on meta tensors by its declaration's
+``launches(recorder, target)`` (:mod:`mmkernels.family`, ``mmkernels/families/<name>.py``) with
+every kernel of its kernel module replaced by a recorder (:class:`LaunchRecorder`); each distinct
+recorded launch is specialised by Triton's own binder (:func:`jit_specialization`: argument
+types, constexprs, 16-byte divisibility of pointers, sizes and strides, strides of 1 as constexpr
+1) into one :class:`Job` per target. The jobs cannot drift from the launchers: they are the
+launchers' own launches. A kernel of a kernel module that no recorded launch reaches is a failure
+(``_coverage``).
 
 A failed compile, a compile that kills its worker process, and a violated expectation are
 failures: ``run`` (``python -m mmkernels compile``) then returns 1 and lists them.
@@ -70,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 DEFAULT_TARGETS: Tuple[int, ...] = (80, 90)
 
@@ -256,263 +255,11 @@ def check_expectations(result: Result, expectations: Optional[dict]) -> List[str
 
 
 # ----------------------------------------------------------------------------------------------
-# Families: which (kernel, config, specialisation) each compiles
+# Jobs from the families' own launchers
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Family:
-    """A kernel module and the jobs that cover all its kernels at all their launch configs."""
-
-    name: str
-    module: str
-    jobs: Callable[[Sequence[int], bool], List[Job]]  # (targets, exhaustive) -> jobs
-
-
-_STORAGE = {  # storage dtype -> (pointer type, ACC)
-    "fp32": ("*fp32", "tl.float32"),
-    "bf16": ("*bf16", "tl.float32"),
-    "fp16": ("*fp16", "tl.float32"),
-    "fp64": ("*fp64", "tl.float64"),
-}
-_SOFTMAX_KINDS = ("softmax", "log_softmax", "softmin")
-_SOFTMAX_MODULE = "mmkernels._triton.softmax"
-
-
-#: Warnings of the last job enumeration (coverage gaps in a family's own config list).
-WARNINGS: List[str] = []
-
-
-def _warn(msg: str) -> None:
-    if msg in WARNINGS:
-        return
-    WARNINGS.append(msg)
-    print(f"compile tier: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _softmax_spec(kernel: str, cfg, layout: str, storage: str = "fp32", kind: int = 0,
-                  int64: bool = False, aligned: bool = True):
-    """(signature, constexprs, attrs) of a softmax-family kernel as ``_triton_forward`` /
-    ``_triton_backward`` launch it for ``layout``."""
-    fwd = "_fwd_" in kernel
-    tensors = ("x", "y") if fwd else ("y", "dy", "dx")
-    ptr_type, acc = _STORAGE[storage]
-    sig: Dict[str, str] = {}
-    cons: Dict[str, object] = {}
-    attrs: Dict[str, list] = {}
-    for t in tensors:
-        sig[f"{t}_ptr"] = ptr_type
-        if aligned:
-            attrs[f"{t}_ptr"] = _DIV16
-    sig["N"] = "i32"
-    sig["I"] = "i32"
-    if aligned:  # sizes that are multiples of 16, as Triton specialises them: vector loads
-        attrs["N"] = attrs["I"] = _DIV16
-    for t in tensors:
-        so, sn, si = f"s{t}_o", f"s{t}_n", f"s{t}_i"
-        if layout == "rows":  # (0, 1, row stride): O is folded into I, so s*_o is always 0
-            sig[so] = "i32"
-            attrs[so] = _DIV16  # Triton specialises 0 as divisible by 16
-            sig[sn], cons[sn] = "constexpr", 1
-            sig[si] = "i32"
-            if aligned:
-                attrs[si] = _DIV16
-        else:  # columns: (O stride, N stride, 1)
-            sig[so] = "i32"
-            sig[sn] = "i32"
-            if aligned:
-                attrs[so] = attrs[sn] = _DIV16
-            sig[si], cons[si] = "constexpr", 1
-    cons["BLOCK_I"] = cfg.block_i
-    cons["BLOCK_N"] = cfg.block_n
-    if fwd:
-        cons["LOG"] = kind == 1
-        cons["NEG"] = kind == 2
-    else:
-        cons["KIND"] = kind
-    cons["ACC"] = acc
-    cons["USE_INT64"] = bool(int64)
-    for k in cons:
-        sig.setdefault(k, "constexpr")
-    return sig, cons, attrs
-
-
-def _softmax_config_label(cfg) -> str:
-    return f"BLOCK_I={cfg.block_i} BLOCK_N={cfg.block_n} w={cfg.num_warps}" + (" online" if cfg.online else "")
-
-
-def _softmax_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """Every ``(config, layout, f64)`` that :func:`mmkernels.ops.softmax.launch_configs` yields,
-    at the representative specialisation (fp32 storage, or fp64 for the float64 configs); the
-    largest one-pass and the looped config of each layout also at every other variant.
-    (``exhaustive`` is accepted for the CLI; the resolver's own list is already complete.)"""
-    from mmkernels.ops import softmax as S
-
-    triples = list(S.launch_configs())
-
-    def kernels_for(cfg):
-        if cfg.online:
-            return ("softmax_fwd_online_kernel", "softmax_bwd_looped_kernel")
-        return ("softmax_fwd_fused_kernel", "softmax_bwd_fused_kernel")
-
-    # specialisations: (variant label, storage, kind, int64, aligned)
-    others = [(f"{s} softmax", s, 0, False, True) for s in ("bf16", "fp16")]
-    others += [(f"fp32 {_SOFTMAX_KINDS[k]}", "fp32", k, False, True) for k in (1, 2)]
-    others += [("fp32 softmax int64", "fp32", 0, True, True),
-               ("fp32 softmax unaligned", "fp32", 0, False, False)]
-
-    # the configs that get every variant: per layout, the largest one-pass config and the looped one
-    full: set = set()
-    for layout in ("rows", "columns"):
-        for online in (False, True):
-            cands = [c for c, l, f64 in triples if l == layout and c.online == online and not f64]
-            if cands:
-                best = max(cands, key=lambda c: (c.tile, c.num_warps, c.block_i, c.block_n))
-                full.add((best, layout))
-
-    jobs: List[Job] = []
-    for target in targets:
-        for cfg, layout, f64 in triples:
-            base = ("fp64 softmax", "fp64", 0, False, True) if f64 else ("fp32 softmax", "fp32", 0, False, True)
-            variants = [base] + (others if not f64 and (cfg, layout) in full else [])
-            for kernel in kernels_for(cfg):
-                for label, storage, kind, int64, aligned in variants:
-                    sig, cons, attrs = _softmax_spec(kernel, cfg, layout, storage, kind, int64, aligned)
-                    jobs.append(Job(
-                        family="softmax", module=_SOFTMAX_MODULE, kernel=kernel,
-                        config=_softmax_config_label(cfg), variant=f"{label} {layout}",
-                        target=int(target), signature=sig, constexprs=cons, attrs=attrs,
-                        options={"num_warps": cfg.num_warps},
-                    ))
-    return jobs
-
-
-_BILINEAR_MODULE = "mmkernels._triton.bilinear"
-#: per kernel: its tensors, each (pointer name, stride names); the last stride is 1 when contiguous
-_BILINEAR_TENSORS = {
-    "bilinear_fwd_kernel": (("z", ("s_zn", "s_zh")), ("x", ("s_xn", "s_xi")),
-                            ("w", ("s_wj", "s_wh", "s_wi")), ("bias", ("s_b",)), ("y", ("s_yn", "s_yj"))),
-    "bilinear_bwd_dzdx_kernel": (("z", ("s_zn", "s_zh")), ("x", ("s_xn", "s_xi")),
-                                 ("w", ("s_wj", "s_wh", "s_wi")), ("dy", ("s_dyn", "s_dyj")),
-                                 ("dz", ("s_dzn", "s_dzh")), ("dzacc", ("s_an", "s_ah")),
-                                 ("dx", ("s_dxn", "s_dxi"))),
-    "bilinear_bwd_dw_kernel": (("z", ("s_zn", "s_zh")), ("x", ("s_xn", "s_xi")),
-                               ("dy", ("s_dyn", "s_dyj")), ("dw", ("s_dwj", "s_dwk"))),
-}
-
-
-def _bilinear_config_label(cfg) -> str:
-    return " ".join(f"{f.name.upper()}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                    if f.name not in ("num_warps", "num_stages")) + f" w={cfg.num_warps} s={cfg.num_stages}"
-
-
-def _bilinear_spec(kernel: str, cfg, storage: str, precision: str, int64: bool = False,
-                   aligned: bool = True, w_flat: bool = True, need=(True, True), multi_i: bool = False):
-    """(signature, constexprs, attrs) of a bilinear kernel as ``mmkernels.ops.bilinear``
-    launches it for contiguous inputs (the innermost strides are 1: constexpr 1, as Triton
-    specialises them; ``dzacc`` is dz itself unless it carries partial sums, in the ACC dtype)."""
-    ptr_type = _STORAGE[storage][0]
-    sig: Dict[str, str] = {}
-    cons: Dict[str, object] = {}
-    attrs: Dict[str, list] = {}
-    tensors = _BILINEAR_TENSORS[kernel]
-    for t, _ in tensors:  # the launcher passes dz as dzacc unless it carries sums (fp32 then)
-        sig[f"{t}_ptr"] = ("*fp64" if storage == "fp64" else "*fp32") if t == "dzacc" and multi_i else ptr_type
-        if aligned:
-            attrs[f"{t}_ptr"] = _DIV16
-    for n in ("N", "B", "C", "D"):
-        sig[n] = "i32"
-        if aligned:
-            attrs[n] = _DIV16
-    for t, strides in tensors:
-        for k, sname in enumerate(strides):
-            if k == len(strides) - 1 and (w_flat or t != "w" or kernel != "bilinear_fwd_kernel"):
-                sig[sname], cons[sname] = "constexpr", 1
-            else:
-                sig[sname] = "i32"
-                if aligned:
-                    attrs[sname] = _DIV16
-    if kernel == "bilinear_fwd_kernel" and not w_flat:  # a permuted weight: no stride is 1
-        for sname in ("s_wj", "s_wh", "s_wi"):
-            sig[sname] = "i32"
-            cons.pop(sname, None)
-    for f in dataclasses.fields(cfg):
-        if f.name not in ("num_warps", "num_stages"):
-            cons[f.name.upper()] = getattr(cfg, f.name)
-    if kernel == "bilinear_fwd_kernel":
-        cons["HAS_BIAS"] = True
-        cons["W_FLAT"] = bool(w_flat)
-    elif kernel == "bilinear_bwd_dzdx_kernel":
-        cons["NEED_DZ"], cons["NEED_DX"] = bool(need[0]), bool(need[1])
-        cons["MULTI_I"] = bool(multi_i)
-    cons["PRECISION"] = precision
-    cons["USE_INT64"] = bool(int64)
-    cons["DOT_F32"] = False  # interpreter-only (bf16 there)
-    cons["ACC"] = _STORAGE[storage][1]
-    for k in cons:
-        sig.setdefault(k, "constexpr")
-    return sig, cons, attrs
-
-
-def _bilinear_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """Every ``(kernel, config, dtype class)`` of :func:`mmkernels.ops.bilinear.launch_configs`:
-    16-bit configs in bf16 (fp16 too at the largest config), ``tf32`` configs in fp32 with TF32 dots, ``ieee`` configs in
-    fp32 with IEEE dots and ``fp64`` configs in float64 (FMA units: no tensor-core requirement); each also with unaligned pointers /
-    sizes / strides. The largest config of each kernel and dtype class also at int64 indexing, a permuted weight
-    (forward) and dz-only / dx-only (dz/dx kernel); the dz/dx configs whose i-block can be
-    smaller than c also with carried dz partial sums (``MULTI_I``)."""
-    from mmkernels.ops import bilinear as B
-
-    triples = list(B.launch_configs())
-
-    def size(cfg):
-        return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
-
-    largest = {}
-    for kernel, cfg, dclass in triples:
-        key = (kernel, dclass)
-        if key not in largest or size(cfg) > size(largest[key]):
-            largest[key] = cfg
-    jobs: List[Job] = []
-    for target in targets:
-        for kernel, cfg, dclass in triples:
-            storages = {"16bit": ("bf16", "fp16"), "fp64": ("fp64",)}.get(dclass, ("fp32",))
-            if dclass == "16bit" and cfg != largest[(kernel, dclass)]:
-                storages = ("bf16",)  # fp16 builds the same code: at the largest config only
-            precision = "tf32" if dclass == "tf32" else "ieee"
-            expect = {"mma": None} if dclass in ("ieee", "fp64") else None
-            # unaligned (odd sizes and strides) at every config: launches with them are common
-            variants = [(s, {}) for s in storages] + [(f"{storages[0]} unaligned", dict(aligned=False))]
-            if cfg == largest[(kernel, dclass)]:
-                extra = [("int64", dict(int64=True))]
-                if kernel == "bilinear_fwd_kernel":
-                    extra.append(("strided w", dict(w_flat=False)))
-                if kernel == "bilinear_bwd_dzdx_kernel":
-                    extra += [("dz only", dict(need=(True, False))), ("dx only", dict(need=(False, True)))]
-                variants += [(f"{storages[0]} {label}", kw) for label, kw in extra]
-            if kernel == "bilinear_bwd_dzdx_kernel" and cfg.block_i == B.MAX_BLOCK_I:
-                # c > block_i: several i-blocks, dz partial sums carried in fp32 (MULTI_I)
-                variants += [(f"{s} multi-i", dict(multi_i=True)) for s in storages]
-                variants += [(f"{storages[0]} multi-i {lab}", dict(kw, multi_i=True))
-                             for lab, kw in (("int64", dict(int64=True)), ("unaligned", dict(aligned=False)))]
-            for label, kw in variants:
-                storage = label.split()[0]
-                sig, cons, attrs = _bilinear_spec(kernel, cfg, storage, precision, **kw)
-                jobs.append(Job(
-                    family="bilinear", module=_BILINEAR_MODULE, kernel=kernel,
-                    config=_bilinear_config_label(cfg), variant=f"{label} {dclass}" if dclass != "16bit" else label,
-                    target=int(target), signature=sig, constexprs=cons, attrs=attrs,
-                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                    expect=expect,
-                ))
-    return jobs
-
-
-_ROUTING_MODULE = "mmkernels._triton.routing"
-_ROUTING_KERNELS = ("route_topk_kernel", "route_scan_kernel", "route_scatter_kernel", "route_bwd_kernel")
-
-
-def _constexpr_json(v):
+def constexpr_json(v):
     """A constexpr value as a Job holds it (Triton dtypes as ``"tl.<name>"``)."""
     import triton.language as tl
 
@@ -522,324 +269,104 @@ def _constexpr_json(v):
 
 
 class LaunchRecorder:
-    """Stands in for a kernel: ``recorder[grid](**kw)`` appends ``(name, real kernel, kw)`` to
-    ``calls`` and runs nothing (also used by the tests, through ``monkeypatch``)."""
-
-    def __init__(self, name: str, real, calls: list):
-        self.name, self.real, self.calls = name, real, calls
-
-    def __getitem__(self, grid):
-        return lambda **kw: self.calls.append((self.name, self.real, kw))
-
-
-@contextlib.contextmanager
-def _recorded_launches(module, names: Sequence[str]):
-    """Within the block, the kernels ``names`` of ``module`` are :class:`LaunchRecorder` s appending
-    to the yielded list: a family's launchers can run on meta tensors to show the compile tier
+    """What a family's ``launches(recorder, target)`` runs under (see
+    :class:`mmkernels.family.LaunchRecorder`): every kernel of the family's kernel module is replaced
+    by a stand-in whose ``kernel[grid](**kw)`` appends ``(name, real kernel, kw, variant, config,
+    expect)`` to :attr:`entries` and runs nothing, so the launchers, called on meta tensors, show
     exactly what they would launch."""
-    calls: List[tuple] = []
-    real = {n: getattr(module, n) for n in names}
-    try:
-        for n in names:
-            setattr(module, n, LaunchRecorder(n, real[n], calls))
-        yield calls
-    finally:
-        for n in names:
-            setattr(module, n, real[n])
+
+    def __init__(self, module, names: Sequence[str]):
+        self.module, self.names = module, tuple(names)
+        self.entries: List[tuple] = []
+        self._label: Optional[tuple] = None
+
+    @contextlib.contextmanager
+    def variant(self, label: str, config: Optional[str] = None, expect=None):
+        saved, self._label = self._label, (label, config, expect)
+        try:
+            yield
+        finally:
+            self._label = saved
+
+    def _stand_in(self, name: str, real):
+        recorder = self
+
+        class StandIn:
+            def __getitem__(self, grid):
+                def launch(**kw):
+                    if recorder._label is None:
+                        raise RuntimeError(f"{name} was launched outside recorder.variant(...): label it")
+                    label, config, expect = recorder._label
+                    if callable(expect):
+                        expect = expect(name, kw)
+                    recorder.entries.append((name, real, kw, label, config, expect))
+                return launch
+        return StandIn()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Within the block, the module's kernels are stand-ins."""
+        real = {n: getattr(self.module, n) for n in self.names}
+        try:
+            for n in self.names:
+                setattr(self.module, n, self._stand_in(n, real[n]))
+            yield self
+        finally:
+            for n in self.names:
+                setattr(self.module, n, real[n])
 
 
-def _jobs_from_launches(family: str, module: str, launches, targets: Sequence[int]) -> List[Job]:
-    """One job per distinct specialisation of the recorded ``launches`` — ``(kernel name, kernel,
-    launch kwargs, variant label, config label or None, expect)`` — for each target, through
-    :func:`jit_specialization` (so the signatures cannot drift from the launchers)."""
+def kernel_names(module) -> List[str]:
+    """The public ``@triton.jit`` kernels of a kernel module (helpers start with ``_``)."""
+    from triton.runtime.jit import JITFunction
+
+    return sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and not n.startswith("_"))
+
+
+def _jobs_from_launches(family: str, module: str, launches, target: int) -> List[Job]:
+    """One job per distinct specialisation of the recorded ``launches`` (see
+    :class:`LaunchRecorder`) for ``target``, through :func:`jit_specialization`: the signatures
+    are Triton's own for those launches."""
     jobs: List[Job] = []
     seen = set()
-    for target in targets:
-        for name, kernel, kw, variant, config, expect in launches:
-            sig, cons, attrs, opts = jit_specialization(kernel, kw, target)
-            cons = {k: _constexpr_json(v) for k, v in cons.items()}
-            key = (target, name, tuple(sorted(sig.items())), tuple(sorted(cons.items(), key=str)),
-                   opts.get("num_warps"), opts.get("num_stages"))
-            if key in seen:
-                continue
-            seen.add(key)
-            if config is None:
-                config = " ".join(f"{k}={v}" for k, v in cons.items() if k.startswith("BLOCK"))
-            jobs.append(Job(
-                family=family, module=module, kernel=name,
-                config=f"{config} w={opts.get('num_warps')}" + (f" s={opts['num_stages']}" if opts.get("num_stages") else ""),
-                variant=variant, target=int(target), signature=sig, constexprs=cons, attrs=attrs,
-                options={k: opts[k] for k in ("num_warps", "num_stages") if opts.get(k) is not None},
-                expect=expect,
-            ))
+    for name, kernel, kw, variant, config, expect in launches:
+        sig, cons, attrs, opts = jit_specialization(kernel, kw, target)
+        cons = {k: constexpr_json(v) for k, v in cons.items()}
+        key = (name, tuple(sorted(sig.items())), tuple(sorted(cons.items(), key=str)),
+               tuple(sorted((k, str(v)) for k, v in attrs.items())), opts.get("num_warps"), opts.get("num_stages"))
+        if key in seen:
+            continue
+        seen.add(key)
+        if config is None:
+            config = " ".join(f"{k}={v}" for k, v in cons.items() if k.startswith("BLOCK"))
+        stages = f" s={kw['num_stages']}" if "num_stages" in kw else ""
+        jobs.append(Job(
+            family=family, module=module, kernel=name, config=f"{config} w={opts.get('num_warps')}{stages}",
+            variant=variant, target=int(target), signature=sig, constexprs=cons, attrs=attrs,
+            options={k: opts[k] for k in ("num_warps", "num_stages") if opts.get(k) is not None},
+            expect=expect,
+        ))
     return jobs
 
 
-def _routing_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """The routing kernels as :mod:`mmkernels.ops.routing` really launches them: its launchers run
-    on meta tensors with the kernels recorded (:func:`_recorded_launches`).
-
-    Coverage: every launch config :func:`mmkernels.ops.routing.launch_configs` stands for (expert
-    counts 1 .. 1024, top-k 1, 8 and E, a few tokens and 2**20), at fp32 Mixtral routing forward
-    and backward; at top-k min(8, E) and 2**20 tokens also bf16 Qwen3 (no renormalisation) and its
-    backward, DeepSeek-V3 (sigmoid, bias, groups) and its backward, caller-given expert ids, fp64."""
-    import torch
-
-    from mmkernels._triton import routing as K
-    from mmkernels.ops import routing as R
-
-    entries = []
-    with _recorded_launches(K, _ROUTING_KERNELS) as calls:
-        def launches(T, E, k, variant, dtype=torch.float32, **kw):
-            logits = torch.empty((T, E), dtype=dtype, device="meta")
-            bias = torch.empty((E,), device="meta") if kw.pop("bias", False) else None
-            ids_in = torch.empty((T, k), dtype=torch.int32, device="meta") if kw.pop("given", False) else None
-            spec = R.RouterSpec(k, **kw)
-            start = len(calls)
-            R._triton_route(logits, bias, ids_in, spec, 2**31 - 1, R.DEFAULT_BLOCK_M)
-            ids = torch.empty((T, k), dtype=torch.int32, device="meta")
-            R._triton_route_backward(torch.empty((T, k), device="meta"), logits, ids, spec)
-            cfg = R.resolve_config(T, E, k, dtype == torch.float64)
-            label = f"BLOCK_T={cfg.block_t} E_PAD={cfg.e_pad} K_PAD={cfg.k_pad}"
-            entries.extend(tuple(c) + (variant, label, None) for c in calls[start:])
-
-        for E in (1, 2, 8, 61, 128, 256, 1024, R.MAX_EXPERTS):
-            for k in sorted({1, min(8, E), E}):
-                for T in (5, 1 << 20):
-                    launches(T, E, k, "fp32 mixtral")
-            k, T = min(8, E), 1 << 20
-            launches(T, E, k, "bf16 qwen3", torch.bfloat16, renormalize=False)
-            launches(T, E, k, "fp32 given ids", given=True)
-            launches(T, E, k, "fp64 mixtral", torch.float64)
-            if E >= 4:
-                g = min(8, E // 2)
-                launches(T, E, k, "fp32 deepseek", scoring="sigmoid", bias=True, n_groups=g,
-                         topk_groups=max(1, g // 2), routed_scaling=2.5, key_on_scores=True)
-                launches(T, E, k, "fp32 sigmoid", scoring="sigmoid", renormalize=False)
-    return _jobs_from_launches("routing", _ROUTING_MODULE, entries, targets)
-
-
-_EXPERTS_MODULE = "mmkernels._triton.experts"
-_EXPERTS_KERNELS = ("experts_up_kernel", "experts_rows_kernel", "experts_combine_kernel", "experts_dact_kernel",
-                    "experts_dweight_kernel", "experts_gather_kernel", "experts_dw_kernel")
-
-
-def _experts_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """The expert kernels as :mod:`mmkernels.ops.experts` launches them (forward with the saved
-    pre-activation, and the whole backward), recorded on meta tensors like the routing jobs:
-    bf16 (the tensor-core configs; HGMMA required on sm_90), fp16, fp32 and fp64 (IEEE / FMA dots:
-    no tensor-core requirement), at the shapes of Mixtral (H 4096, I 14336, E 8, k 2), Qwen3-30B-A3B
-    (H 2048, I 768, E 128, k 8) and a small odd one (H 24, I 40), every activation in bf16 at the
-    Qwen3 shape, interleaved gate/up with biases (gpt-oss); routing tiles of
-    :func:`~mmkernels.ops.routing.suggest_block_m` rows (128 at T = 16384; the Qwen3 shape also at
-    T = 1024 and 64: 64- and 16-row tiles, the latter HMMA, not HGMMA — under its 64-row M)."""
-    import torch
-
-    from mmkernels._triton import experts as KX
-    from mmkernels.ops import experts as X
-    from mmkernels.ops.routing import Routing, max_tiles, suggest_block_m
-
-    def routing(T, E, k):
-        block_m = suggest_block_m(T, E, k)  # the tile height the library's callers take
-        i32 = dict(dtype=torch.int32, device="meta")
-        nt = max_tiles(T * k, E, block_m)
-        return Routing(torch.empty((T, k), device="meta"), torch.empty((T, k), **i32), torch.empty((E,), **i32),
-                       torch.empty((E + 1,), **i32), torch.empty((T * k,), **i32), torch.empty((T * k,), **i32),
-                       torch.empty((T, k), dtype=torch.bool, device="meta"), torch.empty((nt,), **i32),
-                       torch.empty((nt,), **i32), torch.empty((1,), **i32), block_m, None)
-
-    def record() -> list:
-        entries = []
-        with _recorded_launches(KX, _EXPERTS_KERNELS) as calls:
-            def launches(label, T, H, I, E, k, dtype, act="silu", interleaved=False, bias=False):
-                r = routing(T, E, k)
-                x = torch.empty((T, H), dtype=dtype, device="meta")
-                gu = torch.empty((E, 2 * I, H), dtype=dtype, device="meta")
-                dn = torch.empty((E, H, I), dtype=dtype, device="meta")
-                b1 = torch.empty((E, 2 * I), dtype=dtype, device="meta") if bias else None
-                b2 = torch.empty((E, H), dtype=dtype, device="meta") if bias else None
-                spec = X.ExpertSpec(act, interleaved)
-                start = len(calls)
-                _, h, _, a = X._triton_forward(x, r.weights, gu, dn, b1, b2, r, spec, save_h=True)
-                X._triton_backward(torch.empty((T, H), dtype=dtype, device="meta"), x, r.weights, gu, dn, b1, b2, r,
-                                   h, a, spec, (True,) * 6)
-                for name, kernel, kw in calls[start:]:
-                    tensor_core = label.startswith(("bf16", "fp16")) and name not in ("experts_combine_kernel",
-                                                                                      "experts_dw_kernel")
-                    # 16-row decode tiles are under HGMMA's 64-row M: HMMA there
-                    decode = kw.get("BLOCK_M", 64) < 64 and name != "experts_dweight_kernel"
-                    expect = ({"mma": "HMMA"} if decode else None) if tensor_core else {"mma": None}
-                    entries.append((name, kernel, kw, f"{label} bm={r.block_m}", None, expect))
-
-            shapes = {"mixtral": (16384, 4096, 14336, 8, 2), "qwen3": (16384, 2048, 768, 128, 8), "odd": (64, 24, 40, 7, 3)}
-            for name, shp in shapes.items():
-                for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-                    launches(f"{dname} {name}", *shp, dt)
-            launches("fp16 qwen3", *shapes["qwen3"], torch.float16)
-            for T in (1024, 64):  # 64-row tiles, and decode's 16-row tiles
-                launches("bf16 qwen3", T, *shapes["qwen3"][1:], torch.bfloat16)
-            launches("fp64 odd", *shapes["odd"], torch.float64)
-            for act in X.ACTIVATIONS[1:]:
-                launches(f"bf16 qwen3 {act}", *shapes["qwen3"], torch.bfloat16, act=act)
-            launches("bf16 gpt-oss (interleaved, biases)", 16384, 2880, 2880, 32, 4, torch.bfloat16,
-                     act="swiglu_oai", interleaved=True, bias=True)
-        return entries
-
+def family_jobs(fam, targets: Sequence[int]) -> List[Job]:
+    """Every job of one family (:class:`mmkernels.family.Family`) for ``targets``: its
+    ``launches(recorder, target)`` run once per target with the kernels of its kernel module
+    recorded."""
+    module = importlib.import_module(fam.kernels_module)
     jobs: List[Job] = []
-    for target in targets:  # each target's launches with its own tiles (ops.experts.target_arch)
-        with X.target_arch(int(target) // 10):
-            jobs += _jobs_from_launches("experts", _EXPERTS_MODULE, record(), [target])
+    for target in targets:
+        rec = LaunchRecorder(module, kernel_names(module))
+        with rec.installed():
+            fam.launches(rec, int(target))
+        jobs += _jobs_from_launches(fam.name, fam.kernels_module, rec.entries, int(target))
     return jobs
 
 
-_CROSS_ENTROPY_MODULE = "mmkernels._triton.cross_entropy"
-_CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel")
+def _families():
+    from mmkernels.families import FAMILIES
 
-
-def _cross_entropy_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """The cross-entropy kernels as :mod:`mmkernels.ops.cross_entropy` launches them (forward and
-    backward on meta tensors): every config of ``launch_configs`` (C = 1 .. 4096 and 32000) in fp32
-    with label smoothing; at C = 32000 also bf16 and fp16 logits, fp64, no smoothing, smoothing 1,
-    and int64 offsets (2**17 rows)."""
-    import torch
-
-    from mmkernels._triton import cross_entropy as K
-    from mmkernels.ops import cross_entropy as CE
-
-    entries = []
-    with _recorded_launches(K, _CROSS_ENTROPY_KERNELS) as calls:
-        def launches(N, C, variant, dtype=torch.float32, eps=0.1):
-            x = torch.empty((N, C), dtype=dtype, device="meta")
-            t = torch.empty((N,), dtype=torch.int64, device="meta")
-            start = len(calls)
-            loss, lse = CE._triton_forward(x, t, -100, eps)
-            g = torch.empty((), dtype=lse.dtype, device="meta").reshape(1).expand(N)
-            CE._triton_backward(x, t, lse, g, -100, eps, torch.empty_like(x))
-            entries.extend(tuple(c) + (variant, f"BLOCK_C={CE.resolve_config(C).block_c}", None)
-                           for c in calls[start:])
-
-        for cfg in CE.launch_configs():
-            launches(64, cfg.block_c, "fp32 smoothing")
-        launches(64, 32000, "fp32 smoothing")
-        for dtype in (torch.bfloat16, torch.float16, torch.float64):
-            launches(64, 32000, f"{str(dtype)[6:]}", dtype)
-        launches(64, 32000, "fp32 no smoothing", eps=0.0)
-        launches(64, 32000, "fp32 smoothing 1", eps=1.0)
-        launches(1 << 17, 32000, "fp32 int64 offsets")
-    return _jobs_from_launches("cross_entropy", _CROSS_ENTROPY_MODULE, entries, targets)
-
-
-_ATTENTION_MODULE = "mmkernels._triton.attention"
-_ATTENTION_KERNELS = ("attention_fwd_kernel", "attention_bwd_kernel")
-
-
-def _attention_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """The attention-module kernels as :mod:`mmkernels.ops.attention` launches them (forward and
-    backward on meta tensors): every config of ``launch_configs`` (J = 1 .. MAX_J, D = 1 .. 4096)
-    in fp32 with a mask; at J = 8, D = 512 and at J = MAX_J also bf16, fp16 and fp64, no mask, and
-    int64 offsets."""
-    import torch
-
-    from mmkernels._triton import attention as K
-    from mmkernels.ops import attention as A
-
-    entries = []
-    with _recorded_launches(K, _ATTENTION_KERNELS) as calls:
-        def launches(R, J, D, variant, dtype=torch.float32, masked=True):
-            z = torch.empty((R, J), dtype=dtype, device="meta")
-            x = torch.empty((R, J, D), dtype=dtype, device="meta")
-            mask = torch.empty((R, J), dtype=torch.bool, device="meta") if masked else None
-            start = len(calls)
-            s, lse = A._triton_forward(z, x, mask, 0.5)
-            A._triton_backward(z, x, mask, s, lse, torch.empty_like(s), 0.5)
-            cfg = A.resolve_config(J, D)
-            entries.extend(tuple(c) + (variant, f"BLOCK_J={cfg.block_j} BLOCK_D={cfg.block_d}", None)
-                           for c in calls[start:])
-
-        for cfg in A.launch_configs():
-            launches(64, cfg.block_j, cfg.block_d, "fp32 mask")
-        for J, D in ((8, 512), (A.MAX_J, 64)):
-            for dtype in (torch.bfloat16, torch.float16, torch.float64):
-                launches(64, J, D, str(dtype)[6:], dtype)
-            launches(64, J, D, "fp32 no mask", masked=False)
-            launches((1 << 31) // (J * D) + 1, J, D, "fp32 int64 offsets")
-    return _jobs_from_launches("attention", _ATTENTION_MODULE, entries, targets)
-
-
-_GATING_MODULE = "mmkernels._triton.gating"
-_GATING_KERNELS = ("gated_blend_fwd_kernel", "gated_blend_bwd_kernel")
-
-
-def _gating_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """The gate-blend kernels as :mod:`mmkernels.ops.gating` launches them (forward and backward on
-    meta tensors; one config): fp32, bf16, fp16, fp64, strided pathways, int64 offsets."""
-    import torch
-
-    from mmkernels._triton import gating as K
-    from mmkernels.ops import gating as G
-
-    entries = []
-    with _recorded_launches(K, _GATING_KERNELS) as calls:
-        def launches(R, D, variant, dtype=torch.float32, strided=False):
-            a = torch.empty((R, D), dtype=dtype, device="meta")
-            b = torch.empty((D, R), dtype=dtype, device="meta").t() if strided else torch.empty_like(a)
-            pre = torch.empty_like(a)
-            start = len(calls)
-            out = G._triton_forward(pre, a, b)
-            G._triton_backward(torch.empty_like(out), pre, a, b)
-            entries.extend(tuple(c) + (variant, f"BLOCK={G.BLOCK}", None) for c in calls[start:])
-
-        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            launches(4096, 1024, str(dtype)[6:], dtype)
-        launches(4096, 1024, "fp32 strided b", strided=True)
-        launches(1 << 20, 4096, "fp32 int64 offsets")
-    return _jobs_from_launches("gating", _GATING_MODULE, entries, targets)
-
-
-_PRODUCT_MODULE = "mmkernels._triton.product"
-_PRODUCT_KERNELS = ("product_terms_kernel", "product_dweight_kernel")
-
-
-def _product_jobs(targets: Sequence[int], exhaustive: bool = False) -> List[Job]:
-    """The product-unit kernels as :mod:`mmkernels.ops.product` launches them (forward terms and
-    the weight gradient on meta tensors; one tile config): fp32, bf16 and fp16 inputs (fp32 math),
-    fp64, a transposed x."""
-    import torch
-
-    from mmkernels._triton import product as K
-    from mmkernels.ops import product as P
-
-    entries = []
-    with _recorded_launches(K, _PRODUCT_KERNELS) as calls:
-        def launches(variant, dtype=torch.float32, transposed=False):
-            x = torch.empty((512, 256), dtype=dtype, device="meta")
-            if transposed:
-                x = torch.empty((256, 512), dtype=dtype, device="meta").t()
-            w = torch.empty((128, 256), dtype=dtype, device="meta")
-            start = len(calls)
-            a, b = P._triton_terms(x, w)
-            P._triton_dweight(x, a, b, w.dtype)
-            cfg = P.resolve_config(1, 1, 1)
-            entries.extend(tuple(c) + (variant, f"BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k}", None)
-                           for c in calls[start:])
-
-        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            launches(str(dtype)[6:], dtype)
-        launches("fp32 transposed x", transposed=True)
-    return _jobs_from_launches("product", _PRODUCT_MODULE, entries, targets)
-
-
-#: Every op family the compile tier covers. A new family adds its kernel module and job builder.
-FAMILIES: Dict[str, Family] = {
-    "softmax": Family("softmax", _SOFTMAX_MODULE, _softmax_jobs),
-    "bilinear": Family("bilinear", _BILINEAR_MODULE, _bilinear_jobs),
-    "routing": Family("routing", _ROUTING_MODULE, _routing_jobs),
-    "experts": Family("experts", _EXPERTS_MODULE, _experts_jobs),
-    "cross_entropy": Family("cross_entropy", _CROSS_ENTROPY_MODULE, _cross_entropy_jobs),
-    "attention": Family("attention", _ATTENTION_MODULE, _attention_jobs),
-    "gating": Family("gating", _GATING_MODULE, _gating_jobs),
-    "product": Family("product", _PRODUCT_MODULE, _product_jobs),
-}
+    return FAMILIES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1066,8 +593,8 @@ def interpreter_requested() -> bool:
     """True when this process's kernel objects are (or would be) Triton-interpreted functions."""
     if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
         return True
-    for fam in FAMILIES.values():
-        mod = sys.modules.get(fam.module)
+    for fam in _families().values():
+        mod = sys.modules.get(fam.kernels_module)
         if mod is None:
             continue
         try:
@@ -1079,33 +606,31 @@ def interpreter_requested() -> bool:
     return False
 
 
-def _select(families: Optional[Iterable[str]]) -> List[Family]:
+def _select(families: Optional[Iterable[str]]) -> list:
+    fams = _families()
     if families is None:
-        return list(FAMILIES.values())
+        return list(fams.values())
     names = [f for f in families]
-    unknown = [f for f in names if f not in FAMILIES]
+    unknown = [f for f in names if f not in fams]
     if unknown:
-        raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
-                         f"known: {sorted(FAMILIES)}")
-    return [FAMILIES[f] for f in names]
+        raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {list(fams)}")
+    return [fams[f] for f in names]
 
 
-def _coverage(fam: Family, jobs: List[Job], expectations: dict) -> List[Result]:
+def _coverage(fam, jobs: List[Job], expectations: dict) -> List[Result]:
     """Failures for kernels of the module that no job compiles, and for expectations that name
     no kernel of the module."""
-    from triton.runtime.jit import JITFunction
 
-    mod = importlib.import_module(fam.module)
-    kernels = {n for n, v in vars(mod).items()
-               if isinstance(v, JITFunction) and not n.startswith("_")}
+    mod = importlib.import_module(fam.kernels_module)
+    kernels = set(kernel_names(mod))
     compiled = {j.kernel for j in jobs}
     out = []
     for name in sorted(kernels - compiled):
         out.append(Result(fam.name, name, "-", "-", 0, 0, compiled=False,
-                          error=f"kernel {fam.module}.{name} is not covered by the compile tier"))
+                          error=f"kernel {fam.kernels_module}.{name} is not covered by the compile tier"))
     for name in sorted(set(expectations) - kernels):
         out.append(Result(fam.name, name, "-", "-", 0, 0, compiled=False,
-                          error=f"EXPECTATIONS names {name!r}, which is no kernel of {fam.module}"))
+                          error=f"EXPECTATIONS names {name!r}, which is no kernel of {fam.kernels_module}"))
     return out
 
 
@@ -1118,36 +643,33 @@ def _progress(i: int, n: int, r: Result) -> None:
 
 
 def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int] = DEFAULT_TARGETS,
-                jobs: int = 2, progress: bool = True, exhaustive: bool = False,
+                jobs: int = 2, progress: bool = True,
                 disassemble: Optional[bool] = None) -> List[Result]:
     """Compile every kernel of ``families`` (default: all) at every launch config for ``targets``
     in a pool of ``jobs`` processes; check each kernel module's ``EXPECTATIONS``.
 
     Returns one :class:`Result` per compile (``Result.passed`` tells), plus a failed result for a
     kernel of a module that no job compiles. Under Triton's interpreter the whole run happens in
-    a subprocess without ``TRITON_INTERPRET``. ``exhaustive``: every config in every layout it
-    serves, not one; ``disassemble=True``: run nvdisasm on every cubin (default: only where the
-    PTX holds an MMA instruction).
+    a subprocess without ``TRITON_INTERPRET``. ``disassemble=True``: run nvdisasm on every cubin
+    (default: only where the PTX holds an MMA instruction).
     """
     fams = _select(families)
     targets = tuple(_target_key(t) for t in targets)
-    WARNINGS.clear()
     if interpreter_requested():
         if os.environ.get("MMKERNELS_COMPILE_TIER_CHILD"):
             raise RuntimeError("compile tier: Triton's interpreter is still on in the subprocess "
                                "started without TRITON_INTERPRET")
-        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress, exhaustive,
-                                      disassemble)
+        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress, disassemble)
 
     all_jobs: List[Job] = []
     results: List[Result] = []
     expectations: Dict[Tuple[str, str], dict] = {}
     for fam in fams:
-        fam_jobs = fam.jobs(targets, exhaustive)
+        fam_jobs = family_jobs(fam, targets)
         if disassemble is not None:
             for j in fam_jobs:
                 j.disassemble = disassemble
-        mod = importlib.import_module(fam.module)
+        mod = importlib.import_module(fam.kernels_module)
         exp = dict(getattr(mod, "EXPECTATIONS", {}) or {})
         for k, v in exp.items():
             expectations[(fam.name, k)] = v
@@ -1222,7 +744,7 @@ def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str
 
 
 def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: int,
-                           progress: bool, exhaustive: bool = False,
+                           progress: bool,
                            disassemble: Optional[bool] = None) -> List[Result]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MMKERNELS_COMPILE_TIER_CHILD"] = "1"
@@ -1236,8 +758,6 @@ def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: in
             cmd += ["--family", f]
         if not progress:
             cmd.append("--quiet")
-        if exhaustive:
-            cmd.append("--exhaustive")
         if disassemble:
             cmd.append("--sass")
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
@@ -1247,7 +767,6 @@ def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: in
         except (OSError, ValueError):
             raise RuntimeError(f"compile tier subprocess exited with {proc.returncode} without "
                                f"results:\n{' '.join(cmd)}\n{proc.stdout}") from None
-        WARNINGS.extend(data.get("warnings", []))
         return [Result.from_dict(d) for d in data["results"]]
     finally:
         os.unlink(path)
@@ -1311,7 +830,7 @@ def _targets_arg(s: str) -> Tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", action="append", default=None, choices=sorted(FAMILIES),
+    parser.add_argument("--family", action="append", default=None, choices=list(_families()),
                         help="op family to compile (repeatable; default: all)")
     parser.add_argument("--targets", type=_targets_arg, default=DEFAULT_TARGETS,
                         help="compute capabilities, comma-separated (default: 80,90)")
@@ -1319,8 +838,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile processes (default: 2)")
     parser.add_argument("--json", metavar="PATH", default=None, help="write every result to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--exhaustive", action="store_true",
-                        help="compile every config in every layout it serves (default: one)")
     parser.add_argument("--sass", action="store_true",
                         help="disassemble every cubin (default: only where the PTX has MMA)")
     parser.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
@@ -1329,7 +846,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = compile_all(families=args.family, targets=args.targets, jobs=args.jobs,
-                          progress=not args.quiet, exhaustive=getattr(args, "exhaustive", False),
+                          progress=not args.quiet,
                           disassemble=True if getattr(args, "sass", False) else None)
     wall = time.perf_counter() - t0
     code, failed = summary(results)
@@ -1338,15 +855,13 @@ def run(args: argparse.Namespace) -> int:
 
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "targets": list(args.targets),
-                       "families": args.family or sorted(FAMILIES), "wall_s": round(wall, 2),
-                       "passed": code == 0, "warnings": list(WARNINGS),
+                       "families": args.family or list(_families()), "wall_s": round(wall, 2),
+                       "passed": code == 0,
                        "results": [r.to_dict() for r in results]}, f, indent=1)
     if not getattr(args, "no_table", False):
         print(format_table(results))
         print(f"{len(results)} compiles for {', '.join(f'sm_{t}' for t in args.targets)} in "
               f"{wall:.1f}s: {len(results) - len(failed)} ok, {len(failed)} failed")
-        for w in WARNINGS:
-            print(f"warning: {w}")
         for r in failed:
             why = r.error if r.error else "; ".join(r.violations)
             print(f"FAILED {r.label()}: {why}")

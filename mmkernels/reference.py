@@ -352,7 +352,8 @@ def experts_ref(x, weights, expert_ids, dropped, gate_up, down, b1=None, b2=None
 
 
 # ----------------------------------------------------------------------------------------------
-# The seeds' other modules (issue 7)
+# Cross-entropy, the attention module and switches, gated fusion, dense MoE, product units,
+# sigma-pi units and the pi-sigma network
 # ----------------------------------------------------------------------------------------------
 
 def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
@@ -397,7 +398,7 @@ def attention_module_ref(z, x, mask=None, temperature=1.0):
 
 
 def gated_fusion_ref(a, b, weight, bias=None):
-    """Gated fusion (seed 004): ``g = σ([a, b] · Wᵀ + c)``, ``out = g·a + (1 - g)·b``. Differentiable."""
+    """Gated fusion: ``g = σ([a, b] · Wᵀ + c)``, ``out = g·a + (1 - g)·b``. Differentiable."""
     a, b, weight = _f64_grad(a), _f64_grad(b), _f64_grad(weight)
     pre = torch.cat([a, b], dim=-1) @ weight.T
     if bias is not None:
