@@ -19,14 +19,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_probs(z_ptr, m_ptr, r, offs_j, J, sz_r, sz_j, sm_r, sm_j, inv_tau,
-               HAS_MASK: tl.constexpr, ACC: tl.constexpr):
-    """(logits z/τ with -inf where not allowed, allowed mask) of row r."""
+def _row_logits(z_ptr, m_ptr, J, sz_r, sz_j, sm_r, sm_j, inv_tau_hi, inv_tau_lo,
+                BLOCK_J: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, USE_INT64: tl.constexpr):
+    """This program's row ``r``, the lanes ``offs_j``, ``1/τ``, and the row's logits ``z/τ`` with
+    -inf where not allowed, with the allowed mask."""
+    inv_tau = tl.zeros([], ACC) + inv_tau_hi + inv_tau_lo
+    r = tl.program_id(0)
+    if USE_INT64:
+        r = r.to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_J)
     allowed = offs_j < J
     if HAS_MASK:
         allowed = allowed & (tl.load(m_ptr + r * sm_r + offs_j * sm_j, mask=offs_j < J, other=0) != 0)
     z = tl.load(z_ptr + r * sz_r + offs_j * sz_j, mask=offs_j < J, other=0.0).to(ACC)
-    return tl.where(allowed, z * inv_tau, float("-inf")), allowed
+    return r, offs_j, inv_tau, tl.where(allowed, z * inv_tau, float("-inf")), allowed
 
 
 @triton.jit
@@ -38,13 +44,9 @@ def attention_fwd_kernel(
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
     ACC: tl.constexpr, USE_INT64: tl.constexpr,
 ):
-    inv_tau = tl.zeros([], ACC) + inv_tau_hi + inv_tau_lo
-    r = tl.program_id(0)
-    if USE_INT64:
-        r = r.to(tl.int64)
-    offs_j = tl.arange(0, BLOCK_J)
+    r, offs_j, inv_tau, logits, allowed = _row_logits(z_ptr, m_ptr, J, sz_r, sz_j, sm_r, sm_j, inv_tau_hi,
+                                                      inv_tau_lo, BLOCK_J, HAS_MASK, ACC, USE_INT64)
     offs_d = tl.arange(0, BLOCK_D)
-    logits, allowed = _row_probs(z_ptr, m_ptr, r, offs_j, J, sz_r, sz_j, sm_r, sm_j, inv_tau, HAS_MASK, ACC)
     m = tl.max(logits, axis=0)
     e = tl.where(allowed, tl.exp(logits - m), 0.0)
     total = tl.sum(e, axis=0)
@@ -69,13 +71,9 @@ def attention_bwd_kernel(
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
     ACC: tl.constexpr, USE_INT64: tl.constexpr,
 ):
-    inv_tau = tl.zeros([], ACC) + inv_tau_hi + inv_tau_lo
-    r = tl.program_id(0)
-    if USE_INT64:
-        r = r.to(tl.int64)
-    offs_j = tl.arange(0, BLOCK_J)
+    r, offs_j, inv_tau, logits, allowed = _row_logits(z_ptr, m_ptr, J, sz_r, sz_j, sm_r, sm_j, inv_tau_hi,
+                                                      inv_tau_lo, BLOCK_J, HAS_MASK, ACC, USE_INT64)
     offs_d = tl.arange(0, BLOCK_D)
-    logits, allowed = _row_probs(z_ptr, m_ptr, r, offs_j, J, sz_r, sz_j, sm_r, sm_j, inv_tau, HAS_MASK, ACC)
     lse = tl.load(lse_ptr + r).to(ACC)
     lse_b = tl.zeros([BLOCK_J], ACC) + lse
     p = tl.where(allowed & (lse_b > float("-inf")), tl.exp(logits - lse_b), 0.0)  # empty row: 0

@@ -36,7 +36,6 @@ class AttentionConfig:
     num_warps: int
 
 
-
 #: Column chunk for narrow inputs (D <= this); wider ones take the whole tile.
 NARROW_D = 64
 

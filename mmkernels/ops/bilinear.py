@@ -73,7 +73,6 @@ class BilinearConfigs:
     dw: DwConfig
 
 
-
 #: Widest i-block of the dz/dx kernel's G tile (its width): c above it takes several i-blocks.
 MAX_BLOCK_I = 64
 

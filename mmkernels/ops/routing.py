@@ -175,7 +175,6 @@ class RoutingConfig:
         return self.block_t * self.e_pad
 
 
-
 def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
     """Token block so that one program holds about :data:`TARGET_TILE` logits (at most 64 tokens,
     at least one, no more than the tokens there are), 8 tile elements per thread and at most 8

@@ -63,7 +63,6 @@ class SoftmaxConfig:
         return self.block_i * self.block_n
 
 
-
 def _warps(tile: int, f64: bool = False) -> int:
     # ~16 fp32 (8 fp64) values per thread, between 1 and 16 warps
     return max(1, min(16, tile * (2 if f64 else 1) // 512))
