@@ -121,9 +121,11 @@ def _unsupported(module, what: str) -> NotImplementedError:
         f"to 'grouped_mm' for such modules.")
 
 
+@torch.compiler.assume_constant_result
 def resolve_experts_spec(module) -> ExpertsModuleSpec:
     """The :class:`ExpertsModuleSpec` of a transformers experts module, or ``NotImplementedError``
-    saying why it has none."""
+    saying why it has none. A constant to torch.compile (read from the module's class and
+    attributes when the graph is traced)."""
     if not getattr(module, "has_gate", True) or not hasattr(module, "gate_up_proj"):
         raise _unsupported(module, "experts without a gate (has_gate=False: up_proj -> act -> down_proj); "
                                    "mmkernels' experts are gated (act(gate) * up)")

@@ -317,10 +317,13 @@ class LaunchRecorder:
 
 
 def kernel_names(module) -> List[str]:
-    """The public ``@triton.jit`` kernels of a kernel module (helpers start with ``_``)."""
+    """The public ``@triton.jit`` kernels of a kernel module (helpers start with ``_``), jitted or
+    interpreted (``TRITON_INTERPRET=1`` at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    return sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and not n.startswith("_"))
+    return sorted(n for n, v in vars(module).items()
+                  if isinstance(v, (JITFunction, InterpretedFunction)) and not n.startswith("_"))
 
 
 def _jobs_from_launches(family: str, module: str, launches, target: int) -> List[Job]:
