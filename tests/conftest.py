@@ -129,21 +129,32 @@ _JOBS = {}
 
 
 def assert_launch_is_compiled(family: str, name: str, kernel, kwargs: dict, target: int = 90):
-    """The compile tier has a job for this launch of ``kernel`` (a real launch by the family's
-    launchers, specialised by Triton's binder): same kernel, argument types (strides of 1 as
-    constexpr 1), constexprs, warps and stages — the 16-byte alignment attributes aside."""
+    """The compile tier covers this launch of ``kernel`` (a real launch by the family's launchers,
+    specialised by Triton's binder): a job of the same kernel at the same config (its ``BLOCK_*``
+    constexprs, warps and stages), and a job of the same kernel with the same layout
+    specialisation (argument types, which strides are constexpr 1) — storage dtypes and kinds are
+    compiled at every config, the other variants at each kernel's largest configs (see the
+    family's ``launches``)."""
     from mmkernels.families import family as lookup
     from mmkernels.testing import compile_tier as C
 
     if (family, target) not in _JOBS:
         _JOBS[(family, target)] = C.family_jobs(lookup(family), (target,))
+    jobs = [j for j in _JOBS[(family, target)] if j.kernel == name]
     sig, cons, _, opts = C.jit_specialization(kernel, kwargs, target)
-    cons = {k: C.constexpr_json(v) for k, v in cons.items()}
-    for j in _JOBS[(family, target)]:
-        if (j.kernel == name and j.signature == sig and j.constexprs == cons
-                and j.options.get("num_warps") == opts.get("num_warps")
-                and j.options.get("num_stages", opts.get("num_stages")) == opts.get("num_stages")):
-            return j
-    near = [j for j in _JOBS[(family, target)] if j.kernel == name and j.constexprs == cons]
-    raise AssertionError(f"no compile-tier job for {name} with signature {sig} and constexprs {cons}"
-                         + (f"; same constexprs, signature {near[0].signature}" if near else ""))
+
+    def config(constexprs, options):
+        return ({k: v for k, v in constexprs.items() if k.startswith("BLOCK")}, options.get("num_warps"),
+                options.get("num_stages"))
+
+    def layout(signature, constexprs):
+        return ({k: "*" if v.startswith("*") else v for k, v in signature.items()},
+                {k: v for k, v in constexprs.items() if k.startswith("s")})
+
+    want_cfg = config(cons, opts)
+    assert any(config(j.constexprs, {**opts, **j.options}) == want_cfg for j in jobs), \
+        f"no compile-tier job for {name} at {want_cfg}"
+    want_layout = layout(sig, cons)
+    assert any(layout(j.signature, j.constexprs) == want_layout for j in jobs), \
+        f"no compile-tier job for {name} with the layout {want_layout}"
+    return next(j for j in jobs if config(j.constexprs, {**opts, **j.options}) == want_cfg)

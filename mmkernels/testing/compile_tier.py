@@ -582,6 +582,19 @@ def jit_specialization(kernel, kwargs: dict, target: int = 90):
     return signature, constexprs, attrs, dict(opts)
 
 
+@contextlib.contextmanager
+def _without_interpreter():
+    """Within the block, ``TRITON_INTERPRET`` is out of the environment, so that workers spawned in
+    it never see it: a worker that imports triton with it set (as unpickling a job does, before
+    any initializer runs) has a half-interpreted triton whose compiler fails on later imports."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def _worker_init() -> None:
     # the kernels are imported in the worker: they must be JITFunctions, not interpreted ones
     os.environ.pop("TRITON_INTERPRET", None)
@@ -723,8 +736,8 @@ def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str
         isolate = max(0, isolate - 1)
         done_here = 0
         try:
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                        initializer=_worker_init) as pool:
+            with _without_interpreter(), cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                                initializer=_worker_init) as pool:
                 futures = {pool.submit(compile_job, job_list[k]): k for k in batch}
                 for fut in cf.as_completed(futures):
                     record(futures[fut], fut.result())
