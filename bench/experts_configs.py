@@ -182,6 +182,7 @@ def main(argv=None) -> int:
                         cand = dataclasses.replace(cand, block_m=block_m)
                         n = I if role in ("up", "dact") else H
                         grid2, tiling = X.grouped_launch(r, n, cand)
+                        grid2 = grid2 + tuple(grid[1:])  # the recorded split-K planes
                         kw2.update(tiling)
                         if role == "dact":
                             nb = -(-I // cand.block_n)

@@ -20,8 +20,8 @@ import torch
 import mmkernels
 from mmkernels import moe
 from mmkernels import testing as mt
-from tests.conftest import backend_matrix, backends
 from mmkernels.reference import experts_ref, route_ref, routing_grad_magnitude_ref
+from tests.conftest import DEVICE, backend_matrix, backends
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -654,3 +654,40 @@ def test_small_block_m(block_m, backend, device):
         assert "block_m" in str(e)
         return
     mt.assert_close(out, reference(case, build(case, device))[1], backend=backend, what="out")
+
+
+# ------------------------------------------------------------------------------------------------
+# decode: the down GEMM split over its reduction
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.interp
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_down_gemm_against_reference(splits, dtype, poison_outputs):
+    """The forward's down GEMM split into ``splits`` partial-sum planes (decode) and the combine
+    summing them in order: equal to the float64 reference, and bitwise equal on a rerun."""
+    from mmkernels.ops import experts as X
+
+    T, H, I, E, k = 5, 24, 72, 4, 2
+    x, gu, dn, b1, b2, logits = _small(DEVICE, T=T, H=H, I=I, E=E, k=k, dtype=dtype)
+    with mmkernels.use_backend("triton"):
+        r = moe.route(logits, k, block_m=16)
+        w = r.weights.to(dtype)
+        spec = X.ExpertSpec()
+        outs = [X.triton_forward(x, w, gu, dn, b1, b2, r, spec, save_h=False, split_k=splits)[0] for _ in range(2)]
+    ref = experts_ref(x, r.weights, r.expert_ids, r.dropped, gu, dn, b1, b2)
+    mt.assert_close(outs[0], ref, backend="triton")
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_down_splits_fill_a_wave_only_at_decode():
+    from mmkernels.ops import experts as X
+
+    c = X.resolve_config("down", 16, 4096, 14336, torch.bfloat16, 9)  # Mixtral's down GEMM at decode, sm_90
+    one = moe.route(torch.randn(1, 8), 2, block_m=16)                  # one token: two tiles x 64 columns
+    batch = moe.route(torch.randn(64, 8), 2, block_m=16)               # 8 tiles x 64 columns: a wave
+    train = moe.route(torch.randn(16384, 8), 2, block_m=128)
+    assert X.down_splits(one, 4096, 14336, c, 132) == 2
+    assert X.down_splits(batch, 4096, 14336, c, 132) == 1
+    assert X.down_splits(train, 4096, 14336, c, 132) == 1
+    assert X.down_splits(one, 4096, 128, c, 132) == 1                  # too short a reduction to split

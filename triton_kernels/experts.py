@@ -193,7 +193,7 @@ def experts_up_kernel(
 def experts_rows_kernel(
     a_ptr, wm_ptr, b_ptr, w_ptr, out_ptr,
     tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
-    N, KD, K,
+    N, KD, K, KD_SPLIT, s_split,
     s_me, s_mn, s_mk, s_wt, s_wj,
     NUM_TILES, NUM_COLS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -205,10 +205,17 @@ def experts_rows_kernel(
     expert's matrix ``M_e[n, kd]`` at ``wm + e·s_me + n·s_mn + kd·s_mk``, columns ``col·BLOCK_N``
     of N; ``WEIGHTED``: times the row's routing weight.
 
+    Split-K (decode, where the tiles x column blocks are under one wave): program
+    ``program_id(1) = s`` sums the reduction's ``KD_SPLIT`` columns from ``s·KD_SPLIT`` (a multiple
+    of BLOCK_K) and writes its partial to plane ``s`` of ``out`` (planes ``s_split`` elements apart,
+    in ACC); the bias is plane 0's; the combine kernel sums the planes in order (deterministic).
+    Without split: one plane, ``KD_SPLIT >= KD``.
+
     Forward GEMM 2: ``y = w_row · (a · down_eᵀ + b2_e)`` (M = down, N = H, KD = I). Backward:
     ``dx_rows = dh · gate_up_e`` (M = gate_upᵀ by strides, N = H, KD = 2I: ``dh`` is in gate_up's
     row order; the combine kernel then sums each token's rows)."""
     tile, col = _grouped_pid(tl.program_id(0), NUM_TILES, NUM_COLS, GROUP)
+    split = tl.program_id(1)
     e, e_ok, rows, rmask, tok, slots = _tile_rows(tile_experts_ptr, tile_starts_ptr, offsets_ptr, sorted_ptr,
                                                   tile, K, BLOCK_M)
     if e >= 0:
@@ -217,30 +224,35 @@ def experts_rows_kernel(
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         m_base = wm_ptr + e_ok * s_me
-        for k0 in range(0, KD, BLOCK_K):
-            kmask = (k0 + kk) < KD
+        k_lo = split * KD_SPLIT
+        k_hi = tl.minimum(KD, k_lo + KD_SPLIT)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kmask = (k0 + kk) < k_hi
             a = tl.load(a_ptr + rows[:, None] * KD + (k0 + kk)[None, :], mask=rmask[:, None] & kmask[None, :],
                         other=0.0)
             b = tl.load(m_base + n[None, :] * s_mn + (k0 + kk)[:, None] * s_mk,
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc = _dot(a, b, acc, PRECISION, ACC, DOT_F32)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + e_ok * N + n, mask=nmask, other=0.0).to(ACC)[None, :]
+            if split == 0:
+                acc += tl.load(b_ptr + e_ok * N + n, mask=nmask, other=0.0).to(ACC)[None, :]
         if WEIGHTED:
             w = tl.load(w_ptr + tok * s_wt + (slots - tok * K) * s_wj, mask=rmask, other=0.0).to(ACC)
             acc = acc * w[:, None]
-        tl.store(out_ptr + rows[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + split * s_split + rows[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def experts_combine_kernel(
     y_ptr, slot_rows_ptr, offsets_ptr, out_ptr,
-    T, H, K, E,
+    T, H, K, E, SPLITS, s_split,
     s_ot, s_oh,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):
-    """``out[t, :] = Σ_{j < K, row(t, j) kept} y[row(t, j), :]`` summed in the order j = 0 .. K-1."""
+    """``out[t, :] = Σ_{j < K, row(t, j) kept} Σ_{s < SPLITS} y[s, row(t, j), :]`` summed in the
+    order j = 0 .. K-1, then s (the planes of a split-K GEMM, ``s_split`` elements apart): fixed,
+    so deterministic."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     tmask = t < T
@@ -250,7 +262,9 @@ def experts_combine_kernel(
     for j in range(K):
         row = tl.load(slot_rows_ptr + t * K + j, mask=tmask, other=0)
         ok = tmask & (row < kept)
-        acc += tl.load(y_ptr + row[:, None] * H + hh[None, :], mask=ok[:, None] & hmask[None, :], other=0.0).to(ACC)
+        for s in range(SPLITS):
+            acc += tl.load(y_ptr + s * s_split + row[:, None] * H + hh[None, :], mask=ok[:, None] & hmask[None, :],
+                           other=0.0).to(ACC)
     tl.store(out_ptr + t[:, None] * s_ot + hh[None, :] * s_oh, acc.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & hmask[None, :])
 

@@ -310,11 +310,11 @@ def launches(rec, target: int) -> None:
     """The forward (with the saved pre-activation) and the whole backward, on meta tensors, with
     target's own tiles: bf16 and fp32 at Mixtral (H 4096, I 14336, E 8, k 2), Qwen3-30B-A3B (H 2048,
     I 768, E 128, k 8) and a small odd shape (H 24, I 40); fp16 Qwen3; Qwen3 also at T = 1024 and
-    64 (64- and 16-row tiles); fp64 at the odd shape; every activation in bf16 at Qwen3; interleaved
-    gate/up with biases (gpt-oss)."""
+    64 (64- and 16-row tiles); Mixtral at one token with the down GEMM split four ways; fp64 at the
+    odd shape; every activation in bf16 at Qwen3; interleaved gate/up with biases (gpt-oss)."""
     from mmkernels.ops import experts as X
 
-    def launch(label, T, H, I, E, k, dtype, act="silu", interleaved=False, bias=False):
+    def launch(label, T, H, I, E, k, dtype, act="silu", interleaved=False, bias=False, split_k=None):
         r = meta_routing(T, E, k)
         x = torch.empty((T, H), dtype=dtype, device="meta")
         gu = torch.empty((E, 2 * I, H), dtype=dtype, device="meta")
@@ -323,7 +323,8 @@ def launches(rec, target: int) -> None:
         b2 = torch.empty((E, H), dtype=dtype, device="meta") if bias else None
         spec = X.ExpertSpec(act, interleaved)
         with rec.variant(f"{label} bm={r.block_m}", expect=_expect(label)):
-            _, h, _, a = X.triton_forward(x, r.weights, gu, dn, b1, b2, r, spec, save_h=True, arch=target // 10)
+            _, h, _, a = X.triton_forward(x, r.weights, gu, dn, b1, b2, r, spec, save_h=True, arch=target // 10,
+                                          split_k=split_k)
             X.triton_backward(torch.empty((T, H), dtype=dtype, device="meta"), x, r.weights, gu, dn, b1, b2, r,
                               h, a, spec, (True,) * 6, arch=target // 10)
 
@@ -334,6 +335,8 @@ def launches(rec, target: int) -> None:
     launch("fp16 qwen3", *shapes["qwen3"], torch.float16)
     for T in (1024, 64):  # 64-row tiles, and decode's 16-row tiles
         launch("bf16 qwen3", T, *shapes["qwen3"][1:], torch.bfloat16)
+    for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):  # one token: the down GEMM split-K
+        launch(f"{dname} mixtral decode split-k", 1, *shapes["mixtral"][1:], dt, split_k=4)
     launch("fp64 odd", *shapes["odd"], torch.float64)
     for act in X.ACTIVATIONS[1:]:
         launch(f"bf16 qwen3 {act}", *shapes["qwen3"], torch.bfloat16, act=act)

@@ -12,7 +12,8 @@ experts module decorated with ``@use_experts_implementation`` calls
     # or, on a built model:  model.set_experts_implementation("mmkernels")
 
 The router stays transformers' own: :func:`experts_forward` takes its expert ids and weights,
-builds the dispatch metadata with ``moe.route(zeros, k, expert_ids=top_k_index)`` and runs
+builds the dispatch metadata with ``moe.route(zero.expand(T, E), k, expert_ids=top_k_index)`` (no
+logits tensor: one broadcast zero) and runs
 ``moe.experts(..., routing_weights=top_k_weights)``, so gradients reach the router through
 ``top_k_weights``. Transposed parameters (gpt-oss: ``gate_up_proj`` (E, H, 2I), ``down_proj``
 (E, I, H)) are passed as ``.transpose(1, 2)`` views, never copied.
@@ -157,11 +158,13 @@ def routing_from_ids(top_k_index: torch.Tensor, num_experts: int, block_m: Optio
     dev = top_k_index.device
     if block_m is None:
         block_m = moe.suggest_block_m(T, E, k)
+    # the router's weights are the caller's: the logits are one zero broadcast over (T, E) (no
+    # T x E tensor; the routing reads its placeholder weights from it)
+    zero = torch.zeros((), device=dev, dtype=torch.float32)
     if E >= MAX_EXPERTS:  # no spare column: plain routing (sentinels fail its range check)
-        return moe.route(torch.zeros(T, E, device=dev, dtype=torch.float32), k, expert_ids=top_k_index,
-                         block_m=block_m)
+        return moe.route(zero.expand(T, E), k, expert_ids=top_k_index, block_m=block_m)
     ids = top_k_index.clamp(max=E)  # every sentinel -> column E
-    r = moe.route(torch.zeros(T, E + 1, device=dev, dtype=torch.float32), k, expert_ids=ids, block_m=block_m)
+    r = moe.route(zero.expand(T, E + 1), k, expert_ids=ids, block_m=block_m)
     # Column E's slots are last among the kept rows (sorted by expert) and its tiles last in the
     # tile table: cut them off, and the rows from offsets[E] on are the experts' skipped rows.
     keep = r.tile_experts < E

@@ -14,6 +14,7 @@ Rows. Every GEMM runs over the *expert-ordered rows* of the routing: row ``r < o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -266,6 +267,39 @@ def weight_grad_launch(E: int, m: int, n: int, c: ExpertsConfig) -> Tuple[Tuple[
                       num_warps=c.num_warps, num_stages=c.num_stages)
 
 
+#: SMs of the targets the compile tier records launches for (meta tensors have no device).
+SMS_BY_ARCH = {8: 108, 9: 132}
+
+
+def sm_count(x: torch.Tensor, arch: Optional[int] = None) -> int:
+    """Streaming multiprocessors of ``x``'s GPU (of the ``arch`` target for meta tensors)."""
+    if x.device.type == "cuda":
+        return _sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return SMS_BY_ARCH.get(arch, 132)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+#: The least BLOCK_K steps one split of a split-K down GEMM reduces.
+MIN_SPLIT_STEPS = 4
+
+
+def down_splits(routing, n: int, kd: int, c: ExpertsConfig, sms: int) -> int:
+    """Reduction splits of the forward's down GEMM: 1, unless the programs with rows (about one
+    tile per expert hit at decode: ``min(E, T·k)`` tiles x the column blocks of ``n``) are under
+    one wave of ``sms`` — then enough splits to fill it, at most 8, each at least
+    :data:`MIN_SPLIT_STEPS` BLOCK_K steps of the ``kd`` reduction (deterministic: the combine
+    sums the planes in order)."""
+    slots = routing.sorted_slots.shape[0]
+    busy = min(routing.max_tiles, routing.num_experts, slots) * cdiv(n, c.block_n)
+    if busy >= sms or slots == 0:
+        return 1
+    return max(1, min(8, cdiv(sms, busy), kd // (c.block_k * MIN_SPLIT_STEPS)))
+
+
 def _config(role: str, configs: Optional[Mapping[str, ExpertsConfig]], block_m: int, n: int, k: int,
             dtype: torch.dtype, arch: Optional[int]) -> ExpertsConfig:
     """``configs[role]`` when given (a grouped GEMM's ``block_m`` is the routing's), else the resolver's."""
@@ -276,7 +310,8 @@ def _config(role: str, configs: Optional[Mapping[str, ExpertsConfig]], block_m: 
 
 
 def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec, save_h: bool, *,
-                   configs: Optional[Mapping[str, ExpertsConfig]] = None, arch: Optional[int] = None):
+                   configs: Optional[Mapping[str, ExpertsConfig]] = None, arch: Optional[int] = None,
+                   split_k: Optional[int] = None):
     """The forward's launches: ``(out (T, H), h, y, a)`` — the first GEMM's output ``h`` (T·k × 2I,
     gate | up; None unless ``save_h``), the weighted expert outputs ``y`` (T·k × H) and the
     activation ``a`` (T·k × I), in row order.
@@ -284,7 +319,9 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     ``routing``: a :class:`~mmkernels.ops.routing.Routing` or a :class:`Dispatch` (the fields the
     kernels read). ``configs``: tiles by role (:data:`KERNELS`) instead of the resolver's (config
     exploration); ``arch``: the compute capability major to resolve tiles for (default: the
-    tensors' GPU — the compile tier records sm_80 and sm_90 launches on meta tensors)."""
+    tensors' GPU — the compile tier records sm_80 and sm_90 launches on meta tensors);
+    ``split_k``: the down GEMM's reduction splits (default :func:`down_splits`; ``y`` is then
+    (splits, T·k, H) partial sums in the math dtype)."""
     from mmkernels._triton import experts as KX
 
     T, H = x.shape
@@ -296,7 +333,6 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     dev = x.device
     h = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev) if save_h else None
     a = torch.empty((rows, I), dtype=x.dtype, device=dev)
-    y = torch.empty((rows, H), dtype=x.dtype, device=dev)
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
@@ -315,10 +351,14 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     )
     c2 = _config("down", configs, routing.block_m, H, I, x.dtype, arch)
     grid, tiling = grouped_launch(routing, H, c2)
-    KX.experts_rows_kernel[grid](
+    splits = down_splits(routing, H, I, c2, sm_count(x, arch)) if split_k is None else split_k
+    kd_split = cdiv(cdiv(I, splits), c2.block_k) * c2.block_k
+    # y: the weighted expert outputs in row order; split-K: one plane of partial sums per split (ACC)
+    y = torch.empty((splits, rows, H), dtype=x.dtype if splits == 1 else math_dtype(x.dtype), device=dev)
+    KX.experts_rows_kernel[grid + (splits,)](
         **tiling,
         a_ptr=a, wm_ptr=down, b_ptr=b2 if b2 is not None else down, w_ptr=weights, out_ptr=y,
-        **tiles, N=H, KD=I, K=k,
+        **tiles, N=H, KD=I, K=k, KD_SPLIT=kd_split, s_split=rows * H if splits > 1 else 0,
         s_me=down.stride(0), s_mn=down.stride(1), s_mk=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
         HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
@@ -374,9 +414,10 @@ def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec
         c2 = _config("dx", configs, routing.block_m, H, 2 * I, x.dtype, arch)
         dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
         grid, tiling = grouped_launch(routing, H, c2)
-        KX.experts_rows_kernel[grid](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
+        KX.experts_rows_kernel[grid + (1,)](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
             **tiling,
             a_ptr=dh, wm_ptr=gate_up, b_ptr=gate_up, w_ptr=weights, out_ptr=dxs, **tiles, N=H, KD=2 * I, K=k,
+            KD_SPLIT=2 * I, s_split=0,
             s_me=gate_up.stride(0), s_mn=gate_up.stride(2), s_mk=gate_up.stride(1),
             s_wt=weights.stride(0), s_wj=weights.stride(1),
             HAS_BIAS=False, WEIGHTED=False, **common,
@@ -429,16 +470,19 @@ def _gather_rows(src: torch.Tensor, routing: Routing, weights: torch.Tensor, sca
 
 
 def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
-    """``out[t] = Σ_j rows_t[row(t, j)]`` over the kept slots, j in order (deterministic)."""
+    """``out[t] = Σ_j Σ_s rows_t[s, row(t, j)]`` over the kept slots, j then the split planes ``s``
+    in order (deterministic); ``rows_t`` (rows, H) or (splits, rows, H)."""
     from mmkernels._triton import experts as KX
 
     T, H = out.shape
+    planes = rows_t if rows_t.dim() == 3 else rows_t.unsqueeze(0)
     acc = acc_dtype(out.dtype)
     bh = max(16, min(256, next_pow2(H)))
     bt = max(1, min(16, 4096 // bh))
     KX.experts_combine_kernel[(cdiv(T, bt), cdiv(H, bh))](
-        y_ptr=rows_t, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out,
-        T=T, H=H, K=routing.top_k, E=routing.num_experts,
+        y_ptr=planes, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out,
+        T=T, H=H, K=routing.top_k, E=routing.num_experts, SPLITS=planes.shape[0],
+        s_split=planes.stride(0) if planes.shape[0] > 1 else 0,
         s_ot=out.stride(0), s_oh=out.stride(1),
         BLOCK_T=bt, BLOCK_H=bh, ACC=acc,
     )
