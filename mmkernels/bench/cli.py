@@ -16,6 +16,7 @@ from mmkernels.testing import cases as registry_cases
 
 from .ceilings import best_of, measure_ceilings
 from .environment import default_device, environment
+from .host import MOE_FAMILIES, moe_layer_host_time
 from .measure import MeasureOptions, all_targets, evaluate_targets, measure_cases, rescore
 from .report import baselines_table, ceilings_line, fmt_num, plot_results, result_table, write_json
 
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":  # measured again at the end: the fractions use the better of the two
         ceilings = best_of(ceilings, measure_ceilings(device, quick=args.quick))
         rescore(rows, ceilings)
+    host = None
+    if not args.family or any(f in args.family for f in MOE_FAMILIES):
+        host = moe_layer_host_time(repeats=50 if args.quick else 200)
     elapsed = time.perf_counter() - t_start
 
     print(f"\nmmkernels bench: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -117,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     if every:
         print("\nevery baseline (ratio = its time / ours; torch_path = ours on the vectorised-torch CPU path)")
         print(every)
+    if host:
+        print(f"\nMoE layer host time (the Triton path's Python, checks, allocations and launch preparation; "
+              f"launches recorded, not run; {host['shape']}): forward {host['forward_us']:.0f} µs, "
+              f"backward {host['backward_us']:.0f} µs")
     failed = [r for r in rows if not r["check"]["passed"]]
     targets = evaluate_targets(rows, all_targets())
     on_gpu = [t for t in targets if t["status"] != "NO DATA"]
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             "kind": "mmkernels-bench", "environment": env, "ceilings": ceilings,
             "options": dataclasses.asdict(opts), "tag": tag, "filter": args.filter,
             "reference": REFERENCE, "elapsed_s": elapsed, "results": rows,
-            "targets": targets,
+            "targets": targets, "moe_layer_host_time": host,
         })
         print(f"wrote {args.json}")
     if args.plot:

@@ -827,36 +827,33 @@ class ExpertsFunction(torch.autograd.Function):
     ops; eager calls skip the torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, b1, b2, sorted_slots, slot_rows, offsets, tile_experts,
-                tile_row_starts, top_k: int, block_m: int, act: int, interleaved: bool, alpha: float, limit: float,
-                save: bool):
-        tensors = (x, weights, gate_up, down, b1, b2, sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts)
-        scalars = (top_k, block_m, act, interleaved, alpha, limit)
+    def forward(ctx, x, weights, gate_up, down, b1, b2, d: Dispatch, spec: ExpertSpec, save: bool):
         backend = _backend_of(x)
-        if _backend.direct_call_ok(*(t for t in tensors if t is not None)):
-            d = Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k, block_m)
-            out, h, a = _forward(backend, x, weights, gate_up, down, b1, b2, d, _spec_of(*scalars[2:]), save)
+        if _backend.direct_call_ok(x, weights, gate_up, down, d.sorted_slots):
+            out, h, a = _forward(backend, x, weights, gate_up, down, b1, b2, d, spec, save)
         else:
-            out, h, a = experts_fwd_op(*tensors, *scalars, save, backend)
-        ctx.save_for_backward(*tensors, h, a)
-        ctx.scalars, ctx.backend = scalars, backend
+            out, h, a = experts_fwd_op(x, weights, gate_up, down, b1, b2, d.sorted_slots, d.slot_rows, d.offsets,
+                                       d.tile_experts, d.tile_row_starts, d.top_k, d.block_m, *_spec_args(spec), save,
+                                       backend)
+        ctx.save_for_backward(x, weights, gate_up, down, b1, b2, h, a)
+        ctx.dispatch, ctx.spec, ctx.backend = d, spec, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weights, gate_up, down, b1, b2, *dispatch, h, a = ctx.saved_tensors
+        x, weights, gate_up, down, b1, b2, h, a = ctx.saved_tensors
         nx, nw, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
         need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nw)
+        d = ctx.dispatch
         if _backend.direct_call_ok(dout, x, h, a):
-            top_k, block_m = ctx.scalars[:2]
-            grads = _backward(ctx.backend, dout, x, weights, gate_up, down, b1, b2, Dispatch(*dispatch, top_k, block_m),
-                              h, a, _spec_of(*ctx.scalars[2:]), need)
+            grads = _backward(ctx.backend, dout, x, weights, gate_up, down, b1, b2, d, h, a, ctx.spec, need)
         else:
-            got = experts_bwd_op(dout, x, weights, gate_up, down, b1, b2, *dispatch, h, a, *ctx.scalars, list(need),
-                                 ctx.backend)
+            got = experts_bwd_op(dout, x, weights, gate_up, down, b1, b2, d.sorted_slots, d.slot_rows, d.offsets,
+                                 d.tile_experts, d.tile_row_starts, h, a, d.top_k, d.block_m, *_spec_args(ctx.spec),
+                                 list(need), ctx.backend)
             grads = [g if n else None for g, n in zip(got, need)]
         dx, dgu, dd, db1, db2, dw = grads
-        return (dx, dw, dgu, dd, db1, db2) + (None,) * 12
+        return dx, dw, dgu, dd, db1, db2, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -931,9 +928,7 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
         raise ValueError(f"the Triton path needs a routing with block_m >= {MIN_BLOCK}, got {routing.block_m}")
     tensors = (hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return ExpertsFunction.apply(*tensors, routing.sorted_slots, routing.slot_rows, routing.offsets,
-                                 routing.tile_experts, routing.tile_row_starts, routing.top_k, routing.block_m,
-                                 *_spec_args(spec), save)
+    return ExpertsFunction.apply(*tensors, Dispatch.of(routing), spec, save)
 
 
 def dense_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, gate_up_proj: torch.Tensor,
