@@ -1,13 +1,13 @@
 """mmkernels: fused Triton kernels for the multiplicative modules of neural networks.
 
 Public API (functional): :func:`softmax`, :func:`log_softmax`, :func:`softmin`,
-:func:`softmax_backward`, :func:`bilinear`, :func:`cross_entropy`,
+:func:`softmax_backward`, :func:`bilinear`, :func:`quadratic`, :func:`cross_entropy`,
 :func:`attention_module` (:func:`soft_switch`), :func:`hard_switch`, :func:`gated_fusion`,
 :func:`product_unit`, :func:`sigma_pi_unit`, :func:`pi_sigma`; modules in :mod:`mmkernels.nn`; backend choice with :func:`set_backend`.
 """
 from mmkernels._backend import BackendError, get_backend, set_backend, use_backend
 from mmkernels.ops.attention import attention_module, hard_switch, soft_switch
-from mmkernels.ops.bilinear import bilinear
+from mmkernels.ops.bilinear import bilinear, quadratic
 from mmkernels.ops.cross_entropy import cross_entropy
 from mmkernels.ops.gating import gated_fusion
 from mmkernels.ops.product import pi_sigma, product_unit, sigma_pi_unit
@@ -22,6 +22,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "bilinear",
+    "quadratic",
     "attention_module",
     "soft_switch",
     "hard_switch",

@@ -72,17 +72,18 @@ def _cpu_impl(request):
 _COMPILED = {}
 
 
-def compile_family(family: str, targets=(80, 90)):
+def compile_family(family: str, targets=(80, 90), yardstick: bool = False):
     """The compile tier's results for one op family (every kernel at every launch config, for
-    ``targets``), compiled once per test session."""
+    ``targets``; ``yardstick``: with the yardstick GEMM's), compiled once per test session."""
     import time
 
     from mmkernels.testing import compile_tier
 
-    key = (family, tuple(targets))
+    key = (family, tuple(targets), yardstick)
     if key not in _COMPILED:
         t0 = time.perf_counter()
-        _COMPILED[key] = compile_tier.compile_all(families=[family], targets=targets, jobs=2, progress=False)
+        _COMPILED[key] = compile_tier.compile_all(families=[family], targets=targets, jobs=2, progress=False,
+                                                  yardstick=yardstick)
         print(f"\ncompile tier: {len(_COMPILED[key])} {family} compiles in {time.perf_counter() - t0:.1f}s")
     return _COMPILED[key]
 

@@ -115,6 +115,24 @@ def test_tracers_see_the_op():
 
     gm = make_fx(lambda z, x, w: mmkernels.bilinear(z, x, w))(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4, 5))
     assert "mmkernels.bilinear_fwd" in gm.code
+    gm = make_fx(lambda x, w: mmkernels.quadratic(x, w))(torch.randn(3, 4), torch.randn(2, 10))
+    assert "mmkernels.quadratic_fwd" in gm.code
+
+
+def test_quadratic_compiles_without_graph_breaks():
+    """nn.Quadratic under torch.compile(fullgraph=True): forward and input / weight gradients equal
+    eager (the packed weight's custom ops and their fakes)."""
+    torch.manual_seed(0)
+    layer = mmkernels.nn.Quadratic(6, 3)
+    x = torch.randn(5, 6, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    gx, gw = x.grad.clone(), layer.weight.grad.clone()
+    x.grad = layer.weight.grad = None
+    y0 = layer(x)
+    y0.sum().backward()
+    assert torch.equal(y, y0) and torch.equal(gx, x.grad) and torch.equal(gw, layer.weight.grad)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -150,6 +150,34 @@ def test_parse_resource_usage():
     assert C.parse_mma("  FFMA R1, R2, R3, R4 ;") == []
 
 
+
+_SASS_LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+.L_x_1:
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R8], desc[UR4][R10.64] ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspB, R24, gsb0 ;
+        /*0050*/              @!P0 BRA `(.L_x_1) ;
+        /*0060*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0070*/               @P1 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_parse_main_loop():
+    """The innermost loop holding an MMA: its instructions, MMA count and FLOPs (from the shapes),
+    and its global loads by opcode; none without a loop around an MMA."""
+    assert C.parse_main_loop(_SASS_LOOPS) == {
+        "instructions": 4, "mma": 2, "mma_flops": 2 * (2 * 64 * 128 * 16),
+        "loads": {"LDGSTS.E.BYPASS.128": 1}}
+    assert C.main_loop_merit(C.parse_main_loop(_SASS_LOOPS)) == 2 * (2 * 64 * 128 * 16) / 4
+    outer_only = _SASS_LOOPS.replace("HGMMA.64x128x16.F32.BF16", "FFMA")
+    assert C.parse_main_loop(outer_only)["mma_flops"] == 2 * 16 * 8 * 16  # the HMMA's loop
+    assert C.parse_main_loop("  /*0000*/  HMMA.16816.F32 R4, R8, R12, R4 ;") is None
+    assert C.main_loop_merit(None) is None
+
 _PROBE_GEMM = '''
 import triton
 import triton.language as tl

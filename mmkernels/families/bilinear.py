@@ -5,7 +5,8 @@ Cases: op ``bilinear``; the shape is the batch shape; params ``b``, ``c``, ``d``
 z (*, b), x (*, c), w (d, b, c), bias (d,) when ``bias``, and an incoming gradient dy (*, d).
 Bench: forward and forward + backward against ``F.bilinear`` (also an einsum and a plain GEMM of
 the same FLOPs); useful FLOPs ``2·N·b·c·d`` forward, 3x that forward + backward. Compile tier:
-each kernel at every config of :func:`mmkernels.ops.bilinear.launch_configs` and dtype class.
+each kernel at every config of :func:`mmkernels.ops.bilinear.launch_configs` and dtype class, split
+and not, the quadratic layer's packed weight.
 """
 from __future__ import annotations
 
@@ -241,89 +242,100 @@ def _meta(shape, dtype: torch.dtype, aligned: bool) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _tf32(on: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
+    """torch's fp32 matmul precision ("high": TF32 allowed) for the block."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if on else "highest")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
 
 
-def config_label(cfg) -> str:
-    return " ".join(f"{f.name.upper()}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                    if f.name not in ("num_warps", "num_stages"))
-
-
-def _launch(kernel: str, cfg, dtype: torch.dtype, aligned: bool = True, int64: bool = False,
-            strided_w: bool = False, need=(True, True), multi_i: bool = False) -> None:
+def _launch(kernel: str, cfg, dtype: torch.dtype, target: int, aligned: bool = True, int64: bool = False,
+            strided_w: bool = False, need=(True, True), split: bool = False, triangular: bool = False) -> None:
     """One launch of ``kernel`` at ``cfg`` through the op's launchers, on meta tensors whose sizes
-    and strides are multiples of 16 (``aligned``) or odd, with ``c`` past the dz/dx kernel's
-    i-block when ``multi_i`` (dz partial sums carried) and within it otherwise."""
+    and strides are multiples of 16 and c, d of every tile (``aligned``) or odd; ``split``: the reduction split in two
+    (partial planes summed by ``bilinear_sum_planes_kernel``), else not split; ``triangular``: the
+    quadratic layer's packed weight (b = c)."""
     b = 32 if aligned else 17
-    if kernel == "bilinear_bwd_dzdx_kernel":
-        c = cfg.block_i * 2 if multi_i else cfg.block_i
-        c = c if aligned else c + 1 if multi_i else max(1, c - 1)
-    else:
-        c = 32 if aligned else 19
-    d = 32 if aligned else 13
-    n = (1 << 31) // b + 16 if int64 else 64 if aligned else 37  # int64: z passes 2**31 elements
+    c = 256 if aligned else 19  # aligned: multiples of every tile (unmasked column loads, EVEN)
+    d = 256 if aligned else 13
+    if triangular:
+        b = c
+    n = (1 << 31) // b + 16 if int64 else 256 if aligned else 37  # int64: z passes 2**31 elements
     z, x = _meta((n, b), dtype, aligned), _meta((n, c), dtype, aligned)
-    if strided_w:  # no unit stride and not flat over (h, i)
+    if triangular:
+        w = _meta((d, c * (c + 1) // 2), dtype, aligned)
+    elif strided_w:  # no unit stride and not contiguous over (h, i)
         w = torch.empty((d, 2 * b, 2 * c), dtype=dtype, device="meta")[:, ::2, ::2]
     else:
         w = _meta((d, b, c), dtype, aligned)
+    arch = target // 10
     if kernel == "bilinear_fwd_kernel":
-        B.bilinear_forward_triton(z, x, w, _meta((d,), dtype, aligned), config=cfg)
+        B.bilinear_forward_triton(z, x, w, _meta((d,), dtype, aligned), config=cfg, h_splits=2 if split else 1,
+                                  triangular=triangular, arch=arch)
         return
     dy = _meta((n, d), dtype, aligned)
-    base = B.resolve_configs(n, b, c, d, B.dtype_class(dtype))
+    base = B.resolve_configs(n, b, c, d, B.dtype_class(dtype), arch, aligned and not triangular and not strided_w)
     if kernel == "bilinear_bwd_dzdx_kernel":
         B.bilinear_backward_triton(z, x, w, dy, need_dz=need[0], need_dx=need[1], need_dw=False,
-                                   configs=dataclasses.replace(base, dzdx=cfg))
+                                   configs=dataclasses.replace(base, dzdx=cfg), h_splits=2 if split else 1,
+                                   triangular=triangular, arch=arch)
     else:
         B.bilinear_backward_triton(z, x, w, dy, need_dz=False, need_dx=False, need_dw=True,
-                                   configs=dataclasses.replace(base, dw=cfg))
+                                   configs=dataclasses.replace(base, dw=cfg), n_splits=2 if split else 1,
+                                   triangular=triangular, arch=arch)
 
 
 def launches(rec, target: int) -> None:
-    """Every ``(kernel, config, dtype class)`` of :func:`mmkernels.ops.bilinear.launch_configs`:
-    16-bit configs in bf16 (fp16 too at the largest config), ``tf32`` configs in fp32 with TF32
-    dots, ``ieee`` in fp32 with IEEE dots and ``fp64`` in float64 (FMA units: no tensor-core
-    requirement); each also unaligned. The largest config of each kernel and dtype class also with
-    int64 offsets, a strided weight (forward) and dz only / dx only (dz/dx kernel); the dz/dx
-    configs at the widest i-block also with carried dz partial sums (``MULTI_I``)."""
-    triples = list(B.launch_configs())
+    """Every ``(kernel, config, dtype class)`` of :func:`mmkernels.ops.bilinear.launch_configs`
+    for the target's arch, on the operands it is resolved for: 16-bit configs in bf16 (fp16 too
+    at the largest), ``tf32`` configs in fp32 with TF32 dots, ``ieee`` in fp32 with IEEE dots and
+    ``fp64`` in float64 (FMA units: no tensor-core requirement). Configs for aligned operands run
+    on aligned ones (at the largest also with int64 offsets, the reduction split into partial
+    planes summed by ``bilinear_sum_planes_kernel``, and dz only / dx only); configs for the
+    others on odd sizes and pointers (at the largest also split with int64 offsets, the quadratic
+    layer's packed weight, split or not, and a weight strided along every dim)."""
+    alignments: Dict[Any, set] = {}
+    for kernel, cfg, dclass, arch, aligned in B.launch_configs():
+        if arch == target // 10:
+            alignments.setdefault((kernel, cfg, dclass), set()).add(aligned)
 
     def size(cfg):
         return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
 
     largest: Dict[Any, Any] = {}
-    for kernel, cfg, dclass in triples:
-        if (kernel, dclass) not in largest or size(cfg) > size(largest[(kernel, dclass)]):
-            largest[(kernel, dclass)] = cfg
-    for kernel, cfg, dclass in triples:
-        storages = {"16bit": ("bf16", "fp16"), "fp64": ("fp64",)}.get(dclass, ("fp32",))
-        is_largest = cfg == largest[(kernel, dclass)]
-        if dclass == "16bit" and not is_largest:
-            storages = ("bf16",)  # fp16 builds the same code: at the largest config only
-        first = storages[0]
-        variants = [(s, {}) for s in storages] + [(f"{first} unaligned", dict(aligned=False))]
-        if is_largest:
-            variants.append((f"{first} int64", dict(int64=True)))
-            if kernel == "bilinear_fwd_kernel":
-                variants.append((f"{first} strided w", dict(strided_w=True)))
-            if kernel == "bilinear_bwd_dzdx_kernel":
-                variants += [(f"{first} dz only", dict(need=(True, False))),
-                             (f"{first} dx only", dict(need=(False, True)))]
-        if kernel == "bilinear_bwd_dzdx_kernel" and cfg.block_i == B.MAX_BLOCK_I:
-            variants += [(f"{s} multi-i", dict(multi_i=True)) for s in storages]
-            variants += [(f"{first} multi-i int64", dict(multi_i=True, int64=True)),
-                         (f"{first} multi-i unaligned", dict(multi_i=True, aligned=False))]
+    for (kernel, cfg, dclass), flags in alignments.items():
+        for aligned in flags:
+            key = (kernel, dclass, aligned)
+            if key not in largest or size(cfg) > size(largest[key]):
+                largest[key] = cfg
+    for (kernel, cfg, dclass), flags in alignments.items():
+        first = {"16bit": "bf16", "fp64": "fp64"}.get(dclass, "fp32")
+        variants = []
+        if True in flags:
+            variants.append((first, {}))
+            if cfg == largest[(kernel, dclass, True)]:
+                if dclass == "16bit":
+                    variants.append(("fp16", {}))  # fp16 builds the same code: at the largest config only
+                variants += [(f"{first} int64", dict(int64=True)), (f"{first} split", dict(split=True)),
+                             (f"{first} split int64", dict(split=True, int64=True))]
+                if kernel == "bilinear_bwd_dzdx_kernel":
+                    variants += [(f"{first} dz only", dict(need=(True, False))),
+                                 (f"{first} dx only", dict(need=(False, True)))]
+        if False in flags:
+            variants.append((f"{first} unaligned", dict(aligned=False)))
+            if cfg == largest[(kernel, dclass, False)]:
+                variants += [(f"{first} unaligned split int64", dict(aligned=False, split=True, int64=True)),
+                             (f"{first} triangular", dict(triangular=True)),
+                             (f"{first} triangular split", dict(triangular=True, split=True))]
+                if kernel != "bilinear_bwd_dw_kernel":
+                    variants.append((f"{first} strided w", dict(strided_w=True)))
         expect = {"mma": None} if dclass in ("ieee", "fp64") else None
         for label, kw in variants:
             with _tf32(dclass == "tf32"), rec.variant(label if dclass == "16bit" else f"{label} {dclass}",
-                                                     config=config_label(cfg), expect=expect):
-                _launch(kernel, cfg, _STORAGE[label.split()[0]], **kw)
+                                                     expect=expect):
+                _launch(kernel, cfg, _STORAGE[label.split()[0]], target, **kw)
 
 
 FAMILY = Family(name="bilinear", summary="sigma-pi / bilinear contractions (F.bilinear, Quadratic, HyperLinear)",

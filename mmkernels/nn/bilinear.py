@@ -27,9 +27,9 @@ class Quadratic(torch.nn.Module):
     r"""The quadratic layer (docs/modules.md): ``y[..., j] = Σ_{i ≤ k} W[j, (i, k)] · x[..., i] · x[..., k] + b[j]``.
 
     The ``c(c+1)/2`` products ``x_i·x_k`` (``i ≤ k``) are the features; ``weight`` is
-    ``(out_features, c(c+1)/2)`` in ``torch.triu_indices(c, c)`` order. Computed by the bilinear
-    kernels with ``z = x`` and the weight scattered onto the upper triangle of a ``(d, c, c)``
-    tensor (weight-sized, once per call); the ``N × c²`` products are never formed.
+    ``(out_features, c(c+1)/2)`` in ``torch.triu_indices(c, c)`` order. Computed by
+    :func:`mmkernels.quadratic`: the bilinear kernels with ``z = x`` reading the packed weight as
+    it is (never scattered into ``(d, c, c)``); the ``N × c²`` products are never formed.
     Input ``(*, in_features)``, output ``(*, out_features)``.
     """
 
@@ -48,14 +48,15 @@ class Quadratic(torch.nn.Module):
             _uniform_(self.bias, self.weight.shape[1])
 
     def full_weight(self) -> torch.Tensor:
-        """The ``(out_features, c, c)`` bilinear weight: ``weight`` on the upper triangle, 0 below."""
+        """The ``(out_features, c, c)`` bilinear weight: ``weight`` on the upper triangle, 0 below
+        (for inspection and references; ``forward`` never forms it)."""
         c = self.in_features
         full = self.weight.new_zeros(self.out_features, c, c)
         rows = torch.arange(self.out_features, device=full.device)[:, None]
         return full.index_put((rows, self._triu[0][None, :], self._triu[1][None, :]), self.weight)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _ops.bilinear(input, input, self.full_weight(), self.bias)
+        return _ops.quadratic(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -2,7 +2,13 @@
 math dtype (:func:`math_dtype` in torch, :func:`acc_dtype` as the kernels' ``ACC`` constexpr)."""
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
+
+#: SMs of the targets the compile tier records launches for (its meta tensors have no device).
+SMS_BY_ARCH = {8: 108, 9: 132}
 
 
 def next_pow2(n: int) -> int:
@@ -26,3 +32,21 @@ def acc_dtype(*dtypes: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if math_dtype(*dtypes) == torch.float64 else tl.float32
+
+
+def gpu_arch(t: torch.Tensor) -> Optional[int]:
+    """Compute capability major of ``t``'s GPU (8: sm_80, 9: sm_90); None off CUDA."""
+    return torch.cuda.get_device_capability(t.device)[0] if t.device.type == "cuda" else None
+
+
+def sm_count(t: torch.Tensor, arch: Optional[int] = None) -> int:
+    """Streaming multiprocessors of ``t``'s GPU; for tensors off CUDA (the compile tier's meta
+    tensors), those of compute capability major ``arch`` (default: an H100's)."""
+    if t.device.type == "cuda":
+        return _cuda_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return SMS_BY_ARCH.get(arch, 132)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -10,10 +10,16 @@ On CPU the C++ kernels of ``csrc/bilinear.cpp`` run when built (blocked: never t
 product, a few hundred KB of products per thread; see that file's header); else the vectorised-
 torch path below, which never holds more than :data:`CPU_CHUNK_ELEMS` elements of the ``N × b·c``
 outer product (or of ``G = dy·W``) at once. Neither's peak memory grows with ``N·b·c``.
+
+The quadratic layer's op (:func:`quadratic`: ``z = x``, the weight packed as its upper triangle
+``(d, c(c+1)/2)``) runs the same Triton kernels with ``triangular=True``, which read the packed
+weight as it is; its CPU path multiplies row chunks of the packed products by it. Neither forms
+the ``(d, c, c)`` weight.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -21,7 +27,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS, check_same, check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset
-from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2
+from mmkernels.ops._util import acc_dtype, cdiv, gpu_arch, math_dtype, next_pow2, sm_count
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver (heuristic; configs are data)
@@ -34,21 +40,22 @@ DTYPE_CLASSES = ("16bit", "tf32", "ieee", "fp64")
 
 @dataclasses.dataclass(frozen=True)
 class FwdConfig:
-    """``bilinear_fwd_kernel``: output tile [block_n, block_d], flat-K step block_k."""
+    """``bilinear_fwd_kernel``: output tile [block_n, block_d]; the x tile's width block_i (the
+    dot's reduction per h step)."""
 
     block_n: int
     block_d: int
-    block_k: int
+    block_i: int
     num_warps: int
     num_stages: int
 
 
 @dataclasses.dataclass(frozen=True)
 class DzdxConfig:
-    """``bilinear_bwd_dzdx_kernel``: n-block, G tile [block_n, block_h·block_i], d step block_j."""
+    """``bilinear_bwd_dzdx_kernel``: the G tile [block_n, block_i]; the dy tile's width block_j
+    (the dot's whole reduction per h: wider d is split into j-chunks)."""
 
     block_n: int
-    block_h: int
     block_i: int
     block_j: int
     num_warps: int
@@ -57,10 +64,10 @@ class DzdxConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DwConfig:
-    """``bilinear_bwd_dw_kernel``: dWᵀ tile [block_k, block_d], n step block_n."""
+    """``bilinear_bwd_dw_kernel``: the dW tile [block_d, block_i] of one h; the n step block_n."""
 
-    block_k: int
     block_d: int
+    block_i: int
     block_n: int
     num_warps: int
     num_stages: int
@@ -73,90 +80,114 @@ class BilinearConfigs:
     dw: DwConfig
 
 
-#: Widest i-block of the dz/dx kernel's G tile (its width): c above it takes several i-blocks.
-MAX_BLOCK_I = 64
+#: The single config under Triton's interpreter (tiny tiles keep it fast; dot dims >= 16).
+INTERPRETER_CONFIGS = BilinearConfigs(fwd=FwdConfig(16, 16, 16, 1, 1), dzdx=DzdxConfig(16, 16, 16, 1, 1),
+                                      dw=DwConfig(16, 16, 16, 1, 1))
 
-#: The single config under Triton's interpreter (no autotuning there; tiny tiles keep it fast).
-INTERPRETER_CONFIGS = BilinearConfigs(
-    fwd=FwdConfig(16, 16, 16, 1, 1),
-    dzdx=DzdxConfig(16, 0, 16, 16, 1, 1),  # block_h / block_i resolved from b, c (see below)
-    dw=DwConfig(16, 16, 16, 1, 1),
-)
+#: Compute capability majors the resolver has tiles for (sm_80: A100's 164 KB of shared memory;
+#: sm_90: H100's 228 KB); others get sm_80's.
+ARCHS = (8, 9)
 
 
 def dtype_class(dtype: torch.dtype, allow_tf32: Optional[bool] = None) -> str:
+    """The resolver's class of ``dtype``; fp32 follows torch's matmul precision setting
+    (``torch.set_float32_matmul_precision``: "high" / "medium" allow TF32, "highest" does not)."""
     if dtype in (torch.float16, torch.bfloat16):
         return "16bit"
     if dtype == torch.float64:
         return "fp64"
     if allow_tf32 is None:
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        allow_tf32 = torch.get_float32_matmul_precision() != "highest"
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _hi_split(c: int, tile_k: int) -> Tuple[int, int]:
-    """(block_h, block_i) of the dz/dx kernel's G tile of ``tile_k`` columns (>= 16, tl.dot's
-    minimum): the i-block covers c when it can (then dz needs no carried partial sums), the
-    h-block takes the rest. The tile width is fixed (not shrunk for small b) to keep the number of
-    compiled variants small: a tiny b·c wastes masked columns, not time that matters."""
-    bi = min(next_pow2(c), tile_k)
-    return tile_k // bi, bi
+def _width(n: int, cap: int, least: int = 16) -> int:
+    """A tile dim for a size ``n``: its power-of-two ceiling, between ``least`` (``tl.dot``'s 16;
+    64 where the dim is the wgmma's M) and ``cap``."""
+    return max(least, min(cap, next_pow2(n)))
 
 
-def resolve_configs(N: int, b: int, c: int, d: int, dclass: str,
+def _warps(rows: int, cols: int) -> int:
+    """Tensor-core tiles: 8 warps (two warpgroups) from 64 x 32 or 128 rows up (fewer registers
+    a thread: the compile tier showed 4 spilling there), else 4."""
+    return 8 if (rows >= 64 and cols >= 32) or rows >= 128 else 4
+
+
+def resolve_configs(N: int, b: int, c: int, d: int, dclass: str, arch: Optional[int] = 9, aligned: bool = True,
                     interpret: bool = False) -> BilinearConfigs:
-    """Heuristic tiles for the three kernels (no autotuning yet)."""
+    """Tiles for the three kernels on compute capability ``arch`` (8 or 9; None: 9).
+
+    ``aligned``: every operand starts on 16 bytes, its rows are 16-byte multiples apart with unit
+    stride along them, c and d are multiples of 16 and the weight is not the packed triangle
+    (:func:`operands_aligned`): tiles load with 16-byte vector copies into shared memory, and the
+    16-bit and TF32 kernels take GEMM tiles whose main loop is one 128 x 256 x 64 volume of MMA a
+    step (TF32 half the reduction), the compile tier's yardstick GEMM's (bench/NOTES.md has the
+    main-loop figures); sm_80 halves the tiles whose pipeline would not fit its shared memory.
+    Otherwise every element is its own load (and address): 64-row tiles at 8 warps keep them in
+    registers. The dims that are a wgmma's M (the forward's and dz/dx's rows, dW's d) stay >= 64.
+    IEEE fp32 and fp64 run on FMA units: 64-wide tiles, fp64 32 (larger ones spill)."""
     if interpret:
-        bh, bi = _hi_split(c, 16)
-        return dataclasses.replace(INTERPRETER_CONFIGS,
-                                   dzdx=dataclasses.replace(INTERPRETER_CONFIGS.dzdx, block_h=bh, block_i=bi))
+        return INTERPRETER_CONFIGS
     if dclass not in DTYPE_CLASSES:
         raise ValueError(f"dtype class must be one of {DTYPE_CLASSES}, got {dclass!r}")
-    big_n, big_d = N > 64, d > 64
-    if dclass == "fp64":  # fp64 FMA: half the tiles of the fp32 IEEE ones (twice the registers)
-        fwd = FwdConfig(32, 64, 16, 4, 1)
-        bh, bi = _hi_split(c, MAX_BLOCK_I)
-        dzdx = DzdxConfig(16, bh, bi, 16, 4, 2)
-        dw = DwConfig(32, 64, 16, 4, 1)
-        return BilinearConfigs(fwd, dzdx, dw)
-    if dclass == "ieee":  # FMA units: 64x64 output tiles, 4 warps
-        fwd = FwdConfig(64, 64, 32, 4, 2)
-        bh, bi = _hi_split(c, MAX_BLOCK_I)
-        dzdx = DzdxConfig(32, bh, bi, 16, 4, 1)  # FMA dot operands live in registers
-        dw = DwConfig(64, 64, 32, 4, 2)
-        return BilinearConfigs(fwd, dzdx, dw)
-    # BLOCK_K 32 for 16-bit: at 64 the unaligned / strided-weight builds spill (compile tier);
-    # a 128-row tile only with a 128-wide one (128x64 at 4 warps spills unaligned)
-    bk = 32 if dclass == "16bit" else 16  # tf32 at 64x128x32 spills unaligned
-    bd = 128 if big_d else 64
-    bn = 128 if big_n and bd == 128 else 64
-    fwd = FwdConfig(bn, bd, bk, 8 if bn * bd >= 128 * 128 else 4, 3)
-    bh, bi = _hi_split(c, MAX_BLOCK_I)
-    # 8 warps: at 4 the G tile, its reductions and the pipelined loads spill (compile tier)
-    dzdx = DzdxConfig(64, bh, bi, 64, 8, 2) if dclass == "16bit" else DzdxConfig(64, bh, bi, 16, 8, 3)
-    dw = DwConfig(128, bd, 64 if dclass == "16bit" else 32, 8 if bd >= 128 else 4, 3)
-    return BilinearConfigs(fwd, dzdx, dw)
+    if dclass in ("ieee", "fp64"):  # FMA dots hold whole operand rows a thread: small tiles
+        t = 64 if dclass == "ieee" else 32
+        return BilinearConfigs(FwdConfig(32, _width(d, t), _width(c, 16), 4, 1),
+                               DzdxConfig(32, _width(c, t), _width(d, 16), 4, 2 if dclass == "ieee" else 1),
+                               DwConfig(_width(d, t), _width(c, t), 16, 4, 2))
+    wide = (arch or 9) >= 9
+    bn = 128 if N > 64 else 64
+    if not aligned:  # 16-bit and TF32 alike (TF32: half the reductions)
+        k = 32 if dclass == "16bit" else 16
+        fwd = FwdConfig(64, _width(d, 64), _width(c, k), 0, 2)
+        dzdx = DzdxConfig(64, _width(c, 64), 16, 0, 2)
+        dw = DwConfig(_width(d, 128, 64), _width(c, 64), k, 0, 2)
+    elif dclass == "16bit":
+        fwd = FwdConfig(bn, _width(d, 256 if bn == 128 and wide else 128), _width(c, 64), 0, 3)
+        dzdx = DzdxConfig(bn, _width(c, 64), _width(d, 256 if wide else 128), 0, 2)
+        dw = DwConfig(_width(d, 256 if wide else 128, 64), _width(c, 128), 64, 0, 3)
+    else:  # tf32: fp32 tiles take twice the registers and shared memory
+        fwd = FwdConfig(bn, _width(d, 128), _width(c, 32), 0, 3)
+        dzdx = DzdxConfig(bn, _width(c, 64), _width(d, 64, 32), 0, 2)
+        dw = DwConfig(_width(d, 128, 64), _width(c, 128), 32, 0, 3)
+    return BilinearConfigs(dataclasses.replace(fwd, num_warps=_warps(fwd.block_n, fwd.block_d)),
+                           dataclasses.replace(dzdx, num_warps=_warps(dzdx.block_n, dzdx.block_i)),
+                           dataclasses.replace(dw, num_warps=_warps(dw.block_d, dw.block_i)))
 
 
-def launch_configs() -> Iterator[Tuple[str, object, str]]:
-    """Every ``(kernel name, config, dtype class)`` that :func:`resolve_configs` can return on a
-    GPU, for the compile tier. The resolver only looks at ``N > 64``, ``d > 64`` and the power of
-    two of ``c`` up to 64, so scanning those finds them all."""
-    sizes = (1, 2, 4, 8, 16, 32, 64, 65)
+def launch_configs() -> Iterator[Tuple[str, object, str, int, bool]]:
+    """Every ``(kernel name, config, dtype class, arch, aligned)`` that :func:`resolve_configs`
+    can return on a GPU, for the compile tier. The resolver looks at ``N > 64``, the powers of
+    two of ``c`` and ``d`` up to 256, the arch and the alignment, so scanning those finds them all."""
+    sizes = (1, 16, 32, 64, 128, 256, 257)
     seen = set()
-    for dclass in DTYPE_CLASSES:
-        for N in (1, 65):
-            for d in (1, 65):
-                for b in sizes:
+    for arch in ARCHS:
+        for dclass in DTYPE_CLASSES:
+            for aligned in (True, False):
+                for N in (1, 65):
                     for c in sizes:
-                        cfgs = resolve_configs(N, b, c, d, dclass)
-                        for name, cfg in (("bilinear_fwd_kernel", cfgs.fwd),
-                                          ("bilinear_bwd_dzdx_kernel", cfgs.dzdx),
-                                          ("bilinear_bwd_dw_kernel", cfgs.dw)):
-                            key = (name, cfg, dclass)
-                            if key not in seen:
-                                seen.add(key)
-                                yield key
+                        for d in sizes:
+                            cfgs = resolve_configs(N, 1, c, d, dclass, arch, aligned)
+                            for name, cfg in (("bilinear_fwd_kernel", cfgs.fwd),
+                                              ("bilinear_bwd_dzdx_kernel", cfgs.dzdx),
+                                              ("bilinear_bwd_dw_kernel", cfgs.dw)):
+                                key = (name, cfg, dclass, arch, aligned)
+                                if key not in seen:
+                                    seen.add(key)
+                                    yield key
+
+
+def splits(programs: int, reduction: int, step: int, sms: int, cap: int = 64) -> Tuple[int, int]:
+    """``(splits, per_split)`` of a reduction of ``reduction`` steps (h, or rows in multiples of
+    ``step``) for ``programs`` output tiles on ``sms`` SMs: 1 when the tiles fill a wave; else as
+    many splits as fit in one wave (up to ``cap``, each at least ``step`` long) — one more wave,
+    part-filled, would cost as much as the first. ``per_split`` is a multiple of ``step``; splits
+    is the number that cover the reduction."""
+    if programs >= sms or reduction <= step:
+        return 1, max(reduction, 1)
+    want = max(1, min(cap, sms // programs, cdiv(reduction, step)))
+    per = cdiv(cdiv(reduction, want), step) * step
+    return cdiv(reduction, per), per
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,8 +196,8 @@ def launch_configs() -> Iterator[Tuple[str, object, str]]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input_precision: TF32 for fp32 only where torch allows it for matmuls."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """``tl.dot``'s input_precision: TF32 for fp32 where torch's matmul precision allows it."""
+    return "tf32" if dtype_class(dtype) == "tf32" else "ieee"
 
 
 def _interpret(t: torch.Tensor) -> bool:
@@ -180,6 +211,37 @@ def _dot_f32(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and _interpret(t)
 
 
+def _sms(t: torch.Tensor, arch: Optional[int]) -> int:
+    """SMs a launch should fill: the GPU's; 4 under the interpreter (so that small tests split too);
+    the target's for the compile tier's meta tensors."""
+    return 4 if _interpret(t) else sm_count(t, arch)
+
+
+def operands_aligned(*tensors: Optional[torch.Tensor], triangular: bool = False) -> bool:
+    """The resolver's ``aligned``: each tensor starts on 16 bytes, has unit stride along its last
+    dim and 16-byte multiples for its other strides, and its last dim is a multiple of 16 (so
+    are c and d: the kernels' column masks then cover whole vectors); not the packed triangle,
+    whose rows start anywhere."""
+    if triangular:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        es = t.element_size()
+        if t.data_ptr() % 16 or t.shape[-1] % 16 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+            return False
+        if any(s * es % 16 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            return False
+    return True
+
+
+def _configs(z: torch.Tensor, N: int, b: int, c: int, d: int, arch: Optional[int], aligned: bool) -> BilinearConfigs:
+    """The resolver's tiles for these sizes, ``z``'s dtype class, the GPU's arch (``arch`` for the
+    compile tier's meta tensors) and the operands' alignment; the interpreter's tiles on CPU."""
+    return resolve_configs(N, b, c, d, dtype_class(z.dtype), arch if arch is not None else gpu_arch(z), aligned,
+                           _interpret(z))
+
+
 def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
     """Some element offset of a tensor can pass 2**31 (the offsets of unmasked lanes never exceed
     a tensor's largest one; masked lanes' addresses are never dereferenced)."""
@@ -187,14 +249,18 @@ def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def _check(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dy: Optional[torch.Tensor] = None,
-           bias: Optional[torch.Tensor] = None) -> Tuple[int, int, int, int]:
+           bias: Optional[torch.Tensor] = None, triangular: bool = False) -> Tuple[int, int, int, int]:
     if z.dim() != 2:
         raise ValueError(f"z must be (N, b), got shape {tuple(z.shape)}")
     if x.dim() != 2 or x.shape[0] != z.shape[0]:
         raise ValueError(f"x must be (N, c) with N = {z.shape[0]}, got shape {tuple(x.shape)}")
     N, b = z.shape
     c = x.shape[1]
-    if weight.dim() != 3 or weight.shape[1] != b or weight.shape[2] != c:
+    if triangular:
+        if b != c or weight.dim() != 2 or weight.shape[1] != c * (c + 1) // 2:
+            raise ValueError(f"a packed triangular weight must be (d, c(c+1)/2) = (d, {c * (c + 1) // 2}) with "
+                             f"b = c, got z (N, {b}), weight {tuple(weight.shape)}")
+    elif weight.dim() != 3 or weight.shape[1] != b or weight.shape[2] != c:
         raise ValueError(f"weight must be (d, b, c) = (d, {b}, {c}), got shape {tuple(weight.shape)}")
     d = weight.shape[0]
     if b * c >= INT32_LIMIT:
@@ -214,15 +280,43 @@ def _check(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dy: Optional[
     return N, b, c, d
 
 
+def _w_strides(weight: torch.Tensor, triangular: bool) -> Tuple[int, int, int]:
+    """(s_wj, s_wh, s_wi) of a (d, b, c) weight; a packed (d, P) one: (s_wj, 0, s_wp)."""
+    if triangular:
+        return weight.stride(0), 0, weight.stride(1)
+    return weight.stride(0), weight.stride(1), weight.stride(2)
+
+
+def _sum_planes(planes: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out = Σ_s planes[s] (+ bias)``, the planes (S, R, K) summed in order (deterministic)."""
+    from mmkernels._triton import bilinear as K
+
+    S, R, Kc = planes.shape
+    bk = min(128, next_pow2(Kc))
+    br = max(1, min(64, 4096 // bk))
+    K.bilinear_sum_planes_kernel[(cdiv(R, br), cdiv(Kc, bk))](
+        planes_ptr=planes, bias_ptr=bias if bias is not None else out, out_ptr=out, R=R, K=Kc, S=S,
+        s_pr=planes.stride(1), s_pk=planes.stride(2), s_ps=planes.stride(0),
+        s_b=bias.stride(0) if bias is not None else 0, s_or=out.stride(0), s_ok=out.stride(1),
+        BLOCK_R=br, BLOCK_K=bk, HAS_BIAS=bias is not None, ACC=acc_dtype(planes.dtype),
+        USE_INT64=_needs_int64(planes, out),
+    )
+    return out
+
+
 def bilinear_forward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor] = None,
-                            config: Optional[FwdConfig] = None) -> torch.Tensor:
+                            bias: Optional[torch.Tensor] = None, config: Optional[FwdConfig] = None,
+                            h_splits: Optional[int] = None, triangular: bool = False,
+                            arch: Optional[int] = None) -> torch.Tensor:
     """``y`` (N, d) in ``z.dtype``: ``y[n,j] = Σ_h Σ_i z[n,h]·x[n,i]·weight[j,h,i] (+ bias[j])``;
     float32 / float16 / bfloat16 with fp32 accumulation, float64 in fp64.
 
-    z (N, b), x (N, c), weight (d, b, c), bias (d,) or None; any strides. ``config`` overrides
-    the resolver (tests, config exploration)."""
-    N, b, c, d = _check(z, x, weight, bias=bias)
+    z (N, b), x (N, c), weight (d, b, c) — or, ``triangular`` (the quadratic layer, z = x), the
+    packed upper triangle (d, c(c+1)/2) in ``torch.triu_indices`` order — bias (d,) or None; any
+    strides. ``config`` overrides the resolver's tiles, ``h_splits`` its split of the h loop (small
+    N: the splits' partial sums in ACC planes, then summed in order with the bias); ``arch``: the
+    compute capability major whose SMs the split fills (default: the tensors' GPU)."""
+    N, b, c, d = _check(z, x, weight, bias=bias, triangular=triangular)
     y = torch.empty((N, d), dtype=z.dtype, device=z.device)
     if N == 0 or d == 0:
         return y
@@ -230,78 +324,99 @@ def bilinear_forward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         return y.copy_(bias.to(y.dtype).expand(N, d)) if bias is not None else y.zero_()
     from mmkernels._triton import bilinear as K
 
-    cfg = config or resolve_configs(N, b, c, d, dtype_class(z.dtype), _interpret(z)).fwd
-    w_flat = weight.stride(1) == c * weight.stride(2) or b == 1
-    s_wh = weight.stride(1) if b > 1 else c * weight.stride(2)
-    grid = (cdiv(N, cfg.block_n) * cdiv(d, cfg.block_d),)
-    K.bilinear_fwd_kernel[grid](
-        z_ptr=z, x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, y_ptr=y,
-        N=N, B=b, C=c, D=d,
-        s_zn=z.stride(0), s_zh=z.stride(1),
-        s_xn=x.stride(0), s_xi=x.stride(1),
-        s_wj=weight.stride(0), s_wh=s_wh, s_wi=weight.stride(2),
-        s_b=bias.stride(0) if bias is not None else 0,
-        s_yn=y.stride(0), s_yj=y.stride(1),
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, W_FLAT=w_flat,
-        PRECISION=_precision(z.dtype), DOT_F32=_dot_f32(z), ACC=acc_dtype(z.dtype),
-        USE_INT64=_needs_int64(z, x, weight, bias, y),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    aligned = d % 16 == 0 and operands_aligned(x, weight, triangular=triangular)
+    cfg = config or _configs(z, N, b, c, d, arch, aligned).fwd
+    programs = cdiv(N, cfg.block_n) * cdiv(d, cfg.block_d)
+    if h_splits is None:
+        h_splits, h_per = splits(programs, b, 1, _sms(z, arch))
+    else:
+        h_per = cdiv(b, h_splits)
+        h_splits = cdiv(b, h_per)
+    out = y if h_splits == 1 else torch.empty((h_splits, N, d), dtype=math_dtype(z.dtype), device=z.device)
+    s_wj, s_wh, s_wi = _w_strides(weight, triangular)
+    K.bilinear_fwd_kernel[(programs, h_splits)](
+        z_ptr=z, x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, y_ptr=out,
+        N=N, B=b, C=c, D=d, H_SPLIT=h_per,
+        s_zn=z.stride(0), s_zh=z.stride(1), s_xn=x.stride(0), s_xi=x.stride(1),
+        s_wj=s_wj, s_wh=s_wh, s_wi=s_wi, s_b=bias.stride(0) if bias is not None else 0,
+        s_yn=out.stride(-2), s_yj=out.stride(-1), s_ys=out.stride(0) if h_splits > 1 else 0,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_I=cfg.block_i,
+        HAS_BIAS=bias is not None and h_splits == 1, TRIANGULAR=triangular,
+        PRECISION=_precision(z.dtype), USE_INT64=_needs_int64(z, x, weight, bias, out), DOT_F32=_dot_f32(z),
+        ACC=acc_dtype(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y
+    return y if h_splits == 1 else _sum_planes(out, y, bias)
 
 
 def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
                              need_dz: bool = True, need_dx: bool = True, need_dw: bool = True,
-                             configs: Optional[BilinearConfigs] = None
+                             configs: Optional[BilinearConfigs] = None, h_splits: Optional[int] = None,
+                             n_splits: Optional[int] = None, triangular: bool = False,
+                             arch: Optional[int] = None
                              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(dz, dx, dw)`` of ``y = bilinear(z, x, weight, bias)`` for the output gradient ``dy``
-    (N, d); each None when not asked for. dz (N, b) in z.dtype, dx (N, c) in x.dtype, dw (d, b, c)
-    contiguous in weight.dtype. The bias gradient is the caller's (``dy.sum(0)``). dy in another
-    float dtype is converted to z's (one copy)."""
-    N, b, c, d = _check(z, x, weight, dy=dy)
+    (N, d); each None when not asked for. dz (N, b) in z.dtype, dx (N, c) in x.dtype, dw like the
+    weight (contiguous; ``triangular``: the packed upper triangle; dz and dx are then the two
+    halves of the quadratic layer's input gradient). The bias gradient is the caller's
+    (``dy.sum(0)``). dy in another float dtype is converted to z's (one copy). ``configs``,
+    ``h_splits`` (dz/dx) and ``n_splits`` (dW) override the resolver; split partial sums go to ACC
+    planes summed in order."""
+    N, b, c, d = _check(z, x, weight, dy=dy, triangular=triangular)
     if dy.dtype != z.dtype:
         dy = dy.to(z.dtype)
     dz = torch.empty((N, b), dtype=z.dtype, device=z.device) if need_dz else None
     dx = torch.empty((N, c), dtype=x.dtype, device=x.device) if need_dx else None
-    dw = torch.empty((d, b, c), dtype=weight.dtype, device=weight.device) if need_dw else None
-    cfgs = configs or resolve_configs(N, b, c, d, dtype_class(z.dtype), _interpret(z))
-    prec = _precision(z.dtype)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
+    cfgs = configs or _configs(z, N, b, c, d, arch, operands_aligned(x, weight, dy, triangular=triangular))
+    prec, md = _precision(z.dtype), math_dtype(z.dtype)
+    sms = _sms(z, arch)
     from mmkernels._triton import bilinear as K
 
-    empty_k = N == 0 or b == 0 or c == 0
-    if (need_dz or need_dx) and not empty_k:
+    if (need_dz or need_dx) and N and b and c:
         if d == 0:
             for t in (dz, dx):
                 if t is not None:
                     t.zero_()
         else:
             cfg = cfgs.dzdx
-            multi_i = cdiv(c, cfg.block_i) > 1
-            dzacc = None
-            if need_dz and multi_i:
-                md = math_dtype(z.dtype)
-                dzacc = dz if dz.dtype == md else torch.empty((N, b), dtype=md, device=z.device)
-            dz_arg = dz if dz is not None else z  # never touched when not needed (constexpr)
-            dx_arg = dx if dx is not None else x
-            acc_arg = dzacc if dzacc is not None else dz_arg
-            K.bilinear_bwd_dzdx_kernel[(cdiv(N, cfg.block_n),)](
-                z_ptr=z, x_ptr=x, w_ptr=weight, dy_ptr=dy, dz_ptr=dz_arg, dzacc_ptr=acc_arg, dx_ptr=dx_arg,
-                N=N, B=b, C=c, D=d,
-                s_zn=z.stride(0), s_zh=z.stride(1),
-                s_xn=x.stride(0), s_xi=x.stride(1),
-                s_wj=weight.stride(0), s_wh=weight.stride(1), s_wi=weight.stride(2),
-                s_dyn=dy.stride(0), s_dyj=dy.stride(1),
-                s_dzn=dz_arg.stride(0), s_dzh=dz_arg.stride(1),
-                s_an=acc_arg.stride(0), s_ah=acc_arg.stride(1),
-                s_dxn=dx_arg.stride(0), s_dxi=dx_arg.stride(1),
-                BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_I=cfg.block_i, BLOCK_J=cfg.block_j,
-                NEED_DZ=need_dz, NEED_DX=need_dx, MULTI_I=multi_i,
-                PRECISION=prec, DOT_F32=_dot_f32(z), ACC=acc_dtype(z.dtype),
-                USE_INT64=_needs_int64(z, x, weight, dy, dz_arg, acc_arg, dx_arg),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_ib, num_jc = cdiv(c, cfg.block_i), cdiv(d, cfg.block_j)
+            programs = cdiv(N, cfg.block_n) * num_ib
+            if h_splits is None:
+                hs, h_per = splits(programs * num_jc, b, 1, sms)
+            else:
+                h_per = cdiv(b, h_splits)
+                hs = cdiv(b, h_per)
+            # partial sums: dz one per (j-chunk, i-block), dx one per (j-chunk, h-split); a single
+            # one is the output itself. Triangular: columns h past an i-block are never written
+            dz_t = dx_t = None
+            if need_dz:
+                planes = num_jc * num_ib
+                dz_t = dz if planes == 1 else (torch.zeros if triangular else torch.empty)(
+                    (planes, N, b), dtype=md, device=z.device)
+            if need_dx:
+                planes = num_jc * hs
+                dx_t = dx if planes == 1 else torch.empty((planes, N, c), dtype=md, device=z.device)
+            dz_k = dz_t if dz_t is not None else z  # (a pointer the kernel never uses)
+            dx_k = dx_t if dx_t is not None else x
+            s_wj, s_wh, s_wi = _w_strides(weight, triangular)
+            K.bilinear_bwd_dzdx_kernel[(programs, num_jc, hs)](
+                z_ptr=z, x_ptr=x, w_ptr=weight, dy_ptr=dy, dz_ptr=dz_k, dx_ptr=dx_k,
+                N=N, B=b, C=c, D=d, H_SPLIT=h_per,
+                s_zn=z.stride(0), s_zh=z.stride(1), s_xn=x.stride(0), s_xi=x.stride(1),
+                s_wj=s_wj, s_wh=s_wh, s_wi=s_wi, s_dyn=dy.stride(0), s_dyj=dy.stride(1),
+                s_dzn=dz_k.stride(-2), s_dzh=dz_k.stride(-1), s_dzs=dz_k.stride(0) if dz_k.dim() == 3 else 0,
+                s_dxn=dx_k.stride(-2), s_dxi=dx_k.stride(-1), s_dxs=dx_k.stride(0) if dx_k.dim() == 3 else 0,
+                BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_J=cfg.block_j,
+                EVEN=not triangular and c % cfg.block_i == 0 and d % cfg.block_j == 0,
+                NEED_DZ=need_dz, NEED_DX=need_dx, TRIANGULAR=triangular,
+                PRECISION=prec, USE_INT64=_needs_int64(z, x, weight, dy, dz_k, dx_k), DOT_F32=_dot_f32(z),
+                ACC=acc_dtype(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-    elif need_dz or need_dx:
+            if dz_t is not None and dz_t.dim() == 3:
+                _sum_planes(dz_t, dz)
+            if dx_t is not None and dx_t.dim() == 3:
+                _sum_planes(dx_t, dx)
+    else:
         for t in (dz, dx):
             if t is not None:
                 t.zero_()
@@ -311,19 +426,26 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
             dw.zero_()
         else:
             cfg = cfgs.dw
-            grid = (cdiv(b * c, cfg.block_k) * cdiv(d, cfg.block_d),)
-            K.bilinear_bwd_dw_kernel[grid](
-                z_ptr=z, x_ptr=x, dy_ptr=dy, dw_ptr=dw,
-                N=N, B=b, C=c, D=d,
-                s_zn=z.stride(0), s_zh=z.stride(1),
-                s_xn=x.stride(0), s_xi=x.stride(1),
+            programs = b * cdiv(c, cfg.block_i) * cdiv(d, cfg.block_d)
+            if n_splits is None:
+                ns, n_per = splits(programs, N, cfg.block_n * 4, sms)
+            else:
+                n_per = cdiv(cdiv(N, n_splits), cfg.block_n) * cfg.block_n
+                ns = cdiv(N, n_per)
+            dw_t = dw if ns == 1 else torch.empty((ns,) + tuple(weight.shape), dtype=md, device=z.device)
+            w2 = dw_t.reshape(ns, d, -1) if ns > 1 else dw_t.reshape(1, d, -1)
+            dwj, dwp = w2.stride(1), w2.stride(2)
+            K.bilinear_bwd_dw_kernel[(programs, ns)](
+                z_ptr=z, x_ptr=x, dy_ptr=dy, dw_ptr=dw_t, N=N, B=b, C=c, D=d, N_SPLIT=n_per,
+                s_zn=z.stride(0), s_zh=z.stride(1), s_xn=x.stride(0), s_xi=x.stride(1),
                 s_dyn=dy.stride(0), s_dyj=dy.stride(1),
-                s_dwj=b * c, s_dwk=1,
-                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n,
-                PRECISION=prec, DOT_F32=_dot_f32(z), ACC=acc_dtype(z.dtype),
-                USE_INT64=_needs_int64(z, x, dy, dw),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                s_dwj=dwj, s_dwh=0 if triangular else c * dwp, s_dwi=dwp, s_dws=w2.stride(0) if ns > 1 else 0,
+                BLOCK_D=cfg.block_d, BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, TRIANGULAR=triangular,
+                PRECISION=prec, USE_INT64=_needs_int64(z, x, dy, dw_t), DOT_F32=_dot_f32(z),
+                ACC=acc_dtype(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
+            if ns > 1:
+                _sum_planes(w2, dw.reshape(d, -1))
     return dz, dx, dw
 
 
@@ -383,6 +505,50 @@ def _cpu_backward(z, x, w, dy, need_dz: bool, need_dx: bool, need_dw: bool):
     return dz, dx, dw
 
 
+@functools.lru_cache(maxsize=16)
+def _triu_indices(c: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.triu_indices(c, c)`` as two index vectors (the packed weight's order)."""
+    rows, cols = torch.triu_indices(c, c, device=device)
+    return rows, cols
+
+
+def _cpu_quadratic_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y = A @ wᵀ (+ bias)`` with ``A[n, p] = x[n, r_p]·x[n, s_p]`` the packed products, built
+    and consumed a row chunk at a time (half the products of the full ``c x c`` outer product;
+    the weight is used as it is)."""
+    N, c = x.shape
+    d = w.shape[0]
+    r, cc = _triu_indices(c, x.device)
+    y = torch.empty(N, d, dtype=x.dtype, device=x.device)
+    rows = _chunk_rows(1, r.numel())
+    for s0 in range(0, N, rows):
+        xc = x[s0:s0 + rows]
+        torch.mm(xc[:, r] * xc[:, cc], w.t(), out=y[s0:s0 + rows])
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _cpu_quadratic_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, need_dx: bool, need_dw: bool):
+    """``(dx, dw)`` of :func:`_cpu_quadratic_forward`: ``dA = dy @ w`` a chunk at a time, each
+    packed entry's gradient added to both its factors (``index_add_``); ``dw = dyᵀ @ A``."""
+    N, c = x.shape
+    r, cc = _triu_indices(c, x.device)
+    dx = torch.zeros_like(x) if need_dx else None
+    dw = torch.zeros(w.shape, dtype=torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype,
+                     device=w.device) if need_dw else None
+    rows = _chunk_rows(1, r.numel())
+    for s0 in range(0, N, rows):
+        xc, dyc = x[s0:s0 + rows], dy[s0:s0 + rows]
+        if need_dx:
+            da = torch.mm(dyc, w)
+            dx[s0:s0 + rows].index_add_(1, r, da * xc[:, cc]).index_add_(1, cc, da * xc[:, r])
+            del da
+        if need_dw:
+            dw.addmm_(dyc.t().to(dw.dtype), (xc[:, r] * xc[:, cc]).to(dw.dtype))
+    return dx, (dw.to(w.dtype) if need_dw else None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +591,25 @@ def _backward(z, x, w, dy, need_dz, need_dx, need_dw):
     return _cpu_backward(z, x, w, dy, need_dz, need_dx, need_dw)
 
 
+def _quadratic_forward(x, w, bias):
+    if x.shape[0] == 0 or w.shape[0] == 0:
+        y = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        return y + bias if bias is not None else y
+    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+        return bilinear_forward_triton(x, x, w, bias, triangular=True)
+    return _cpu_quadratic_forward(x, w, bias)
+
+
+def _quadratic_backward(x, w, dy, need_dx, need_dw):
+    if x.shape[0] == 0 or w.shape[0] == 0 or w.shape[1] == 0:
+        return torch.zeros_like(x) if need_dx else None, torch.zeros_like(w) if need_dw else None
+    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+        dz, dx, dw = bilinear_backward_triton(x, x, w, dy, need_dz=need_dx, need_dx=need_dx, need_dw=need_dw,
+                                              triangular=True)
+        return (dz.add_(dx) if need_dx else None), dw
+    return _cpu_quadratic_backward(x, w, dy, need_dx, need_dw)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------
@@ -456,6 +641,32 @@ def _(z, x, w, dy, need_dz, need_dx, need_dw):
     none = z.new_empty(0)
     return (torch.empty_like(z) if need_dz else none, torch.empty_like(x) if need_dx else none,
             torch.empty_like(w) if need_dw else none)
+
+
+@torch.library.custom_op("mmkernels::quadratic_fwd", mutates_args=())
+def quadratic_fwd_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y (N, d) from x (N, c), the packed weight w (d, c(c+1)/2), bias (d,) or None."""
+    return _quadratic_forward(x, w, bias)
+
+
+@quadratic_fwd_op.register_fake
+def _(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("mmkernels::quadratic_bwd", mutates_args=())
+def quadratic_bwd_op(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, need_dx: bool,
+                     need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); a gradient not asked for comes back as an empty tensor."""
+    dx, dw = _quadratic_backward(x, w, dy, need_dx, need_dw)
+    none = x.new_empty(0)
+    return (none if dx is None else dx, none if dw is None else dw)
+
+
+@quadratic_bwd_op.register_fake
+def _(x, w, dy, need_dx, need_dw):
+    none = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else none, torch.empty_like(w) if need_dw else none)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,9 +704,50 @@ class BilinearFunction(torch.autograd.Function):
         return dz, dx, dw, db
 
 
+class QuadraticFunction(torch.autograd.Function):
+    """The quadratic layer's op: forward saves x and the packed weight; backward computes the
+    gradients asked for (the input's is the sum of its two factors' in the products)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias):
+        if _backend.direct_call_ok(x, w, *(() if bias is None else (bias,))):
+            y = _quadratic_forward(x, w, bias)
+        else:
+            y = quadratic_fwd_op(x, w, bias)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad
+        dx = dw = None
+        if need_dx or need_dw:
+            if _backend.direct_call_ok(x, w, dy):
+                dx, dw = _quadratic_backward(x, w, dy, need_dx, need_dw)
+            else:
+                dx, dw = quadratic_bwd_op(x, w, dy, need_dx, need_dw)
+                dx, dw = (dx if need_dx else None, dw if need_dw else None)
+        db = dy.sum(0) if (ctx.has_bias and need_db) else None
+        return dx, dw, db
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functional
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_floats(**tensors: Optional[torch.Tensor]) -> None:
+    """The public functions' arguments (None: absent): tensors of one float dtype on one device."""
+    names = [k for k, t in tensors.items() if t is not None]
+    given = [tensors[k] for k in names]
+    for name, t in zip(names, given):
+        check_tensor(name, t)
+    if given[0].dtype not in FLOATS:
+        raise TypeError(f"{names[0]} must be float16, bfloat16, float32 or float64, got {given[0].dtype}")
+    check_same(names, given, "dtype")
+    check_same(names, given, "device")
 
 
 def bilinear(input1: torch.Tensor, input2: torch.Tensor, weight: torch.Tensor,
@@ -528,18 +780,7 @@ def bilinear(input1: torch.Tensor, input2: torch.Tensor, weight: torch.Tensor,
         >>> mmkernels.bilinear(z, x, w, b).shape
         torch.Size([32, 3])
     """
-    check_tensor("input1", input1)
-    check_tensor("input2", input2)
-    check_tensor("weight", weight)
-    tensors, names = [input1, input2, weight], ["input1", "input2", "weight"]
-    if bias is not None:
-        check_tensor("bias", bias)
-        tensors.append(bias)
-        names.append("bias")
-    if input1.dtype not in FLOATS:
-        raise TypeError(f"input1 must be float16, bfloat16, float32 or float64, got {input1.dtype}")
-    check_same(names, tensors, "dtype")
-    check_same(names, tensors, "device")
+    _check_floats(input1=input1, input2=input2, weight=weight, bias=bias)
     if weight.dim() != 3:
         raise ValueError(f"weight must have shape (d, b, c), got {tuple(weight.shape)}")
     d, b, c = weight.shape
@@ -557,3 +798,31 @@ def bilinear(input1: torch.Tensor, input2: torch.Tensor, weight: torch.Tensor,
     batch = input1.shape[:-1]
     z, x = input1.reshape(-1, b), input2.reshape(-1, c)
     return BilinearFunction.apply(z, x, weight, bias).reshape(*batch, d)
+
+
+def quadratic(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""The quadratic layer's op: ``y[..., j] = Σ_{i ≤ k} weight[j, p(i, k)] · input[..., i] · input[..., k]
+    + bias[j]``, ``p`` the ``torch.triu_indices(c, c)`` order.
+
+    Args:
+        input: ``(*, c)``, any batch shape.
+        weight: ``(d, c(c+1)/2)`` — the packed upper triangle (never scattered into ``(d, c, c)``).
+        bias: ``(d,)`` or None.
+
+    Returns:
+        ``(*, d)`` in the inputs' dtype. On Triton the bilinear kernels read the packed weight
+    directly (``triangular``: entries below the diagonal are skipped, not stored); on CPU the
+    packed products are built a row chunk at a time and multiplied by the weight as it is.
+    """
+    _check_floats(input=input, weight=weight, bias=bias)
+    if input.dim() < 1:
+        raise ValueError(f"input must have shape (*, c), got {tuple(input.shape)}")
+    c = input.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != c * (c + 1) // 2:
+        raise ValueError(f"weight must have shape (d, c(c+1)/2) = (d, {c * (c + 1) // 2}) for c = {c}, "
+                         f"got {tuple(weight.shape)}")
+    d = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"bias must have shape ({d},), got {tuple(bias.shape)}")
+    batch = input.shape[:-1]
+    return QuadraticFunction.apply(input.reshape(-1, c), weight, bias).reshape(*batch, d)

@@ -14,7 +14,6 @@ Rows. Every GEMM runs over the *expert-ordered rows* of the routing: row ``r < o
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2
+from mmkernels.ops._util import acc_dtype, cdiv, gpu_arch, math_dtype, next_pow2, sm_count
 from mmkernels.ops.routing import Routing
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
@@ -197,11 +196,6 @@ _TC_TILES_SM90 = {"up": (128, 64, 16, 4), "down": (256, 64, 8, 3), "dact": (64, 
                   "dgate_up": (128, 256, 64, 8, 3), "ddown": (128, 256, 64, 8, 3)}
 
 
-def gpu_arch(x: torch.Tensor) -> Optional[int]:
-    """Compute capability major of ``x``'s GPU (8: sm_80, 9: sm_90); None off CUDA."""
-    return torch.cuda.get_device_capability(x.device)[0] if x.device.type == "cuda" else None
-
-
 def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype,
                    arch: Optional[int] = None) -> ExpertsConfig:
     """Tiles for ``kernel`` (one of :data:`KERNELS`) on compute capability ``arch`` (None: tiles
@@ -265,22 +259,6 @@ def weight_grad_launch(E: int, m: int, n: int, c: ExpertsConfig) -> Tuple[Tuple[
     return grid, dict(NUM_M=cdiv(m, c.block_m), NUM_N=cdiv(n, c.block_n), GROUP=c.group,
                       BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_k,
                       num_warps=c.num_warps, num_stages=c.num_stages)
-
-
-#: SMs of the targets the compile tier records launches for (meta tensors have no device).
-SMS_BY_ARCH = {8: 108, 9: 132}
-
-
-def sm_count(x: torch.Tensor, arch: Optional[int] = None) -> int:
-    """Streaming multiprocessors of ``x``'s GPU (of the ``arch`` target for meta tensors)."""
-    if x.device.type == "cuda":
-        return _sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return SMS_BY_ARCH.get(arch, 132)
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 #: The least BLOCK_K steps one split of a split-K down GEMM reduces.

@@ -142,6 +142,9 @@ class Result:
     shared_dynamic: Optional[int] = None
     mma: List[str] = dataclasses.field(default_factory=list)
     load_bits: Optional[int] = None  # widest global load in the PTX (128: 16-byte vectors)
+    #: the SASS of the innermost loop holding tensor-core instructions (:func:`parse_main_loop`):
+    #: {"instructions", "mma", "mma_flops", "loads": {opcode: count}}; None without one
+    main_loop: Optional[dict] = None
     n_spills: Optional[int] = None  # compiled.metadata's, where the runtime filled it in
     compile_s: float = 0.0
     violations: List[str] = dataclasses.field(default_factory=list)
@@ -372,6 +375,31 @@ def _families():
     return FAMILIES
 
 
+YARDSTICK_MODULE = "mmkernels._triton.yardstick"
+#: The yardstick's tile: the grouped expert GEMMs' on sm_90 (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages).
+YARDSTICK_TILE = (128, 256, 64, 8, 3)
+
+
+def yardstick_jobs(targets: Sequence[int]) -> List[Job]:
+    """The yardstick GEMM (``triton_kernels/yardstick.py``) at :data:`YARDSTICK_TILE`, bf16, aligned
+    4096-sized operands, once per target: the main loop every GEMM-shaped job is compared with."""
+    import torch
+
+    module = importlib.import_module(YARDSTICK_MODULE)
+    bm, bn, bk, warps, stages = YARDSTICK_TILE
+    a = torch.empty((4096, 4096), dtype=torch.bfloat16, device="meta")
+    kw = dict(a_ptr=a, b_ptr=a, c_ptr=a, M=4096, N=4096, K=4096, s_am=4096, s_bk=4096, s_cm=4096,
+              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    jobs: List[Job] = []
+    for target in targets:
+        jobs += _jobs_from_launches("yardstick", YARDSTICK_MODULE,
+                                    [("yardstick_gemm", module.yardstick_gemm, kw, "bf16", f"BLOCK={bm}x{bn}x{bk}",
+                                      None)], int(target))
+    for j in jobs:
+        j.disassemble = True
+    return jobs
+
+
 # ----------------------------------------------------------------------------------------------
 # Compiling one job (runs in a worker process)
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +436,77 @@ def parse_resource_usage(text: str, kernel: str) -> Dict[str, int]:
 def parse_mma(sass: str) -> List[str]:
     """Tensor-core opcodes present in SASS text."""
     return [op for op in MMA_OPCODES if re.search(rf"\b{op}\b", sass)]
+
+
+_SASS_LINE_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)(.*)$")
+_SASS_LABEL_RE = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH_RE = re.compile(r"`\((\.L_x_\d+)\)")
+#: FLOPs of one tensor-core instruction: warpgroup MMA ``HGMMA.64x128x16`` -> 2·64·128·16; warp
+#: MMA ``HMMA.16816`` (m16n8k16) -> 2·16·8·16.
+_MMA_SHAPE_RE = re.compile(r"^(?:HGMMA|QGMMA|IGMMA)\.(\d+)x(\d+)x(\d+)")
+_WARP_MMA = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32), "8816": (8, 8, 16)}
+#: Global-memory loads by kind: plain (LDG), async copies into shared memory (LDGSTS), TMA.
+_LOAD_OPCODES = ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")
+
+
+def _mma_flops(opcode: str) -> int:
+    m = _MMA_SHAPE_RE.match(opcode)
+    if m:
+        return 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+    parts = opcode.split(".")
+    if parts[0] in ("HMMA", "IMMA") and len(parts) > 1 and parts[1] in _WARP_MMA:
+        mm, nn, kk = _WARP_MMA[parts[1]]
+        return 2 * mm * nn * kk
+    return 0
+
+
+def parse_main_loop(sass: str) -> Optional[dict]:
+    """The innermost loop of ``sass`` (``nvdisasm -c`` text) that holds tensor-core instructions —
+    the smallest span from a label to a backward branch to it containing one — as
+    ``{"instructions": n, "mma": m, "mma_flops": f, "loads": {opcode: count}}``: instructions in
+    the loop body, tensor-core instructions among them, the MMA FLOPs they perform (from their
+    shapes) and the global loads by kind and width (``LDG.E.128``, ``LDGSTS.E.BYPASS.128``,
+    ``UTMALDG``...). ``mma_flops / instructions`` is the figure of merit: how much of the loop is
+    the matrix work. None when no loop holds an MMA."""
+    insts, labels, branches = [], {}, []
+    for line in sass.splitlines():
+        lab = _SASS_LABEL_RE.match(line.strip())
+        if lab:
+            labels[lab.group(1)] = len(insts)
+            continue
+        m = _SASS_LINE_RE.match(line)
+        if not m:
+            continue
+        opcode = m.group(2)
+        insts.append(opcode)
+        if opcode.startswith("BRA"):
+            target = _SASS_BRANCH_RE.search(m.group(3))
+            if target:
+                branches.append((len(insts) - 1, target.group(1)))
+    loops = []
+    for at, label in branches:
+        start = labels.get(label)
+        if start is not None and start <= at:
+            body = insts[start:at + 1]
+            if any(op.split(".")[0] in MMA_OPCODES for op in body):
+                loops.append(body)
+    if not loops:
+        return None
+    body = min(loops, key=len)
+    mma = [op for op in body if op.split(".")[0] in MMA_OPCODES]
+    loads: Dict[str, int] = {}
+    for op in body:
+        if op.split(".")[0] in _LOAD_OPCODES:
+            loads[op] = loads.get(op, 0) + 1
+    return {"instructions": len(body), "mma": len(mma), "mma_flops": sum(_mma_flops(op) for op in mma),
+            "loads": loads}
+
+
+def main_loop_merit(main_loop: Optional[dict]) -> Optional[float]:
+    """MMA FLOPs per main-loop instruction (None without a main loop)."""
+    if not main_loop or not main_loop["instructions"]:
+        return None
+    return main_loop["mma_flops"] / main_loop["instructions"]
 
 
 _PTX_MMA_RE = re.compile(r"\b(?:wgmma|mma)\.")  # mma.sync, wgmma.mma_async, tcgen05.mma
@@ -471,6 +570,7 @@ def _inspect_cubin(cubin: bytes, kernel: str, disassemble: bool = True) -> dict:
         sass = subprocess.run([_tool("nvdisasm"), "-c", path],
                               capture_output=True, text=True, check=True).stdout
         out["mma"] = parse_mma(sass)
+        out["main_loop"] = parse_main_loop(sass)
         return out
     finally:
         os.unlink(path)
@@ -553,6 +653,7 @@ def compile_job(job: Job) -> Result:
         res.spill_loads = spills["spill_loads"]
         res.shared_static = usage["shared_static"]
         res.mma = usage["mma"]
+        res.main_loop = usage.get("main_loop")
         res.load_bits = parse_load_bits(compiled.asm.get("ptx", "") or "")
         res.compiled = True
     except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
@@ -660,14 +761,15 @@ def _progress(i: int, n: int, r: Result) -> None:
 
 def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int] = DEFAULT_TARGETS,
                 jobs: int = 2, progress: bool = True,
-                disassemble: Optional[bool] = None) -> List[Result]:
+                disassemble: Optional[bool] = None, yardstick: bool = False) -> List[Result]:
     """Compile every kernel of ``families`` (default: all) at every launch config for ``targets``
     in a pool of ``jobs`` processes; check each kernel module's ``EXPECTATIONS``.
 
     Returns one :class:`Result` per compile (``Result.passed`` tells), plus a failed result for a
     kernel of a module that no job compiles. Under Triton's interpreter the whole run happens in
     a subprocess without ``TRITON_INTERPRET``. ``disassemble=True``: run nvdisasm on every cubin
-    (default: only where the PTX holds an MMA instruction).
+    (default: only where the PTX holds an MMA instruction); ``yardstick``: also compile the
+    yardstick GEMM (:func:`yardstick_jobs`; family ``"yardstick"``).
     """
     fams = _select(families)
     targets = tuple(_target_key(t) for t in targets)
@@ -675,7 +777,7 @@ def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int]
         if os.environ.get("MMKERNELS_COMPILE_TIER_CHILD"):
             raise RuntimeError("compile tier: Triton's interpreter is still on in the subprocess "
                                "started without TRITON_INTERPRET")
-        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress, disassemble)
+        return _compile_in_subprocess([f.name for f in fams], targets, jobs, progress, disassemble, yardstick)
 
     all_jobs: List[Job] = []
     results: List[Result] = []
@@ -691,6 +793,10 @@ def compile_all(families: Optional[Iterable[str]] = None, targets: Sequence[int]
             expectations[(fam.name, k)] = v
         results += _coverage(fam, fam_jobs, exp)
         all_jobs += fam_jobs
+    if yardstick:
+        all_jobs += yardstick_jobs(targets)
+        for k, v in importlib.import_module(YARDSTICK_MODULE).EXPECTATIONS.items():
+            expectations[("yardstick", k)] = v
 
     return results + run_jobs(all_jobs, expectations, jobs=jobs, progress=progress)
 
@@ -760,8 +866,8 @@ def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str
 
 
 def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: int,
-                           progress: bool,
-                           disassemble: Optional[bool] = None) -> List[Result]:
+                           progress: bool, disassemble: Optional[bool] = None,
+                           yardstick: bool = False) -> List[Result]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MMKERNELS_COMPILE_TIER_CHILD"] = "1"
     fd, path = tempfile.mkstemp(suffix=".json", prefix="mmk_compile_tier_")
@@ -776,6 +882,8 @@ def _compile_in_subprocess(families: List[str], targets: Sequence[int], jobs: in
             cmd.append("--quiet")
         if disassemble:
             cmd.append("--sass")
+        if not yardstick:
+            cmd.append("--no-yardstick")
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
         try:
             with open(path) as f:
@@ -802,7 +910,7 @@ def format_table(results: Sequence[Result]) -> str:
     for r in results:
         groups.setdefault((r.kernel, r.target), []).append(r)
     head = ("kernel", "variant / config", "target", "regs", "stack", "local", "spills", "smem", "ld bits",
-            "MMA", "status")
+            "MMA", "loop flop/inst", "status")
     lines = []
     for (kernel, target), rs in groups.items():
         rows = [(r.kernel, f"{r.variant} / {r.config}", f"sm_{r.target}" if r.target else "-",
@@ -810,6 +918,7 @@ def format_table(results: Sequence[Result]) -> str:
                  "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}", cell(r.shared),
                  cell(r.load_bits),
                  ",".join(r.mma) or "-",
+                 "-" if main_loop_merit(r.main_loop) is None else f"{main_loop_merit(r.main_loop):.0f}",
                  r.status + ("" if r.passed else ": " + (r.error.splitlines()[0] if r.error
                                                           else "; ".join(r.violations))))
                 for r in rs]
@@ -856,13 +965,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--sass", action="store_true",
                         help="disassemble every cubin (default: only where the PTX has MMA)")
+    parser.add_argument("--no-yardstick", action="store_true",
+                        help="leave out the yardstick GEMM (compiled by default: the main-loop figure's reference)")
     parser.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = compile_all(families=args.family, targets=args.targets, jobs=args.jobs,
-                          progress=not args.quiet,
+                          progress=not args.quiet, yardstick=not getattr(args, "no_yardstick", False),
                           disassemble=True if getattr(args, "sass", False) else None)
     wall = time.perf_counter() - t0
     code, failed = summary(results)

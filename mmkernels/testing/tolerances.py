@@ -2,8 +2,10 @@
 
 Errors are normwise against a float64 reference: ``max_rel = max|a - r| / max|r|`` and
 ``rms_rel = ||a - r||_2 / ||r||_2``. Both bounds must hold; a failed check is never a warning.
-Backends: ``"cpu"`` (the CPU path) and ``"triton"`` (Triton on CUDA, or under the interpreter).
-Triton's fp32 ``tl.dot`` is TF32 on GPUs, which the matmul families will key on here.
+Backends: ``"cpu"`` (the CPU path) and ``"triton"`` (Triton on CUDA, or under the interpreter);
+``"triton-tf32"``: fp32 results of Triton dots with TF32 operands (the sigma-pi kernels when
+torch's matmul precision allows TF32: inputs rounded to 10-bit mantissas, as fp16's, products
+summed in fp32).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ _EXACT = {dtype: Tolerance(0.0, 0.0) for dtype in (torch.int32, torch.int64, tor
 TOLERANCES: Dict[Tuple[str, torch.dtype], Tolerance] = {
     (backend, dtype): tol for backend in ("cpu", "triton") for dtype, tol in {**_BY_DTYPE, **_EXACT}.items()
 }
+TOLERANCES[("triton-tf32", torch.float32)] = _BY_DTYPE[torch.float16]
 
 
 def tolerance(backend: str, dtype: torch.dtype) -> Tolerance:
