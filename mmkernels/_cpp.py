@@ -4,7 +4,8 @@
 :func:`ops` builds them the first time it is asked — ``torch.utils.cpp_extension.load`` with
 ninja, cached by torch in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so
 later processes only load the library — and returns the namespace, or None when they cannot be
-had: no compiler or ninja, no ``csrc/`` next to the package (a wheel install), a failed build, or
+had: no compiler or ninja, no C++ sources (neither ``csrc/`` beside the package nor the installed
+``mmkernels/_csrc``), a failed build, or
 ``MMKERNELS_CPP=0`` in the environment. Then the package warns once and every CPU op keeps its
 vectorised-torch path; importing mmkernels never builds anything and never fails for this.
 
@@ -23,8 +24,18 @@ from typing import List, Optional
 
 import torch
 
-#: Where the sources are: ``csrc/`` beside the package directory (a checkout or editable install).
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+def _csrc_dir() -> Path:
+    """Where the sources are: ``csrc/`` beside the package directory (a checkout or editable
+    install), else the installed copy ``mmkernels/_csrc`` (a wheel or sdist install: pyproject
+    ships csrc/ as that package's data)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "csrc"
+    return checkout if (checkout / "pool.h").is_file() else here / "_csrc"
+
+
+#: The C++ sources this process builds from (see :func:`_csrc_dir`).
+CSRC = _csrc_dir()
 _NAME = "mmkernels_cpu"
 _IMPLS = ("auto", "torch", "cpp")
 #: Compiler flags of the build (setup.py passes the same).
@@ -57,7 +68,7 @@ def _jit_build() -> None:
 
     srcs = _sources()
     if not srcs:
-        raise RuntimeError(f"no C++ sources at {CSRC} (installed without csrc/)")
+        raise RuntimeError(f"no C++ sources at {CSRC} (an install without mmkernels/_csrc)")
     verify_ninja_availability()
     print(f"mmkernels: loading the C++ CPU kernels (built from {CSRC} with ninja on first use, then cached)...",
           file=sys.stderr, flush=True)
