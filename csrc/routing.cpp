@@ -233,44 +233,42 @@ struct RowScratch {
   }
 };
 
-// The AVX-512 row kernel (router_simd.h) is used when the CPU has it, unless switched off (the
-// tests run both; mmkernels_cpu::simd).
-static std::atomic<bool> g_simd_allowed{true};
+// The vector row kernels (router_simd.h) run the float32 rows: the best the CPU has, capped by
+// mmkernels_cpu::router_isa (the tests run each: scalar, AVX2, AVX-512).
+static std::atomic<int> g_isa_cap{2};
 
-static bool simd_active() {
-#ifdef MMKERNELS_AVX512
-  return g_simd_allowed.load(std::memory_order_relaxed) && simd::cpu_has_avx512();
+static int active_isa() {
+#ifdef MMKERNELS_SIMD_ROWS
+  return std::min(g_isa_cap.load(std::memory_order_relaxed), simd::best_isa());
 #else
-  return false;
+  return 0;
 #endif
 }
 
-// mmkernels_cpu::simd(set): set < 0 asks; 0 / 1 switches the AVX-512 router kernel off / on.
-// Returns whether it is in use now (false on a CPU without AVX-512 whatever was asked).
-bool simd_router(int64_t set) {
-  if (set >= 0) g_simd_allowed.store(set != 0);
-  return simd_active();
+// mmkernels_cpu::router_isa(set): set < 0 asks; 0 / 1 / 2 caps the row kernels at the scalar pass /
+// AVX2 / AVX-512. Returns the one in use now (never more than the CPU has, whatever was asked).
+int64_t router_isa(int64_t set) {
+  if (set >= 0) g_isa_cap.store(static_cast<int>(std::min<int64_t>(set, 2)));
+  return active_isa();
 }
 
-#ifdef MMKERNELS_AVX512
-// The AVX-512 row kernel for float32 rows of E columns and this k, or nullptr.
+#ifdef MMKERNELS_SIMD_ROWS
+// The row kernel in use for float32 rows of E columns and this k, or nullptr.
 static simd::RowFn simd_rows(const at::Tensor& key, int64_t E, int64_t k) {
-  if (!simd_active() || key.scalar_type() != at::kFloat || k > 16) return nullptr;
-  return simd::route_row_for(E);
+  if (key.scalar_type() != at::kFloat) return nullptr;
+  return simd::row_kernel(active_isa(), E, k);
 }
 #endif
 
-template <typename scalar_t>
+// fast: the vector row kernel for these rows (float32, no allowed mask), or nullptr.
+template <typename scalar_t, typename RowKernel>
 static void top_k_rows(const scalar_t* key, const bool* allowed, int64_t T, int64_t E, int64_t k, int64_t* out,
-                       bool vector_rows) {
+                       RowKernel fast) {
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     RowScratch<scalar_t> scratch(E, k);
-#ifdef MMKERNELS_AVX512
-    const simd::RowFn fast = vector_rows ? simd::route_row_for(E) : nullptr;
-#endif
     for (int64_t t = t0; t < t1; ++t) {
       const scalar_t* row = key + t * E;
-#ifdef MMKERNELS_AVX512
+#ifdef MMKERNELS_SIMD_ROWS
       if constexpr (std::is_same_v<scalar_t, float>) {
         int32_t ids[16];
         if (fast && fast(row, E, k, simd::Weights::kNone, 1.0f, ids, nullptr)) {
@@ -299,13 +297,14 @@ at::Tensor top_k_ids(const at::Tensor& key, int64_t k, const std::optional<at::T
   }
   const at::Tensor c = key.contiguous();
   at::Tensor out = at::empty({T, k}, at::TensorOptions().dtype(at::kLong));
-  bool vector_rows = false;
-#ifdef MMKERNELS_AVX512
-  vector_rows = !mask.defined() && simd_rows(c, E, k) != nullptr;
+#ifdef MMKERNELS_SIMD_ROWS
+  const simd::RowFn fast = mask.defined() ? nullptr : simd_rows(c, E, k);
+#else
+  const std::nullptr_t fast = nullptr;
 #endif
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "top_k_ids", [&] {
     top_k_rows<scalar_t>(c.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr, T, E, k,
-                         out.data_ptr<int64_t>(), vector_rows);
+                         out.data_ptr<int64_t>(), fast);
   });
   return out;
 }
@@ -340,7 +339,7 @@ static void softmax_weights_row(const scalar_t* row, int64_t E, const int64_t* s
 // softmax weights times routed_scaling. renormalize: the softmax over the k chosen logits;
 // otherwise the softmax over the whole row, gathered. NaN anywhere the softmax reads makes those
 // weights NaN, as torch.softmax does.
-//   float32 rows with the AVX-512 kernel: one pass per row (router_simd.h: float exp, an ulp or
+//   float32 rows with a vector row kernel: one pass per row (router_simd.h: float exp, an ulp or
 //   two); its rows it does not take, and every other case, per row in double, rounded once —
 //   except the whole-row softmax without the kernel, which is ATen's vectorised softmax (E exps a
 //   row in double took 390 µs of 555 at 2048 x 64, the vectorised pass ~60).
@@ -352,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, 
   const at::Tensor c = logits.contiguous();
   const int64_t T = c.size(0), E = c.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "route_softmax_topk: k must be in [1, E=", E, "], got ", k);
-#ifdef MMKERNELS_AVX512
+#ifdef MMKERNELS_SIMD_ROWS
   if (simd::RowFn fast = simd_rows(c, E, k)) {
     at::Tensor ids = at::empty({T, k}, at::TensorOptions().dtype(at::kInt));
     at::Tensor weights = at::empty({T, k}, c.options());
@@ -400,14 +399,14 @@ std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, 
 TORCH_LIBRARY(mmkernels_cpu, m) {
   m.def("route_softmax_topk(Tensor logits, int k, bool renormalize, float routed_scaling) -> (Tensor, Tensor)");
   m.def("top_k_ids(Tensor key, int k, Tensor? allowed=None) -> Tensor");
-  m.def("simd(int set=-1) -> bool");
+  m.def("router_isa(int set=-1) -> int");
   m.def(
       "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CatchAll, m) {
-  m.impl("simd", &mmkernels::simd_router);
+  m.impl("router_isa", &mmkernels::router_isa);
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {

@@ -37,6 +37,9 @@ def _csrc_dir() -> Path:
 #: The C++ sources this process builds from (see :func:`_csrc_dir`).
 CSRC = _csrc_dir()
 _NAME = "mmkernels_cpu"
+#: The router's row kernels by ``torch.ops.mmkernels_cpu.router_isa`` number (csrc/router_simd.h):
+#: the best the CPU has runs, capped by ``router_isa(cap)``.
+ROUTER_ISAS = ("scalar", "AVX2", "AVX-512")
 _IMPLS = ("auto", "torch", "cpp")
 #: Compiler flags of the build (setup.py passes the same).
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -147,8 +150,7 @@ def status(build: bool = False) -> str:
         load()
     if _state["ok"]:
         ns = getattr(torch.ops, _NAME)
-        rows = ("AVX-512 router rows" if hasattr(ns, "simd") and ns.simd(-1)
-                else "scalar router rows (no AVX-512 on this CPU, or switched off)")
+        rows = f"{ROUTER_ISAS[int(ns.router_isa(-1))]} router rows"
         return f"C++ CPU kernels active ({_state['why']}; selection {_state['impl']!r}; {rows})"
     return f"vectorised-torch CPU path ({_state['why']})"
 

@@ -22,7 +22,7 @@ needs_cpp = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on thi
 FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_experts", "tile_row_starts", "num_tiles")
 
 
-OPS = ("route_softmax_topk", "top_k_ids", "simd", "route_metadata", "experts_forward", "experts_backward",
+OPS = ("route_softmax_topk", "top_k_ids", "router_isa", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "cache_info", "empty_cache")
 
 
@@ -109,17 +109,21 @@ def test_route_metadata_equals_the_reference_and_the_torch_path(T, E, k, cap, bl
             assert torch.equal(a, ref[name].to(a.dtype)), name
 
 
-@pytest.fixture(params=[True, False], ids=["avx512", "scalar"])
+@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "scalar"])
 def router_isa(request):
-    """Each router test twice: with csrc/router_simd.h's AVX-512 row kernel (skipped on a CPU
-    without it) and with the scalar pass only."""
+    """Each router test with the row kernels capped at AVX-512, AVX2 and the scalar pass. A cap
+    the CPU cannot run falls back to the best it has (checked here: the selection logic), and the
+    test runs on that one — nothing skips for the CPU it runs on."""
     assert _cpp.load(), _cpp.status()
-    before = _cpp.ops().simd(-1)
-    if _cpp.ops().simd(int(request.param)) != request.param:
-        _cpp.ops().simd(int(before))
-        pytest.skip("this CPU has no AVX-512: the scalar pass is the one in use")
-    yield request.param
-    _cpp.ops().simd(int(before))
+    ops = _cpp.ops()
+    before = ops.router_isa(-1)
+    ops.router_isa(2)
+    best = ops.router_isa(-1)  # what the CPU has
+    got = ops.router_isa(request.param)
+    assert got == min(request.param, best), (request.param, best, got)
+    assert f"{_cpp.ROUTER_ISAS[got]} router rows" in _cpp.status()
+    yield got
+    ops.router_isa(before)
 
 
 def _hard_rows(T: int, E: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -135,11 +139,12 @@ def _hard_rows(T: int, E: int, gen: torch.Generator, dtype=torch.float32) -> tor
 
 
 @needs_cpp
-@pytest.mark.parametrize("E,k", [(1, 1), (5, 3), (16, 16), (17, 1), (33, 2), (48, 4), (64, 8), (64, 9),
-                                 (100, 8), (128, 16), (256, 8), (300, 4)])
+@pytest.mark.parametrize("E,k", [(1, 1), (5, 3), (16, 16), (17, 1), (24, 5), (32, 4), (33, 2), (48, 4), (64, 8),
+                                 (64, 9), (100, 8), (128, 16), (200, 8), (256, 8), (300, 4)])
 def test_router_kernel_against_the_reference(E, k, router_isa):
-    """route_softmax_topk and top_k_ids on float32 rows of every register count of the AVX-512
-    kernel (E up to 256, k up to 16; past them the scalar pass) against the float64 reference:
+    """route_softmax_topk and top_k_ids on float32 rows of every register count of the row
+    kernels (E up to 256; k up to 16 on AVX-512, 8 on AVX2; past them the scalar pass) against the
+    float64 reference:
     ids exactly, weights within float32 softmax rounding, both softmax modes, hard rows included."""
     gen = torch.Generator().manual_seed(E * 100 + k)
     logits = _hard_rows(90, E, gen)
@@ -181,7 +186,7 @@ def test_route_on_both_cpu_impls_against_the_reference(kw, router_isa):
         a, b = getattr(out["cpp"], name), getattr(out["torch"], name)
         assert torch.equal(a, b), name
         assert torch.equal(a.cpu().to(ref[name].dtype), ref[name]), name
-    # the C++ router's softmax: in double, rounded once, or float32 in the AVX-512 kernel (as torch's)
+    # the C++ router's softmax: in double, rounded once, or float32 in a vector row kernel (as torch's)
     torch.testing.assert_close(out["cpp"].weights, out["torch"].weights, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(out["cpp"].weights.double(), ref["weights"].detach(), rtol=2e-6, atol=1e-7)
 
