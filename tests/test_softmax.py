@@ -25,7 +25,7 @@ FUNCS = {"softmax": mmkernels.softmax, "log_softmax": mmkernels.log_softmax, "so
 TORCH = {"softmax": torch.softmax, "log_softmax": torch.log_softmax, "softmin": F.softmin}
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("case", mt.cases("softmax", tag="interp"), ids=lambda c: c.id)
 def test_forward_backward(case, backend, device, poison_outputs):
     """y and dx against the float64 reference, in one test; the incoming gradient is not mutated."""
@@ -52,7 +52,7 @@ def test_forward_backward(case, backend, device, poison_outputs):
     assert torch.equal(dy, dy_before), "the incoming gradient was mutated"
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("kind", list(FUNCS))
 def test_softmax_backward_functional(kind, backend, device, poison_outputs):
     """The functional backward with an expanded (zero-stride) gradient and a float16 input dtype."""
@@ -75,7 +75,7 @@ def test_row_lengths_cover_the_online_path():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_million_column_row(backend, device):
     """One row of 2**20 + 1 columns through the online forward and the looped backward."""
     x = torch.randn(1, (1 << 20) + 1, device=device).requires_grad_()
@@ -92,7 +92,7 @@ def test_million_column_row(backend, device):
 # properties
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @settings(max_examples=15, deadline=None)
 @given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), data=st.data())
 def test_properties(backend, device, shape, data):
@@ -108,7 +108,9 @@ def test_properties(backend, device, shape, data):
         y_min = mmkernels.softmin(x, dim)
         y_neg = mmkernels.softmax(-x, dim)
     mt.assert_close(y.sum(dim), torch.ones_like(y.sum(dim), dtype=torch.float64), backend=backend)
-    mt.assert_close(y_shift, y, backend=backend)
+    # (x + shift) is rounded to fp32 before the op sees it: compare with the exact softmax of that
+    # rounded input (shifts of ~50 move an fp32 input by up to ~4e-6: more than fp32's tolerance)
+    mt.assert_close(y_shift, torch.softmax((x + shift).double(), dim), backend=backend)
     mt.assert_close(log_y.exp(), y, backend=backend)
     mt.assert_close(y_min, y_neg, backend=backend)
 
@@ -128,7 +130,7 @@ def _special_rows(n: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("n", [7, 1025, ops.MAX_FUSED_N + 3], ids=["fused", "fused-1025", "online"])
 @pytest.mark.parametrize("kind", list(FUNCS))
 def test_special_values_like_torch(kind, n, backend, device, poison_outputs):
@@ -145,7 +147,7 @@ def test_special_values_like_torch(kind, n, backend, device, poison_outputs):
 # dtype=, 0-dim, empty, layouts without copies, int64 offsets
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("kind", list(FUNCS))
 def test_dtype_argument(kind, backend, device, poison_outputs):
     x = (torch.randn(4, 50, dtype=torch.float64) * 3).to(device, torch.float16).requires_grad_()
@@ -160,7 +162,7 @@ def test_dtype_argument(kind, backend, device, poison_outputs):
     mt.assert_close(yi, FORWARD[kind](torch.arange(12.0).reshape(3, 4), 1), backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_scalar_and_empty(backend, device):
     with mmkernels.use_backend(backend):
         s = torch.tensor(2.5, device=device, requires_grad=True)
@@ -211,7 +213,7 @@ def test_int64_offsets(kind, shape, dim, poison_outputs):
 # autograd, torch.compile, nn modules
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("kind", list(FUNCS))
 def test_gradcheck_float64(kind, backend, device):
     x = torch.randn(3, 11, dtype=torch.float64, device=device, requires_grad=True)
@@ -241,7 +243,7 @@ def test_torch_compile_fullgraph():
     mt.assert_close(x.grad, x2.grad, backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("ours,theirs", [(mmkernels.nn.Softmax, torch.nn.Softmax),
                                          (mmkernels.nn.LogSoftmax, torch.nn.LogSoftmax),
                                          (mmkernels.nn.Softmin, torch.nn.Softmin)])
@@ -332,7 +334,7 @@ def _strided_tensors(draw):
     return x, draw(st.integers(-ndim, ndim - 1))
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @settings(max_examples=60, deadline=None)
 @given(data=_strided_tensors(), kind=st.sampled_from(list(FUNCS)), grad_layout=st.sampled_from(["same", "t", "expanded"]))
 def test_random_layouts(backend, device, data, kind, grad_layout):

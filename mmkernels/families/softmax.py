@@ -270,4 +270,4 @@ DRY_RUN_PROBES = (
 
 FAMILY = Family(name="softmax", summary="softmax, log-softmax and softmin: forward and the fused backward",
                 cases=cases, inputs=inputs, variants=variants, targets=targets, launches=launches,
-                probes=PROBES, dry_run_probes=DRY_RUN_PROBES)
+                probes=PROBES, dry_run_probes=DRY_RUN_PROBES, cpp_ops=("softmax_forward",))

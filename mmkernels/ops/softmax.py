@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_dim as _check_dim
 from mmkernels.ops._checks import check_float_dtype as _check_float_dtype
@@ -213,7 +213,25 @@ def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -
     return torch.empty_like(like, dtype=dtype).copy_(result)
 
 
+def _cpp_softmax():
+    """``torch.ops.mmkernels_cpu`` when the C++ softmax (csrc/softmax.cpp) is selected and built."""
+    cpp = _cpp.ops()
+    return cpp if cpp is not None and hasattr(cpp, "softmax_forward") else None
+
+
+def _cpp_takes(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> bool:
+    """csrc/softmax.cpp's case: contiguous float32 / float64 rows along the last dim, out in the
+    same dtype — measured faster than ATen's there. Other dtypes and layouts and the backward
+    measured slower in C++ (see that file), so they run ATen's."""
+    return (x.is_contiguous() and dim == x.dim() - 1 and x.dtype in (torch.float32, torch.float64)
+            and out_dtype == x.dtype)
+
+
 def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
+    """The C++ kernel (csrc/softmax.cpp) where :func:`_cpp_takes`; ATen's otherwise."""
+    cpp = _cpp_softmax()
+    if cpp is not None and _cpp_takes(x, dim, out_dtype):
+        return cpp.softmax_forward(x, int(kind))
     if kind == Kind.SOFTMAX:
         y = torch.softmax(x, dim, dtype=out_dtype)
     elif kind == Kind.LOG_SOFTMAX:
