@@ -380,6 +380,78 @@ def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", la
     return loss.reshape(target.shape)
 
 
+def linear_cross_entropy_ref(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                             ignore_index=-100, label_smoothing=0.0, z_loss_scale=0.0, softcap=0.0):
+    """The loss of an output layer from its definition, and each row's target log-probability:
+    logits ``u = x·Wᵀ + b``, capped ``z = cap·tanh(u / cap)`` (``softcap`` > 0), ``log p = z - lse``
+    with ``lse = log Σ_c exp z_c``; ``loss_n = -Σ_c w_c·q_c·log p_c + zs·lse²`` with
+    ``q = (1-ε)·onehot(t) + ε/C`` and class weights ``w`` (all 1 without ``weight``); ignored rows
+    are 0; the mean divides by ``Σ_n w_{t_n}`` over the rows not ignored. Returns
+    ``(loss, target log-probability (N,) — 0 in ignored rows)``; differentiable w.r.t. ``input``,
+    ``linear_weight`` and ``linear_bias``."""
+    x, W = _f64_grad(input), _f64_grad(linear_weight)
+    u = x.reshape(-1, x.shape[-1]) @ W.T
+    if linear_bias is not None:
+        u = u + _f64_grad(linear_bias)
+    z = softcap * torch.tanh(u / softcap) if softcap else u
+    t = target.to("cpu", torch.int64).reshape(-1)
+    N, C = z.shape
+    w = torch.ones(C, dtype=torch.float64) if weight is None else _f64(weight)
+    m = z.detach().amax(dim=1, keepdim=True)
+    lse = m.squeeze(1) + (z - m).exp().sum(dim=1).log()
+    logp = z - lse[:, None]
+    valid = t != ignore_index
+    safe = torch.where(valid, t, 0)
+    q = torch.full((N, C), label_smoothing / C, dtype=torch.float64)
+    q[torch.arange(N), safe] += 1.0 - label_smoothing
+    loss = -torch.where(q != 0, w * q * logp, 0.0).sum(dim=1) + z_loss_scale * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    target_logp = torch.where(valid, logp.gather(1, safe[:, None]).squeeze(1), 0.0)
+    if reduction == "mean":
+        loss = loss.sum() / torch.where(valid, w[safe], 0.0).sum()
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        loss = loss.reshape(target.shape)
+    return loss, target_logp.reshape(target.shape)
+
+
+def linear_cross_entropy_magnitudes(input, linear_weight, target, grad, *, linear_bias=None, weight=None,
+                                    reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss_scale=0.0,
+                                    softcap=0.0):
+    """The size of the terms behind each result of :func:`linear_cross_entropy_ref` (its loss and
+    its gradients cancel): the loss from ``a·|lse| + (1-ε)·w_t·|z_t| + ε/C·Σ_c w_c·|z_c| + zs·lse²``;
+    d logits from ``|g|·(|a|·p + (1-ε)·w_t·onehot + ε/C·w)``; d x, d W, d b from those times
+    ``|W|``, ``|x|``, 1. Returns ``(loss, d input, d linear_weight, d linear_bias)``."""
+    x, W = _f64(input).reshape(-1, input.shape[-1]), _f64(linear_weight)
+    u = x @ W.T + (0.0 if linear_bias is None else _f64(linear_bias))
+    z = softcap * torch.tanh(u / softcap) if softcap else u
+    t = target.to("cpu", torch.int64).reshape(-1)
+    N, C = z.shape
+    eps = label_smoothing
+    w = torch.ones(C, dtype=torch.float64) if weight is None else _f64(weight)
+    valid = t != ignore_index
+    safe = torch.where(valid, t, 0)
+    w_t = w[safe]
+    lse = torch.logsumexp(z, dim=1)
+    a = ((1 - eps) * w_t + eps / C * w.sum() + 2 * z_loss_scale * lse).abs()
+    rows = a * lse.abs() + (1 - eps) * w_t * z.gather(1, safe[:, None]).abs().squeeze(1) \
+        + eps / C * (z.abs() @ w) + z_loss_scale * lse * lse
+    rows = torch.where(valid, rows, 0.0)
+    g = _f64(grad).reshape(-1)
+    divisor = torch.where(valid, w_t, 0.0).sum()
+    if reduction == "none":
+        loss_mag, g_rows = rows.reshape(target.shape), g.expand(N)
+    elif reduction == "sum":
+        loss_mag, g_rows = rows.sum(), g.expand(N)
+    else:
+        loss_mag, g_rows = rows.sum() / divisor, (g / divisor).expand(N)
+    onehot = torch.zeros(N, C, dtype=torch.float64).scatter_(1, safe[:, None], ((1 - eps) * w_t)[:, None])
+    dz = a[:, None] * torch.softmax(z, dim=1) + onehot + eps / C * w
+    du = torch.where(valid[:, None], g_rows.abs()[:, None] * dz, 0.0)
+    return loss_mag, (du @ W.abs()).reshape(input.shape), du.T @ x.abs(), du.sum(0)
+
+
 def attention_module_ref(z, x, mask=None, temperature=1.0):
     """``s[..., d] = Σ_j p_j · x[..., j, d]`` with ``p = softmax(z / τ)`` over the allowed ``j``
     (``mask`` True); a row with nothing allowed gives ``s = 0``. Differentiable."""

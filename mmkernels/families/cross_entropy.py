@@ -57,13 +57,15 @@ def targets() -> List[Target]:
 
 def launches(rec, target: int) -> None:
     """Forward and backward on meta tensors; see the module docstring for the coverage."""
-    def launch(N, C, variant, dtype=torch.float32, eps=0.1):
+    def launch(N, C, variant, dtype=torch.float32, eps=0.1, weighted=False, z_loss=0.0, softcap=0.0, tlp=False):
         x = torch.empty((N, C), dtype=dtype, device="meta")
         t = torch.empty((N,), dtype=torch.int64, device="meta")
-        with rec.variant(variant, config=f"BLOCK_C={CE.resolve_config(C).block_c}"):
-            loss, lse = CE.triton_forward(x, t, -100, eps)
+        w = torch.empty((C,), dtype=torch.float32, device="meta") if weighted else None
+        terms = CE.LossTerms(-100, eps, z_loss, softcap)
+        with rec.variant(variant, config=f"BLOCK_C={CE.resolve_config(C, dtype == torch.float64).block_c}"):
+            loss, lse, _ = CE.triton_forward(x, t, terms, w, tlp)
             g = torch.empty((), dtype=lse.dtype, device="meta").reshape(1).expand(N)
-            CE.triton_backward(x, t, lse, g, -100, eps, torch.empty_like(x))
+            CE.triton_backward(x, t, lse, g, terms, w, torch.empty_like(x))
 
     for cfg in CE.launch_configs():
         launch(64, cfg.block_c, "fp32 smoothing")
@@ -72,6 +74,10 @@ def launches(rec, target: int) -> None:
         launch(64, 32000, str(dtype)[6:], dtype)
     launch(64, 32000, "fp32 no smoothing", eps=0.0)
     launch(64, 32000, "fp32 smoothing 1", eps=1.0)
+    launch(64, 32000, "fp32 every term", weighted=True, z_loss=1e-4,
+           softcap=30.0, tlp=True)
+    launch(64, 32000, "bf16 every term", torch.bfloat16, weighted=True, z_loss=1e-4, softcap=30.0, tlp=True)
+    launch(64, 32000, "fp64 every term", torch.float64, weighted=True, z_loss=1e-4, softcap=30.0, tlp=True)
     launch(1 << 17, 32000, "fp32 int64 offsets")
 
 

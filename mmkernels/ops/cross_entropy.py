@@ -35,9 +35,10 @@ class CrossEntropyConfig:
     num_warps: int
 
 
-def resolve_config(C: int) -> CrossEntropyConfig:
-    """One program per row; the row in chunks of ``block_c`` (the whole row when it fits)."""
-    block = min(MAX_BLOCK_C, next_pow2(C))
+def resolve_config(C: int, f64: bool = False) -> CrossEntropyConfig:
+    """One program per row; the row in chunks of ``block_c`` (the whole row when it fits; half
+    of MAX_BLOCK_C for float64, whose accumulators take twice the registers)."""
+    block = min(MAX_BLOCK_C // 2 if f64 else MAX_BLOCK_C, next_pow2(C))
     return CrossEntropyConfig(block, max(1, min(16, block // 256)))
 
 
@@ -45,49 +46,92 @@ def launch_configs():
     """Every config :func:`resolve_config` can return (the compile tier's coverage)."""
     seen = []
     for p in range(0, 15):
-        cfg = resolve_config(1 << p)
-        if cfg not in seen:
-            seen.append(cfg)
+        for f64 in (False, True):
+            cfg = resolve_config(1 << p, f64)
+            if cfg not in seen:
+                seen.append(cfg)
     return seen
+
+
+# ----------------------------------------------------------------------------------------------
+# The row loss's terms
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossTerms:
+    """The scalar options of one row's loss (see ``triton_kernels/cross_entropy.py`` for the math):
+    ``eps`` label smoothing, ``z_loss`` the scale of ``lse²``, ``softcap`` the cap of
+    ``cap·tanh(u/cap)`` (0: none). Class weights travel as a tensor beside it."""
+    ignore_index: int = -100
+    eps: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0
+
+
+def mean_divisor(target: torch.Tensor, terms: LossTerms, weight: Optional[torch.Tensor], dtype) -> torch.Tensor:
+    """The mean reduction's divisor, as ``F.cross_entropy``: the number of rows not ignored, or the
+    sum of their targets' class weights; 0-dim, on the device (no host read: 0 gives NaN)."""
+    valid = target != terms.ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    return torch.where(valid, weight.to(dtype)[torch.where(valid, target, 0)], 0.0).sum()
+
+
+def weight_sum(weight: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """``Σ_c w_c`` as a 1-element tensor on the device (the backward's label-smoothing term)."""
+    return None if weight is None else weight.to(dtype).sum().reshape(1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton) and the CPU path
 # ----------------------------------------------------------------------------------------------
 
-def triton_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _scalars(terms: LossTerms) -> dict:
+    return {"ignore_index": terms.ignore_index, **split_float("eps", terms.eps),
+            **split_float("zs", terms.z_loss), **split_float("cap", terms.softcap)}
 
+
+def triton_forward(x, target, terms: LossTerms, weight=None, want_target_logp: bool = False):
+    """(loss, lse, target log-probability or None), each (N,) in the math dtype."""
     from mmkernels._triton import cross_entropy as K
 
     N, C = x.shape
     acc = math_dtype(x.dtype)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
-    cfg = resolve_config(C)
+    tlp = torch.empty(N, dtype=acc, device=x.device) if want_target_logp else None
+    cfg = resolve_config(C, acc == torch.float64)
+    wsum = weight_sum(weight, acc) if terms.eps > 0 else None
     K.cross_entropy_fwd_kernel[(N,)](
-        x_ptr=x, t_ptr=target, loss_ptr=loss, lse_ptr=lse,
+        x_ptr=x, t_ptr=target, w_ptr=weight if weight is not None else lse,
+        wsum_ptr=wsum if wsum is not None else lse, loss_ptr=loss, lse_ptr=lse,
+        tlp_ptr=tlp if tlp is not None else lse,
         C=C, sx_n=x.stride(0), sx_c=x.stride(1), st=target.stride(0),
-        ignore_index=ignore_index, **split_float("eps", eps),
-        BLOCK_C=cfg.block_c, SMOOTH=eps > 0, TARGET=eps < 1,
+        sw=weight.stride(0) if weight is not None else 0, **_scalars(terms),
+        BLOCK_C=cfg.block_c, SMOOTH=terms.eps > 0, TARGET=terms.eps < 1, HAS_WEIGHT=weight is not None,
+        Z_LOSS=terms.z_loss != 0, SOFTCAP=terms.softcap != 0, TARGET_LOGP=want_target_logp,
         ACC=acc_dtype(acc),
         USE_INT64=max_offset(x) + cfg.block_c * abs(x.stride(1)) >= INT32_LIMIT,
         num_warps=cfg.num_warps,
     )
-    return loss, lse
+    return loss, lse, tlp
 
 
-def triton_backward(x, target, lse, g, ignore_index: int, eps: float, dx: torch.Tensor) -> torch.Tensor:
-
+def triton_backward(x, target, lse, g, terms: LossTerms, weight, dx: torch.Tensor) -> torch.Tensor:
+    """``dx`` (may be ``x``) = ``g`` times d loss / d x, row by row."""
     from mmkernels._triton import cross_entropy as K
 
     N, C = x.shape
-    cfg = resolve_config(C)
+    cfg = resolve_config(C, lse.dtype == torch.float64)
+    wsum = weight_sum(weight, lse.dtype)
     K.cross_entropy_bwd_kernel[(N,)](
-        x_ptr=x, t_ptr=target, lse_ptr=lse, g_ptr=g, dx_ptr=dx,
-        C=C, sx_n=x.stride(0), sx_c=x.stride(1), st=target.stride(0), sg=g.stride(0),
-        sdx_n=dx.stride(0), sdx_c=dx.stride(1),
-        ignore_index=ignore_index, **split_float("eps", eps),
-        BLOCK_C=cfg.block_c, ACC=acc_dtype(lse.dtype),
+        x_ptr=x, t_ptr=target, w_ptr=weight if weight is not None else lse,
+        wsum_ptr=wsum if wsum is not None else lse, lse_ptr=lse, g_ptr=g, dx_ptr=dx,
+        C=C, sx_n=x.stride(0), sx_c=x.stride(1), st=target.stride(0),
+        sw=weight.stride(0) if weight is not None else 0, sg=g.stride(0),
+        sdx_n=dx.stride(0), sdx_c=dx.stride(1), **_scalars(terms),
+        BLOCK_C=cfg.block_c, HAS_WEIGHT=weight is not None, Z_LOSS=terms.z_loss != 0,
+        SOFTCAP=terms.softcap != 0, ACC=acc_dtype(lse.dtype),
         USE_INT64=max(max_offset(x) + cfg.block_c * abs(x.stride(1)),
                       max_offset(dx) + cfg.block_c * abs(dx.stride(1))) >= INT32_LIMIT,
         num_warps=cfg.num_warps,
@@ -101,50 +145,85 @@ def _chunks(N: int, C: int):
         yield r0, min(N, r0 + rows)
 
 
-def _cpu_forward(x, target, ignore_index: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _capped(u: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap·tanh(u/cap)`` in place in ``u`` (a temporary of the math dtype), or ``u``."""
+    return u.div_(cap).tanh_().mul_(cap) if cap else u
+
+
+def _cpu_forward(x, target, terms: LossTerms, weight=None, want_target_logp: bool = False):
     """Row chunks of at most CPU_CHUNK_ELEMS elements: no full-size temporary."""
     N, C = x.shape
     acc = math_dtype(x.dtype)
     loss = torch.empty(N, dtype=acc)
     lse = torch.empty(N, dtype=acc)
-    valid = target != ignore_index
+    tlp = torch.empty(N, dtype=acc) if want_target_logp else None
+    valid = target != terms.ignore_index
     safe = torch.where(valid, target, 0).long()
+    w = None if weight is None else weight.to(acc)
+    w_t = None if w is None else w[safe]
+    eps = terms.eps
     for r0, r1 in _chunks(N, C):
-        xc = x[r0:r1].to(acc)
-        lse[r0:r1] = torch.logsumexp(xc, dim=1)
-        part = lse[r0:r1].clone()
+        z = _capped(x[r0:r1].to(acc, copy=terms.softcap != 0), terms.softcap)
+        lse_c = torch.logsumexp(z, dim=1)
+        lse[r0:r1] = lse_c
+        part = torch.zeros_like(lse_c)
+        z_t = z.gather(1, safe[r0:r1, None]).squeeze(1)
         if eps < 1:
-            part -= (1.0 - eps) * xc.gather(1, safe[r0:r1, None]).squeeze(1)
+            part += (1.0 - eps) * (lse_c - z_t) * (1.0 if w_t is None else w_t[r0:r1])
         if eps > 0:
-            part -= (eps / C) * xc.sum(1)
+            smooth = C * lse_c - z.sum(1) if w is None else w.sum() * lse_c - z @ w
+            part += (eps / C) * smooth
+        if terms.z_loss:
+            part += terms.z_loss * lse_c * lse_c
         loss[r0:r1] = torch.where(valid[r0:r1], part, 0.0)
-    return loss, lse
+        if tlp is not None:
+            tlp[r0:r1] = torch.where(valid[r0:r1], z_t - lse_c, 0.0)
+    return loss, lse, tlp
 
 
-def _cpu_backward(x, target, lse, g, ignore_index: int, eps: float, dx: torch.Tensor) -> torch.Tensor:
+def _cpu_backward(x, target, lse, g, terms: LossTerms, weight, dx: torch.Tensor) -> torch.Tensor:
     """dx chunk by chunk, computed in place in ``dx``'s rows when they hold the math dtype (else
     through one chunk-sized temporary); ``dx`` may be ``x`` itself."""
     N, C = x.shape
     acc = lse.dtype
-    valid = target != ignore_index
+    eps, cap = terms.eps, terms.softcap
+    valid = target != terms.ignore_index
     safe = torch.where(valid, target, 0).long()
+    w = None if weight is None else weight.to(acc)
+    w_t = torch.ones((), dtype=acc) if w is None else w[safe]
+    # d loss / d z_c = a·p_c - (1-ε)·w_t·[c == t] - (ε/C)·w_c, a = (1-ε)·w_t + (ε/C)·W + 2·zs·lse
+    a = (1.0 - eps) * w_t + (eps / C) * (C if w is None else w.sum()) + 2.0 * terms.z_loss * lse
     scale = torch.where(valid, g.to(acc).expand(N), 0.0)
+    scaled_a = scale * a
+    target_term = -(1.0 - eps) * w_t * scale
     for r0, r1 in _chunks(N, C):
         out = dx[r0:r1]
         work = out if out.dtype == acc else torch.empty((r1 - r0, C), dtype=acc)
-        torch.sub(x[r0:r1].to(acc) if x.dtype != acc else x[r0:r1], lse[r0:r1, None], out=work)
-        work.exp_()
-        if eps > 0:
-            work.sub_(eps / C)
+        chain = None
+        if cap:
+            z = _capped(x[r0:r1].to(acc, copy=True), cap)
+            chain = torch.div(z, cap).square_().neg_().add_(1.0)   # d z / d u = 1 - (z/cap)²
+        else:
+            z = x[r0:r1].to(acc)
+        torch.sub(z, lse[r0:r1, None], out=work)
+        work.exp_().mul_(scaled_a[r0:r1, None])
+        if eps > 0 and w is None:
+            work.sub_(scale[r0:r1, None] * (eps / C))
+        elif eps > 0:
+            work.addcmul_(scale[r0:r1, None], w[None, :], value=-eps / C)
         if eps < 1:
-            work.scatter_add_(1, safe[r0:r1, None], torch.full((r1 - r0, 1), -(1.0 - eps), dtype=acc))
-        work.mul_(scale[r0:r1, None]).masked_fill_(~valid[r0:r1, None], 0.0)  # ignored rows: exact zeros
+            work.scatter_add_(1, safe[r0:r1, None], target_term[r0:r1, None])
+        if chain is not None:
+            work.mul_(chain)
+        work.masked_fill_(~valid[r0:r1, None], 0.0)  # ignored rows: exact zeros, whatever the logits
         if work is not out:
             out.copy_(work)
     return dx
 
 
-def _check_targets_on_host(target: torch.Tensor, C: int, ignore_index: int) -> None:
+def check_targets_on_host(target: torch.Tensor, C: int, ignore_index: int) -> None:
+    """Raise IndexError for a CPU target outside ``[0, C)`` that is not ``ignore_index`` (on CUDA
+    the kernels' device assert does)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= C))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -152,24 +231,26 @@ def _check_targets_on_host(target: torch.Tensor, C: int, ignore_index: int) -> N
                          f"ignore_index={ignore_index}")
 
 
-def _forward(x, target, ignore_index: int, eps: float):
+def row_forward(x, target, terms: LossTerms, weight=None, want_target_logp: bool = False):
+    """Per-row (loss, lse, target log-probability or None) of ``(N, C)`` logits, on the backend
+    of ``x``'s device (math dtype; the caller has checked the arguments)."""
     if x.shape[0] == 0:
-        acc = math_dtype(x.dtype)
-        return torch.empty(0, dtype=acc, device=x.device), torch.empty(0, dtype=acc, device=x.device)
+        empty = torch.empty(0, dtype=math_dtype(x.dtype), device=x.device)
+        return empty, empty.clone(), empty.clone() if want_target_logp else None
     if x.device.type == "cpu":
-        _check_targets_on_host(target, x.shape[1], ignore_index)
+        check_targets_on_host(target, x.shape[1], terms.ignore_index)
     if _backend.resolve(x.device) is _backend.Impl.TRITON:
-        return triton_forward(x, target, ignore_index, eps)
-    return _cpu_forward(x, target, ignore_index, eps)
+        return triton_forward(x, target, terms, weight, want_target_logp)
+    return _cpu_forward(x, target, terms, weight, want_target_logp)
 
 
-def _backward(x, target, lse, g, ignore_index: int, eps: float, inplace: bool) -> torch.Tensor:
-    dx = x if inplace else torch.empty_like(x)
+def row_backward(x, target, lse, g, terms: LossTerms, weight, dx: torch.Tensor) -> torch.Tensor:
+    """``dx`` (may be ``x``'s own storage) = ``g[n]`` · d loss_n / d x[n], on ``x``'s backend."""
     if x.shape[0] == 0:
         return dx
     if _backend.resolve(x.device) is _backend.Impl.TRITON:
-        return triton_backward(x, target, lse, g, ignore_index, eps, dx)
-    return _cpu_backward(x, target, lse, g, ignore_index, eps, dx)
+        return triton_backward(x, target, lse, g, terms, weight, dx)
+    return _cpu_backward(x, target, lse, g, terms, weight, dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +261,8 @@ def _backward(x, target, lse, g, ignore_index: int, eps: float, inplace: bool) -
 def cross_entropy_fwd_op(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
                          eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per-row loss, per-row log-sum-exp), float32 (float64 for float64 logits)."""
-    return _forward(x, target, ignore_index, eps)
+    loss, lse, _ = row_forward(x, target, LossTerms(ignore_index, eps))
+    return loss, lse
 
 
 @cross_entropy_fwd_op.register_fake
@@ -193,7 +275,7 @@ def _(x, target, ignore_index, eps):
 def cross_entropy_bwd_op(x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
                          ignore_index: int, eps: float) -> torch.Tensor:
     """d logits for the per-row incoming gradient ``g`` ((N,) or a broadcast 0-stride view)."""
-    return _backward(x, target, lse, g, ignore_index, eps, inplace=False)
+    return row_backward(x, target, lse, g, LossTerms(ignore_index, eps), None, torch.empty_like(x))
 
 
 @cross_entropy_bwd_op.register_fake
@@ -220,7 +302,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, ignore_index: int, eps: float, reduction: str, inplace: bool):
         if _backend.direct_call_ok(x, target):
-            loss, lse = _forward(x, target, ignore_index, eps)
+            loss, lse, _ = row_forward(x, target, LossTerms(ignore_index, eps))
         else:
             loss, lse = cross_entropy_fwd_op(x, target, ignore_index, eps)
         count = None
@@ -241,7 +323,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index, eps, reduction, inplace = ctx.args
         g = _row_grad(grad, reduction, count, x.shape[0])
         if _backend.direct_call_ok(x, target, lse, g):
-            dx = _backward(x, target, lse, g, ignore_index, eps, inplace)
+            dx = row_backward(x, target, lse, g, LossTerms(ignore_index, eps), None,
+                              x if inplace else torch.empty_like(x))
             if inplace:
                 torch.autograd.graph.increment_version(x)  # a saved copy of the logits is now stale
         else:  # traced (torch.compile): the functional op, a new tensor even with inplace_backward
