@@ -136,7 +136,10 @@ class Variant:
     check compares; None: one sample of whole rows of the (single) output and of every input along
     the same dim, keeping ``reduced_dims`` whole (right when each output row depends on the same
     row of every input only, as in softmax). ``flops``: the useful FLOPs of one call for a matmul
-    family (rows then show TFLOP/s and the fraction of the measured mm rate).
+    family (rows then show TFLOP/s and the fraction of the measured mm rate). ``unchecked``: outputs
+    no sample compares with the reference, each with the reason (the check still requires them
+    finite where the baseline's are, and reports the reason) — for sizes whose float64 reference
+    cannot run on the CPU in reasonable time; the same code is then checked in full on smaller cases.
     """
 
     case: Case
@@ -152,6 +155,7 @@ class Variant:
     flops: Optional[int] = None
     check_samples: Optional[Callable[[Inputs, int, torch.Generator], List[CheckSample]]] = None
     shape_text: Optional[str] = None  # the shape as tables show it (default: the case's shape)
+    unchecked: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:

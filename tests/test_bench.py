@@ -109,8 +109,8 @@ def test_gpu_suite_dry_run(tmp_path):
     assert rows and all("error" not in r and r["check"]["passed"] for r in rows)
     assert not data["skipped_families"]
     assert {r["op"] for r in rows} == {"softmax", "log_softmax", "softmin", "bilinear", "mixtral", "deepseek", "qwen3",
-                                       "cross_entropy", "attention", "gated_fusion", "gated_blend", "hard_switch",
-                                       "dense_moe", "product_unit", "sigma_pi_unit", "pi_sigma"}
+                                       "cross_entropy", "linear_cross_entropy", "attention", "gated_fusion", "gated_blend",
+                                       "hard_switch", "dense_moe", "product_unit", "sigma_pi_unit", "pi_sigma"}
     assert {r["direction"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     soft = [r for r in rows if r["family"] == "softmax"]
     assert any(r["check"]["sampled_elements"] < r["bytes"] // 8 for r in soft)  # a row sample ran

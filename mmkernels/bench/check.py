@@ -82,9 +82,15 @@ def check_variant(variant: Variant, raw: Inputs, *, backend: str, max_elems: int
                 "baseline_max_rel": rep_base.max_rel,
                 "baseline_rms_rel": rep_base.rms_rel,
             }
-    missing = [n for n in variant.outputs if n not in parts]
+    missing = [n for n in variant.outputs if n not in parts and n not in variant.unchecked]
     if missing:
         raise ValueError(f"{variant.label}: the check samples leave outputs {missing} unchecked")
+    for n, why in variant.unchecked.items():  # finiteness only, and the reason in the report
+        parts.setdefault(n, {"passed": mismatch[n] == 0, "max_rel": 0.0, "rms_rel": 0.0,
+                             "nonfinite_mismatch": mismatch[n], "special_mismatch": 0,
+                             "detail": f"not compared with the reference: {why}", "tol_max_rel": 1.0,
+                             "tol_rms_rel": 1.0, "sampled_elements": 0, "baseline_max_rel": 0.0,
+                             "baseline_rms_rel": 0.0})
     order = [parts[n] for n in variant.outputs]
     def excess(p):  # error over its bound (an exact part: 0 when exact, inf otherwise)
         return p["max_rel"] / p["tol_max_rel"] if p["tol_max_rel"] else (0.0 if p["max_rel"] == 0 else math.inf)

@@ -1,19 +1,25 @@
-"""The cross-entropy family: ``F.cross_entropy`` with class indices, fused (:func:`mmkernels.cross_entropy`).
+"""The cross-entropy family: ``F.cross_entropy`` with class indices, fused (:func:`mmkernels.cross_entropy`),
+and the output layer's loss without its logits (:func:`mmkernels.linear_cross_entropy`).
 
 Cases: op ``cross_entropy``, shape ``(N, C)``, param ``label_smoothing``; inputs ``logits`` and
 ``target`` with every 16th row ignored (``-100``). Bench: forward + backward against
-``F.cross_entropy``; bytes: the logits read twice and their gradient written. Compile tier: every
+``F.cross_entropy``; bytes: the logits read twice and their gradient written. Op
+``linear_cross_entropy``, shape ``(tokens, hidden, vocab)``: inputs ``input``, ``linear_weight``,
+``target``; forward + backward against ``F.cross_entropy(F.linear(...))`` (and
+``F.linear_cross_entropy`` with its chunking options), FLOPs those of the three GEMMs. Compile tier: every
 config of :func:`mmkernels.ops.cross_entropy.launch_configs` in fp32 with label smoothing; at
 C = 32000 also bf16, fp16, fp64, no smoothing, smoothing 1 and int64 offsets.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 import torch
 
 from mmkernels import reference as ref
-from mmkernels.family import Case, Family, Inputs, Target, Variant, case_builder, fwd_bwd_variant, randn, rows_of
+from mmkernels.family import (Case, CheckSample, Family, Inputs, Target, Variant, case_builder, fwd_bwd_variant,
+                              randn, rows_of)
 from mmkernels.ops import cross_entropy as CE
 
 _case = case_builder("cross_entropy")
@@ -25,10 +31,19 @@ def cases() -> List[Case]:
         _case("cross_entropy", (8192, 32000), torch.bfloat16, {"gpu"}, label_smoothing=0.1),
         _case("cross_entropy", (8192, 32000), torch.float32, {"gpu"}, label_smoothing=0.1),
         _case("cross_entropy", (16, 300), torch.float32, {"dry-run"}, label_smoothing=0.1),
+        _case("linear_cross_entropy", (512, 256, 32000), torch.float32, {"bench"}, label_smoothing=0.1),
+        _case("linear_cross_entropy", (16384, 4096, 128256), torch.bfloat16, {"gpu"}),
+        _case("linear_cross_entropy", (64, 32, 300), torch.float32, {"dry-run"}, label_smoothing=0.1),
     ]
 
 
 def inputs(case: Case, device: torch.device, gen: torch.Generator) -> Inputs:
+    if case.op == "linear_cross_entropy":
+        T, H, V = case.shape
+        target = torch.randint(0, V, (T,), generator=gen, device=gen.device)
+        target[::16] = -100
+        return {"input": randn((T, H), case.dtype, device, gen), "target": target.to(device),
+                "linear_weight": randn((V, H), case.dtype, device, gen, 2.0 / H ** 0.5)}
     N, C = case.shape
     target = torch.randint(0, C, (N,), generator=gen, device=gen.device)
     target[::16] = -100
@@ -39,6 +54,8 @@ def variants(case: Case, compile_baseline: bool = False) -> List[Variant]:
     """Forward + backward (loss and d logits) vs ``F.cross_entropy``."""
     import mmkernels
 
+    if case.op == "linear_cross_entropy":
+        return [_linear_variant(case, compile_baseline)]
     N, C = case.shape
     eps = float(case.params.get("label_smoothing", 0.0))
     esize = torch.empty((), dtype=case.dtype).element_size()
@@ -50,9 +67,66 @@ def variants(case: Case, compile_baseline: bool = False) -> List[Variant]:
         bytes_moved=3 * N * C * esize, compile_baseline=compile_baseline)]
 
 
+def _linear_variant(case: Case, compile_baseline: bool) -> Variant:
+    """Forward + backward (loss, d input, d weight) vs the unfused ``F.linear`` + ``F.cross_entropy``."""
+    import mmkernels
+
+    T, H, V = case.shape
+    eps = float(case.params.get("label_smoothing", 0.0))
+    esize = torch.empty((), dtype=case.dtype).element_size()
+    F = torch.nn.functional
+    variant = fwd_bwd_variant(
+        case, ours=lambda i: mmkernels.linear_cross_entropy(i["input"], i["linear_weight"], i["target"].long(),
+                                                            label_smoothing=eps),
+        eager=lambda i: F.cross_entropy(F.linear(i["input"], i["linear_weight"]), i["target"].long(),
+                                        label_smoothing=eps),
+        reference=lambda i: ref.linear_cross_entropy_ref(i["input"], i["linear_weight"], i["target"],
+                                                         label_smoothing=eps)[0],
+        wrt=("input", "linear_weight"), upstream=None, names=("input", "linear_weight", "target"),
+        outputs=("loss", "dinput", "dlinear_weight"), bytes_moved=3 * (T * H + V * H) * esize,
+        flops=6 * T * H * V, compile_baseline=compile_baseline)
+    if T * V <= REFERENCE_LOGITS_MAX:
+        return variant
+    why = (f"{T} x {V} logits: the float64 reference of the loss and d W is {6 * T * H * V / 1e12:.0f} TFLOP "
+           f"on the CPU; the same code is compared in full on the smaller cases")
+    return dataclasses.replace(variant, check_samples=lambda inputs, max_elems, gen: [_row_sample(inputs, eps, gen)],
+                               unchecked={"loss": why, "dlinear_weight": why})
+
+
+#: Above this many logits the float64 reference (three GEMMs on the CPU) runs on a sample of tokens.
+REFERENCE_LOGITS_MAX = 1 << 26
+
+
+def _row_sample(inputs: Inputs, eps: float, gen: torch.Generator) -> CheckSample:
+    """d input on 256 tokens (the first, the last and random ones): with the mean reduction a row
+    of d input is that token's own gradient over the count of every token kept, so the reference
+    runs on the sampled tokens (sum) and divides by the whole count. The loss and d W sum over all
+    tokens: at this size they are checked for finiteness only (in full on the smaller cases)."""
+    T = inputs["input"].shape[0]
+    idx = torch.cat([torch.tensor([0, T - 1]), torch.randperm(T, generator=gen)[:254]]).unique()
+    count = float((inputs["target"] != -100).sum())
+    dev_idx = idx.to(inputs["input"].device)
+    sample = {"input": inputs["input"][dev_idx], "linear_weight": inputs["linear_weight"],
+              "target": inputs["target"][dev_idx]}
+
+    def reference(i):
+        x = i["input"].detach().requires_grad_()
+        loss, _ = ref.linear_cross_entropy_ref(x, i["linear_weight"], i["target"], reduction="sum",
+                                               label_smoothing=eps)
+        (dx,) = torch.autograd.grad(loss / count, (x,))
+        return (dx,)
+
+    return CheckSample(sample, ("dinput",), lambda n, t: t[dev_idx], reference)
+
+
 def targets() -> List[Target]:
+    big = rows_of("cross_entropy", op="linear_cross_entropy", shape=(16384, 4096, 128256), dtype="bfloat16")
     return [Target("cross-entropy fwd+bwd >= 2x F.cross_entropy (8192 x 32000 bf16, GPU)", "ratio", 2.0,
-                   rows_of("cross_entropy", op="cross_entropy", shape=(8192, 32000), dtype="bfloat16"))]
+                   rows_of("cross_entropy", op="cross_entropy", shape=(8192, 32000), dtype="bfloat16")),
+            Target("linear cross-entropy fwd+bwd >= 60% of the bf16 mm rate (16384 x 4096 x 128256, GPU)",
+                   "frac_mm", 0.60, big),
+            Target("linear cross-entropy CPU fwd+bwd time <= 1.2x the unfused composition (512 x 256 x 32000)",
+                   "ratio", 1 / 1.2, rows_of("cross_entropy", op="linear_cross_entropy", shape=(512, 256, 32000)))]
 
 
 def launches(rec, target: int) -> None:

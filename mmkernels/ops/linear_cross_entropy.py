@@ -203,8 +203,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, target, class_weight, terms: LossTerms, reduction: str, want_target_logp: bool,
-                chunk_tokens: Optional[int]):
-        grads = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+                chunk_tokens: Optional[int], grad_mode: bool):
+        # needs_input_grad says True under no_grad too: the caller passes the grad mode it ran in
+        grads = tuple(bool(n) and grad_mode for n in ctx.needs_input_grad[:3])
         grads = (grads[0], grads[1], grads[2] and b is not None)
         eager = reduction != "none" and any(grads)
         if _backend.direct_call_ok(*(t for t in (x, w, b, target, class_weight) if t is not None)):
@@ -239,7 +240,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             out = []
             for t in ctx.saved_tensors:
                 out.append(None if t is None else t.mul_(grad.to(t.dtype)))
-            return (*out, None, None, None, None, None, None)
+            return (*out, None, None, None, None, None, None, None)
         x, w, b, target, class_weight, lse = ctx.saved_tensors
         g = grad.to(lse.dtype)
         if _backend.direct_call_ok(*(t for t in (x, w, b, target, class_weight, lse, g) if t is not None)):
@@ -249,7 +250,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             out = linear_cross_entropy_bwd_op(x, w, b, target, class_weight, lse, g, terms.ignore_index, terms.eps,
                                               terms.z_loss, terms.softcap, *grads, chunk_tokens or 0)
             dx, dw, db = (t if flag else None for t, flag in zip(out, grads))
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     t = target.reshape(-1)
     loss, tlp = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight,
                                                  LossTerms(ignore_index, eps, zs, cap), reduction,
-                                                 bool(return_target_logprob), chunk_tokens)
+                                                 bool(return_target_logprob), chunk_tokens, torch.is_grad_enabled())
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if return_target_logprob:
