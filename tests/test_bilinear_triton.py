@@ -268,7 +268,7 @@ def test_job_signatures_match_real_launches(monkeypatch, N, b, c, d, dtype, tf32
     from mmkernels._triton import bilinear as K
 
     calls = record_launches(monkeypatch, K, ("bilinear_fwd_kernel", "bilinear_bwd_dzdx_kernel", "bilinear_bwd_dw_kernel"))
-    monkeypatch.setattr(BT, "_dot_f32", lambda t: False)  # as on CUDA (CPU bf16 sets it)
+    monkeypatch.setattr(BT, "dot_f32", lambda t: False)  # as on CUDA (CPU bf16 sets it)
     dt = getattr(torch, dtype)
     z, x, w, bvec, dy = (torch.randn(N, b).to(dt), torch.randn(N, c).to(dt), torch.randn(d, b, c).to(dt),
                          torch.randn(d).to(dt), torch.randn(N, d).to(dt))

@@ -250,3 +250,27 @@ def test_chunk_size_follows_the_vocabulary():
     assert ops.chunk_tokens_for(10, 32000, torch.device("cpu")) == 10
     assert ops.chunk_tokens_for(100, 10 ** 9, torch.device("cpu")) == 16
     assert ops.chunk_tokens_for(100, 50, torch.device("cpu"), chunk_tokens=7) == 7
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backends() if p.id == "triton"])
+def test_loss_alone_takes_no_logits(backend, device, monkeypatch, poison_outputs):
+    """Without gradients the Triton path is one GEMM kernel with a log-sum-exp epilogue
+    (triton_stats): no logits chunk, no cross-entropy row kernel; every term, a vocabulary over
+    several programs, equal to the float64 reference."""
+    x, w, b, cw, t = _inputs(45, 24, 333, torch.float32, device, seed=12, bias=True, weight=True)
+
+    def no_rows(*args, **kw):
+        raise AssertionError("the row kernels ran: the logits were materialised")
+
+    monkeypatch.setattr(ops, "row_forward", no_rows)
+    kw = dict(weight=cw, label_smoothing=0.1, z_loss_scale=1e-3, softcap=5.0)
+    with mmkernels.use_backend(backend), torch.no_grad():
+        loss, tlp = mmkernels.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none",
+                                                   return_target_logprob=True, **kw)
+    ref, ref_tlp = linear_cross_entropy_ref(x, w, t, linear_bias=b, reduction="none", **kw)
+    cfg, v_split = ops.resolve_stats(45, 333, torch.float32, 132, softcap=True)
+    assert -(-333 // v_split) > 1  # the vocabulary over several programs, combined after
+    mt.assert_close(loss, ref, backend="triton-tf32" if ops.dot_class(x.dtype) == "tf32" else backend,
+                    dtype=torch.float32, magnitude=ref.abs() + 1, what="loss")
+    mt.assert_close(tlp, ref_tlp, backend=backend, dtype=torch.float32, magnitude=ref_tlp.abs() + 1,
+                    what="target log-probability")

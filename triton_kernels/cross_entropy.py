@@ -159,8 +159,92 @@ def cross_entropy_bwd_kernel(
         tl.store(dx_base + cols * sdx_c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def linear_cross_entropy_stats_kernel(
+    x_ptr, w_ptr, b_ptr, t_ptr, cw_ptr, m_ptr, s_ptr, zt_ptr, zw_ptr,
+    T, V, H, V_SPLIT, sx_t, sx_h, sw_v, sw_h, st, scw,
+    ignore_index, cap_hi, cap_lo,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, HAS_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_H: tl.constexpr, DOT_F32: tl.constexpr, USE_INT64: tl.constexpr,
+):
+    """An output layer's logits ``u = x·Wᵀ + b`` as a GEMM whose epilogue keeps, per token, the
+    running max ``m`` and rescaled sum ``s`` of ``exp z`` (``z`` capped with SOFTCAP), the target's
+    ``z_t`` and (SMOOTH) ``Σ_c w_c z_c`` — the logits never reach memory.
+
+    Grid ``(cdiv(T, BLOCK_T), splits)``: program ``(i, j)`` takes tokens ``[i·BLOCK_T, ...)`` and
+    the vocabulary slice ``[j·V_SPLIT, (j+1)·V_SPLIT)`` in BLOCK_V steps, each a BLOCK_T × BLOCK_V
+    tile accumulated over H in BLOCK_H steps (``tl.dot``: tensor cores for 16-bit and TF32). It
+    writes its four partials at ``[j, token]`` of the (splits, T) float32 outputs; the launcher
+    combines the splits (a fixed-order reduction: deterministic). ``z_t`` is 0 in a split that
+    does not hold the target. EVEN_H: ``H`` is a multiple of BLOCK_H (no mask along H). DOT_F32:
+    fp32 dot operands (bf16 under the interpreter only)."""
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    if USE_INT64:
+        pid_t = pid_t.to(tl.int64)
+        split = split.to(tl.int64)
+    cap = cap_hi + cap_lo
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    t = tl.load(t_ptr + rows * st, mask=rmask, other=ignore_index).to(tl.int64)
+    tl.device_assert((t == ignore_index) | ((t >= 0) & (t < V)), "linear_cross_entropy: target out of [0, C)")
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_T], tl.float32)
+    zt = tl.zeros([BLOCK_T], tl.float32)
+    zw = tl.zeros([BLOCK_T], tl.float32)
+    v_lo = split * V_SPLIT
+    v_hi = tl.minimum(V, v_lo + V_SPLIT)
+    hs = tl.arange(0, BLOCK_H)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < v_hi
+        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        x_ptrs = x_ptr + rows[:, None] * sx_t + hs[None, :] * sx_h
+        w_ptrs = w_ptr + cols[:, None] * sw_v + hs[None, :] * sw_h  # a (BLOCK_V, BLOCK_H) tile: H contiguous
+        for h0 in range(0, H, BLOCK_H):
+            if EVEN_H:  # the masks are loop-invariant
+                xa = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+                wb = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
+            else:
+                hmask = hs < H - h0
+                xa = tl.load(x_ptrs, mask=rmask[:, None] & hmask[None, :], other=0.0)
+                wb = tl.load(w_ptrs, mask=cmask[:, None] & hmask[None, :], other=0.0)
+            if DOT_F32:
+                xa = xa.to(tl.float32)
+                wb = wb.to(tl.float32)
+            acc = tl.dot(xa, tl.trans(wb), acc, input_precision=PRECISION, out_dtype=tl.float32)
+            x_ptrs += BLOCK_H * sx_h
+            w_ptrs += BLOCK_H * sw_h
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # the logits as the unfused composition has them: rounded to the input's dtype
+        z = _capped(acc.to(x_ptr.dtype.element_ty).to(tl.float32), cap, SOFTCAP)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        empty = m_new == float("-inf")  # nothing but -inf so far in this row: keep the sum at 0
+        scale = tl.where(empty, 0.0, tl.exp(m - m_new))
+        e = tl.where(empty[:, None], 0.0, tl.exp(z - m_new[:, None]))
+        s = s * scale + tl.sum(e, axis=1)
+        m = m_new
+        zt += tl.sum(tl.where((cols[None, :] == t[:, None]) & cmask[None, :], z, 0.0), axis=1)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                wc = tl.load(cw_ptr + cols * scw, mask=cmask, other=0.0).to(tl.float32)
+                zw += tl.sum(tl.where(cmask[None, :], z * wc[None, :], 0.0), axis=1)
+            else:
+                zw += tl.sum(tl.where(cmask[None, :], z, 0.0), axis=1)
+    out = split * T + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(zt_ptr + out, zt, mask=rmask)
+    if SMOOTH:
+        tl.store(zw_ptr + out, zw, mask=rmask)
+
+
 #: What the compile tier requires of each kernel (mmkernels.testing.compile_tier).
 EXPECTATIONS = {
     "cross_entropy_fwd_kernel": {"local_memory": 0},
     "cross_entropy_bwd_kernel": {"local_memory": 0},
+    "linear_cross_entropy_stats_kernel": {"local_memory": 0, "mma": "HGMMA"},  # not for IEEE fp32
 }

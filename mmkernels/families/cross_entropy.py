@@ -8,7 +8,9 @@ Cases: op ``cross_entropy``, shape ``(N, C)``, param ``label_smoothing``; inputs
 ``target``; forward + backward against ``F.cross_entropy(F.linear(...))`` (and
 ``F.linear_cross_entropy`` with its chunking options), FLOPs those of the three GEMMs. Compile tier: every
 config of :func:`mmkernels.ops.cross_entropy.launch_configs` in fp32 with label smoothing; at
-C = 32000 also bf16, fp16, fp64, no smoothing, smoothing 1 and int64 offsets.
+C = 32000 also bf16, fp16, fp64, no smoothing, smoothing 1, every loss term and int64 offsets;
+the logits-free forward's GEMM (:func:`mmkernels.ops.linear_cross_entropy.triton_stats`) in bf16,
+fp16, fp32 with TF32 and IEEE dots, with every term, few tokens at odd sizes and int64 offsets.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from mmkernels import reference as ref
 from mmkernels.family import (Case, CheckSample, Family, Inputs, Target, Variant, case_builder, fwd_bwd_variant,
                               randn, rows_of)
 from mmkernels.ops import cross_entropy as CE
+from mmkernels.ops import linear_cross_entropy as LCE
 
 _case = case_builder("cross_entropy")
 
@@ -153,6 +156,30 @@ def launches(rec, target: int) -> None:
     launch(64, 32000, "bf16 every term", torch.bfloat16, weighted=True, z_loss=1e-4, softcap=30.0, tlp=True)
     launch(64, 32000, "fp64 every term", torch.float64, weighted=True, z_loss=1e-4, softcap=30.0, tlp=True)
     launch(1 << 17, 32000, "fp32 int64 offsets")
+
+    def stats(T, H, V, variant, dtype=torch.bfloat16, tf32=True, every_term=False, int64=False):
+        x = torch.empty((T, H), dtype=dtype, device="meta")
+        w = torch.empty((V, H), dtype=dtype, device="meta")
+        b = torch.empty((V,), dtype=dtype, device="meta") if every_term else None
+        t = torch.empty((T,), dtype=torch.int64, device="meta")
+        cw = torch.empty((V,), dtype=torch.float32, device="meta") if every_term else None
+        terms = CE.LossTerms(-100, 0.1, 1e-4, 30.0) if every_term else CE.LossTerms()
+        ieee = dtype == torch.float32 and not tf32
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        try:
+            with rec.variant(variant, expect={"mma": None} if ieee else None):
+                LCE.triton_stats(x, w, b, t, cw, terms, arch=target // 10)
+        finally:
+            torch.set_float32_matmul_precision(saved)
+
+    stats(16384, 4096, 128256, "linear bf16")
+    stats(16384, 4096, 128256, "linear bf16 every term", every_term=True)
+    stats(4096, 1024, 32000, "linear fp16", torch.float16)
+    stats(4096, 1024, 32000, "linear fp32 tf32", torch.float32)
+    stats(4096, 1024, 32000, "linear fp32 ieee", torch.float32, tf32=False)
+    stats(64, 1000, 50257, "linear bf16 few tokens odd sizes", every_term=True)
+    stats(1 << 19, 4096, 128256, "linear bf16 int64 offsets")
 
 
 FAMILY = Family(name="cross_entropy", summary="fused cross-entropy with class indices (no probabilities in memory)",

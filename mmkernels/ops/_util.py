@@ -34,6 +34,18 @@ def acc_dtype(*dtypes: torch.dtype):
     return tl.float64 if math_dtype(*dtypes) == torch.float64 else tl.float32
 
 
+def tf32_allowed() -> bool:
+    """Whether fp32 GEMMs may use TF32: torch's matmul precision setting
+    (``torch.set_float32_matmul_precision``: "high" / "medium" allow it, "highest" does not)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def dot_f32(t: torch.Tensor) -> bool:
+    """Whether a kernel's ``tl.dot`` takes fp32 operands: only for bf16 under Triton's interpreter
+    (CPU tensors on the Triton path), whose bf16 ``tl.dot`` returns wrong values."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu"
+
+
 def gpu_arch(t: torch.Tensor) -> Optional[int]:
     """Compute capability major of ``t``'s GPU (8: sm_80, 9: sm_90); None off CUDA."""
     return torch.cuda.get_device_capability(t.device)[0] if t.device.type == "cuda" else None

@@ -27,7 +27,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS, check_same, check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset
-from mmkernels.ops._util import acc_dtype, cdiv, gpu_arch, math_dtype, next_pow2, sm_count
+from mmkernels.ops._util import acc_dtype, cdiv, dot_f32, gpu_arch, math_dtype, next_pow2, sm_count, tf32_allowed
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver (heuristic; configs are data)
@@ -97,7 +97,7 @@ def dtype_class(dtype: torch.dtype, allow_tf32: Optional[bool] = None) -> str:
     if dtype == torch.float64:
         return "fp64"
     if allow_tf32 is None:
-        allow_tf32 = torch.get_float32_matmul_precision() != "highest"
+        allow_tf32 = tf32_allowed()
     return "tf32" if allow_tf32 else "ieee"
 
 
@@ -204,11 +204,6 @@ def _interpret(t: torch.Tensor) -> bool:
     """CPU tensors reach the Triton launchers only under Triton's interpreter (meta tensors, as the
     compile tier records launches, get the GPU's configs)."""
     return t.device.type == "cpu"
-
-
-def _dot_f32(t: torch.Tensor) -> bool:
-    """fp32 dot operands: only for bf16 under Triton's interpreter (its bf16 tl.dot is wrong)."""
-    return t.dtype == torch.bfloat16 and _interpret(t)
 
 
 def _sms(t: torch.Tensor, arch: Optional[int]) -> int:
@@ -342,7 +337,7 @@ def bilinear_forward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         s_yn=out.stride(-2), s_yj=out.stride(-1), s_ys=out.stride(0) if h_splits > 1 else 0,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_I=cfg.block_i,
         HAS_BIAS=bias is not None and h_splits == 1, TRIANGULAR=triangular,
-        PRECISION=_precision(z.dtype), USE_INT64=_needs_int64(z, x, weight, bias, out), DOT_F32=_dot_f32(z),
+        PRECISION=_precision(z.dtype), USE_INT64=_needs_int64(z, x, weight, bias, out), DOT_F32=dot_f32(z),
         ACC=acc_dtype(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if h_splits == 1 else _sum_planes(out, y, bias)
@@ -409,7 +404,7 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                 BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_J=cfg.block_j,
                 EVEN=not triangular and c % cfg.block_i == 0 and d % cfg.block_j == 0,
                 NEED_DZ=need_dz, NEED_DX=need_dx, TRIANGULAR=triangular,
-                PRECISION=prec, USE_INT64=_needs_int64(z, x, weight, dy, dz_k, dx_k), DOT_F32=_dot_f32(z),
+                PRECISION=prec, USE_INT64=_needs_int64(z, x, weight, dy, dz_k, dx_k), DOT_F32=dot_f32(z),
                 ACC=acc_dtype(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if dz_t is not None and dz_t.dim() == 3:
@@ -441,7 +436,7 @@ def bilinear_backward_triton(z: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                 s_dyn=dy.stride(0), s_dyj=dy.stride(1),
                 s_dwj=dwj, s_dwh=0 if triangular else c * dwp, s_dwi=dwp, s_dws=w2.stride(0) if ns > 1 else 0,
                 BLOCK_D=cfg.block_d, BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, TRIANGULAR=triangular,
-                PRECISION=prec, USE_INT64=_needs_int64(z, x, dy, dw_t), DOT_F32=_dot_f32(z),
+                PRECISION=prec, USE_INT64=_needs_int64(z, x, dy, dw_t), DOT_F32=dot_f32(z),
                 ACC=acc_dtype(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if ns > 1:

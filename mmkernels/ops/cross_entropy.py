@@ -150,6 +150,23 @@ def _capped(u: torch.Tensor, cap: float) -> torch.Tensor:
     return u.div_(cap).tanh_().mul_(cap) if cap else u
 
 
+def row_loss(lse, z_t, zw, target, terms: LossTerms, weight, C: int) -> torch.Tensor:
+    """Each row's loss from its statistics: ``lse``, the target's (capped) logit ``z_t`` and, with
+    label smoothing, ``zw = Σ_c w_c z_c`` (``Σ_c z_c`` without class weights); 0 in ignored rows."""
+    eps = terms.eps
+    valid = target != terms.ignore_index
+    loss = torch.zeros_like(lse)
+    if eps < 1:
+        w_t = 1.0 if weight is None else weight.to(lse.dtype)[torch.where(valid, target, 0)]
+        loss += (1.0 - eps) * (lse - z_t) * w_t
+    if eps > 0:
+        w_all = C if weight is None else weight.to(lse.dtype).sum()
+        loss += (eps / C) * (w_all * lse - zw)
+    if terms.z_loss:
+        loss += terms.z_loss * lse * lse
+    return torch.where(valid, loss, 0.0)
+
+
 def _cpu_forward(x, target, terms: LossTerms, weight=None, want_target_logp: bool = False):
     """Row chunks of at most CPU_CHUNK_ELEMS elements: no full-size temporary."""
     N, C = x.shape
@@ -160,22 +177,15 @@ def _cpu_forward(x, target, terms: LossTerms, weight=None, want_target_logp: boo
     valid = target != terms.ignore_index
     safe = torch.where(valid, target, 0).long()
     w = None if weight is None else weight.to(acc)
-    w_t = None if w is None else w[safe]
-    eps = terms.eps
     for r0, r1 in _chunks(N, C):
         z = _capped(x[r0:r1].to(acc, copy=terms.softcap != 0), terms.softcap)
         lse_c = torch.logsumexp(z, dim=1)
         lse[r0:r1] = lse_c
-        part = torch.zeros_like(lse_c)
         z_t = z.gather(1, safe[r0:r1, None]).squeeze(1)
-        if eps < 1:
-            part += (1.0 - eps) * (lse_c - z_t) * (1.0 if w_t is None else w_t[r0:r1])
-        if eps > 0:
-            smooth = C * lse_c - z.sum(1) if w is None else w.sum() * lse_c - z @ w
-            part += (eps / C) * smooth
-        if terms.z_loss:
-            part += terms.z_loss * lse_c * lse_c
-        loss[r0:r1] = torch.where(valid[r0:r1], part, 0.0)
+        zw = None
+        if terms.eps > 0:
+            zw = z.sum(1) if w is None else z @ w
+        loss[r0:r1] = row_loss(lse_c, z_t, zw, target[r0:r1], terms, w, C)
         if tlp is not None:
             tlp[r0:r1] = torch.where(valid[r0:r1], z_t - lse_c, 0.0)
     return loss, lse, tlp

@@ -21,7 +21,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._util import acc_dtype, cdiv, gpu_arch, math_dtype, next_pow2, sm_count
+from mmkernels.ops._util import acc_dtype, cdiv, dot_f32, gpu_arch, math_dtype, next_pow2, sm_count
 from mmkernels.ops.routing import Routing
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
@@ -236,11 +236,6 @@ def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype
     return ExpertsConfig(bm, bn, bk, warps, stages, group=8)
 
 
-def _dot_f32(x: torch.Tensor) -> bool:
-    """fp32 dot operands: only for bf16 under Triton's interpreter (its bf16 ``tl.dot`` is wrong)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _backend.interpreter_active()
-
-
 def grouped_launch(routing, n: int, c: ExpertsConfig) -> Tuple[Tuple[int], dict]:
     """(grid, launch arguments) of a grouped GEMM's tiling at config ``c`` over ``n`` output
     columns: a 1-D grid of every possible tile (``routing.max_tiles``) x the column blocks of
@@ -307,7 +302,7 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     k = routing.top_k
     rows = T * k
     acc, prec = acc_dtype(x.dtype), "ieee"
-    dot_f32 = _dot_f32(x)
+    f32_dots = dot_f32(x)
     dev = x.device
     h = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev) if save_h else None
     a = torch.empty((rows, I), dtype=x.dtype, device=dev)
@@ -325,7 +320,7 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
         s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
         alpha=spec.alpha, limit=spec.limit,
         INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
-        ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+        ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=f32_dots,
     )
     c2 = _config("down", configs, routing.block_m, H, I, x.dtype, arch)
     grid, tiling = grouped_launch(routing, H, c2)
@@ -339,7 +334,7 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
         **tiles, N=H, KD=I, K=k, KD_SPLIT=kd_split, s_split=rows * H if splits > 1 else 0,
         s_me=down.stride(0), s_mn=down.stride(1), s_mk=down.stride(2),
         s_wt=weights.stride(0), s_wj=weights.stride(1),
-        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=dot_f32,
+        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=f32_dots,
     )
     _combine(y, routing, out)
     return out, h, y, a
@@ -357,11 +352,11 @@ def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec
     k = routing.top_k
     rows = T * k
     acc, prec = acc_dtype(x.dtype), "ieee"
-    dot_f32 = _dot_f32(x)
+    f32_dots = dot_f32(x)
     dev = x.device
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    common = dict(PRECISION=prec, ACC=acc, DOT_F32=dot_f32)
+    common = dict(PRECISION=prec, ACC=acc, DOT_F32=f32_dots)
     arch = gpu_arch(x) if arch is None else arch
     c1 = _config("dact", configs, routing.block_m, I, H, x.dtype, arch)
     nb_i = cdiv(I, c1.block_n)

@@ -11,11 +11,18 @@ there (three GEMMs in all, like the unfused composition) and the backward only s
 their gradients: one logits chunk (``chunk_tokens · vocab`` elements), a float32 ``d W`` for
 16-bit weights, and per-row floats.
 
-Order in this file: chunking -> the sweep -> torch.library ops -> autograd.Function -> public
-functional.
+When no gradient is wanted in the forward (no grad mode, nothing requires grad, or reduction
+``none``, whose backward recomputes), the Triton path computes the loss without any logits in
+memory: :func:`triton_stats` is one GEMM kernel whose epilogue keeps each token's running
+log-sum-exp, target logit and smoothing sum (``triton_kernels/cross_entropy.py``,
+``linear_cross_entropy_stats_kernel``), over vocabulary splits combined in a fixed order.
+
+Order in this file: config resolver -> chunking -> the logits-free forward (Triton) -> the sweep
+-> torch.library ops -> autograd.Function -> public functional.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -23,9 +30,51 @@ import torch
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
-from mmkernels.ops._util import math_dtype
+from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
+from mmkernels.ops._util import cdiv, dot_f32, gpu_arch, math_dtype, sm_count, tf32_allowed
 from mmkernels.ops.cross_entropy import (REDUCTIONS, LossTerms, check_targets_on_host, mean_divisor, row_backward,
-                                         row_forward)
+                                         row_forward, row_loss)
+
+# ----------------------------------------------------------------------------------------------
+# Config resolver (the logits-free forward's GEMM tiles)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsConfig:
+    block_t: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+
+#: Tiles by dot class: 16-bit and TF32 on tensor cores (wgmma on sm_90, mma.sync on sm_80), IEEE
+#: fp32 on FMA units (smaller: its dot holds fp32 operands in registers).
+STATS_CONFIGS = {
+    "16bit": StatsConfig(128, 128, 64, 8, 3),
+    "tf32": StatsConfig(128, 128, 32, 8, 3),
+    "ieee": StatsConfig(64, 64, 32, 4, 2),
+}
+
+
+def dot_class(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    return "tf32" if tf32_allowed() else "ieee"
+
+
+def resolve_stats(T: int, V: int, dtype: torch.dtype, sms: int, softcap: bool = False) -> Tuple[StatsConfig, int]:
+    """The tiles and the vocabulary slice per program (a multiple of ``block_v``): the vocabulary
+    is split until the programs fill two waves of ``sms`` (or each slice is one tile). With
+    soft-capping the tile is half as wide and its H steps at most 32 deep (its tanh's temporaries
+    spill a 128 x 128 tile, and 128 x 64 x 64 at unaligned sizes)."""
+    cfg = STATS_CONFIGS[dot_class(dtype)]
+    if softcap:
+        cfg = dataclasses.replace(cfg, block_v=cfg.block_v // 2, block_h=min(cfg.block_h, 32))
+    programs_t = cdiv(T, cfg.block_t)
+    splits = max(1, min(cdiv(V, cfg.block_v), cdiv(2 * sms, programs_t)))
+    return cfg, cdiv(cdiv(V, splits), cfg.block_v) * cfg.block_v
 
 # ----------------------------------------------------------------------------------------------
 # Chunking
@@ -42,6 +91,50 @@ def chunk_tokens_for(T: int, V: int, device: torch.device, chunk_tokens: Optiona
     if chunk_tokens is None:
         chunk_tokens = max(16, CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cpu"]) // max(V, 1))
     return max(1, min(T, chunk_tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# The logits-free forward (Triton)
+# ----------------------------------------------------------------------------------------------
+
+def stats_supported(x: torch.Tensor) -> bool:
+    """The stats kernel runs on the Triton path for 16-bit and float32 operands (float64 takes the
+    sweep: no float64 tensor-core dot)."""
+    return x.dtype != torch.float64 and _backend.resolve(x.device) is _backend.Impl.TRITON
+
+
+def triton_stats(x, w, b, target, class_weight, terms: LossTerms, *, arch: Optional[int] = None):
+    """``(lse, z_t, zw)``, float32 (T,): each token's log-sum-exp of its (capped) logits, its
+    target's logit (0 for an ignored token) and, with label smoothing, ``Σ_c w_c z_c`` (else
+    None) — from one GEMM kernel over vocabulary splits, combined here in a fixed order."""
+    from mmkernels._triton import cross_entropy as K
+
+    T, H = x.shape
+    V = w.shape[0]
+    arch = gpu_arch(x) if arch is None else arch
+    cfg, v_split = resolve_stats(T, V, x.dtype, sm_count(x, arch), terms.softcap != 0)
+    splits = cdiv(V, v_split)
+    part = torch.empty((4, splits, T), dtype=torch.float32, device=x.device)
+    smooth = terms.eps > 0
+    K.linear_cross_entropy_stats_kernel[(cdiv(T, cfg.block_t), splits)](
+        x_ptr=x, w_ptr=w, b_ptr=b if b is not None else w, t_ptr=target,
+        cw_ptr=class_weight if class_weight is not None else part,
+        m_ptr=part[0], s_ptr=part[1], zt_ptr=part[2], zw_ptr=part[3],
+        T=T, V=V, H=H, V_SPLIT=v_split, sx_t=x.stride(0), sx_h=x.stride(1), sw_v=w.stride(0), sw_h=w.stride(1),
+        st=target.stride(0), scw=class_weight.stride(0) if class_weight is not None else 0,
+        ignore_index=terms.ignore_index, **split_float("cap", terms.softcap),
+        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, HAS_BIAS=b is not None,
+        SOFTCAP=terms.softcap != 0, SMOOTH=smooth, HAS_WEIGHT=class_weight is not None,
+        PRECISION="ieee" if dot_class(x.dtype) != "tf32" else "tf32", EVEN_H=H % cfg.block_h == 0,
+        DOT_F32=dot_f32(x),
+        USE_INT64=max(max_offset(x), max_offset(w), part.numel()) + cfg.block_v * abs(w.stride(0)) >= INT32_LIMIT,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    m, s, z_t, zw = part
+    big = m.amax(0)
+    finite = torch.isfinite(big)
+    lse = torch.where(finite, big + (s * torch.exp(m - torch.where(finite, big, 0.0))).sum(0).log(), big)
+    return lse, z_t.sum(0), zw.sum(0) if smooth else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +164,11 @@ def sweep(x, w, b, target, class_weight, terms: LossTerms, *, lse=None, g=None, 
     T, H = x.shape
     V = w.shape[0]
     acc = math_dtype(x.dtype)
+    if lse is None and g is None and T and stats_supported(x):  # the loss alone: no logits at all
+        lse, z_t, zw = triton_stats(x, w, b, target, class_weight, terms)
+        valid = target != terms.ignore_index
+        tlp = torch.where(valid, z_t - lse, 0.0) if want_target_logp else None
+        return row_loss(lse, z_t, zw, target, terms, class_weight, V), lse, tlp, None, None, None
     rows = chunk_tokens_for(T, V, x.device, chunk_tokens)
     forward = lse is None
     loss = torch.empty(T, dtype=acc, device=x.device) if forward else None
