@@ -367,3 +367,34 @@ def test_tracers_and_fake_tensors_see_the_custom_ops():
     assert type(y).__name__ == "FakeTensor" and y.shape == (3, 5) and dx.shape == (3, 5)
     gm = make_fx(lambda t: mmkernels.softmax(t, -1))(torch.randn(2, 4))
     assert "mmkernels.softmax_fwd" in gm.code
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+                         ids=str)
+@pytest.mark.parametrize("n,config", [(1, None), (3, None), (13, None), (1001, None),
+                                      (203, ops.SoftmaxConfig(1, 64, 1, online=True))],
+                         ids=["n1", "n3", "n13", "n1001", "online-n203"])
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("kind", list(ops.Kind))
+def test_odd_rows_split_into_head_aligned_body_and_tail(kind, offset, n, config, dtype, out_dtype, poison_outputs):
+    """Rows whose stride is no multiple of 16 bytes go through the kernels' head / aligned body /
+    tail split (ALIGN > 1): forward and backward equal the float64 reference for every row start
+    modulo 16 bytes (7 rows of odd length, storage offsets 0, 1, 3), a head longer than the row
+    (n = 1, 3), mixed storage and output dtypes, the one-pass and the looped kernels."""
+    if not (torch.cuda.is_available() or interpreter_active()):
+        pytest.skip("needs CUDA or the interpreter")
+    gen = torch.Generator().manual_seed(n * 7 + offset)
+    flat = torch.randn(7 * n + offset, generator=gen, dtype=torch.float64).mul_(4).to(device=DEVICE, dtype=dtype)
+    x = flat[offset:].view(7, n)
+    y = ops.triton_forward(x, 1, kind, out_dtype, config=config)
+    dy = torch.randn(7, n, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=out_dtype)
+    dx = ops.triton_backward(y, dy, 1, kind, dtype, config=config)
+    rows = ((0, 1, n), (0, 1, n))  # (o, n, i) strides of x and y as the launchers see rows
+    assert ops.row_align(False, (x, y), rows) == 16 // min(x.element_size(), y.element_size())
+    ref = FORWARD[kind.name.lower()](x, 1)
+    mt.assert_close(y, ref, backend="triton", dtype=out_dtype, what=f"{kind.name} forward")
+    want = softmax_backward_ref(y, dy, 1, kind.name.lower())
+    mt.assert_close(dx, want, backend="triton", dtype=dtype,
+                    magnitude=softmax_backward_magnitude(y, dy, 1, kind.name.lower()), what=f"{kind.name} backward")

@@ -14,6 +14,12 @@ equal to 1, which makes the contiguous tile axis visible to the compiler for vec
 Math runs in ``ACC`` (float32, or float64 for float64 tensors); loads and stores convert.
 ``USE_INT64`` switches index arithmetic to int64 for tensors that can pass 2**31 elements.
 
+Odd row lengths (``ALIGN`` > 1, rows only, every tensor with the same row stride): a row that
+starts off a 16-byte boundary is split into a head of fewer than ``ALIGN`` elements up to the
+first boundary, an aligned body of whole ``ALIGN``-element groups — its mask constant over each
+group, so its loads and stores are 128-bit — and a tail of the rest. ``ALIGN`` is 16 bytes in
+elements of the narrowest dtype; 1 turns the split off (head and tail empty, the body the row).
+
 Kinds: softmax ``y = exp(x - m) / s``; log-softmax ``y = x - m - log(s)``; softmin is softmax of
 ``-x`` (``NEG``). Backward (``KIND`` 0 softmax, 1 log-softmax, 2 softmin):
 ``dx = y * (dy - Σ y·dy)``, ``dx = dy - exp(y) · Σ dy``, ``dx = y * (Σ y·dy - dy)``.
@@ -37,6 +43,41 @@ def _tile_offsets(pid, I, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, USE_INT6
 
 
 @triton.jit
+def _split_rows(offs_i, N, s_i, ALIGN: tl.constexpr):
+    """Per row [BLOCK_I]: (head length, body groups): the head runs from the row's first element
+    to the first 16-byte boundary (``ALIGN`` elements), the body is that many whole groups."""
+    if ALIGN > 1:
+        head = tl.minimum((ALIGN - (offs_i * s_i) % ALIGN) % ALIGN, N)
+        # what _part's multiple_of promises the compiler (a row shorter than its head has no body)
+        tl.device_assert(((offs_i * s_i + head) % ALIGN == 0) | (head == N), "softmax: body start not aligned")
+        return head, (N - head) // ALIGN
+    return tl.zeros_like(offs_i), tl.zeros_like(offs_i) + N
+
+
+@triton.jit
+def _part(o, offs_i, cols, s_o, s_n, s_i, head, ALIGN: tl.constexpr):
+    """Element offsets of a [BLOCK_I, len(cols)] tile of row positions ``head + cols``; the body's
+    row starts are aligned (``head`` reaches the boundary), which ``multiple_of`` tells the compiler."""
+    if ALIGN > 1:
+        return tl.multiple_of(offs_i * s_i + head, ALIGN)[:, None] + cols[None, :]
+    return o * s_o + offs_i[:, None] * s_i + cols[None, :] * s_n
+
+
+@triton.jit
+def _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN: tl.constexpr):
+    """(head mask [BLOCK_I, ALIGN], body mask [BLOCK_I, BLOCK_N], tail mask [BLOCK_I, ALIGN]); the
+    body's is constant over each ALIGN-group of columns (a group is in or out)."""
+    body = mask_i[:, None] & ((offs_n // ALIGN)[None, :] < groups[:, None])
+    if ALIGN > 1:
+        head_m = mask_i[:, None] & (offs_a[None, :] < head[:, None])
+        tail_m = mask_i[:, None] & (offs_a[None, :] < (N - head - groups * ALIGN)[:, None])
+    else:  # constant false: the compiler drops the head's and tail's loads, stores and math
+        head_m = tl.zeros([mask_i.shape[0], ALIGN], tl.int1)
+        tail_m = head_m
+    return head_m, body, tail_m
+
+
+@triton.jit
 def softmax_fwd_fused_kernel(
     x_ptr, y_ptr,
     N, I,
@@ -44,28 +85,83 @@ def softmax_fwd_fused_kernel(
     sy_o, sy_n, sy_i,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
     LOG: tl.constexpr, NEG: tl.constexpr,
-    ACC: tl.constexpr, USE_INT64: tl.constexpr,
+    ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
 ):
-    """One pass: the whole reduced dim (N <= BLOCK_N) is loaded once and y written once."""
+    """One pass: the whole reduced dim (N <= BLOCK_N) is loaded once and y written once (as head,
+    aligned body and tail with ALIGN > 1)."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    mask = (offs_i[:, None] < I) & (offs_n[None, :] < N)
-    x = tl.load(x_ptr + o * sx_o + offs_i[:, None] * sx_i + offs_n[None, :] * sx_n,
-                mask=mask, other=0.0).to(ACC)
+    offs_a = tl.arange(0, ALIGN)
+    mask_i = offs_i < I
+    head, groups = _split_rows(offs_i, N, sx_i, ALIGN)
+    mh, mb, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
+    zero = tl.zeros_like(head)
+    tail0 = head + groups * ALIGN
+    xb = tl.load(x_ptr + _part(o, offs_i, offs_n, sx_o, sx_n, sx_i, head, ALIGN), mask=mb, other=0.0).to(ACC)
+    xb = tl.where(mb, -xb if NEG else xb, float("-inf"))
+    m = tl.max(xb, axis=1)
+    if ALIGN > 1:
+        xh = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+        xt = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+        xh = tl.where(mh, -xh if NEG else xh, float("-inf"))
+        xt = tl.where(mt, -xt if NEG else xt, float("-inf"))
+        m = tl.maximum(m, tl.maximum(tl.max(xh, axis=1), tl.max(xt, axis=1)))
+    zb = xb - m[:, None]
+    eb = tl.where(mb, tl.exp(zb), 0.0)
+    s = tl.sum(eb, axis=1)
+    if ALIGN > 1:
+        zh = xh - m[:, None]
+        zt = xt - m[:, None]
+        eh = tl.where(mh, tl.exp(zh), 0.0)
+        et = tl.where(mt, tl.exp(zt), 0.0)
+        s += tl.sum(eh, axis=1) + tl.sum(et, axis=1)
+    out = y_ptr.dtype.element_ty
+    tl.store(y_ptr + _part(o, offs_i, offs_n, sy_o, sy_n, sy_i, head, ALIGN),
+             _normalised(zb, eb, s, LOG, ACC).to(out), mask=mb)
+    if ALIGN > 1:
+        tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN),
+                 _normalised(zh, eh, s, LOG, ACC).to(out), mask=mh)
+        tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN),
+                 _normalised(zt, et, s, LOG, ACC).to(out), mask=mt)
+
+
+@triton.jit
+def _normalised(z, e, s, LOG: tl.constexpr, ACC: tl.constexpr):
+    """y from ``z = x - max``, ``e = exp(z)`` (0 where masked) and the row sum ``s``."""
+    if LOG:
+        return z - tl.log(s)[:, None]
+    if ACC == tl.float64:
+        # no fp64 division: its SASS slow-path subroutine keeps a stack frame (local memory)
+        return tl.exp(z - tl.log(s)[:, None])
+    return e * (1.0 / s)[:, None]
+
+
+@triton.jit
+def _online_step(m_l, s_l, x, mask):
+    """One tile of the online max / rescaled sum, per lane."""
+    x = tl.where(mask, x, float("-inf"))
+    m_new = tl.maximum(m_l, x)
+    empty = m_new == float("-inf")  # every value seen in this lane is -inf: keep the sum at 0
+    alpha = tl.where(empty, 0.0, tl.exp(m_l - m_new))
+    return m_new, s_l * alpha + tl.where(empty, 0.0, tl.exp(x - m_new))
+
+
+@triton.jit
+def _lane_total(m_l, s_l, m):
+    return tl.sum(tl.where(m_l == float("-inf"), 0.0, s_l * tl.exp(m_l - m[:, None])), axis=1)
+
+
+@triton.jit
+def _fwd_out(x, m, log_s, inv_s, LOG: tl.constexpr, NEG: tl.constexpr, ACC: tl.constexpr):
     if NEG:
         x = -x
-    x = tl.where(mask, x, float("-inf"))
-    z = x - tl.max(x, axis=1)[:, None]
-    e = tl.where(mask, tl.exp(z), 0.0)
-    s = tl.sum(e, axis=1)
+    z = x - m[:, None]
     if LOG:
-        y = z - tl.log(s)[:, None]
+        y = z - log_s[:, None]
     elif ACC == tl.float64:
-        # no fp64 division: its SASS slow-path subroutine keeps a stack frame (local memory)
-        y = tl.exp(z - tl.log(s)[:, None])
+        y = tl.exp(z - log_s[:, None])
     else:
-        y = e * (1.0 / s)[:, None]
-    tl.store(y_ptr + o * sy_o + offs_i[:, None] * sy_i + offs_n[None, :] * sy_n,
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = tl.exp(z) * inv_s[:, None]
+    return y
 
 
 @triton.jit
@@ -76,47 +172,51 @@ def softmax_fwd_online_kernel(
     sy_o, sy_n, sy_i,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
     LOG: tl.constexpr, NEG: tl.constexpr,
-    ACC: tl.constexpr, USE_INT64: tl.constexpr,
+    ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """Rows longer than the on-chip limit: pass 1 keeps a running max and rescaled sum per tile
-    lane (online softmax, no cross-lane reduction inside the loop), pass 2 writes y."""
+    lane (online softmax, no cross-lane reduction inside the loop), pass 2 writes y. With
+    ALIGN > 1 the loops run over the aligned body; head and tail are one small tile each."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    mask_i = offs_i[:, None] < I
-    x_base = x_ptr + o * sx_o + offs_i[:, None] * sx_i
+    offs_a = tl.arange(0, ALIGN)
+    mask_i = offs_i < I
+    head, groups = _split_rows(offs_i, N, sx_i, ALIGN)
+    mh, _, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
+    zero = tl.zeros_like(head)
+    tail0 = head + groups * ALIGN
+    xh = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    xt = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    if NEG:
+        xh, xt = -xh, -xt
     m_l = tl.full([BLOCK_I, BLOCK_N], float("-inf"), ACC)
     s_l = tl.zeros([BLOCK_I, BLOCK_N], ACC)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
-        mask = mask_i & (cols[None, :] < N)
-        x = tl.load(x_base + cols[None, :] * sx_n, mask=mask, other=0.0).to(ACC)
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        x = tl.load(x_ptr + _part(o, offs_i, cols, sx_o, sx_n, sx_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
         if NEG:
             x = -x
-        x = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m_l, x)
-        empty = m_new == float("-inf")  # every value seen in this lane is -inf: keep the sum at 0
-        alpha = tl.where(empty, 0.0, tl.exp(m_l - m_new))
-        s_l = s_l * alpha + tl.where(empty, 0.0, tl.exp(x - m_new))
-        m_l = m_new
-    m = tl.max(m_l, axis=1)
-    s = tl.sum(tl.where(m_l == float("-inf"), 0.0, s_l * tl.exp(m_l - m[:, None])), axis=1)
+        m_l, s_l = _online_step(m_l, s_l, x, mask)
+    mh_l, sh_l = _online_step(tl.full([BLOCK_I, ALIGN], float("-inf"), ACC), tl.zeros([BLOCK_I, ALIGN], ACC), xh, mh)
+    mt_l, st_l = _online_step(mh_l, sh_l, xt, mt)
+    m = tl.maximum(tl.max(m_l, axis=1), tl.max(mt_l, axis=1))
+    s = _lane_total(m_l, s_l, m) + _lane_total(mt_l, st_l, m)
     # A row of only -inf gives m = -inf and s = 0: the outputs below are NaN, as in torch.
     log_s = tl.log(s)
     inv_s = 1.0 / s.to(tl.float32)  # fp32 division (fp64's subroutine keeps a stack frame)
-    y_base = y_ptr + o * sy_o + offs_i[:, None] * sy_i
+    out = y_ptr.dtype.element_ty
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
-        mask = mask_i & (cols[None, :] < N)
-        x = tl.load(x_base + cols[None, :] * sx_n, mask=mask, other=0.0).to(ACC)
-        if NEG:
-            x = -x
-        z = x - m[:, None]
-        if LOG:
-            y = z - log_s[:, None]
-        elif ACC == tl.float64:
-            y = tl.exp(z - log_s[:, None])
-        else:
-            y = tl.exp(z) * inv_s[:, None]
-        tl.store(y_base + cols[None, :] * sy_n, y.to(y_ptr.dtype.element_ty), mask=mask)
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        x = tl.load(x_ptr + _part(o, offs_i, cols, sx_o, sx_n, sx_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        y = _fwd_out(x, m, log_s, inv_s, LOG, NEG, ACC)
+        tl.store(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), y.to(out), mask=mask)
+    if NEG:  # _fwd_out negates again
+        xh, xt = -xh, -xt
+    tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN),
+             _fwd_out(xh, m, log_s, inv_s, LOG, NEG, ACC).to(out), mask=mh)
+    tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN),
+             _fwd_out(xt, m, log_s, inv_s, LOG, NEG, ACC).to(out), mask=mt)
 
 
 @triton.jit
@@ -132,6 +232,14 @@ def _bwd_math(y, dy, red, KIND: tl.constexpr):
 
 
 @triton.jit
+def _bwd_terms(y, dy, KIND: tl.constexpr):
+    """What the backward's row reduction sums: dy (log-softmax) or y·dy."""
+    if KIND == 1:
+        return dy
+    return y * dy
+
+
+@triton.jit
 def softmax_bwd_fused_kernel(
     y_ptr, dy_ptr, dx_ptr,
     N, I,
@@ -139,22 +247,31 @@ def softmax_bwd_fused_kernel(
     sdy_o, sdy_n, sdy_i,
     sdx_o, sdx_n, sdx_i,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-    KIND: tl.constexpr, ACC: tl.constexpr, USE_INT64: tl.constexpr,
+    KIND: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """One kernel, three tensor passes: read y and dy once, write dx once."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    mask = (offs_i[:, None] < I) & (offs_n[None, :] < N)
-    y = tl.load(y_ptr + o * sy_o + offs_i[:, None] * sy_i + offs_n[None, :] * sy_n,
-                mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + o * sdy_o + offs_i[:, None] * sdy_i + offs_n[None, :] * sdy_n,
-                 mask=mask, other=0.0).to(ACC)
-    if KIND == 1:
-        red = tl.sum(dy, axis=1)
-    else:
-        red = tl.sum(y * dy, axis=1)
-    dx = _bwd_math(y, dy, red, KIND)
-    tl.store(dx_ptr + o * sdx_o + offs_i[:, None] * sdx_i + offs_n[None, :] * sdx_n,
-             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    offs_a = tl.arange(0, ALIGN)
+    mask_i = offs_i < I
+    head, groups = _split_rows(offs_i, N, sy_i, ALIGN)
+    mh, mb, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
+    zero = tl.zeros_like(head)
+    tail0 = head + groups * ALIGN
+    yh = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    yb = tl.load(y_ptr + _part(o, offs_i, offs_n, sy_o, sy_n, sy_i, head, ALIGN), mask=mb, other=0.0).to(ACC)
+    yt = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    gh = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    gb = tl.load(dy_ptr + _part(o, offs_i, offs_n, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mb, other=0.0).to(ACC)
+    gt = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    red = (tl.sum(_bwd_terms(yb, gb, KIND), axis=1) + tl.sum(_bwd_terms(yh, gh, KIND), axis=1)
+           + tl.sum(_bwd_terms(yt, gt, KIND), axis=1))
+    out = dx_ptr.dtype.element_ty
+    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, zero, ALIGN),
+             _bwd_math(yh, gh, red, KIND).to(out), mask=mh)
+    tl.store(dx_ptr + _part(o, offs_i, offs_n, sdx_o, sdx_n, sdx_i, head, ALIGN),
+             _bwd_math(yb, gb, red, KIND).to(out), mask=mb)
+    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, ALIGN),
+             _bwd_math(yt, gt, red, KIND).to(out), mask=mt)
 
 
 @triton.jit
@@ -165,32 +282,46 @@ def softmax_bwd_looped_kernel(
     sdy_o, sdy_n, sdy_i,
     sdx_o, sdx_n, sdx_i,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-    KIND: tl.constexpr, ACC: tl.constexpr, USE_INT64: tl.constexpr,
+    KIND: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
 ):
-    """Rows longer than the on-chip limit: pass 1 reduces, pass 2 re-reads y, dy and writes dx."""
+    """Rows longer than the on-chip limit: pass 1 reduces, pass 2 re-reads y, dy and writes dx
+    (the aligned body in the loops, head and tail one small tile each)."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    mask_i = offs_i[:, None] < I
-    y_base = y_ptr + o * sy_o + offs_i[:, None] * sy_i
-    dy_base = dy_ptr + o * sdy_o + offs_i[:, None] * sdy_i
+    offs_a = tl.arange(0, ALIGN)
+    mask_i = offs_i < I
+    head, groups = _split_rows(offs_i, N, sy_i, ALIGN)
+    mh, _, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
+    zero = tl.zeros_like(head)
+    tail0 = head + groups * ALIGN
+    yh = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    yt = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    gh = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    gt = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_I, BLOCK_N], ACC)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
-        mask = mask_i & (cols[None, :] < N)
-        dy = tl.load(dy_base + cols[None, :] * sdy_n, mask=mask, other=0.0).to(ACC)
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
         if KIND == 1:
             acc += dy
         else:
-            y = tl.load(y_base + cols[None, :] * sy_n, mask=mask, other=0.0).to(ACC)
+            y = tl.load(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
             acc += y * dy
-    red = tl.sum(acc, axis=1)
-    dx_base = dx_ptr + o * sdx_o + offs_i[:, None] * sdx_i
+    red = (tl.sum(acc, axis=1) + tl.sum(_bwd_terms(yh, gh, KIND), axis=1)
+           + tl.sum(_bwd_terms(yt, gt, KIND), axis=1))
+    out = dx_ptr.dtype.element_ty
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
-        mask = mask_i & (cols[None, :] < N)
-        y = tl.load(y_base + cols[None, :] * sy_n, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_base + cols[None, :] * sdy_n, mask=mask, other=0.0).to(ACC)
-        dx = _bwd_math(y, dy, red, KIND)
-        tl.store(dx_base + cols[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        y = tl.load(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + _part(o, offs_i, cols, sdx_o, sdx_n, sdx_i, head, ALIGN),
+                 _bwd_math(y, dy, red, KIND).to(out), mask=mask)
+    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, zero, ALIGN),
+             _bwd_math(yh, gh, red, KIND).to(out), mask=mh)
+    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, ALIGN),
+             _bwd_math(yt, gt, red, KIND).to(out), mask=mt)
+
 
 
 #: What the compile tier checks for each kernel at every config it can launch with

@@ -198,7 +198,8 @@ def config_label(cfg: S.SoftmaxConfig) -> str:
 def launches(rec, target: int) -> None:
     """Every ``(config, layout, f64)`` of :func:`mmkernels.ops.softmax.launch_configs`, forward and
     backward, at fp32 softmax (fp64 for the float64 configs); the largest one-pass and the looped
-    config of each layout also at every other variant (storage, kind, int64, unaligned)."""
+    config of each layout also at every other variant (storage, kind, int64, unaligned); and
+    :func:`odd_n`'s odd row lengths, which must keep 128-bit loads."""
     triples = list(S.launch_configs())
     full = set()
     for layout in ("rows", "columns"):
@@ -210,6 +211,7 @@ def launches(rec, target: int) -> None:
     others += [(f"fp32 {k.name.lower()}", "fp32", k, False, True) for k in (S.Kind.LOG_SOFTMAX, S.Kind.SOFTMIN)]
     others += [("fp32 softmax int64", "fp32", S.Kind.SOFTMAX, True, True),
                ("fp32 softmax unaligned", "fp32", S.Kind.SOFTMAX, False, False)]
+    odd_n(rec)
     for cfg, layout, f64 in triples:
         base = ("fp64 softmax", "fp64", S.Kind.SOFTMAX, False, True) if f64 else \
             ("fp32 softmax", "fp32", S.Kind.SOFTMAX, False, True)
@@ -220,6 +222,28 @@ def launches(rec, target: int) -> None:
             with rec.variant(f"{label} {layout}", config=config_label(cfg)):
                 S.triton_forward(x, dim, kind, dtype, force_int64=int64, config=cfg)
                 S.triton_backward(x, dy, dim, kind, dtype, force_int64=int64, config=cfg)
+
+
+#: Odd row lengths the compile tier builds at each storage (the one-pass and the looped kernels).
+ODD_N = (1001, 3 * S.MAX_FUSED_N + 1)
+
+
+def odd_n(rec) -> None:
+    """Rows of odd length (a row stride no multiple of 16 bytes) at fp32, bf16, fp16 (and fp64 at
+    the one-pass length), every kind, forward and backward: the kernels split each row into an
+    aligned body and a scalar head and tail, so each build must hold 128-bit global loads."""
+    for n in ODD_N:
+        for storage in ("fp32", "bf16", "fp16", "fp64"):
+            if storage == "fp64" and n > S.MAX_FUSED_N:
+                continue
+            dtype = _STORAGE[storage]
+            for kind in S.Kind:
+                x = torch.empty((64, n), dtype=dtype, device="meta")
+                cfg = S.resolve_config(n, 64, False, f64=dtype == torch.float64)
+                with rec.variant(f"{storage} {kind.name.lower()} odd N", config=config_label(cfg),
+                                 expect={"min_load_bits": 128}):
+                    S.triton_forward(x, 1, kind, dtype)
+                    S.triton_backward(x, torch.empty_like(x), 1, kind, dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,6 +146,17 @@ def _needs_int64(cfg: SoftmaxConfig, tensors, strides3) -> bool:
     return False
 
 
+def row_align(columns: bool, tensors, strides3) -> int:
+    """The kernels' ``ALIGN``: for rows whose stride is not a multiple of 16 bytes (an odd length),
+    16 bytes in elements of the narrowest dtype, so that each row's body is loaded and stored in
+    aligned 128-bit vectors between a short head and tail; 1 (no split) for columns, for rows
+    already aligned by their stride, and when the tensors' rows differ in stride."""
+    if columns or any(sn != 1 for _, sn, _ in strides3) or len({si for _, _, si in strides3}) != 1:
+        return 1
+    align = 16 // min(t.element_size() for t in tensors)
+    return 1 if strides3[0][2] % align == 0 else align
+
+
 def triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
                     force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
     """Launch the forward kernel; ``config`` overrides the resolver (tests, config exploration)."""
@@ -168,7 +179,7 @@ def triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype
         sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
         BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n,
         LOG=kind == Kind.LOG_SOFTMAX, NEG=kind == Kind.SOFTMIN,
-        ACC=acc,
+        ACC=acc, ALIGN=row_align(columns, (x, y), (sx, sy)),
         USE_INT64=force_int64 or _needs_int64(cfg, (x, y), (sx, sy)),
         num_warps=cfg.num_warps,
     )
@@ -198,7 +209,7 @@ def triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in_
         sdy_o=sdy[0], sdy_n=sdy[1], sdy_i=sdy[2],
         sdx_o=sdx[0], sdx_n=sdx[1], sdx_i=sdx[2],
         BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, KIND=int(kind),
-        ACC=acc,
+        ACC=acc, ALIGN=row_align(columns, (y, dy, dx), (sy, sdy, sdx)),
         USE_INT64=force_int64 or _needs_int64(cfg, (y, dy, dx), (sy, sdy, sdx)),
         num_warps=cfg.num_warps,
     )

@@ -29,7 +29,9 @@ kernel module (e.g. ``triton_kernels/softmax.py``)::
 
 Numeric limits may also be given per target (``{"max_registers": {80: 255, 90: 168}}``);
 ``"mma": "HGMMA"`` is short for ``{90: "HGMMA"}`` and ``"mma": "HMMA"`` requires HMMA on every
-target. Whatever the declarations, a kernel must also be launchable on its target: shared memory
+target. ``"min_load_bits": 128`` requires a global load at least that wide in the PTX (16-byte
+vectors: what a launch variant for unaligned sizes declares when its kernel splits rows into an
+aligned body and a scalar head and tail). Whatever the declarations, a kernel must also be launchable on its target: shared memory
 within the per-block limit and ``registers * threads`` within the register file.
 
 What is compiled: each family's own launchers, called on meta tensors by its declaration's
@@ -81,7 +83,7 @@ MAX_REGISTERS_PER_THREAD = 255
 #: Tensor-core instructions looked for in the SASS.
 MMA_OPCODES = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA")
 
-EXPECTATION_KEYS = ("local_memory", "stack", "spills", "max_registers", "mma")
+EXPECTATION_KEYS = ("local_memory", "stack", "spills", "max_registers", "mma", "min_load_bits")
 
 _DIV16 = [["tt.divisibility", 16]]
 
@@ -239,6 +241,10 @@ def check_expectations(result: Result, expectations: Optional[dict]) -> List[str
     limit("stack", result.stack, "stack frame in bytes")
     limit("spills", result.spill_stores, "spill stores in bytes")
     limit("max_registers", result.registers, "registers per thread")
+    if exp.get("min_load_bits") is not None:
+        want = _for_target(exp["min_load_bits"], result.target)
+        if want is not None and (result.load_bits or 0) < want:
+            out.append(f"min_load_bits: widest global load is {result.load_bits} bits, expected >= {want}")
     if "mma" in exp:
         need = _mma_required(exp["mma"], result.target)
         if need and need.upper() not in result.mma:
