@@ -78,6 +78,32 @@ def _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _plan(offs_i, offs_n, I, N, s_i, ALIGN: tl.constexpr):
+    """A program's rows split as :func:`_split_rows` says: (head/tail column offsets [ALIGN],
+    head lengths, body groups, tail starts, head mask, body mask, tail mask)."""
+    offs_a = tl.arange(0, ALIGN)
+    head, groups = _split_rows(offs_i, N, s_i, ALIGN)
+    mh, mb, mt = _masks(offs_i < I, offs_a, offs_n, N, head, groups, ALIGN)
+    return offs_a, head, groups, head + groups * ALIGN, mh, mb, mt
+
+
+@triton.jit
+def _ends(ptr, o, offs_i, offs_a, s_o, s_n, s_i, tail0, mh, mt, ACC: tl.constexpr, ALIGN: tl.constexpr):
+    """The head and tail tiles [BLOCK_I, ALIGN] of ``ptr``'s rows, in ACC (0 where masked)."""
+    h = tl.load(ptr + _part(o, offs_i, offs_a, s_o, s_n, s_i, tl.zeros_like(tail0), ALIGN), mask=mh, other=0.0)
+    t = tl.load(ptr + _part(o, offs_i, offs_a, s_o, s_n, s_i, tail0, ALIGN), mask=mt, other=0.0)
+    return h.to(ACC), t.to(ACC)
+
+
+@triton.jit
+def _store_ends(ptr, o, offs_i, offs_a, s_o, s_n, s_i, tail0, mh, mt, h, t, ALIGN: tl.constexpr):
+    """Store the head and tail tiles of ``ptr``'s rows (converted to its dtype)."""
+    out = ptr.dtype.element_ty
+    tl.store(ptr + _part(o, offs_i, offs_a, s_o, s_n, s_i, tl.zeros_like(tail0), ALIGN), h.to(out), mask=mh)
+    tl.store(ptr + _part(o, offs_i, offs_a, s_o, s_n, s_i, tail0, ALIGN), t.to(out), mask=mt)
+
+
+@triton.jit
 def softmax_fwd_fused_kernel(
     x_ptr, y_ptr,
     N, I,
@@ -90,18 +116,13 @@ def softmax_fwd_fused_kernel(
     """One pass: the whole reduced dim (N <= BLOCK_N) is loaded once and y written once (as head,
     aligned body and tail with ALIGN > 1)."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    offs_a = tl.arange(0, ALIGN)
     mask_i = offs_i < I
-    head, groups = _split_rows(offs_i, N, sx_i, ALIGN)
-    mh, mb, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
-    zero = tl.zeros_like(head)
-    tail0 = head + groups * ALIGN
+    offs_a, head, groups, tail0, mh, mb, mt = _plan(offs_i, offs_n, I, N, sx_i, ALIGN)
     xb = tl.load(x_ptr + _part(o, offs_i, offs_n, sx_o, sx_n, sx_i, head, ALIGN), mask=mb, other=0.0).to(ACC)
     xb = tl.where(mb, -xb if NEG else xb, float("-inf"))
     m = tl.max(xb, axis=1)
     if ALIGN > 1:
-        xh = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
-        xt = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+        xh, xt = _ends(x_ptr, o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, mh, mt, ACC, ALIGN)
         xh = tl.where(mh, -xh if NEG else xh, float("-inf"))
         xt = tl.where(mt, -xt if NEG else xt, float("-inf"))
         m = tl.maximum(m, tl.maximum(tl.max(xh, axis=1), tl.max(xt, axis=1)))
@@ -118,10 +139,8 @@ def softmax_fwd_fused_kernel(
     tl.store(y_ptr + _part(o, offs_i, offs_n, sy_o, sy_n, sy_i, head, ALIGN),
              _normalised(zb, eb, s, LOG, ACC).to(out), mask=mb)
     if ALIGN > 1:
-        tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN),
-                 _normalised(zh, eh, s, LOG, ACC).to(out), mask=mh)
-        tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN),
-                 _normalised(zt, et, s, LOG, ACC).to(out), mask=mt)
+        _store_ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt,
+                    _normalised(zh, eh, s, LOG, ACC), _normalised(zt, et, s, LOG, ACC), ALIGN)
 
 
 @triton.jit
@@ -178,14 +197,9 @@ def softmax_fwd_online_kernel(
     lane (online softmax, no cross-lane reduction inside the loop), pass 2 writes y. With
     ALIGN > 1 the loops run over the aligned body; head and tail are one small tile each."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    offs_a = tl.arange(0, ALIGN)
     mask_i = offs_i < I
-    head, groups = _split_rows(offs_i, N, sx_i, ALIGN)
-    mh, _, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
-    zero = tl.zeros_like(head)
-    tail0 = head + groups * ALIGN
-    xh = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
-    xt = tl.load(x_ptr + _part(o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sx_i, ALIGN)
+    xh, xt = _ends(x_ptr, o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, mh, mt, ACC, ALIGN)
     if NEG:
         xh, xt = -xh, -xt
     m_l = tl.full([BLOCK_I, BLOCK_N], float("-inf"), ACC)
@@ -213,10 +227,8 @@ def softmax_fwd_online_kernel(
         tl.store(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), y.to(out), mask=mask)
     if NEG:  # _fwd_out negates again
         xh, xt = -xh, -xt
-    tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN),
-             _fwd_out(xh, m, log_s, inv_s, LOG, NEG, ACC).to(out), mask=mh)
-    tl.store(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN),
-             _fwd_out(xt, m, log_s, inv_s, LOG, NEG, ACC).to(out), mask=mt)
+    _store_ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt,
+                _fwd_out(xh, m, log_s, inv_s, LOG, NEG, ACC), _fwd_out(xt, m, log_s, inv_s, LOG, NEG, ACC), ALIGN)
 
 
 @triton.jit
@@ -251,27 +263,18 @@ def softmax_bwd_fused_kernel(
 ):
     """One kernel, three tensor passes: read y and dy once, write dx once."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    offs_a = tl.arange(0, ALIGN)
     mask_i = offs_i < I
-    head, groups = _split_rows(offs_i, N, sy_i, ALIGN)
-    mh, mb, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
-    zero = tl.zeros_like(head)
-    tail0 = head + groups * ALIGN
-    yh = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    offs_a, head, groups, tail0, mh, mb, mt = _plan(offs_i, offs_n, I, N, sy_i, ALIGN)
     yb = tl.load(y_ptr + _part(o, offs_i, offs_n, sy_o, sy_n, sy_i, head, ALIGN), mask=mb, other=0.0).to(ACC)
-    yt = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
-    gh = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
+    yh, yt = _ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt, ACC, ALIGN)
     gb = tl.load(dy_ptr + _part(o, offs_i, offs_n, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mb, other=0.0).to(ACC)
-    gt = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    gh, gt = _ends(dy_ptr, o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, mh, mt, ACC, ALIGN)
     red = (tl.sum(_bwd_terms(yb, gb, KIND), axis=1) + tl.sum(_bwd_terms(yh, gh, KIND), axis=1)
            + tl.sum(_bwd_terms(yt, gt, KIND), axis=1))
-    out = dx_ptr.dtype.element_ty
-    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, zero, ALIGN),
-             _bwd_math(yh, gh, red, KIND).to(out), mask=mh)
     tl.store(dx_ptr + _part(o, offs_i, offs_n, sdx_o, sdx_n, sdx_i, head, ALIGN),
-             _bwd_math(yb, gb, red, KIND).to(out), mask=mb)
-    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, ALIGN),
-             _bwd_math(yt, gt, red, KIND).to(out), mask=mt)
+             _bwd_math(yb, gb, red, KIND).to(dx_ptr.dtype.element_ty), mask=mb)
+    _store_ends(dx_ptr, o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, mh, mt,
+                _bwd_math(yh, gh, red, KIND), _bwd_math(yt, gt, red, KIND), ALIGN)
 
 
 @triton.jit
@@ -287,16 +290,10 @@ def softmax_bwd_looped_kernel(
     """Rows longer than the on-chip limit: pass 1 reduces, pass 2 re-reads y, dy and writes dx
     (the aligned body in the loops, head and tail one small tile each)."""
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
-    offs_a = tl.arange(0, ALIGN)
     mask_i = offs_i < I
-    head, groups = _split_rows(offs_i, N, sy_i, ALIGN)
-    mh, _, mt = _masks(mask_i, offs_a, offs_n, N, head, groups, ALIGN)
-    zero = tl.zeros_like(head)
-    tail0 = head + groups * ALIGN
-    yh = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
-    yt = tl.load(y_ptr + _part(o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
-    gh = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, zero, ALIGN), mask=mh, other=0.0).to(ACC)
-    gt = tl.load(dy_ptr + _part(o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, ALIGN), mask=mt, other=0.0).to(ACC)
+    offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sy_i, ALIGN)
+    yh, yt = _ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt, ACC, ALIGN)
+    gh, gt = _ends(dy_ptr, o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, mh, mt, ACC, ALIGN)
     acc = tl.zeros([BLOCK_I, BLOCK_N], ACC)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
@@ -317,10 +314,8 @@ def softmax_bwd_looped_kernel(
         dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
         tl.store(dx_ptr + _part(o, offs_i, cols, sdx_o, sdx_n, sdx_i, head, ALIGN),
                  _bwd_math(y, dy, red, KIND).to(out), mask=mask)
-    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, zero, ALIGN),
-             _bwd_math(yh, gh, red, KIND).to(out), mask=mh)
-    tl.store(dx_ptr + _part(o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, ALIGN),
-             _bwd_math(yt, gt, red, KIND).to(out), mask=mt)
+    _store_ends(dx_ptr, o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, mh, mt,
+                _bwd_math(yh, gh, red, KIND), _bwd_math(yt, gt, red, KIND), ALIGN)
 
 
 
