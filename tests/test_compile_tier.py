@@ -23,6 +23,9 @@ SOFTMAX_KERNELS = (
     "softmax_fwd_online_kernel",
     "softmax_bwd_fused_kernel",
     "softmax_bwd_looped_kernel",
+    "softmax_split_partials_kernel",
+    "softmax_split_fwd_out_kernel",
+    "softmax_split_bwd_out_kernel",
 )
 
 
@@ -223,7 +226,7 @@ def test_mma_found_in_sass_of_a_gemm(tmp_path, monkeypatch):
 _LAUNCHES = [  # (direction, shape, dim, kind, dtype)
     ("fwd", (64, 1000), -1, 0, "float32"),      # rows, fused, unaligned row stride
     ("fwd", (8, 4096), -1, 1, "bfloat16"),      # rows, log-softmax, bf16
-    ("fwd", (3, 16384), 1, 2, "float64"),       # rows, softmin, float64, largest one-pass tile
+    ("fwd", (3, 16384), 1, 2, "float64"),       # rows, softmin, float64: looped, few rows (split)
     ("fwd", (2, 20000), -1, 0, "float16"),      # rows, online
     ("fwd", (256, 64), 0, 0, "float32"),        # columns (reduced dim strided)
     ("fwd", (40000, 3), 0, 0, "float32"),       # columns, looped
@@ -252,12 +255,13 @@ def test_real_launches_are_compiled(monkeypatch, direction, shape, dim, kind, dt
         S.triton_forward(x, dim, S.Kind(kind), dt)
     else:
         S.triton_backward(x, torch.randn(shape).to(dt), dim, S.Kind(kind), dt)
-    (name, real, kw), = calls
+    assert len(calls) in (1, 2), calls  # one kernel, or the split pair (partials, then the output)
     monkeypatch.undo()  # the real kernels back: the compile tier records the family's own launches
-    job = assert_launch_is_compiled("softmax", name, real, kw)
-    online = name in ("softmax_fwd_online_kernel", "softmax_bwd_looped_kernel")
-    cfg = S.SoftmaxConfig(kw["BLOCK_I"], kw["BLOCK_N"], kw["num_warps"], online)
-    assert cfg in {c for c, _, _ in S.launch_configs()} and job.options["num_warps"] == cfg.num_warps
+    for name, real, kw in calls:
+        job = assert_launch_is_compiled("softmax", name, real, kw)
+        online = name not in ("softmax_fwd_fused_kernel", "softmax_bwd_fused_kernel")
+        cfg = S.SoftmaxConfig(kw["BLOCK_I"], kw["BLOCK_N"], kw["num_warps"], online)
+        assert cfg in {c for c, _, _ in S.launch_configs()} and job.options["num_warps"] == cfg.num_warps
 
 
 def test_compile_errors_and_crashes_are_failures_of_their_own(tmp_path, monkeypatch):

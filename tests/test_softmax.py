@@ -398,3 +398,36 @@ def test_odd_rows_split_into_head_aligned_body_and_tail(kind, offset, n, config,
     want = softmax_backward_ref(y, dy, 1, kind.name.lower())
     mt.assert_close(dx, want, backend="triton", dtype=dtype,
                     magnitude=softmax_backward_magnitude(y, dy, 1, kind.name.lower()), what=f"{kind.name} backward")
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("n,dtype,splits", [(701, torch.float32, 7), (700, torch.bfloat16, 3),
+                                            (701, torch.float16, 2)], ids=["odd-fp32-7", "aligned-bf16-3", "odd-fp16-2"])
+@pytest.mark.parametrize("kind", list(ops.Kind))
+def test_few_long_rows_split_along_the_row(kind, n, dtype, splits, poison_outputs):
+    """Rows split over several programs (partials, then a combine in every program): forward and
+    backward equal the float64 reference, with a row of -inf (NaN, as torch) and a row holding
+    +inf; the split count is rounded to whole loop tiles (7 requested -> 6 slices of 128)."""
+    if not (torch.cuda.is_available() or interpreter_active()):
+        pytest.skip("needs CUDA or the interpreter")
+    cfg = ops.SoftmaxConfig(1, 128, 1, online=True)
+    gen = torch.Generator().manual_seed(n + splits)
+    x = torch.randn(5, n, generator=gen, dtype=torch.float64).mul_(4).to(device=DEVICE, dtype=dtype)
+    x[1] = float("-inf")
+    x[3, n // 2] = float("inf")
+    y = ops.triton_forward(x, 1, kind, dtype, config=cfg, splits=splits)
+    dy = torch.randn(5, n, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    dx = ops.triton_backward(y, dy, 1, kind, dtype, config=cfg, splits=splits)
+    name = kind.name.lower()
+    mt.assert_close(y, FORWARD[name](x, 1), backend="triton", what=f"{name} forward")
+    mt.assert_close(dx, softmax_backward_ref(y, dy, 1, name), backend="triton",
+                    magnitude=softmax_backward_magnitude(y, dy, 1, name), what=f"{name} backward")
+    assert ops.row_splits(cfg, False, n, 5, 132) > 1 and ops.row_splits(cfg, False, n, 200, 132) == 1
+
+
+def test_split_resolver_fills_the_machine_for_few_long_rows():
+    cfg = ops.resolve_config(1 << 20, 64, False)
+    assert cfg.online and ops.row_splits(cfg, False, 1 << 20, 64, 132) == 5  # 320 programs: two waves
+    assert ops.row_splits(cfg, False, 1 << 20, 8192, 132) == 1
+    assert ops.row_splits(ops.resolve_config(4096, 64, False), False, 4096, 64, 132) == 1  # one-pass rows
+    assert ops.row_splits(ops.resolve_config(1 << 20, 64, False, True), False, 1 << 20, 64, 132, f64=True) == 1

@@ -20,6 +20,12 @@ first boundary, an aligned body of whole ``ALIGN``-element groups — its mask c
 group, so its loads and stores are 128-bit — and a tail of the rest. ``ALIGN`` is 16 bytes in
 elements of the narrowest dtype; 1 turns the split off (head and tail empty, the body the row).
 
+Few long rows (rows layout, fewer row blocks than a wave): the looped kernels' work is split
+along each row over ``SPLITS`` programs — ``softmax_split_partials_kernel`` writes each slice's
+partial max / sum (or the backward's partial reduction), ``softmax_split_fwd_out_kernel`` /
+``softmax_split_bwd_out_kernel`` combine a row's partials (the same order in every program:
+deterministic) and write their slice.
+
 Kinds: softmax ``y = exp(x - m) / s``; log-softmax ``y = x - m - log(s)``; softmin is softmax of
 ``-x`` (``NEG``). Backward (``KIND`` 0 softmax, 1 log-softmax, 2 softmin):
 ``dx = y * (dy - Σ y·dy)``, ``dx = dy - exp(y) · Σ dy``, ``dx = y * (Σ y·dy - dy)``.
@@ -184,6 +190,49 @@ def _fwd_out(x, m, log_s, inv_s, LOG: tl.constexpr, NEG: tl.constexpr, ACC: tl.c
 
 
 @triton.jit
+def _row_stats(x_ptr, o, offs_i, offs_n, offs_a, mask_i, s_o, s_n, s_i, head, groups, tail0, mh, mt, lo, hi,
+               BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, NEG: tl.constexpr, ACC: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """(max, Σ exp(x - max)) of each row over the body columns ``[lo, hi)`` and the head / tail
+    where their masks say: an online max and rescaled sum per tile lane (no cross-lane reduction
+    inside the loop), combined at the end."""
+    xh, xt = _ends(x_ptr, o, offs_i, offs_a, s_o, s_n, s_i, tail0, mh, mt, ACC, ALIGN)
+    if NEG:
+        xh, xt = -xh, -xt
+    m_l = tl.full([BLOCK_I, BLOCK_N], float("-inf"), ACC)
+    s_l = tl.zeros([BLOCK_I, BLOCK_N], ACC)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        x = tl.load(x_ptr + _part(o, offs_i, cols, s_o, s_n, s_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        m_l, s_l = _online_step(m_l, s_l, -x if NEG else x, mask)
+    me_l, se_l = _online_step(tl.full([BLOCK_I, ALIGN], float("-inf"), ACC), tl.zeros([BLOCK_I, ALIGN], ACC), xh, mh)
+    me_l, se_l = _online_step(me_l, se_l, xt, mt)
+    m = tl.maximum(tl.max(m_l, axis=1), tl.max(me_l, axis=1))
+    return m, _lane_total(m_l, s_l, m) + _lane_total(me_l, se_l, m)
+
+
+@triton.jit
+def _write_fwd(x_ptr, y_ptr, o, offs_i, offs_n, offs_a, mask_i, sx_o, sx_n, sx_i, sy_o, sy_n, sy_i, head, groups,
+               tail0, mh, mt, lo, hi, m, s, BLOCK_N: tl.constexpr, LOG: tl.constexpr, NEG: tl.constexpr,
+               ACC: tl.constexpr, ALIGN: tl.constexpr):
+    """y over the body columns ``[lo, hi)`` and the head / tail where their masks say, from each
+    row's max and sum (a row of only -inf has m = -inf and s = 0: NaN, as in torch)."""
+    log_s = tl.log(s)
+    inv_s = 1.0 / s.to(tl.float32)  # fp32 division (fp64's subroutine keeps a stack frame)
+    xh, xt = _ends(x_ptr, o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, mh, mt, ACC, ALIGN)
+    _store_ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt,
+                _fwd_out(xh, m, log_s, inv_s, LOG, NEG, ACC), _fwd_out(xt, m, log_s, inv_s, LOG, NEG, ACC), ALIGN)
+    out = y_ptr.dtype.element_ty
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        x = tl.load(x_ptr + _part(o, offs_i, cols, sx_o, sx_n, sx_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        tl.store(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN),
+                 _fwd_out(x, m, log_s, inv_s, LOG, NEG, ACC).to(out), mask=mask)
+
+
+@triton.jit
 def softmax_fwd_online_kernel(
     x_ptr, y_ptr,
     N, I,
@@ -199,36 +248,10 @@ def softmax_fwd_online_kernel(
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
     mask_i = offs_i < I
     offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sx_i, ALIGN)
-    xh, xt = _ends(x_ptr, o, offs_i, offs_a, sx_o, sx_n, sx_i, tail0, mh, mt, ACC, ALIGN)
-    if NEG:
-        xh, xt = -xh, -xt
-    m_l = tl.full([BLOCK_I, BLOCK_N], float("-inf"), ACC)
-    s_l = tl.zeros([BLOCK_I, BLOCK_N], ACC)
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
-        x = tl.load(x_ptr + _part(o, offs_i, cols, sx_o, sx_n, sx_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
-        if NEG:
-            x = -x
-        m_l, s_l = _online_step(m_l, s_l, x, mask)
-    mh_l, sh_l = _online_step(tl.full([BLOCK_I, ALIGN], float("-inf"), ACC), tl.zeros([BLOCK_I, ALIGN], ACC), xh, mh)
-    mt_l, st_l = _online_step(mh_l, sh_l, xt, mt)
-    m = tl.maximum(tl.max(m_l, axis=1), tl.max(mt_l, axis=1))
-    s = _lane_total(m_l, s_l, m) + _lane_total(mt_l, st_l, m)
-    # A row of only -inf gives m = -inf and s = 0: the outputs below are NaN, as in torch.
-    log_s = tl.log(s)
-    inv_s = 1.0 / s.to(tl.float32)  # fp32 division (fp64's subroutine keeps a stack frame)
-    out = y_ptr.dtype.element_ty
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
-        x = tl.load(x_ptr + _part(o, offs_i, cols, sx_o, sx_n, sx_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
-        y = _fwd_out(x, m, log_s, inv_s, LOG, NEG, ACC)
-        tl.store(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), y.to(out), mask=mask)
-    if NEG:  # _fwd_out negates again
-        xh, xt = -xh, -xt
-    _store_ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt,
-                _fwd_out(xh, m, log_s, inv_s, LOG, NEG, ACC), _fwd_out(xt, m, log_s, inv_s, LOG, NEG, ACC), ALIGN)
+    m, s = _row_stats(x_ptr, o, offs_i, offs_n, offs_a, mask_i, sx_o, sx_n, sx_i, head, groups, tail0, mh, mt,
+                      0, N, BLOCK_I, BLOCK_N, NEG, ACC, ALIGN)
+    _write_fwd(x_ptr, y_ptr, o, offs_i, offs_n, offs_a, mask_i, sx_o, sx_n, sx_i, sy_o, sy_n, sy_i, head, groups,
+               tail0, mh, mt, 0, N, m, s, BLOCK_N, LOG, NEG, ACC, ALIGN)
 
 
 @triton.jit
@@ -249,6 +272,47 @@ def _bwd_terms(y, dy, KIND: tl.constexpr):
     if KIND == 1:
         return dy
     return y * dy
+
+
+@triton.jit
+def _row_reduce(y_ptr, dy_ptr, o, offs_i, offs_n, offs_a, mask_i, sy_o, sy_n, sy_i, sdy_o, sdy_n, sdy_i, head,
+                groups, tail0, mh, mt, lo, hi, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr,
+                ACC: tl.constexpr, ALIGN: tl.constexpr):
+    """The backward's row reduction (Σ dy for log-softmax, else Σ y·dy) over the body columns
+    ``[lo, hi)`` and the head / tail where their masks say."""
+    yh, yt = _ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt, ACC, ALIGN)
+    gh, gt = _ends(dy_ptr, o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, mh, mt, ACC, ALIGN)
+    acc = tl.zeros([BLOCK_I, BLOCK_N], ACC)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        if KIND == 1:
+            acc += dy
+        else:
+            y = tl.load(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+            acc += y * dy
+    return (tl.sum(acc, axis=1) + tl.sum(_bwd_terms(yh, gh, KIND), axis=1)
+            + tl.sum(_bwd_terms(yt, gt, KIND), axis=1))
+
+
+@triton.jit
+def _write_bwd(y_ptr, dy_ptr, dx_ptr, o, offs_i, offs_n, offs_a, mask_i, sy_o, sy_n, sy_i, sdy_o, sdy_n, sdy_i,
+               sdx_o, sdx_n, sdx_i, head, groups, tail0, mh, mt, lo, hi, red, BLOCK_N: tl.constexpr,
+               KIND: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):
+    """dx over the body columns ``[lo, hi)`` and the head / tail where their masks say."""
+    out = dx_ptr.dtype.element_ty
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
+        y = tl.load(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + _part(o, offs_i, cols, sdx_o, sdx_n, sdx_i, head, ALIGN),
+                 _bwd_math(y, dy, red, KIND).to(out), mask=mask)
+    yh, yt = _ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt, ACC, ALIGN)
+    gh, gt = _ends(dy_ptr, o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, mh, mt, ACC, ALIGN)
+    _store_ends(dx_ptr, o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, mh, mt,
+                _bwd_math(yh, gh, red, KIND), _bwd_math(yt, gt, red, KIND), ALIGN)
 
 
 @triton.jit
@@ -292,31 +356,108 @@ def softmax_bwd_looped_kernel(
     o, offs_i, offs_n = _tile_offsets(tl.program_id(0), I, BLOCK_I, BLOCK_N, USE_INT64)
     mask_i = offs_i < I
     offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sy_i, ALIGN)
-    yh, yt = _ends(y_ptr, o, offs_i, offs_a, sy_o, sy_n, sy_i, tail0, mh, mt, ACC, ALIGN)
-    gh, gt = _ends(dy_ptr, o, offs_i, offs_a, sdy_o, sdy_n, sdy_i, tail0, mh, mt, ACC, ALIGN)
-    acc = tl.zeros([BLOCK_I, BLOCK_N], ACC)
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
-        dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
-        if KIND == 1:
-            acc += dy
-        else:
-            y = tl.load(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
-            acc += y * dy
-    red = (tl.sum(acc, axis=1) + tl.sum(_bwd_terms(yh, gh, KIND), axis=1)
-           + tl.sum(_bwd_terms(yt, gt, KIND), axis=1))
-    out = dx_ptr.dtype.element_ty
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        mask = mask_i[:, None] & ((cols // ALIGN)[None, :] < groups[:, None])
-        y = tl.load(y_ptr + _part(o, offs_i, cols, sy_o, sy_n, sy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + _part(o, offs_i, cols, sdy_o, sdy_n, sdy_i, head, ALIGN), mask=mask, other=0.0).to(ACC)
-        tl.store(dx_ptr + _part(o, offs_i, cols, sdx_o, sdx_n, sdx_i, head, ALIGN),
-                 _bwd_math(y, dy, red, KIND).to(out), mask=mask)
-    _store_ends(dx_ptr, o, offs_i, offs_a, sdx_o, sdx_n, sdx_i, tail0, mh, mt,
-                _bwd_math(yh, gh, red, KIND), _bwd_math(yt, gt, red, KIND), ALIGN)
+    red = _row_reduce(y_ptr, dy_ptr, o, offs_i, offs_n, offs_a, mask_i, sy_o, sy_n, sy_i, sdy_o, sdy_n, sdy_i, head,
+                      groups, tail0, mh, mt, 0, N, BLOCK_I, BLOCK_N, KIND, ACC, ALIGN)
+    _write_bwd(y_ptr, dy_ptr, dx_ptr, o, offs_i, offs_n, offs_a, mask_i, sy_o, sy_n, sy_i, sdy_o, sdy_n, sdy_i,
+               sdx_o, sdx_n, sdx_i, head, groups, tail0, mh, mt, 0, N, red, BLOCK_N, KIND, ACC, ALIGN)
 
+
+@triton.jit
+def _split_program(pid, SPLITS, I, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, USE_INT64: tl.constexpr):
+    """A split kernel's program id -> (split, o, i offsets, n offsets): ``SPLITS`` consecutive
+    programs share the rows of one row block, each taking one slice of them."""
+    o, offs_i, offs_n = _tile_offsets(pid // SPLITS, I, BLOCK_I, BLOCK_N, USE_INT64)
+    return pid % SPLITS, o, offs_i, offs_n
+
+
+@triton.jit
+def softmax_split_partials_kernel(
+    a_ptr, b_ptr, part_ptr,
+    N, I, SLICE, SPLITS,
+    sa_o, sa_n, sa_i,
+    sb_o, sb_n, sb_i,
+    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, NEG: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
+):
+    """Few long rows, pass 1: program ``(row block, j)`` reduces slice ``j`` of its rows (the body
+    columns ``[j·SLICE, (j+1)·SLICE)``; the head goes with slice 0, the tail with the last) and
+    writes its partials at ``part[row, j]``: MODE 0 (forward) the max and rescaled sum of ``a``
+    (``-a`` with NEG), two floats; MODE 1 (log-softmax backward) ``Σ b``; MODE 2 (softmax /
+    softmin backward) ``Σ a·b``."""
+    split, o, offs_i, offs_n = _split_program(tl.program_id(0), SPLITS, I, BLOCK_I, BLOCK_N, USE_INT64)
+    mask_i = offs_i < I
+    offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sa_i, ALIGN)
+    mh = mh & (split == 0)
+    mt = mt & (split == SPLITS - 1)
+    lo = split * SLICE
+    if MODE == 0:
+        m, s = _row_stats(a_ptr, o, offs_i, offs_n, offs_a, mask_i, sa_o, sa_n, sa_i, head, groups, tail0, mh, mt,
+                          lo, lo + SLICE, BLOCK_I, BLOCK_N, NEG, ACC, ALIGN)
+        out = (offs_i * SPLITS + split) * 2
+        tl.store(part_ptr + out, m, mask=mask_i)
+        tl.store(part_ptr + out + 1, s, mask=mask_i)
+    else:  # a = y, b = dy
+        red = _row_reduce(a_ptr, b_ptr, o, offs_i, offs_n, offs_a, mask_i, sa_o, sa_n, sa_i, sb_o, sb_n, sb_i, head,
+                          groups, tail0, mh, mt, lo, lo + SLICE, BLOCK_I, BLOCK_N, 1 if MODE == 1 else 0, ACC, ALIGN)
+        tl.store(part_ptr + offs_i * SPLITS + split, red, mask=mask_i)
+
+
+@triton.jit
+def _split_partials(part_ptr, offs_i, mask_i, SPLITS, SPLITS_PAD: tl.constexpr, FIELDS: tl.constexpr,
+                    field: tl.constexpr):
+    """Every split's partial ``field`` of each row, [BLOCK_I, SPLITS_PAD] (padding: -inf for a
+    forward max, else 0), and the mask of the real ones."""
+    js = tl.arange(0, SPLITS_PAD)
+    mask = mask_i[:, None] & (js[None, :] < SPLITS)
+    return tl.load(part_ptr + (offs_i[:, None] * SPLITS + js[None, :]) * FIELDS + field, mask=mask,
+                   other=float("-inf") if field == 0 and FIELDS == 2 else 0.0), mask
+
+
+@triton.jit
+def softmax_split_fwd_out_kernel(
+    x_ptr, y_ptr, part_ptr,
+    N, I, SLICE, SPLITS,
+    sx_o, sx_n, sx_i,
+    sy_o, sy_n, sy_i,
+    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    LOG: tl.constexpr, NEG: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
+):
+    """Few long rows, pass 2 of the forward: each program combines its rows' partials — every
+    program of a row the same way, in the same order (deterministic) — and writes y over its slice."""
+    split, o, offs_i, offs_n = _split_program(tl.program_id(0), SPLITS, I, BLOCK_I, BLOCK_N, USE_INT64)
+    mask_i = offs_i < I
+    offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sx_i, ALIGN)
+    mh = mh & (split == 0)
+    mt = mt & (split == SPLITS - 1)
+    pm, pmask = _split_partials(part_ptr, offs_i, mask_i, SPLITS, SPLITS_PAD, 2, 0)
+    ps, _ = _split_partials(part_ptr, offs_i, mask_i, SPLITS, SPLITS_PAD, 2, 1)
+    m = tl.max(pm, axis=1)
+    s = tl.sum(tl.where(pmask & (pm != float("-inf")), ps * tl.exp(pm - m[:, None]), 0.0), axis=1)
+    _write_fwd(x_ptr, y_ptr, o, offs_i, offs_n, offs_a, mask_i, sx_o, sx_n, sx_i, sy_o, sy_n, sy_i, head, groups,
+               tail0, mh, mt, split * SLICE, split * SLICE + SLICE, m, s, BLOCK_N, LOG, NEG, ACC, ALIGN)
+
+
+@triton.jit
+def softmax_split_bwd_out_kernel(
+    y_ptr, dy_ptr, dx_ptr, part_ptr,
+    N, I, SLICE, SPLITS,
+    sy_o, sy_n, sy_i,
+    sdy_o, sdy_n, sdy_i,
+    sdx_o, sdx_n, sdx_i,
+    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    KIND: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
+):
+    """Few long rows, pass 2 of the backward: the row reduction is the sum of the slices'
+    partials (the same order in every program), then dx over this program's slice."""
+    split, o, offs_i, offs_n = _split_program(tl.program_id(0), SPLITS, I, BLOCK_I, BLOCK_N, USE_INT64)
+    mask_i = offs_i < I
+    offs_a, head, groups, tail0, mh, _, mt = _plan(offs_i, offs_n, I, N, sy_i, ALIGN)
+    mh = mh & (split == 0)
+    mt = mt & (split == SPLITS - 1)
+    red = tl.sum(_split_partials(part_ptr, offs_i, mask_i, SPLITS, SPLITS_PAD, 1, 0)[0], axis=1)
+    _write_bwd(y_ptr, dy_ptr, dx_ptr, o, offs_i, offs_n, offs_a, mask_i, sy_o, sy_n, sy_i, sdy_o, sdy_n, sdy_i,
+               sdx_o, sdx_n, sdx_i, head, groups, tail0, mh, mt, split * SLICE, split * SLICE + SLICE, red, BLOCK_N,
+               KIND, ACC, ALIGN)
 
 
 #: What the compile tier checks for each kernel at every config it can launch with
@@ -327,4 +468,7 @@ EXPECTATIONS = {
     "softmax_fwd_online_kernel": {"local_memory": 0},
     "softmax_bwd_fused_kernel": {"local_memory": 0},
     "softmax_bwd_looped_kernel": {"local_memory": 0},
+    "softmax_split_partials_kernel": {"local_memory": 0},
+    "softmax_split_fwd_out_kernel": {"local_memory": 0},
+    "softmax_split_bwd_out_kernel": {"local_memory": 0},
 }

@@ -5,7 +5,9 @@ Cases: ops ``softmax`` / ``log_softmax`` / ``softmin``; ``params["dim"]`` the re
 torch eager; minimum traffic 2 tensor passes forward (read x, write y), 3 backward (read y and dy,
 write dx). Compile tier: every config of :func:`mmkernels.ops.softmax.launch_configs` at fp32 (or
 fp64 for the float64 configs); the largest one-pass and the looped config of each layout also in
-bf16 / fp16, each kind, int64 offsets and unaligned pointers, sizes and strides.
+bf16 / fp16, each kind, int64 offsets and unaligned pointers, sizes and strides; and
+:data:`ROW_SHAPES` (odd lengths on the one-pass, looped and split kernels, few long aligned rows on
+the split kernels) at every storage and kind, each required to hold 128-bit global loads.
 """
 from __future__ import annotations
 
@@ -224,24 +226,23 @@ def launches(rec, target: int) -> None:
                 S.triton_backward(x, dy, dim, kind, dtype, force_int64=int64, config=cfg)
 
 
-#: Odd row lengths the compile tier builds at each storage (the one-pass and the looped kernels).
-ODD_N = (1001, 3 * S.MAX_FUSED_N + 1)
+#: (rows, length) the compile tier builds at each storage: odd lengths for the one-pass kernels, the
+#: looped kernels (many rows) and the split kernels (few rows); an aligned length for the split ones.
+ROW_SHAPES = ((64, 1001), (256, 3 * S.MAX_FUSED_N + 1), (64, 3 * S.MAX_FUSED_N + 1), (64, 1 << 20))
 
 
 def odd_n(rec) -> None:
-    """Rows of odd length (a row stride no multiple of 16 bytes) at fp32, bf16, fp16 (and fp64 at
-    the one-pass length), every kind, forward and backward: the kernels split each row into an
-    aligned body and a scalar head and tail, so each build must hold 128-bit global loads."""
-    for n in ODD_N:
+    """:data:`ROW_SHAPES` at fp32, bf16, fp16 and fp64, every kind,
+    forward and backward. The odd lengths make the kernels split each row into an aligned body
+    and a scalar head and tail: each such build must hold 128-bit global loads."""
+    for rows, n in ROW_SHAPES:
         for storage in ("fp32", "bf16", "fp16", "fp64"):
-            if storage == "fp64" and n > S.MAX_FUSED_N:
-                continue
             dtype = _STORAGE[storage]
             for kind in S.Kind:
-                x = torch.empty((64, n), dtype=dtype, device="meta")
-                cfg = S.resolve_config(n, 64, False, f64=dtype == torch.float64)
-                with rec.variant(f"{storage} {kind.name.lower()} odd N", config=config_label(cfg),
-                                 expect={"min_load_bits": 128}):
+                x = torch.empty((rows, n), dtype=dtype, device="meta")
+                cfg = S.resolve_config(n, rows, False, f64=dtype == torch.float64)
+                label = f"{storage} {kind.name.lower()} {rows} rows of {'odd N' if n % 2 else 'N'} = {n}"
+                with rec.variant(label, config=config_label(cfg), expect={"min_load_bits": 128}):
                     S.triton_forward(x, 1, kind, dtype)
                     S.triton_backward(x, torch.empty_like(x), 1, kind, dtype)
 

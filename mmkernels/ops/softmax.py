@@ -23,7 +23,7 @@ from mmkernels.ops._layout import (
     max_offset,
     plan_reduction,
 )
-from mmkernels.ops._util import acc_dtype, cdiv, next_pow2
+from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2, sm_count
 
 
 class Kind(enum.IntEnum):
@@ -157,9 +157,38 @@ def row_align(columns: bool, tensors, strides3) -> int:
     return 1 if strides3[0][2] % align == 0 else align
 
 
+#: Most programs one row's work is split over (their partials are combined in one tile).
+MAX_SPLITS = 64
+
+
+def row_splits(cfg: SoftmaxConfig, columns: bool, N: int, I: int, sms: int, f64: bool = False) -> int:
+    """Programs per row block for few long rows: the looped configs on rows, when the row blocks
+    are fewer than ``sms`` (one wave), are split along the row until about two waves of programs
+    run (at most MAX_SPLITS, each at least one loop tile); 1 otherwise, and for float64 math (the
+    split output kernel spills at the float64 looped tile: those rows keep the looped kernels)."""
+    blocks = cdiv(I, cfg.block_i)
+    if columns or f64 or not cfg.online or blocks >= sms:
+        return 1
+    return max(1, min(MAX_SPLITS, cdiv(2 * sms, blocks), cdiv(N, cfg.block_n)))
+
+
+def _split_launch(splits: int, N: int, cfg: SoftmaxConfig) -> Tuple[int, int]:
+    """(splits, slice): slices of whole loop tiles covering N (fewer splits when they round up)."""
+    slice_ = cdiv(cdiv(N, splits), cfg.block_n) * cfg.block_n
+    return cdiv(N, slice_), slice_
+
+
+def _sms(t: torch.Tensor) -> int:
+    """SMs a launch should fill: the GPU's; an H100's for the compile tier's meta tensors and the
+    interpreter's CPU tensors (so that their few-row launches take the split kernels as on a GPU)."""
+    return sm_count(t, 9)
+
+
 def triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype,
-                    force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
-    """Launch the forward kernel; ``config`` overrides the resolver (tests, config exploration)."""
+                    force_int64: bool = False, config: Optional[SoftmaxConfig] = None,
+                    splits: Optional[int] = None) -> torch.Tensor:
+    """Launch the forward kernels; ``config`` overrides the resolver, ``splits`` the programs per
+    row block of the looped configs (:func:`row_splits`; tests, config exploration)."""
     import triton.language as tl
 
     from mmkernels._triton import softmax as K
@@ -171,24 +200,38 @@ def triton_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype
     O, N, I, columns, (sx, sy) = _index_space(plan, sx, sy)
     acc = acc_dtype(x.dtype, out_dtype)
     cfg = config or resolve_config(N, I, columns, f64=acc == tl.float64)
+    align = row_align(columns, (x, y), (sx, sy))
+    int64 = force_int64 or _needs_int64(cfg, (x, y), (sx, sy))
+    strides = dict(sx_o=sx[0], sx_n=sx[1], sx_i=sx[2], sy_o=sy[0], sy_n=sy[1], sy_i=sy[2])
+    flags = dict(LOG=kind == Kind.LOG_SOFTMAX, NEG=kind == Kind.SOFTMIN, ACC=acc, ALIGN=align, USE_INT64=int64)
+    splits = row_splits(cfg, columns, N, I, _sms(x), acc == tl.float64) if splits is None else splits
+    if splits > 1:
+        splits, slice_ = _split_launch(splits, N, cfg)
+        part = torch.empty((I, splits, 2), dtype=math_dtype(x.dtype, out_dtype), device=x.device)
+        grid = (cdiv(I, cfg.block_i) * splits,)
+        K.softmax_split_partials_kernel[grid](
+            a_ptr=x, b_ptr=x, part_ptr=part, N=N, I=I, SLICE=slice_, SPLITS=splits,
+            sa_o=sx[0], sa_n=sx[1], sa_i=sx[2], sb_o=sx[0], sb_n=sx[1], sb_i=sx[2],
+            BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, MODE=0, NEG=flags["NEG"], ACC=acc, ALIGN=align,
+            USE_INT64=int64, num_warps=cfg.num_warps,
+        )
+        K.softmax_split_fwd_out_kernel[grid](
+            x_ptr=x, y_ptr=y, part_ptr=part, N=N, I=I, SLICE=slice_, SPLITS=splits, **strides,
+            BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, SPLITS_PAD=next_pow2(splits), **flags,
+            num_warps=cfg.num_warps,
+        )
+        return y
     kernel = K.softmax_fwd_online_kernel if cfg.online else K.softmax_fwd_fused_kernel
     grid = (O * cdiv(I, cfg.block_i),)
-    kernel[grid](
-        x_ptr=x, y_ptr=y, N=N, I=I,
-        sx_o=sx[0], sx_n=sx[1], sx_i=sx[2],
-        sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
-        BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n,
-        LOG=kind == Kind.LOG_SOFTMAX, NEG=kind == Kind.SOFTMIN,
-        ACC=acc, ALIGN=row_align(columns, (x, y), (sx, sy)),
-        USE_INT64=force_int64 or _needs_int64(cfg, (x, y), (sx, sy)),
-        num_warps=cfg.num_warps,
-    )
+    kernel[grid](x_ptr=x, y_ptr=y, N=N, I=I, **strides, BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, **flags,
+                 num_warps=cfg.num_warps)
     return y
 
 
 def triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in_dtype: torch.dtype,
-                     force_int64: bool = False, config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
-    """Launch the backward kernel; ``config`` overrides the resolver (tests, config exploration)."""
+                     force_int64: bool = False, config: Optional[SoftmaxConfig] = None,
+                     splits: Optional[int] = None) -> torch.Tensor:
+    """Launch the backward kernels; ``config`` and ``splits`` as for :func:`triton_forward`."""
     import triton.language as tl
 
     from mmkernels._triton import softmax as K
@@ -201,18 +244,32 @@ def triton_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind, in_
     O, N, I, columns, (sy, sdy, sdx) = _index_space(plan, sy, sdy, sdx)
     acc = acc_dtype(y.dtype, dy.dtype, in_dtype)
     cfg = config or resolve_config(N, I, columns, f64=acc == tl.float64)
+    align = row_align(columns, (y, dy, dx), (sy, sdy, sdx))
+    int64 = force_int64 or _needs_int64(cfg, (y, dy, dx), (sy, sdy, sdx))
+    strides = dict(sy_o=sy[0], sy_n=sy[1], sy_i=sy[2], sdy_o=sdy[0], sdy_n=sdy[1], sdy_i=sdy[2],
+                   sdx_o=sdx[0], sdx_n=sdx[1], sdx_i=sdx[2])
+    flags = dict(KIND=int(kind), ACC=acc, ALIGN=align, USE_INT64=int64)
+    splits = row_splits(cfg, columns, N, I, _sms(y), acc == tl.float64) if splits is None else splits
+    if splits > 1:
+        splits, slice_ = _split_launch(splits, N, cfg)
+        part = torch.empty((I, splits), dtype=math_dtype(y.dtype, dy.dtype, in_dtype), device=y.device)
+        grid = (cdiv(I, cfg.block_i) * splits,)
+        K.softmax_split_partials_kernel[grid](
+            a_ptr=y, b_ptr=dy, part_ptr=part, N=N, I=I, SLICE=slice_, SPLITS=splits,
+            sa_o=sy[0], sa_n=sy[1], sa_i=sy[2], sb_o=sdy[0], sb_n=sdy[1], sb_i=sdy[2],
+            BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, MODE=1 if kind == Kind.LOG_SOFTMAX else 2, NEG=False,
+            ACC=acc, ALIGN=align, USE_INT64=int64, num_warps=cfg.num_warps,
+        )
+        K.softmax_split_bwd_out_kernel[grid](
+            y_ptr=y, dy_ptr=dy, dx_ptr=dx, part_ptr=part, N=N, I=I, SLICE=slice_, SPLITS=splits, **strides,
+            BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, SPLITS_PAD=next_pow2(splits), **flags,
+            num_warps=cfg.num_warps,
+        )
+        return dx
     kernel = K.softmax_bwd_looped_kernel if cfg.online else K.softmax_bwd_fused_kernel
     grid = (O * cdiv(I, cfg.block_i),)
-    kernel[grid](
-        y_ptr=y, dy_ptr=dy, dx_ptr=dx, N=N, I=I,
-        sy_o=sy[0], sy_n=sy[1], sy_i=sy[2],
-        sdy_o=sdy[0], sdy_n=sdy[1], sdy_i=sdy[2],
-        sdx_o=sdx[0], sdx_n=sdx[1], sdx_i=sdx[2],
-        BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n, KIND=int(kind),
-        ACC=acc, ALIGN=row_align(columns, (y, dy, dx), (sy, sdy, sdx)),
-        USE_INT64=force_int64 or _needs_int64(cfg, (y, dy, dx), (sy, sdy, sdx)),
-        num_warps=cfg.num_warps,
-    )
+    kernel[grid](y_ptr=y, dy_ptr=dy, dx_ptr=dx, N=N, I=I, **strides, BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n,
+                 **flags, num_warps=cfg.num_warps)
     return dx
 
 
