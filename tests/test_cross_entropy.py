@@ -174,8 +174,46 @@ def test_nn_module_is_a_drop_in():
     x, t = _inputs(6, 4, torch.float32, "cpu", seed=8, ignored=0.0)
     torch.testing.assert_close(m(x, t), F.cross_entropy(x, t, ignore_index=2, label_smoothing=0.1,
                                                         reduction="sum"))
-    with pytest.raises(ValueError, match="weight"):
-        mmkernels.nn.CrossEntropyLoss(weight=torch.ones(4))
+    w = torch.rand(4) + 0.5
+    m = mmkernels.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(m(x, t), F.cross_entropy(x, t, weight=w, label_smoothing=0.1))
+    assert set(m.state_dict()) == set(torch.nn.CrossEntropyLoss(weight=w).state_dict())  # the weight buffer
+    with pytest.raises(ValueError, match="weight must be a float"):
+        mmkernels.cross_entropy(x, t, weight=torch.ones(3))
+    with pytest.raises(ValueError, match="softcap"):
+        mmkernels.cross_entropy(x, t, softcap=0.0)
+
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weights_z_loss_and_softcap(reduction, dtype, backend, device, poison_outputs):
+    """Class weights (weighted mean), label smoothing, a z-loss and soft-capping together: loss and
+    d logits against the float64 reference of an output layer with an identity weight (whose
+    logits are the input), and torch's own for the weights alone."""
+    from mmkernels.reference import linear_cross_entropy_magnitudes, linear_cross_entropy_ref
+
+    x, t = _inputs(21, 37, dtype, device, seed=3)
+    w = (torch.rand(37, generator=torch.Generator().manual_seed(1)) + 0.5).to(device)
+    g = torch.randn(() if reduction != "none" else t.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    eye = torch.eye(37, dtype=torch.float64)
+    for kw in (dict(weight=w, label_smoothing=0.2), dict(weight=w, label_smoothing=0.1, z_loss_scale=1e-2,
+                                                          softcap=5.0)):
+        xr = x.detach().clone().requires_grad_()
+        with mmkernels.use_backend(backend):
+            loss = mmkernels.cross_entropy(xr, t, reduction=reduction, **kw)
+            loss.backward(g)
+        ref_kw = {**kw, "weight": w.cpu(), "softcap": kw.get("softcap", 0.0)}
+        x64 = x.detach().double().cpu().requires_grad_()
+        ref, _ = linear_cross_entropy_ref(x64, eye, t, reduction=reduction, **ref_kw)
+        ref.backward(g.double().cpu())
+        mags = linear_cross_entropy_magnitudes(x, eye, t, g, reduction=reduction, **ref_kw)
+        mt.assert_close(loss, ref, backend=backend, magnitude=mags[0], what="loss")
+        mt.assert_close(xr.grad, x64.grad, backend=backend, magnitude=mags[1], what="d logits")
+        if "softcap" not in kw:
+            want = F.cross_entropy(x.detach().double().cpu(), t.cpu(), weight=w.double().cpu(),
+                                   reduction=reduction, label_smoothing=0.2)
+            torch.testing.assert_close(ref.detach(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_every_launch_config_is_a_power_of_two_up_to_the_cap():

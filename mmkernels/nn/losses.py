@@ -11,24 +11,26 @@ from mmkernels.ops import linear_cross_entropy as _lce
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by :func:`mmkernels.cross_entropy` (logits ``(N, C)``
-    or ``(C,)``, integer targets ``(N,)`` / ``()``; output 0-dim, or ``(N,)`` for
-    ``reduction="none"``). Class weights are not supported (``weight`` must be None).
+    or ``(C,)``, integer targets ``(N,)`` / ``()``, optional class weights ``(C,)``; output 0-dim,
+    or ``(N,)`` for ``reduction="none"``).
 
-    ``inplace_backward=True`` writes the gradient into the logits' storage (see the functional).
+    Adds ``z_loss_scale``, ``softcap`` and ``inplace_backward`` (the gradient written into the
+    logits' storage), as the functional.
     """
 
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
-                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
-                 inplace_backward: bool = False) -> None:
-        if weight is not None:
-            raise ValueError("mmkernels.nn.CrossEntropyLoss does not support class weights (weight=...); "
-                             "use torch.nn.CrossEntropyLoss for them")
-        super().__init__(None, size_average, ignore_index, reduce, reduction, label_smoothing)
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, z_loss_scale: float = 0.0,
+                 softcap: Optional[float] = None, inplace_backward: bool = False) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss_scale = z_loss_scale
+        self.softcap = softcap
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _ce.cross_entropy(input, target, ignore_index=self.ignore_index, reduction=self.reduction,
-                                 label_smoothing=self.label_smoothing, inplace_backward=self.inplace_backward)
+        return _ce.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                 z_loss_scale=self.z_loss_scale, softcap=self.softcap,
+                                 inplace_backward=self.inplace_backward)
 
 
 class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):

@@ -40,3 +40,33 @@ def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor], what: str)
         listing = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
         exc = TypeError if what == "dtype" else ValueError
         raise exc(f"{', '.join(names)} must have the same {what}, got {listing}")
+
+
+def check_scalar(name: str, value, low: float, high: float = float("inf")) -> float:
+    """``value`` as a float in ``[low, high]``, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
+        raise ValueError(f"{name} must be a float in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_softcap(softcap) -> float:
+    """The soft-cap as the kernels take it: 0.0 for None, else a finite float > 0."""
+    if softcap is None:
+        return 0.0
+    cap = check_scalar("softcap", softcap, 0.0)
+    if cap == 0.0 or cap == float("inf"):
+        raise ValueError(f"softcap must be a finite float > 0 (or None), got {softcap!r}")
+    return cap
+
+
+def class_weights(weight, C: int, input: torch.Tensor):
+    """Optional ``(C,)`` class weights checked against the logits' ``input`` and returned detached,
+    contiguous, in the math dtype the kernels read (float64 for float64 input, else float32)."""
+    if weight is None:
+        return None
+    check_tensor("weight", weight)
+    if not weight.dtype.is_floating_point or tuple(weight.shape) != (C,) or weight.device != input.device:
+        raise ValueError(f"weight must be a float ({C},) tensor on {input.device}, got {weight.dtype} "
+                         f"{tuple(weight.shape)} on {weight.device}")
+    return weight.detach().to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+

@@ -13,6 +13,7 @@ import torch
 
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._checks import check_scalar, check_softcap, class_weights
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
 from mmkernels.ops._util import acc_dtype, math_dtype, next_pow2
@@ -268,28 +269,29 @@ def row_backward(x, target, lse, g, terms: LossTerms, weight, dx: torch.Tensor) 
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("mmkernels::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd_op(x: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                         eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_fwd_op(x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                         eps: float, z_loss: float, softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per-row loss, per-row log-sum-exp), float32 (float64 for float64 logits)."""
-    loss, lse, _ = row_forward(x, target, LossTerms(ignore_index, eps))
+    loss, lse, _ = row_forward(x, target, LossTerms(ignore_index, eps, z_loss, softcap), weight)
     return loss, lse
 
 
 @cross_entropy_fwd_op.register_fake
-def _(x, target, ignore_index, eps):
+def _(x, target, weight, ignore_index, eps, z_loss, softcap):
     acc = math_dtype(x.dtype)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
 @torch.library.custom_op("mmkernels::cross_entropy_bwd", mutates_args=())
-def cross_entropy_bwd_op(x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                         ignore_index: int, eps: float) -> torch.Tensor:
+def cross_entropy_bwd_op(x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
+                         g: torch.Tensor, ignore_index: int, eps: float, z_loss: float,
+                         softcap: float) -> torch.Tensor:
     """d logits for the per-row incoming gradient ``g`` ((N,) or a broadcast 0-stride view)."""
-    return row_backward(x, target, lse, g, LossTerms(ignore_index, eps), None, torch.empty_like(x))
+    return row_backward(x, target, lse, g, LossTerms(ignore_index, eps, z_loss, softcap), weight, torch.empty_like(x))
 
 
 @cross_entropy_bwd_op.register_fake
-def _(x, target, lse, g, ignore_index, eps):
+def _(x, target, weight, lse, g, ignore_index, eps, z_loss, softcap):
     return torch.empty_like(x)
 
 
@@ -310,35 +312,34 @@ class CrossEntropyFunction(torch.autograd.Function):
     (read the logits, write d logits — in their own storage with ``inplace_backward``)."""
 
     @staticmethod
-    def forward(ctx, x, target, ignore_index: int, eps: float, reduction: str, inplace: bool):
-        if _backend.direct_call_ok(x, target):
-            loss, lse, _ = row_forward(x, target, LossTerms(ignore_index, eps))
+    def forward(ctx, x, target, weight, terms: LossTerms, reduction: str, inplace: bool):
+        if _backend.direct_call_ok(*(t for t in (x, target, weight) if t is not None)):
+            loss, lse, _ = row_forward(x, target, terms, weight)
         else:
-            loss, lse = cross_entropy_fwd_op(x, target, ignore_index, eps)
+            loss, lse = cross_entropy_fwd_op(x, target, weight, *dataclasses.astuple(terms))
         count = None
         if reduction == "mean":
-            count = (target != ignore_index).sum().to(loss.dtype)  # no host read: 0 rows give NaN
+            count = mean_divisor(target, terms, weight, loss.dtype)  # no host read: 0 rows give NaN
             out = loss.sum() / count
         elif reduction == "sum":
             out = loss.sum()
         else:
             out = loss
-        ctx.save_for_backward(x, target, lse, count)
-        ctx.args = (ignore_index, eps, reduction, inplace)
+        ctx.save_for_backward(x, target, weight, lse, count)
+        ctx.args = (terms, reduction, inplace)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, target, lse, count = ctx.saved_tensors
-        ignore_index, eps, reduction, inplace = ctx.args
+        x, target, weight, lse, count = ctx.saved_tensors
+        terms, reduction, inplace = ctx.args
         g = _row_grad(grad, reduction, count, x.shape[0])
-        if _backend.direct_call_ok(x, target, lse, g):
-            dx = row_backward(x, target, lse, g, LossTerms(ignore_index, eps), None,
-                              x if inplace else torch.empty_like(x))
+        if _backend.direct_call_ok(*(t for t in (x, target, weight, lse, g) if t is not None)):
+            dx = row_backward(x, target, lse, g, terms, weight, x if inplace else torch.empty_like(x))
             if inplace:
                 torch.autograd.graph.increment_version(x)  # a saved copy of the logits is now stale
         else:  # traced (torch.compile): the functional op, a new tensor even with inplace_backward
-            dx = cross_entropy_bwd_op(x, target, lse, g, ignore_index, eps)
+            dx = cross_entropy_bwd_op(x, target, weight, lse, g, *dataclasses.astuple(terms))
         return dx, None, None, None, None, None
 
 
@@ -346,13 +347,17 @@ class CrossEntropyFunction(torch.autograd.Function):
 # Public functional
 # ----------------------------------------------------------------------------------------------
 
-def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0,
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  z_loss_scale: float = 0.0, softcap: Optional[float] = None,
                   inplace_backward: bool = False) -> torch.Tensor:
     r"""Cross-entropy of logits and class indices, like ``F.cross_entropy``, without the
     probabilities: ``loss_n = lse_n - (1-ε)·x[n, t_n] - (ε/C)·Σ_c x[n, c]`` with
     ``lse_n = log Σ_c exp x[n, c]`` and ``ε = label_smoothing``; rows with ``t_n == ignore_index``
-    count as 0 and are left out of the mean.
+    count as 0 and are left out of the mean. With class weights ``w`` the terms are weighted as
+    ``F.cross_entropy`` weighs them (``(1-ε)·w_t·(lse - x_t) + (ε/C)·Σ_c w_c·(lse - x_c)``, the
+    mean divided by ``Σ_n w_{t_n}``); ``z_loss_scale`` adds ``zs·lse_n²``; ``softcap`` replaces
+    the logits by ``cap·tanh(x / cap)`` first.
 
     The forward reads the logits once and keeps one log-sum-exp per row; the backward reads the
     logits once and writes ``d x = g·(softmax(x) - (1-ε)·onehot(t) - ε/C)`` in one pass. On CUDA
@@ -366,10 +371,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, ignore_index: in
         target: ``(N,)`` (or 0-dim for 1-D input) integer class indices in ``[0, C)`` or
             ``ignore_index``. Out-of-range targets raise ``IndexError`` on CPU and fail a device
             assert on CUDA (as torch).
+        weight: optional ``(C,)`` class weights (any float dtype; not differentiated).
         ignore_index: target value whose rows are skipped (loss 0, gradient 0, not counted).
         reduction: ``"mean"`` (over the rows not ignored; NaN when every row is ignored, as
             torch), ``"sum"`` or ``"none"`` (``(N,)``).
         label_smoothing: ``ε`` in ``[0, 1]``.
+        z_loss_scale: ``zs >= 0``; softcap: ``cap > 0`` or None (see above).
         inplace_backward: write the gradient into ``input``'s storage instead of a new tensor,
             saving a logits-sized allocation. ``input`` then holds the gradient after the
             backward; autograd's version counter is bumped, so any other op that saved the
@@ -396,9 +403,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, ignore_index: in
         raise ValueError(f"input and target must be on the same device, got {input.device} and {target.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    label_smoothing = check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if input.dim() == 1:
@@ -418,6 +423,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, ignore_index: in
     if inplace_backward and input.is_leaf and input.requires_grad:
         raise ValueError("inplace_backward=True needs input to be computed by an op (e.g. the output "
                          "layer), not a leaf that requires grad: its .grad would alias it")
-    out = CrossEntropyFunction.apply(x, t, int(ignore_index), float(label_smoothing), reduction,
-                                     bool(inplace_backward))
+    C = x.shape[1]
+    weight = class_weights(weight, C, input)
+    terms = LossTerms(int(ignore_index), float(label_smoothing), check_scalar("z_loss_scale", z_loss_scale, 0.0),
+                      check_softcap(softcap))
+    out = CrossEntropyFunction.apply(x, t, weight, terms, reduction, bool(inplace_backward))
     return out.reshape(()) if input.dim() == 1 and reduction == "none" else out

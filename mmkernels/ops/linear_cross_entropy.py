@@ -32,6 +32,7 @@ from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
 from mmkernels.ops._util import cdiv, dot_f32, gpu_arch, math_dtype, sm_count, tf32_allowed
+from mmkernels.ops._checks import check_scalar, check_softcap, class_weights
 from mmkernels.ops.cross_entropy import (REDUCTIONS, LossTerms, check_targets_on_host, mean_divisor, row_backward,
                                          row_forward, row_loss)
 
@@ -355,12 +356,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 # Public functional
 # ----------------------------------------------------------------------------------------------
 
-def _check_scalar(name: str, value, low: float, high: float = float("inf")) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
-        raise ValueError(f"{name} must be a float in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                          linear_bias: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
                          reduction: str = "mean", ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
@@ -430,12 +425,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                              f"{t.dtype}, {t.device}")
     if linear_bias is not None and tuple(linear_bias.shape) != (C,):
         raise ValueError(f"linear_bias must be ({C},), got {tuple(linear_bias.shape)}")
-    if weight is not None:
-        _check_tensor("weight", weight)
-        if not weight.dtype.is_floating_point or tuple(weight.shape) != (C,) or weight.device != input.device:
-            raise ValueError(f"weight must be a float ({C},) tensor on {input.device}, got {weight.dtype} "
-                             f"{tuple(weight.shape)} on {weight.device}")
-        weight = weight.detach().to(math_dtype(input.dtype)).contiguous()
+    weight = class_weights(weight, C, input)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
     if target.device != input.device:
@@ -449,13 +439,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         ignore_index = -100
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    eps = _check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
-    zs = _check_scalar("z_loss_scale", z_loss_scale, 0.0)
-    cap = 0.0
-    if softcap is not None:
-        cap = _check_scalar("softcap", softcap, 0.0)
-        if cap == 0.0 or cap == float("inf"):
-            raise ValueError(f"softcap must be a finite float > 0 (or None), got {softcap!r}")
+    eps = check_scalar("label_smoothing", label_smoothing, 0.0, 1.0)
+    zs = check_scalar("z_loss_scale", z_loss_scale, 0.0)
+    cap = check_softcap(softcap)
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
