@@ -23,7 +23,8 @@ FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_exp
 
 
 OPS = ("route_softmax_topk", "top_k_ids", "router_isa", "route_metadata", "experts_forward", "experts_backward",
-       "bilinear_forward", "bilinear_backward", "softmax_forward", "cache_info", "empty_cache")
+       "bilinear_forward", "bilinear_backward", "softmax_forward", "gated_blend_forward", "gated_blend_backward",
+       "cache_info", "empty_cache")
 
 
 @needs_cpp
@@ -32,7 +33,7 @@ def test_cpp_kernels_build_and_say_so():
     assert _cpp.status().startswith("C++ CPU kernels active")
     from mmkernels.families import cpu_paths
 
-    assert "C++ for bilinear, experts, routing, softmax; torch for attention, cross_entropy" in cpu_paths()
+    assert "C++ for bilinear, experts, gating, routing, softmax; torch for attention, cross_entropy" in cpu_paths()
     missing = [name for name in OPS if not hasattr(_cpp.ops(), name)]
     assert not missing, f"operators not registered: {missing}"
 

@@ -38,7 +38,7 @@ def _check(a, b, w, c, dout, backend):
     return out
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(5, 1), (7, 13), (2, 3, 64), (50, 100)], ids=str)  # the last: 3 programs
 def test_forward_backward(shape, dtype, backend, device, poison_outputs):
@@ -47,7 +47,7 @@ def test_forward_backward(shape, dtype, backend, device, poison_outputs):
     _check(a, b, w, None, dout, backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_strided_pathways_and_gradcheck(backend, device):
     a, b, w, c, dout = _inputs((6, 5), torch.float64, device, seed=3)
     bt = torch.randn(5, 6, dtype=torch.float64, device=device).T  # strides (1, 6)
@@ -57,7 +57,7 @@ def test_strided_pathways_and_gradcheck(backend, device):
         assert torch.autograd.gradcheck(mmkernels.gated_fusion, tuple(args))
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_saturated_gates(backend, device, poison_outputs):
     """Pre-activations of ±100: g is exactly 0 or 1 (no NaN from exp overflow) and picks b or a."""
     a, b, w, c, dout = _inputs((3, 4), torch.float32, device, seed=5)

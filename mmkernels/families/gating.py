@@ -89,4 +89,5 @@ def launches(rec, target: int) -> None:
 
 
 FAMILY = Family(name="gating", summary="gated fusion and its fused gate blend",
-                cases=cases, inputs=inputs, variants=variants, targets=targets, launches=launches)
+                cases=cases, inputs=inputs, variants=variants, targets=targets, launches=launches,
+                cpp_ops=("gated_blend_forward", "gated_blend_backward"))

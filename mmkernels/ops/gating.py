@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
@@ -68,11 +68,28 @@ def _math(t: torch.Tensor) -> torch.Tensor:
     return t.to(math_dtype(t.dtype))
 
 
+def _cpp_blend(*ts: torch.Tensor):
+    """``torch.ops.mmkernels_cpu`` when the C++ blend (csrc/gating.cpp) is selected, built and
+    takes these tensors: contiguous float32 / float64 of one dtype and shape (one pass forward,
+    one backward); None for the torch composition."""
+    cpp = _cpp.ops()
+    if cpp is None or not hasattr(cpp, "gated_blend_forward"):
+        return None
+    ok = all(t.is_contiguous() and t.dtype == ts[0].dtype and t.shape == ts[0].shape for t in ts)
+    return cpp if ok and ts[0].dtype in (torch.float32, torch.float64) else None
+
+
 def _cpu_forward(pre, a, b) -> torch.Tensor:
+    cpp = _cpp_blend(pre, a, b)
+    if cpp is not None:
+        return cpp.gated_blend_forward(pre, a, b)
     return torch.lerp(_math(b), _math(a), torch.sigmoid(_math(pre))).to(a.dtype)
 
 
 def _cpu_backward(dout, pre, a, b):
+    cpp = _cpp_blend(dout, pre, a, b)
+    if cpp is not None:
+        return cpp.gated_blend_backward(dout, pre, a, b)
     g = torch.sigmoid(_math(pre))
     dout = _math(dout)
     da = dout * g
