@@ -29,10 +29,10 @@ import torch
 
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._checks import check_scalar, check_softcap, class_weights
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
 from mmkernels.ops._util import cdiv, dot_f32, gpu_arch, math_dtype, sm_count, tf32_allowed
-from mmkernels.ops._checks import check_scalar, check_softcap, class_weights
 from mmkernels.ops.cross_entropy import (REDUCTIONS, LossTerms, check_targets_on_host, mean_divisor, row_backward,
                                          row_forward, row_loss)
 
@@ -60,6 +60,8 @@ STATS_CONFIGS = {
 
 
 def dot_class(dtype: torch.dtype) -> str:
+    """The stats GEMM's class of ``dtype``: "16bit", or fp32 as torch's matmul precision allows
+    ("tf32" unless it is "highest", else "ieee")."""
     if dtype in (torch.float16, torch.bfloat16):
         return "16bit"
     return "tf32" if tf32_allowed() else "ieee"
@@ -76,6 +78,7 @@ def resolve_stats(T: int, V: int, dtype: torch.dtype, sms: int, softcap: bool = 
     programs_t = cdiv(T, cfg.block_t)
     splits = max(1, min(cdiv(V, cfg.block_v), cdiv(2 * sms, programs_t)))
     return cfg, cdiv(cdiv(V, splits), cfg.block_v) * cfg.block_v
+
 
 # ----------------------------------------------------------------------------------------------
 # Chunking
