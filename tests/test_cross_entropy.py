@@ -195,7 +195,8 @@ def test_class_weights_z_loss_and_softcap(reduction, dtype, backend, device, poi
 
     x, t = _inputs(21, 37, dtype, device, seed=3)
     w = (torch.rand(37, generator=torch.Generator().manual_seed(1)) + 0.5).to(device)
-    g = torch.randn(() if reduction != "none" else t.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    g = torch.randn(() if reduction != "none" else t.shape, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64).to(device=device, dtype=dtype)
     eye = torch.eye(37, dtype=torch.float64)
     for kw in (dict(weight=w, label_smoothing=0.2), dict(weight=w, label_smoothing=0.1, z_loss_scale=1e-2,
                                                           softcap=5.0)):

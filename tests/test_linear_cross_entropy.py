@@ -43,7 +43,9 @@ def _check(x, w, b, t, backend, chunk_tokens=None, **kw):
     reference, and the reference against F.linear_cross_entropy where torch has the options."""
     leaves = [v.detach().clone().requires_grad_() for v in (x, w) + ((b,) if b is not None else ())]
     reduction = kw.get("reduction", "mean")
-    g = torch.randn(() if reduction != "none" else t.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    gen = torch.Generator().manual_seed(t.numel() + len(reduction))
+    g = torch.randn(() if reduction != "none" else t.shape, generator=gen, dtype=torch.float64)
+    g = g.to(device=x.device, dtype=x.dtype)
     with mmkernels.use_backend(backend):
         loss, tlp = mmkernels.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None
                                                    else None, return_target_logprob=True,

@@ -218,8 +218,11 @@ def linear_cross_entropy_stats_kernel(
             w_ptrs += BLOCK_H * sw_h
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        # the logits as the unfused composition has them: rounded to the input's dtype
-        z = _capped(acc.to(x_ptr.dtype.element_ty).to(tl.float32), cap, SOFTCAP)
+        # the logits as the unfused composition has them: rounded to the input's dtype (not under
+        # the interpreter, DOT_F32, whose float32 -> bfloat16 conversion truncates: a bias)
+        if not DOT_F32:
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        z = _capped(acc, cap, SOFTCAP)
         z = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         empty = m_new == float("-inf")  # nothing but -inf so far in this row: keep the sum at 0
