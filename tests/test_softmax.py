@@ -369,28 +369,32 @@ def test_tracers_and_fake_tensors_see_the_custom_ops():
     assert "mmkernels.softmax_fwd" in gm.code
 
 
+_ONLINE = ops.SoftmaxConfig(1, 64, 1, online=True)
+
+
 @pytest.mark.interp
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
                          ids=str)
-@pytest.mark.parametrize("n,config", [(1, None), (3, None), (13, None), (1001, None),
-                                      (203, ops.SoftmaxConfig(1, 64, 1, online=True))],
-                         ids=["n1", "n3", "n13", "n1001", "online-n203"])
-@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("n,config,offset", [(1, None, 1), (3, None, 3), (13, None, 0), (13, None, 1), (1001, None, 3),
+                                             (203, _ONLINE, 1), (203, _ONLINE, 2)],
+                         ids=["n1", "n3", "n13-offset0", "n13-offset1", "n1001-offset3", "online-offset1",
+                              "online-offset2"])
 @pytest.mark.parametrize("kind", list(ops.Kind))
 def test_odd_rows_split_into_head_aligned_body_and_tail(kind, offset, n, config, dtype, out_dtype, poison_outputs):
     """Rows whose stride is no multiple of 16 bytes go through the kernels' head / aligned body /
     tail split (ALIGN > 1): forward and backward equal the float64 reference for every row start
     modulo 16 bytes (7 rows of odd length, storage offsets 0, 1, 3), a head longer than the row
-    (n = 1, 3), mixed storage and output dtypes, the one-pass and the looped kernels."""
+    (n = 1, 3), mixed storage and output dtypes, the one-pass and the looped kernels (the split
+    kernels' odd rows: test_few_long_rows_split_along_the_row)."""
     if not (torch.cuda.is_available() or interpreter_active()):
         pytest.skip("needs CUDA or the interpreter")
     gen = torch.Generator().manual_seed(n * 7 + offset)
     flat = torch.randn(7 * n + offset, generator=gen, dtype=torch.float64).mul_(4).to(device=DEVICE, dtype=dtype)
     x = flat[offset:].view(7, n)
-    y = ops.triton_forward(x, 1, kind, out_dtype, config=config)
+    y = ops.triton_forward(x, 1, kind, out_dtype, config=config, splits=1)  # the looped kernels, not split
     dy = torch.randn(7, n, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=out_dtype)
-    dx = ops.triton_backward(y, dy, 1, kind, dtype, config=config)
+    dx = ops.triton_backward(y, dy, 1, kind, dtype, config=config, splits=1)
     rows = ((0, 1, n), (0, 1, n))  # (o, n, i) strides of x and y as the launchers see rows
     assert ops.row_align(False, (x, y), rows) == 16 // min(x.element_size(), y.element_size())
     ref = FORWARD[kind.name.lower()](x, 1)
