@@ -11,6 +11,7 @@ variable ``MMKERNELS_BACKEND``; ``set_backend(None)`` goes back to the variable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import enum
 import os
 from typing import Iterator, Optional
@@ -69,8 +70,10 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _override = previous
 
 
+@functools.lru_cache(maxsize=None)
 def interpreter_active() -> bool:
-    """True when Triton's interpreter was on at import time of the kernels (TRITON_INTERPRET=1)."""
+    """True when Triton's interpreter was on at import time of the kernels (TRITON_INTERPRET=1);
+    decided once, at the first call (it cannot change afterwards)."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -81,6 +84,7 @@ def interpreter_active() -> bool:
     return any(isinstance(v, InterpretedFunction) for v in vars(_k).values())
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -691,3 +691,47 @@ def test_down_splits_fill_a_wave_only_at_decode():
     assert X.down_splits(batch, 4096, 14336, c, 132) == 1
     assert X.down_splits(train, 4096, 14336, c, 132) == 1
     assert X.down_splits(one, 4096, 128, c, 132) == 1                  # too short a reduction to split
+
+
+#: moe_layer cases: (route options, activation, biases)
+LAYER_CASES = {
+    "mixtral": (dict(), "silu", False),
+    "sigmoid-groups": (dict(scoring="sigmoid", n_groups=2, topk_groups=1, routed_scaling=2.5, renormalize=True),
+                       "gelu", False),
+    "capacity-bias": (dict(capacity_factor=0.6, renormalize=False), "swiglu_oai", True),
+}
+
+
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_moe_layer_one_node_equals_route_then_experts(case, backend, device):
+    """The fused autograd node of nn.MoE's eager path (ops.moe_layer) gives bit for bit what
+    route then experts give: output, counts and every gradient — the logits' included, with a
+    second loss on the logits (a balancing loss) adding its own gradient."""
+    from mmkernels.ops.moe_layer import moe_layer
+
+    route_kw, act, bias = LAYER_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    T, H, I, E, k = 12, 16, 8, 4, 2
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device)  # noqa: E731
+    leaves = [r(T, E, scale=2.0), r(T, H), r(E, 2 * I, H, scale=0.3), r(E, H, I, scale=0.3)]
+    leaves += [r(E, 2 * I, scale=0.3), r(E, H, scale=0.3)] if bias else [None, None]
+    dy, dl = r(T, H), r(T, E)
+    results = []
+    with mmkernels.use_backend(backend):
+        for fused in (True, False):
+            args = [t.clone().requires_grad_() if t is not None else None for t in leaves]
+            logits, x, gu, dn, b1, b2 = args
+            if fused:
+                out, counts = moe_layer(logits, x, gu, dn, k, block_m=16, activation=act, gate_up_bias=b1,
+                                        down_bias=b2, **route_kw)
+                assert type(out.grad_fn).__name__ == "MoELayerFunctionBackward"
+            else:
+                routing = moe.route(logits, k, block_m=16, **route_kw)
+                out, counts = moe.experts(x, routing, gu, dn, activation=act, gate_up_bias=b1,
+                                          down_bias=b2), routing.counts
+            ((out * dy).sum() + (logits * dl).sum()).backward()
+            results.append([out.detach(), counts] + [t.grad for t in args if t is not None])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from mmkernels.ops import experts as _experts
+from mmkernels.ops import moe_layer as _moe_layer
 from mmkernels.ops import routing as _routing
 
 #: Standard deviation of the normal init of every weight (transformers' ``initializer_range``).
@@ -181,22 +182,24 @@ class MoE(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         logits = self.gate(x2)
-        routing = _routing.route(logits, self.top_k, **self.route_kwargs,
-                                 block_m=_routing.suggest_block_m(x2.shape[0], self.num_experts, self.top_k))
+        block_m = _routing.suggest_block_m(x2.shape[0], self.num_experts, self.top_k)
         if self.process_group is not None:
             from mmkernels.ops import expert_parallel as _ep
 
+            routing = _routing.route(logits, self.top_k, **self.route_kwargs, block_m=block_m)
             out = _ep.expert_parallel_experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
                                               self.process_group, activation=self.activation,
                                               gate_up_bias=self.experts.gate_up_proj_bias,
                                               down_bias=self.experts.down_proj_bias)
+            counts = routing.counts
         else:
-            out = _experts.experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
-                                   activation=self.activation, gate_up_bias=self.experts.gate_up_proj_bias,
-                                   down_bias=self.experts.down_proj_bias)
+            out, counts = _moe_layer.moe_layer(logits, x2, self.experts.gate_up_proj, self.experts.down_proj,
+                                               self.top_k, block_m=block_m, activation=self.activation,
+                                               gate_up_bias=self.experts.gate_up_proj_bias,
+                                               down_bias=self.experts.down_proj_bias, **self.route_kwargs)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
-        return MoEOutput(out.reshape(shape), logits, routing.counts)
+        return MoEOutput(out.reshape(shape), logits, counts)
 
     def extra_repr(self) -> str:
         defaults = dict(scoring="softmax", renormalize=True, n_groups=None, topk_groups=None, routed_scaling=1.0,

@@ -27,6 +27,7 @@ def math_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
 def acc_dtype(*dtypes: torch.dtype):
     """:func:`math_dtype` as Triton's dtype: the ``ACC`` constexpr the kernels accumulate in."""
     import triton.language as tl
@@ -48,7 +49,9 @@ def dot_f32(t: torch.Tensor) -> bool:
 
 def gpu_arch(t: torch.Tensor) -> Optional[int]:
     """Compute capability major of ``t``'s GPU (8: sm_80, 9: sm_90); None off CUDA."""
-    return torch.cuda.get_device_capability(t.device)[0] if t.device.type == "cuda" else None
+    if t.device.type != "cuda":
+        return None
+    return _cuda_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(t: torch.Tensor, arch: Optional[int] = None) -> int:
@@ -57,6 +60,11 @@ def sm_count(t: torch.Tensor, arch: Optional[int] = None) -> int:
     if t.device.type == "cuda":
         return _cuda_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return SMS_BY_ARCH.get(arch, 132)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @functools.lru_cache(maxsize=None)

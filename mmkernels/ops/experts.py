@@ -14,6 +14,7 @@ Rows. Every GEMM runs over the *expert-ordered rows* of the routing: row ``r < o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -102,19 +103,20 @@ def gated_backward(gate: torch.Tensor, up: torch.Tensor, da: torch.Tensor,
 # Argument checks
 # ----------------------------------------------------------------------------------------------
 
-def _check_experts_args(x, routing, gate_up, down, b1, b2, weights, activation, interleaved,
-                        swiglu_alpha, swiglu_limit) -> ExpertSpec:
+def check_experts_args(x, num_tokens: int, num_experts: int, top_k: int, gate_up, down, b1, b2, weights,
+                       activation, interleaved, swiglu_alpha, swiglu_limit, block_m: int) -> ExpertSpec:
+    """Checks :func:`experts`' arguments against a routing of ``num_tokens`` tokens to ``top_k`` of
+    ``num_experts`` experts with ``block_m``-row tiles; ``weights`` None: not given (the routing's,
+    made on the logits' device). Returns the experts' :class:`ExpertSpec`."""
     _check_tensor("hidden_states", x)
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a mmkernels.moe.Routing (from moe.route), got {type(routing).__name__}")
     if x.dim() != 2:
         raise ValueError(f"hidden_states must be 2-D (T, H), got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"hidden_states must be float16, bfloat16, float32 or float64, got {x.dtype}")
     T, H = x.shape
-    E, k = routing.num_experts, routing.top_k
-    if routing.num_tokens != T:
-        raise ValueError(f"routing is for {routing.num_tokens} tokens, hidden_states has T={T}")
+    E, k = num_experts, top_k
+    if num_tokens != T:
+        raise ValueError(f"routing is for {num_tokens} tokens, hidden_states has T={T}")
     _check_tensor("gate_up_proj", gate_up)
     _check_tensor("down_proj", down)
     if gate_up.dim() != 3 or gate_up.shape[0] != E or gate_up.shape[2] != H or gate_up.shape[1] % 2:
@@ -136,12 +138,13 @@ def _check_experts_args(x, routing, gate_up, down, b1, b2, weights, activation, 
     for name, t in named[1:]:
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have hidden_states' dtype {x.dtype}, got {t.dtype}")
-    _check_tensor("routing_weights", weights)
-    if weights.shape != (T, k):
-        raise ValueError(f"routing_weights must have shape (T, k) = ({T}, {k}), got {tuple(weights.shape)}")
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"routing_weights must be floating-point, got {weights.dtype}")
-    named += [("routing_weights", weights), ("routing.sorted_slots", routing.sorted_slots)]
+    if weights is not None:
+        _check_tensor("routing_weights", weights)
+        if weights.shape != (T, k):
+            raise ValueError(f"routing_weights must have shape (T, k) = ({T}, {k}), got {tuple(weights.shape)}")
+        if not weights.dtype.is_floating_point:
+            raise TypeError(f"routing_weights must be floating-point, got {weights.dtype}")
+        named.append(("routing_weights", weights))
     for name, t in named[1:]:
         if t.device != x.device:
             raise ValueError(f"{name} must be on hidden_states' device {x.device}, got {t.device}")
@@ -149,6 +152,8 @@ def _check_experts_args(x, routing, gate_up, down, b1, b2, weights, activation, 
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if (swiglu_alpha is not None or swiglu_limit is not None) and activation != "swiglu_oai":
         raise ValueError("swiglu_alpha / swiglu_limit apply to activation='swiglu_oai' (gpt-oss) only")
+    if block_m < MIN_BLOCK and backend_of(x) == "triton":
+        raise ValueError(f"the Triton path needs a routing with block_m >= {MIN_BLOCK}, got {block_m}")
     return ExpertSpec(activation, bool(interleaved),
                       OAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha),
                       OAI_LIMIT if swiglu_limit is None else float(swiglu_limit))
@@ -196,6 +201,7 @@ _TC_TILES_SM90 = {"up": (128, 64, 16, 4), "down": (256, 64, 8, 3), "dact": (64, 
                   "dgate_up": (128, 256, 64, 8, 3), "ddown": (128, 256, 64, 8, 3)}
 
 
+@functools.lru_cache(maxsize=None)
 def resolve_config(kernel: str, block_m: int, n: int, k: int, dtype: torch.dtype,
                    arch: Optional[int] = None) -> ExpertsConfig:
     """Tiles for ``kernel`` (one of :data:`KERNELS`) on compute capability ``arch`` (None: tiles
@@ -241,8 +247,12 @@ def grouped_launch(routing, n: int, c: ExpertsConfig) -> Tuple[Tuple[int], dict]
     columns: a 1-D grid of every possible tile (``routing.max_tiles``) x the column blocks of
     ``n``; the arguments name the tile and its warps and stages (what ``bench/experts_configs.py``
     relaunches a recorded launch with)."""
-    grid = (routing.max_tiles * cdiv(n, c.block_n),)
-    return grid, dict(NUM_TILES=routing.max_tiles, NUM_COLS=cdiv(n, c.block_n), GROUP=c.group,
+    return _grouped_launch(routing.max_tiles, n, c)
+
+
+def _grouped_launch(max_tiles: int, n: int, c: ExpertsConfig) -> Tuple[Tuple[int], dict]:
+    grid = (max_tiles * cdiv(n, c.block_n),)
+    return grid, dict(NUM_TILES=max_tiles, NUM_COLS=cdiv(n, c.block_n), GROUP=c.group,
                       BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                       num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -266,8 +276,11 @@ def down_splits(routing, n: int, kd: int, c: ExpertsConfig, sms: int) -> int:
     one wave of ``sms`` — then enough splits to fill it, at most 8, each at least
     :data:`MIN_SPLIT_STEPS` BLOCK_K steps of the ``kd`` reduction (deterministic: the combine
     sums the planes in order)."""
-    slots = routing.sorted_slots.shape[0]
-    busy = min(routing.max_tiles, routing.num_experts, slots) * cdiv(n, c.block_n)
+    return _down_splits(routing.sorted_slots.shape[0], routing.max_tiles, routing.num_experts, n, kd, c, sms)
+
+
+def _down_splits(slots: int, max_tiles: int, num_experts: int, n: int, kd: int, c: ExpertsConfig, sms: int) -> int:
+    busy = min(max_tiles, num_experts, slots) * cdiv(n, c.block_n)
     if busy >= sms or slots == 0:
         return 1
     return max(1, min(8, cdiv(sms, busy), kd // (c.block_k * MIN_SPLIT_STEPS)))
@@ -280,6 +293,38 @@ def _config(role: str, configs: Optional[Mapping[str, ExpertsConfig]], block_m: 
         c = configs[role]
         return c if role in ("dgate_up", "ddown") else dataclasses.replace(c, block_m=block_m)
     return resolve_config(role, block_m, n, k, dtype, arch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One launch of a plan: its grid and the arguments that follow from shapes and options."""
+
+    grid: Tuple[int, ...]
+    args: dict
+
+
+def _forward_plan(T: int, H: int, I: int, k: int, E: int, max_tiles: int, block_m: int, dtype: torch.dtype,
+                  f32_dots: bool, arch: Optional[int], sms: int, spec: ExpertSpec, has_b1: bool, has_b2: bool,
+                  save_h: bool, split_k: Optional[int], configs: Optional[Mapping[str, ExpertsConfig]] = None):
+    """(up launch, down launch, splits, combine launch) of :func:`triton_forward` (cached by
+    :func:`_cached_forward_plan` when no ``configs`` are given)."""
+    rows = T * k
+    common = dict(PRECISION="ieee", ACC=acc_dtype(dtype), DOT_F32=f32_dots)
+    c1 = _config("up", configs, block_m, I, H, dtype, arch)
+    grid, tiling = _grouped_launch(max_tiles, I, c1)
+    up = _Launch(grid, dict(tiling, H=H, I=I, K=k, alpha=spec.alpha, limit=spec.limit, INTERLEAVED=spec.interleaved,
+                            HAS_BIAS=has_b1, SAVE_H=save_h, ACT=ACTIVATIONS.index(spec.activation), **common))
+    c2 = _config("down", configs, block_m, H, I, dtype, arch)
+    grid, tiling = _grouped_launch(max_tiles, H, c2)
+    splits = _down_splits(rows, max_tiles, E, H, I, c2, sms) if split_k is None else split_k
+    kd_split = cdiv(cdiv(I, splits), c2.block_k) * c2.block_k
+    down = _Launch(grid + (splits,), dict(tiling, N=H, KD=I, K=k, KD_SPLIT=kd_split,
+                                          s_split=rows * H if splits > 1 else 0, HAS_BIAS=has_b2, WEIGHTED=True,
+                                          **common))
+    return up, down, splits, _combine_launch(T, H, k, E, splits, dtype)
+
+
+_cached_forward_plan = functools.lru_cache(maxsize=256)(_forward_plan)
 
 
 def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec, save_h: bool, *,
@@ -300,44 +345,70 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     T, H = x.shape
     I = gate_up.shape[1] // 2
     k = routing.top_k
-    rows = T * k
-    acc, prec = acc_dtype(x.dtype), "ieee"
-    f32_dots = dot_f32(x)
-    dev = x.device
-    h = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev) if save_h else None
-    a = torch.empty((rows, I), dtype=x.dtype, device=dev)
-    out = torch.empty((T, H), dtype=x.dtype, device=dev)
-    tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
-                 offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
     arch = gpu_arch(x) if arch is None else arch
-    c1 = _config("up", configs, routing.block_m, I, H, x.dtype, arch)
-    grid, tiling = grouped_launch(routing, I, c1)
-    KX.experts_up_kernel[grid](
-        **tiling,
+    key = (T, H, I, k, routing.num_experts, routing.max_tiles, routing.block_m, x.dtype, dot_f32(x), arch,
+           sm_count(x, arch), spec, b1 is not None, b2 is not None, save_h, split_k)
+    up, dn, splits, comb = _forward_plan(*key, configs) if configs else _cached_forward_plan(*key)
+    dev = x.device
+    h = torch.empty((T * k, 2 * I), dtype=x.dtype, device=dev) if save_h else None
+    a = torch.empty((T * k, I), dtype=x.dtype, device=dev)
+    out = torch.empty((T, H), dtype=x.dtype, device=dev)
+    KX.experts_up_kernel[up.grid](
         x_ptr=x, gu_ptr=gate_up, b1_ptr=b1 if b1 is not None else gate_up, h_ptr=h if save_h else a, a_ptr=a,
-        **tiles, H=H, I=I, K=k,
+        tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
+        offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
         s_xt=x.stride(0), s_xh=x.stride(1),
-        s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2),
-        alpha=spec.alpha, limit=spec.limit,
-        INTERLEAVED=spec.interleaved, HAS_BIAS=b1 is not None, SAVE_H=save_h,
-        ACT=ACTIVATIONS.index(spec.activation), PRECISION=prec, ACC=acc, DOT_F32=f32_dots,
+        s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2), **up.args,
     )
-    c2 = _config("down", configs, routing.block_m, H, I, x.dtype, arch)
-    grid, tiling = grouped_launch(routing, H, c2)
-    splits = down_splits(routing, H, I, c2, sm_count(x, arch)) if split_k is None else split_k
-    kd_split = cdiv(cdiv(I, splits), c2.block_k) * c2.block_k
     # y: the weighted expert outputs in row order; split-K: one plane of partial sums per split (ACC)
-    y = torch.empty((splits, rows, H), dtype=x.dtype if splits == 1 else math_dtype(x.dtype), device=dev)
-    KX.experts_rows_kernel[grid + (splits,)](
-        **tiling,
+    y = torch.empty((splits, T * k, H), dtype=x.dtype if splits == 1 else math_dtype(x.dtype), device=dev)
+    KX.experts_rows_kernel[dn.grid](
         a_ptr=a, wm_ptr=down, b_ptr=b2 if b2 is not None else down, w_ptr=weights, out_ptr=y,
-        **tiles, N=H, KD=I, K=k, KD_SPLIT=kd_split, s_split=rows * H if splits > 1 else 0,
+        tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
+        offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
         s_me=down.stride(0), s_mn=down.stride(1), s_mk=down.stride(2),
-        s_wt=weights.stride(0), s_wj=weights.stride(1),
-        HAS_BIAS=b2 is not None, WEIGHTED=True, PRECISION=prec, ACC=acc, DOT_F32=f32_dots,
+        s_wt=weights.stride(0), s_wj=weights.stride(1), **dn.args,
     )
-    _combine(y, routing, out)
+    _run_combine(comb, y, routing, out)
     return out, h, y, a
+
+
+def _backward_plan(T: int, H: int, I: int, k: int, E: int, max_tiles: int, block_m: int, dtype: torch.dtype,
+                   f32_dots: bool, arch: Optional[int], spec: ExpertSpec, has_b1: bool, has_b2: bool, need: tuple,
+                   configs: Optional[Mapping[str, ExpertsConfig]] = None) -> Dict[str, _Launch]:
+    """The launches of :func:`triton_backward` by name (those ``need`` asks for; cached by
+    :func:`_cached_backward_plan` when no ``configs`` are given)."""
+    common = dict(PRECISION="ieee", ACC=acc_dtype(dtype), DOT_F32=f32_dots)
+    c1 = _config("dact", configs, block_m, I, H, dtype, arch)
+    nb_i = cdiv(I, c1.block_n)
+    grid, tiling = _grouped_launch(max_tiles, I, c1)
+    plan = {"dact": _Launch(grid, dict(tiling, H=H, I=I, K=k, NB_I=nb_i, alpha=spec.alpha, limit=spec.limit,
+                                       HAS_BIAS=has_b2, ACT=ACTIVATIONS.index(spec.activation),
+                                       INTERLEAVED=spec.interleaved, **common))}
+    if need[5]:
+        k_pad = next_pow2(k)
+        bt = max(1, 1024 // (k_pad * next_pow2(nb_i)))
+        plan["dw"] = _Launch((cdiv(T, bt),), dict(T=T, K=k, E=E, NB_I=nb_i, BLOCK_T=bt, K_PAD=k_pad,
+                                                  NB_PAD=next_pow2(nb_i), ACC=common["ACC"]))
+    if need[0]:
+        c2 = _config("dx", configs, block_m, H, 2 * I, dtype, arch)
+        grid, tiling = _grouped_launch(max_tiles, H, c2)
+        plan["dx"] = _Launch(grid + (1,), dict(tiling, N=H, KD=2 * I, K=k, KD_SPLIT=2 * I, s_split=0, HAS_BIAS=False,
+                                               WEIGHTED=False, **common))
+        plan["combine"] = _combine_launch(T, H, k, E, 1, dtype)
+    if need[0] or need[1] or need[3] or need[2] or need[4]:
+        plan["gather"] = _gather_launch(T * k, H, k, E, dtype)
+    if need[1] or need[3]:
+        grid, tiling = weight_grad_launch(E, 2 * I, H, _config("dgate_up", configs, 0, H, 2 * I, dtype, arch))
+        plan["dgate_up"] = _Launch(grid, dict(tiling, M=2 * I, N=H, s_ge=2 * I * H, s_gm=H, s_gn=1, HAS_BIAS=has_b1,
+                                              **common))
+    if need[2] or need[4]:
+        grid, tiling = weight_grad_launch(E, H, I, _config("ddown", configs, 0, I, H, dtype, arch))
+        plan["ddown"] = _Launch(grid, dict(tiling, M=H, N=I, s_ge=H * I, s_gm=I, s_gn=1, HAS_BIAS=has_b2, **common))
+    return plan
+
+
+_cached_backward_plan = functools.lru_cache(maxsize=256)(_backward_plan)
 
 
 def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec: ExpertSpec, need, *,
@@ -351,113 +422,97 @@ def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec
     I = I2 // 2
     k = routing.top_k
     rows = T * k
-    acc, prec = acc_dtype(x.dtype), "ieee"
-    f32_dots = dot_f32(x)
     dev = x.device
+    arch = gpu_arch(x) if arch is None else arch
+    key = (T, H, I, k, E, routing.max_tiles, routing.block_m, x.dtype, dot_f32(x), arch, spec,
+           b1 is not None, b2 is not None, tuple(need))
+    plan = _backward_plan(*key, configs) if configs else _cached_backward_plan(*key)
     tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
                  offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    common = dict(PRECISION=prec, ACC=acc, DOT_F32=f32_dots)
-    arch = gpu_arch(x) if arch is None else arch
-    c1 = _config("dact", configs, routing.block_m, I, H, x.dtype, arch)
-    nb_i = cdiv(I, c1.block_n)
+    dact = plan["dact"]
     dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)  # gate_up's row order
-    dwp = torch.empty((rows, nb_i), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=dev)
-    grid, tiling = grouped_launch(routing, I, c1)
-    KX.experts_dact_kernel[grid](
-        **tiling,
+    dwp = torch.empty((rows, dact.args["NB_I"]), dtype=math_dtype(x.dtype), device=dev)
+    KX.experts_dact_kernel[dact.grid](
         dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
-        dh_ptr=dh, dwp_ptr=dwp, **tiles, H=H, I=I, K=k, NB_I=nb_i,
+        dh_ptr=dh, dwp_ptr=dwp, **tiles,
         s_ot=dout.stride(0), s_oh=dout.stride(1),
         s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
-        s_wt=weights.stride(0), s_wj=weights.stride(1),
-        alpha=spec.alpha, limit=spec.limit,
-        HAS_BIAS=b2 is not None, ACT=ACTIVATIONS.index(spec.activation), INTERLEAVED=spec.interleaved, **common,
+        s_wt=weights.stride(0), s_wj=weights.stride(1), **dact.args,
     )
     dx = dgu = dd = db1 = db2 = dw = None
     if need[5]:
         dw = torch.empty((T, k), dtype=weights.dtype, device=dev)
-        k_pad = next_pow2(k)
-        bt = max(1, 1024 // (k_pad * next_pow2(nb_i)))
-        KX.experts_dw_kernel[(cdiv(T, bt),)](
-            dwp_ptr=dwp, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, dw_ptr=dw,
-            T=T, K=k, E=E, NB_I=nb_i,
-            BLOCK_T=bt, K_PAD=k_pad, NB_PAD=next_pow2(nb_i), ACC=acc,
+        KX.experts_dw_kernel[plan["dw"].grid](
+            dwp_ptr=dwp, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, dw_ptr=dw, **plan["dw"].args,
         )
+    # one (rows, H) buffer, used in stream order: dx's rows, then x's rows, then w·dout's rows
+    buf = torch.empty((rows, H), dtype=x.dtype, device=dev) if "gather" in plan else None
     if need[0]:
-        c2 = _config("dx", configs, routing.block_m, H, 2 * I, x.dtype, arch)
-        dxs = torch.empty((rows, H), dtype=x.dtype, device=dev)
-        grid, tiling = grouped_launch(routing, H, c2)
-        KX.experts_rows_kernel[grid + (1,)](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
-            **tiling,
-            a_ptr=dh, wm_ptr=gate_up, b_ptr=gate_up, w_ptr=weights, out_ptr=dxs, **tiles, N=H, KD=2 * I, K=k,
-            KD_SPLIT=2 * I, s_split=0,
+        launch = plan["dx"]
+        KX.experts_rows_kernel[launch.grid](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
+            a_ptr=dh, wm_ptr=gate_up, b_ptr=gate_up, w_ptr=weights, out_ptr=buf, **tiles,
             s_me=gate_up.stride(0), s_mn=gate_up.stride(2), s_mk=gate_up.stride(1),
-            s_wt=weights.stride(0), s_wj=weights.stride(1),
-            HAS_BIAS=False, WEIGHTED=False, **common,
+            s_wt=weights.stride(0), s_wj=weights.stride(1), **launch.args,
         )
-        dx = _combine(dxs, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
+        dx = _run_combine(plan["combine"], buf, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
     if need[1] or need[3]:  # d gate_up_e = dhᵀ · x_rows (2I x H)
-        c3 = _config("dgate_up", configs, 0, H, 2 * I, x.dtype, arch)
-        xs = _gather_rows(x, routing, weights, scale=False)
+        xs = _run_gather(plan["gather"], x, routing, weights, False, buf)
         dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
         db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
-        grid, tiling = weight_grad_launch(E, 2 * I, H, c3)
-        KX.experts_dweight_kernel[grid](
-            **tiling,
+        launch = plan["dgate_up"]
+        KX.experts_dweight_kernel[launch.grid](
             lhs_ptr=dh, rhs_ptr=xs, grad_ptr=dgu, dbias_ptr=db1 if db1 is not None else dgu,
-            offsets_ptr=routing.offsets, M=2 * I, N=H,
-            s_ge=dgu.stride(0), s_gm=dgu.stride(1), s_gn=dgu.stride(2), HAS_BIAS=db1 is not None, **common,
+            offsets_ptr=routing.offsets, **launch.args,
         )
-        del xs
     if need[2] or need[4]:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
-        c4 = _config("ddown", configs, 0, I, H, x.dtype, arch)
-        doutw = _gather_rows(dout, routing, weights, scale=True)
+        doutw = _run_gather(plan["gather"], dout, routing, weights, True, buf)
         dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
         db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
-        grid, tiling = weight_grad_launch(E, H, I, c4)
-        KX.experts_dweight_kernel[grid](
-            **tiling,
+        launch = plan["ddown"]
+        KX.experts_dweight_kernel[launch.grid](
             lhs_ptr=doutw, rhs_ptr=a, grad_ptr=dd, dbias_ptr=db2 if db2 is not None else dd,
-            offsets_ptr=routing.offsets, M=H, N=I,
-            s_ge=dd.stride(0), s_gm=dd.stride(1), s_gn=dd.stride(2), HAS_BIAS=db2 is not None, **common,
+            offsets_ptr=routing.offsets, **launch.args,
         )
     return dx, dgu, dd, db1, db2, dw
 
 
-def _gather_rows(src: torch.Tensor, routing: Routing, weights: torch.Tensor, scale: bool) -> torch.Tensor:
-    """(T·k, H): row ``r`` of the kept rows = ``src``'s row of its token (``scale``: times the
-    row's routing weight); rows past ``offsets[E]`` are left unwritten (no kernel reads them)."""
-    from mmkernels._triton import experts as KX
-
-    T, H = src.shape
-    out = torch.empty((T * routing.top_k, H), dtype=src.dtype, device=src.device)
+def _gather_launch(rows: int, H: int, k: int, E: int, dtype: torch.dtype) -> _Launch:
     bh = max(16, min(256, next_pow2(H)))
     br = max(1, min(64, 8192 // bh))
-    KX.experts_gather_kernel[(cdiv(out.shape[0], br), cdiv(H, bh))](
+    return _Launch((cdiv(rows, br), cdiv(H, bh)), dict(H=H, K=k, E=E, BLOCK_R=br, BLOCK_H=bh, ACC=acc_dtype(dtype)))
+
+
+def _run_gather(launch: _Launch, src: torch.Tensor, routing, weights: torch.Tensor, scale: bool,
+                out: torch.Tensor) -> torch.Tensor:
+    """``out`` (T·k, H): row ``r`` of the kept rows = ``src``'s row of its token (``scale``: times
+    the row's routing weight); rows past ``offsets[E]`` are left unwritten (no kernel reads them)."""
+    from mmkernels._triton import experts as KX
+
+    KX.experts_gather_kernel[launch.grid](
         src_ptr=src, sorted_ptr=routing.sorted_slots, offsets_ptr=routing.offsets, w_ptr=weights, dst_ptr=out,
-        H=H, K=routing.top_k, E=routing.num_experts,
-        s_st=src.stride(0), s_sh=src.stride(1), s_wt=weights.stride(0), s_wj=weights.stride(1),
-        BLOCK_R=br, BLOCK_H=bh, SCALE=scale, ACC=acc_dtype(src.dtype),
+        s_st=src.stride(0), s_sh=src.stride(1), s_wt=weights.stride(0), s_wj=weights.stride(1), SCALE=scale,
+        **launch.args,
     )
     return out
 
 
-def _combine(rows_t: torch.Tensor, routing: Routing, out: torch.Tensor) -> torch.Tensor:
-    """``out[t] = Σ_j Σ_s rows_t[s, row(t, j)]`` over the kept slots, j then the split planes ``s``
-    in order (deterministic); ``rows_t`` (rows, H) or (splits, rows, H)."""
-    from mmkernels._triton import experts as KX
-
-    T, H = out.shape
-    planes = rows_t if rows_t.dim() == 3 else rows_t.unsqueeze(0)
-    acc = acc_dtype(out.dtype)
+def _combine_launch(T: int, H: int, k: int, E: int, splits: int, dtype: torch.dtype) -> _Launch:
+    """The combine's launch into a contiguous (T, H) output from contiguous planes (splits, T·k, H)."""
     bh = max(16, min(256, next_pow2(H)))
     bt = max(1, min(16, 4096 // bh))
-    KX.experts_combine_kernel[(cdiv(T, bt), cdiv(H, bh))](
-        y_ptr=planes, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out,
-        T=T, H=H, K=routing.top_k, E=routing.num_experts, SPLITS=planes.shape[0],
-        s_split=planes.stride(0) if planes.shape[0] > 1 else 0,
-        s_ot=out.stride(0), s_oh=out.stride(1),
-        BLOCK_T=bt, BLOCK_H=bh, ACC=acc,
+    return _Launch((cdiv(T, bt), cdiv(H, bh)), dict(T=T, H=H, K=k, E=E, SPLITS=splits,
+                                                    s_split=T * k * H if splits > 1 else 0, s_ot=H, s_oh=1,
+                                                    BLOCK_T=bt, BLOCK_H=bh, ACC=acc_dtype(dtype)))
+
+
+def _run_combine(launch: _Launch, rows_t: torch.Tensor, routing, out: torch.Tensor) -> torch.Tensor:
+    """``out[t] = Σ_j Σ_s rows_t[s, row(t, j)]`` over the kept slots, j then the split planes ``s``
+    in order (deterministic); ``rows_t`` (rows, H) or (splits, rows, H) and ``out`` (T, H),
+    both contiguous."""
+    from mmkernels._triton import experts as KX
+
+    KX.experts_combine_kernel[launch.grid](
+        y_ptr=rows_t, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out, **launch.args,
     )
     return out
 
@@ -693,7 +748,7 @@ class Dispatch:
 
 
 @torch.compiler.assume_constant_result
-def _backend_of(x: torch.Tensor) -> str:
+def backend_of(x: torch.Tensor) -> str:
     """``"triton"``, ``"cpp"`` or ``"torch"``: which implementation runs for ``x`` (read once per
     call, at the forward; the backward runs where the forward ran). No tokens: the torch CPU path,
     whatever the device (nothing to launch; its torch ops give the empty result and zero
@@ -715,8 +770,8 @@ def _saved_like(x: torch.Tensor, I: int, k: int, backend: str, save: bool):
             x.new_empty((0 if backend == "cpp" else rows, I), dtype=dtype))
 
 
-def _forward(backend: str, x, weights, gate_up, down, b1, b2, d: Dispatch, spec: ExpertSpec, save: bool):
-    """``(out, h, act)`` on ``backend`` (see :func:`_backend_of`, :func:`_saved_like`)."""
+def forward_impl(backend: str, x, weights, gate_up, down, b1, b2, d: Dispatch, spec: ExpertSpec, save: bool):
+    """``(out, h, act)`` on ``backend`` (see :func:`backend_of`, :func:`_saved_like`)."""
     if backend == "triton":
         out, h, _, act = triton_forward(x, weights, gate_up, down, b1, b2, d, spec, save_h=save)
         return (out, h, act) if save else (out, *_saved_like(x, down.shape[2], d.top_k, backend, False))
@@ -727,7 +782,7 @@ def _forward(backend: str, x, weights, gate_up, down, b1, b2, d: Dispatch, spec:
     return (out, h, act) if save else (out, *_saved_like(x, down.shape[2], d.top_k, backend, False))
 
 
-def _backward(backend: str, dout, x, weights, gate_up, down, b1, b2, d: Dispatch, h, act, spec: ExpertSpec,
+def backward_impl(backend: str, dout, x, weights, gate_up, down, b1, b2, d: Dispatch, h, act, spec: ExpertSpec,
               need):
     """``(dx, d gate_up, d down, d b1, d b2, d weights)`` (None where ``need`` says no) on the
     ``backend`` that ran the forward."""
@@ -757,7 +812,7 @@ def experts_fwd_op(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor
     """(out, h, act) of the experts on ``backend``; ``act`` is the activation's index in
     :data:`ACTIVATIONS`."""
     d = Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k, block_m)
-    return _forward(backend, x, weights, gate_up, down, b1, b2, d, _spec_of(act, interleaved, alpha, limit), save)
+    return forward_impl(backend, x, weights, gate_up, down, b1, b2, d, _spec_of(act, interleaved, alpha, limit), save)
 
 
 @experts_fwd_op.register_fake
@@ -776,7 +831,7 @@ def experts_bwd_op(dout: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, g
     """(dx, d gate_up, d down, d b1, d b2, d weights) on the forward's ``backend``; an empty tensor
     where ``need`` says no."""
     d = Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, top_k, block_m)
-    grads = _backward(backend, dout, x, weights, gate_up, down, b1, b2, d, h, a,
+    grads = backward_impl(backend, dout, x, weights, gate_up, down, b1, b2, d, h, a,
                       _spec_of(act, interleaved, alpha, limit), tuple(need))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
@@ -801,9 +856,9 @@ class ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, b1, b2, d: Dispatch, spec: ExpertSpec, save: bool):
-        backend = _backend_of(x)
+        backend = backend_of(x)
         if _backend.direct_call_ok(x, weights, gate_up, down, d.sorted_slots):
-            out, h, a = _forward(backend, x, weights, gate_up, down, b1, b2, d, spec, save)
+            out, h, a = forward_impl(backend, x, weights, gate_up, down, b1, b2, d, spec, save)
         else:
             out, h, a = experts_fwd_op(x, weights, gate_up, down, b1, b2, d.sorted_slots, d.slot_rows, d.offsets,
                                        d.tile_experts, d.tile_row_starts, d.top_k, d.block_m, *_spec_args(spec), save,
@@ -819,7 +874,7 @@ class ExpertsFunction(torch.autograd.Function):
         need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nw)
         d = ctx.dispatch
         if _backend.direct_call_ok(dout, x, h, a):
-            grads = _backward(ctx.backend, dout, x, weights, gate_up, down, b1, b2, d, h, a, ctx.spec, need)
+            grads = backward_impl(ctx.backend, dout, x, weights, gate_up, down, b1, b2, d, h, a, ctx.spec, need)
         else:
             got = experts_bwd_op(dout, x, weights, gate_up, down, b1, b2, d.sorted_slots, d.slot_rows, d.offsets,
                                  d.tile_experts, d.tile_row_starts, h, a, d.top_k, d.block_m, *_spec_args(ctx.spec),
@@ -895,10 +950,12 @@ def experts(hidden_states: torch.Tensor, routing: Routing, gate_up_proj: torch.T
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a mmkernels.moe.Routing (from moe.route), got {type(routing).__name__}")
     weights = routing.weights if routing_weights is None else routing_weights
-    spec = _check_experts_args(hidden_states, routing, gate_up_proj, down_proj, gate_up_bias, down_bias, weights,
-                               activation, interleaved, swiglu_alpha, swiglu_limit)
-    if _backend_of(hidden_states) == "triton" and routing.block_m < MIN_BLOCK:
-        raise ValueError(f"the Triton path needs a routing with block_m >= {MIN_BLOCK}, got {routing.block_m}")
+    spec = check_experts_args(hidden_states, routing.num_tokens, routing.num_experts, routing.top_k, gate_up_proj,
+                              down_proj, gate_up_bias, down_bias, weights, activation, interleaved, swiglu_alpha,
+                              swiglu_limit, routing.block_m)
+    if routing.sorted_slots.device != hidden_states.device:
+        raise ValueError(f"routing.sorted_slots must be on hidden_states' device {hidden_states.device}, "
+                         f"got {routing.sorted_slots.device}")
     tensors = (hidden_states, weights, gate_up_proj, down_proj, gate_up_bias, down_bias)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return ExpertsFunction.apply(*tensors, Dispatch.of(routing), spec, save)

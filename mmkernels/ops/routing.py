@@ -17,6 +17,7 @@ One routing is three launches on the Triton path, none of which waits on the hos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -34,7 +35,8 @@ MAX_EXPERTS = 1024
 _SCORINGS = ("softmax", "sigmoid")
 #: Added to the renormalisation denominator of sigmoid scores, as DeepSeek-V3 does.
 SIGMOID_RENORM_EPS = 1e-20
-_NO_CAPACITY = 2**31 - 1
+#: The capacity the kernels take for dropless routing (no expert reaches it).
+NO_CAPACITY = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,7 @@ class RoutingConfig:
         return self.block_t * self.e_pad
 
 
+@functools.lru_cache(maxsize=None)
 def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
     """Token block so that one program holds about :data:`TARGET_TILE` logits (at most 64 tokens,
     at least one, no more than the tokens there are), 8 tile elements per thread and at most 8
@@ -296,6 +299,52 @@ def check_route_args(router_logits, top_k, scoring, renormalize, selection_bias,
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """Everything of one routing's launches that follows from shapes and options alone, made once
+    per key (:func:`route_plan`) so that a call only allocates and launches: the grids, the
+    launches' constant arguments, the tile table's length and the split of the scratch
+    workspace (rank, block histograms and bases, totals, the done counter, drop bases, tile ends)."""
+
+    weights_dtype: torch.dtype
+    n_tiles: int
+    scratch: Tuple[int, ...]
+    topk_grid: Tuple[int]
+    topk: dict
+    scan_grid: Tuple[int]
+    scan: dict
+    scatter_grid: Tuple[int]
+    scatter: dict
+    bwd_grid: Tuple[int]
+    bwd: dict
+
+
+@functools.lru_cache(maxsize=256)
+def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: torch.dtype, has_bias: bool,
+               given_ids: bool, config: Optional[RoutingConfig] = None) -> RoutePlan:
+    """The :class:`RoutePlan` of routing ``T`` x ``E`` logits of ``dtype`` (``config``: the
+    resolver's when None)."""
+    k = spec.top_k
+    cfg = config or resolve_config(T, E, k, dtype == torch.float64)
+    nb = cdiv(T, cfg.block_t)
+    n_tiles = max_tiles(T * k, E, block_m)
+    acc = acc_dtype(dtype)
+    rows = dict(BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad, num_warps=cfg.num_warps)
+    scores = dict(scaling=spec.routed_scaling, SCORING=int(spec.sigmoid), RENORM=spec.renormalize,
+                  EPS=SIGMOID_RENORM_EPS, ACC=acc)
+    topk = dict(T=T, E=E, K=k, N_GROUPS=spec.n_groups, GROUP_SIZE=E // spec.n_groups, TOPK_GROUPS=spec.topk_groups,
+                KEY_ON_SCORES=spec.key_on_scores, HAS_BIAS=has_bias,
+                G_PAD=next_pow2(spec.n_groups) if spec.grouped else 1, GIVEN_IDS=given_ids, **rows, **scores)
+    scan = dict(NB=nb, E=E, CAP=cap, E_PAD=cfg.e_pad, EB=cfg.scan_cols, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
+                num_warps=cfg.scan_warps)
+    scatter = dict(T=T, E=E, K=k, CAP=cap, MAX_TILES=n_tiles, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m, **rows)
+    return RoutePlan(
+        weights_dtype=math_dtype(dtype), n_tiles=n_tiles, scratch=(T * k, nb * E, nb * E, E, 1, E, E),
+        topk_grid=(nb,), topk=topk, scan_grid=(cdiv(E, cfg.scan_cols),), scan=scan,
+        scatter_grid=(max(nb, cdiv(n_tiles, TILE_CHUNK)),), scatter=scatter,
+        bwd_grid=(nb,), bwd=dict(T=T, E=E, K=k, **rows, **scores))
+
+
 def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
                   config: Optional[RoutingConfig] = None):
     """The three routing launches; returns the tensors of :class:`Routing` in field order."""
@@ -303,61 +352,40 @@ def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
 
     T, E = logits.shape
     k = spec.top_k
-    dev = logits.device
-    cfg = config or resolve_config(T, E, k, logits.dtype == torch.float64)
-    nb = cdiv(T, cfg.block_t)
-    n_tiles = max_tiles(T * k, E, block_m)
-    i32 = dict(dtype=torch.int32, device=dev)
-    weights = torch.empty((T, k), dtype=math_dtype(logits.dtype), device=dev)
-    ids = torch.empty((T, k), **i32)
-    rank = torch.empty((T, k), **i32)
-    hist = torch.empty((nb, E), **i32)
-    base = torch.empty((nb, E), **i32)
-    counts = torch.empty((E,), **i32)
-    offsets = torch.empty((E + 1,), **i32)
-    total = torch.empty((E,), **i32)
-    done = torch.empty((1,), **i32)  # zeroed by the router kernel
-    drop_base = torch.empty((E,), **i32)
-    tile_end = torch.empty((E,), **i32)
-    num_tiles = torch.empty((1,), **i32)
-    sorted_slots = torch.empty((T * k,), **i32)
-    slot_rows = torch.empty((T * k,), **i32)
-    dropped = torch.empty((T, k), dtype=torch.bool, device=dev)
-    tile_experts = torch.empty((n_tiles,), **i32)
-    tile_row_starts = torch.empty((n_tiles,), **i32)
     given = ids_in is not None
-    K.route_topk_kernel[(nb,)](
+    p = route_plan(T, E, spec, cap, block_m, logits.dtype, bias is not None, given, config)
+    dev = logits.device
+    weights = torch.empty((T, k), dtype=p.weights_dtype, device=dev)
+    ids = torch.empty((T, k), dtype=torch.int32, device=dev)
+    counts = torch.empty((E,), dtype=torch.int32, device=dev)
+    offsets = torch.empty((E + 1,), dtype=torch.int32, device=dev)
+    sorted_slots = torch.empty((T * k,), dtype=torch.int32, device=dev)
+    slot_rows = torch.empty((T * k,), dtype=torch.int32, device=dev)
+    dropped = torch.empty((T, k), dtype=torch.bool, device=dev)
+    tile_experts = torch.empty((p.n_tiles,), dtype=torch.int32, device=dev)
+    tile_row_starts = torch.empty((p.n_tiles,), dtype=torch.int32, device=dev)
+    num_tiles = torch.empty((1,), dtype=torch.int32, device=dev)
+    # one workspace for the scratch; the done counter is zeroed by the router kernel
+    rank, hist, base, total, done, drop_base, tile_end = \
+        torch.empty((sum(p.scratch),), dtype=torch.int32, device=dev).split(p.scratch)
+    K.route_topk_kernel[p.topk_grid](
         logits_ptr=logits, bias_ptr=bias if bias is not None else logits,
         ids_in_ptr=ids_in if given else ids,
         weights_ptr=weights, ids_ptr=ids, rank_ptr=rank, hist_ptr=hist, done_ptr=done,
-        T=T, E=E, K=k, N_GROUPS=spec.n_groups, GROUP_SIZE=E // spec.n_groups, TOPK_GROUPS=spec.topk_groups,
         s_lt=logits.stride(0), s_le=logits.stride(1),
         s_it=ids_in.stride(0) if given else k, s_ij=ids_in.stride(1) if given else 1,
-        s_b=bias.stride(0) if bias is not None else 1,
-        scaling=spec.routed_scaling,
-        BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
-        SCORING=int(spec.sigmoid), RENORM=spec.renormalize, KEY_ON_SCORES=spec.key_on_scores,
-        HAS_BIAS=bias is not None, G_PAD=next_pow2(spec.n_groups) if spec.grouped else 1,
-        GIVEN_IDS=given, EPS=SIGMOID_RENORM_EPS, ACC=acc_dtype(logits.dtype),
-        num_warps=cfg.num_warps,
+        s_b=bias.stride(0) if bias is not None else 1, **p.topk,
     )
-    K.route_scan_kernel[(cdiv(E, cfg.scan_cols),)](
+    K.route_scan_kernel[p.scan_grid](
         hist_ptr=hist, base_ptr=base, total_ptr=total, done_ptr=done,
         counts_ptr=counts, offsets_ptr=offsets, drop_base_ptr=drop_base,
-        tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
-        NB=nb, E=E, CAP=cap,
-        E_PAD=cfg.e_pad, EB=cfg.scan_cols, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
-        num_warps=cfg.scan_warps,
+        tile_end_ptr=tile_end, num_tiles_ptr=num_tiles, **p.scan,
     )
-    grid = max(nb, cdiv(n_tiles, TILE_CHUNK))
-    K.route_scatter_kernel[(grid,)](
+    K.route_scatter_kernel[p.scatter_grid](
         ids_ptr=ids, rank_ptr=rank, base_ptr=base, offsets_ptr=offsets, drop_base_ptr=drop_base,
         tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
         sorted_ptr=sorted_slots, slot_rows_ptr=slot_rows, dropped_ptr=dropped,
-        tile_expert_ptr=tile_experts, tile_start_ptr=tile_row_starts,
-        T=T, E=E, K=k, CAP=cap, MAX_TILES=n_tiles,
-        BLOCK_T=cfg.block_t, K_PAD=cfg.k_pad, E_PAD=cfg.e_pad, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m,
-        num_warps=cfg.num_warps,
+        tile_expert_ptr=tile_experts, tile_start_ptr=tile_row_starts, **p.scatter,
     )
     return (weights, ids, counts, offsets, sorted_slots, slot_rows, dropped,
             tile_experts, tile_row_starts, num_tiles)
@@ -368,18 +396,12 @@ def triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
     from mmkernels._triton import routing as K
 
     T, E = logits.shape
-    cfg = config or resolve_config(T, E, spec.top_k, logits.dtype == torch.float64)
+    p = route_plan(T, E, spec, NO_CAPACITY, DEFAULT_BLOCK_M, logits.dtype, False, False, config)
     dl = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
-    K.route_bwd_kernel[(cdiv(T, cfg.block_t),)](
+    K.route_bwd_kernel[p.bwd_grid](
         logits_ptr=logits, ids_ptr=ids, dw_ptr=grad_weights, dl_ptr=dl,
-        T=T, E=E, K=spec.top_k,
         s_lt=logits.stride(0), s_le=logits.stride(1),
-        s_dt=grad_weights.stride(0), s_dj=grad_weights.stride(1),
-        scaling=spec.routed_scaling,
-        BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad,
-        SCORING=int(spec.sigmoid), RENORM=spec.renormalize, EPS=SIGMOID_RENORM_EPS,
-        ACC=acc_dtype(logits.dtype),
-        num_warps=cfg.num_warps,
+        s_dt=grad_weights.stride(0), s_dj=grad_weights.stride(1), **p.bwd,
     )
     return dl
 
@@ -524,7 +546,7 @@ def _cpu_route_backward(grad_weights, logits, ids, spec: RouterSpec) -> torch.Te
     return dense.to(logits.dtype)
 
 
-def _route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
+def route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
     T, E = logits.shape
     if T == 0:
         return _cpu_route(logits, bias, ids_in, spec, cap, block_m)  # nothing to launch
@@ -533,7 +555,7 @@ def _route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
     return _cpu_route(logits, bias, ids_in, spec, cap, block_m)
 
 
-def _route_backward_impl(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:
+def route_backward_impl(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:
     if logits.shape[0] == 0:
         return torch.zeros_like(logits)
     if _backend.resolve(logits.device) is _backend.Impl.TRITON:
@@ -558,7 +580,7 @@ def route_fwd_op(logits: torch.Tensor, bias: Optional[torch.Tensor], ids_in: Opt
                                         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensors of :class:`Routing`, in field order."""
     spec = RouterSpec(top_k, scoring, renormalize, n_groups, topk_groups, routed_scaling, key_on_scores)
-    return _route_impl(logits, bias, ids_in, spec, cap, block_m)
+    return route_impl(logits, bias, ids_in, spec, cap, block_m)
 
 
 @route_fwd_op.register_fake
@@ -580,7 +602,7 @@ def route_bwd_op(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Te
                  routed_scaling: float, key_on_scores: bool) -> torch.Tensor:
     """d router_logits from d weights."""
     spec = RouterSpec(top_k, scoring, renormalize, n_groups, topk_groups, routed_scaling, key_on_scores)
-    return _route_backward_impl(grad_weights, logits, ids, spec)
+    return route_backward_impl(grad_weights, logits, ids, spec)
 
 
 @route_bwd_op.register_fake
@@ -600,7 +622,7 @@ class RouteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
         if _backend.direct_call_ok(*(t for t in (logits, bias, ids_in) if t is not None)):
-            out = _route_impl(logits, bias, ids_in, spec, cap, block_m)
+            out = route_impl(logits, bias, ids_in, spec, cap, block_m)
         else:
             out = route_fwd_op(logits, bias, ids_in, *_spec_args(spec), cap, block_m)
         ctx.save_for_backward(logits, out[1])
@@ -615,7 +637,7 @@ class RouteFunction(torch.autograd.Function):
         if grad_weights is None:
             return None, None, None, None, None, None
         if _backend.direct_call_ok(logits, ids, grad_weights):
-            dl = _route_backward_impl(grad_weights, logits, ids, ctx.spec)
+            dl = route_backward_impl(grad_weights, logits, ids, ctx.spec)
         else:
             dl = route_bwd_op(grad_weights, logits, ids, *_spec_args(ctx.spec))
         return dl, None, None, None, None, None
@@ -692,7 +714,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
     cap = capacity_for(capacity_factor, T, top_k, E)
     ids_in = expert_ids.to(torch.int32) if expert_ids is not None else None
     out = RouteFunction.apply(router_logits, selection_bias, ids_in, spec,
-                              _NO_CAPACITY if cap is None else cap, block_m)
+                              NO_CAPACITY if cap is None else cap, block_m)
     return Routing(*out, block_m=block_m, capacity=cap)
 
 
