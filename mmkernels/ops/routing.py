@@ -148,8 +148,13 @@ class RouterSpec:
 # Config resolver
 # ----------------------------------------------------------------------------------------------
 
-#: Elements of the ``[BLOCK_T, E_PAD]`` logit tile one router program aims for (half for fp64).
-TARGET_TILE = 1024
+#: Elements of the ``[BLOCK_T, E_PAD]`` logit tile one router program aims for (half for fp64):
+#: rows of up to :data:`NARROW_ROWS` padded experts take 2048 (16 tokens at E = 128: 20-25% faster
+#: than 8 on an H100, bench/NOTES.md; spill-free on sm_80 / sm_90), wider rows 1024 (2048 spilled
+#: 8 bytes on sm_90 at E_PAD = 256 and 1024 with top-8).
+TARGET_TILE = 2048
+WIDE_TARGET_TILE = 1024
+NARROW_ROWS = 128
 #: Elements of one step of the scan over the block histograms, its most rows a step (the compile
 #: tier showed a 4096x2 step spilling: the scan runs along the rows) and experts per scan program.
 SCAN_TILE = 4096
@@ -179,13 +184,14 @@ class RoutingConfig:
 
 @functools.lru_cache(maxsize=None)
 def resolve_config(T: int, E: int, K: int, f64: bool = False) -> RoutingConfig:
-    """Token block so that one program holds about :data:`TARGET_TILE` logits (at most 64 tokens,
-    at least one, no more than the tokens there are), 8 tile elements per thread and at most 8
-    warps. The router keeps about six tile-shaped values live: the compile tier showed small spills
-    on sm_90 with 2048-element tiles at 8 per thread (ptxas held those kernels to 80 registers),
-    and with 16 warps (64 registers); the scan takes :data:`SCAN_TILE` histogram entries a step."""
+    """Token block so that one program holds about :data:`TARGET_TILE` logits (:data:`WIDE_TARGET_TILE`
+    past :data:`NARROW_ROWS` experts; at most 64 tokens, at least one, no more than the tokens
+    there are) and at most 8 warps. The router keeps about six tile-shaped values live: the compile
+    tier showed small spills on sm_90 with 2048-element tiles of 256 or more experts at 8 per
+    thread (ptxas held those kernels to 80 registers), and with 16 warps (64 registers); the scan
+    takes :data:`SCAN_TILE` histogram entries a step."""
     e_pad, k_pad = next_pow2(E), next_pow2(K)
-    target = TARGET_TILE // (2 if f64 else 1)
+    target = (TARGET_TILE if e_pad <= NARROW_ROWS else WIDE_TARGET_TILE) // (2 if f64 else 1)
     block_t = max(1, min(64, target // e_pad, next_pow2(max(T, 1))))
     tile = block_t * e_pad
     num_warps = max(1, min(8, tile * (2 if f64 else 1) // 128))
