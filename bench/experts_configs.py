@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     from mmkernels import moe
     from mmkernels._triton import experts as KX
     from mmkernels.ops import experts as X
+    from mmkernels.ops._launch import named_arguments
 
     t_start = time.time()
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -106,11 +107,12 @@ def main(argv=None) -> int:
 
         class Rec:
             def __init__(self, name):
-                self.name = name
+                self.name, self.arg_names = name, real[name].arg_names
 
             def __getitem__(self, grid):
-                def launch(**kw):
-                    calls.append((self.name, real[self.name], grid, dict(kw)))
+                def launch(*args, **kw):
+                    kw = named_arguments(real[self.name], args, kw)
+                    calls.append((self.name, real[self.name], grid, kw))
                     real[self.name][grid](**kw)
                 return launch
         try:

@@ -32,6 +32,7 @@ def main(argv=None) -> int:
 
     from mmkernels.bench.timing import time_fn
     from mmkernels.ops import routing as R
+    from mmkernels.ops._launch import named_arguments
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
@@ -116,10 +117,10 @@ def main(argv=None) -> int:
 
             class Rec:
                 def __init__(self, name):
-                    self.name = name
+                    self.name, self.arg_names = name, real[name].arg_names
 
                 def __getitem__(self, grid):
-                    return lambda **kw_: calls.append((self.name, grid, kw_))
+                    return lambda *a, **kw_: calls.append((self.name, grid, named_arguments(real[self.name], a, kw_)))
 
             for n in real:
                 setattr(K, n, Rec(n))

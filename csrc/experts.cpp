@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -200,14 +201,30 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
 }
 
-// Carves (m, cols) views out of one thread's scratch, each region sized for the widest expert.
+// `n` elements rounded up to whole 64-byte lines. Scratch regions start on a line, so that a region
+// has the same alignment in every thread's scratch: MKL's GEMM kernels take different paths for
+// different alignments, and an expert runs on whichever thread takes it first — with regions at
+// odd offsets, an expert's results differed in the last bits from one call to the next.
+inline int64_t whole_lines(int64_t n, int64_t elem_size) {
+  const int64_t per_line = 64 / elem_size;
+  return (n + per_line - 1) / per_line * per_line;
+}
+
+// Carves (m, cols) views out of one thread's scratch, each region sized for the widest expert and
+// starting on a 64-byte line.
 struct Carve {
   at::Tensor buf;
   int64_t m, m_max, o = 0;
   at::Tensor operator()(int64_t cols) {
     at::Tensor v = buf.narrow(0, o, m * cols).view({m, cols});
-    o += m_max * cols;
+    o += whole_lines(m_max * cols, buf.element_size());
     return v;
+  }
+  // Elements of one thread's scratch for regions of these widths, in order.
+  static int64_t size(int64_t m_max, std::initializer_list<int64_t> widths, int64_t elem_size) {
+    int64_t n = 0;
+    for (int64_t cols : widths) n += whole_lines(m_max * cols, elem_size);
+    return n;
   }
 };
 
@@ -264,15 +281,15 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
   at::Tensor h = pooled_empty({T * k, I2}, opt), out = pooled_empty({T, H}, opt);
   const int64_t nt = at::get_num_threads();
   // per thread: x rows (m, H), act (m, I), w·act (m, I), the rows' weights (m)
-  const int64_t per = m_max * (H + 2 * I + 1);
-  at::Tensor ws = pooled_empty({n * H + nt * per}, opt);
+  const int64_t esz = x.element_size(), per = Carve::size(m_max, {H, I, I, 1}, esz), base = whole_lines(n * H, esz);
+  at::Tensor ws = pooled_empty({base + nt * per}, opt);
   at::Tensor y = ws.narrow(0, 0, n * H).view({n, H});  // each kept row's weighted expert output
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_forward", [&] {
     for_each_expert(rows, [&](int64_t e, int64_t tid) {
       const int64_t a = rows.bounds[e], m = rows.bounds[e + 1] - a;
       if (m == 0) return;
-      Carve take{ws.narrow(0, n * H + tid * per, per), m, m_max};
+      Carve take{ws.narrow(0, base + tid * per, per), m, m_max};
       at::Tensor xe = take(H), ae = take(I), aw = take(I), we = take(1).view({m});
       load_rows<scalar_t>(rows, a, m, x, w, xe, we);
       at::Tensor he = h.narrow(0, a, m), ye = y.narrow(0, a, m);
@@ -322,8 +339,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool need_dh = ndx || ngu || nb1;
   const int64_t nt = at::get_num_threads();
   // per thread: dout rows (m, H), x rows (m, H), d h (m, 2I), act, g, scratch (m, I), weights (m)
-  const int64_t per = m_max * (2 * H + I2 + 3 * I + 1), nrows = ndx ? n * H : 0;
-  at::Tensor ws = pooled_empty({nrows + nt * per}, opt);
+  const int64_t esz = x.element_size(), per = Carve::size(m_max, {H, H, I2, I, I, I, 1}, esz);
+  const int64_t nrows = ndx ? n * H : 0, base = whole_lines(nrows, esz);
+  at::Tensor ws = pooled_empty({base + nt * per}, opt);
   at::Tensor dx_rows = ws.narrow(0, 0, nrows).view({ndx ? n : 0, H});  // each kept row's dx
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_backward", [&] {
@@ -334,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           if (t->defined()) (*t)[e].zero_();
         return;
       }
-      Carve take{ws.narrow(0, nrows + tid * per, per), m, m_max};
+      Carve take{ws.narrow(0, base + tid * per, per), m, m_max};
       at::Tensor dye = take(H), xe = take(H), dh = take(I2), ae = take(I), g = take(I), tmp = take(I);
       at::Tensor we = take(1).view({m});
       load_rows<scalar_t>(rows, a, m, dout, w, dye, we);

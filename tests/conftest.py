@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import mmkernels  # noqa: E402
 from mmkernels._backend import interpreter_active  # noqa: E402
+from mmkernels.ops._launch import named_arguments  # noqa: E402
 
 pytest_plugins = ["mmkernels.testing.fixtures"]
 
@@ -116,10 +117,10 @@ def record_launches(monkeypatch, module, names):
 
     class Recorder:
         def __init__(self, name, real):
-            self.name, self.real = name, real
+            self.name, self.real, self.arg_names = name, real, real.arg_names
 
         def __getitem__(self, grid):
-            return lambda **kw: calls.append((self.name, self.real, kw))
+            return lambda *args, **kw: calls.append((self.name, self.real, named_arguments(self.real, args, kw)))
 
     for name in names:
         monkeypatch.setattr(module, name, Recorder(name, getattr(module, name)))

@@ -19,6 +19,7 @@ import torch
 
 import mmkernels
 from mmkernels import moe
+from mmkernels import nn as mnn
 from mmkernels import testing as mt
 from mmkernels.reference import experts_ref, route_ref, routing_grad_magnitude_ref
 from tests.conftest import DEVICE, backend_matrix, backends
@@ -734,4 +735,42 @@ def test_moe_layer_one_node_equals_route_then_experts(case, backend, device):
             results.append([out.detach(), counts] + [t.grad for t in args if t is not None])
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+@pytest.mark.parametrize("frozen", ["none", "router", "x"])
+def test_moe_router_in_the_node_equals_the_module_path(case, frozen, backend, device):
+    """nn.MoE's eager path runs its router linear inside the layer's autograd node (one node,
+    plans cached by shape); a hook on ``gate`` makes it call the module instead. Both give the
+    same output, logits, counts and gradients (a loss on the logits too), with the router
+    weight or the input not requiring a gradient, and a second call reuses the plan. Bit for bit."""
+    route_kw, act, bias = LAYER_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()) + 1)
+    layer = mnn.MoE(16, 8, 4, 2, activation=act, bias=bias, **route_kw).to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.3)
+    layer.gate.weight.requires_grad_(frozen != "router")
+    x0 = torch.randn(3, 4, 16, generator=gen).to(device)
+    dy, dl = torch.randn(3, 4, 16, generator=gen).to(device), torch.randn(12, 4, generator=gen).to(device)
+    results = []
+    with mmkernels.use_backend(backend):
+        for hooked in (False, False, True):
+            handle = layer.gate.register_forward_hook(lambda m, i, o: None) if hooked else None
+            x = x0.clone().requires_grad_(frozen != "x")
+            r = layer(x)
+            fn = type(r.router_logits.grad_fn).__name__
+            assert fn == ("MmBackward0" if hooked else "MoELayerFunctionBackward"), fn
+            ((r.output * dy).sum() + (r.router_logits * dl).sum()).backward()
+            grads = [x.grad] + [p.grad for p in layer.parameters()]
+            results.append([r.output.detach(), r.router_logits.detach(), r.counts] + grads)
+            layer.zero_grad(set_to_none=True)
+            if handle is not None:
+                handle.remove()
+    for fused, fused_again, module in zip(*results):
+        if module is None:
+            assert fused is None and fused_again is None
+            continue
+        assert torch.equal(fused, module) and torch.equal(fused_again, module)
 

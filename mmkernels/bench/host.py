@@ -34,11 +34,11 @@ def launches_recorded(families: Sequence[str] = MOE_FAMILIES) -> Iterator[list]:
     patched = []
 
     class Recorded:
-        def __init__(self, name: str):
-            self.name = name
+        def __init__(self, name: str, real):
+            self.name, self.arg_names = name, real.arg_names  # positional launches bind by arg_names
 
         def __getitem__(self, grid):
-            def launch(**kw):
+            def launch(*args, **kw):
                 calls.append((self.name, grid))
             return launch
 
@@ -49,7 +49,7 @@ def launches_recorded(families: Sequence[str] = MOE_FAMILIES) -> Iterator[list]:
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction) and not name.startswith("_"):
                 patched.append((module, name, value))
-                setattr(module, name, Recorded(name))
+                setattr(module, name, Recorded(name, value))
     real_interpreter = _backend.interpreter_active
     _backend.interpreter_active = lambda: True  # the Triton path on CPU tensors: nothing will run
     try:

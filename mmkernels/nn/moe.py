@@ -12,9 +12,44 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from mmkernels import _backend
 from mmkernels.ops import experts as _experts
 from mmkernels.ops import moe_layer as _moe_layer
 from mmkernels.ops import routing as _routing
+
+def _module_hooks_set() -> bool:
+    """Whether any global ``nn.Module`` hook is registered (``torch.nn.modules.module.register_module_*_hook``)."""
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def _expert_tensors(experts: torch.nn.Module):
+    """(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias) of an :class:`Experts`, read
+    from its parameter dict as ``Module.__getattr__`` would (any other module: by attribute)."""
+    p = experts._parameters
+    if "gate_up_proj" in p and "down_proj" in p:
+        return p["gate_up_proj"], p["down_proj"], p.get("gate_up_proj_bias"), p.get("down_proj_bias")
+    return (experts.gate_up_proj, experts.down_proj, getattr(experts, "gate_up_proj_bias", None),
+            getattr(experts, "down_proj_bias", None))
+
+
+def _foldable_router(gate: torch.nn.Module, x: torch.Tensor, gate_up: torch.Tensor,
+                     down: torch.Tensor) -> Optional[torch.Tensor]:
+    """``gate``'s weight when the router's linear may run inside the layer's autograd node
+    (:class:`mmkernels.ops.moe_layer.MoELayerFunction`), else None: ``gate`` is a plain bias-free
+    ``nn.Linear`` that calling would only run (no hooks on it, no global module hooks), autocast
+    is off and nothing traces the call. (A weight of another dtype or device than ``x`` is an
+    error either way: the node's plan says so, as ``F.linear`` would.)"""
+    if type(gate) is not torch.nn.Linear or gate._parameters["bias"] is not None:
+        return None
+    w = gate._parameters["weight"]
+    if (gate._forward_hooks or gate._forward_pre_hooks or gate._backward_hooks or gate._backward_pre_hooks
+            or _module_hooks_set()
+            or torch.is_autocast_enabled(x.device.type) or not _backend.direct_call_ok(x, w, gate_up, down)):
+        return None
+    return w
+
 
 #: Standard deviation of the normal init of every weight (transformers' ``initializer_range``).
 INIT_STD = 0.02
@@ -148,6 +183,7 @@ class MoE(torch.nn.Module):
                                  routed_scaling=routed_scaling, softmax_after_topk=softmax_after_topk,
                                  capacity_factor=capacity_factor)
         self.activation = activation
+        self._plans = _moe_layer.LayerPlans()
         # Routing options are checked now, on a dummy row, rather than on the first forward.
         _routing.check_route_args(torch.zeros(1, num_experts), top_k, scoring, renormalize, None, n_groups,
                                    topk_groups, routed_scaling, softmax_after_topk, capacity_factor, None,
@@ -180,26 +216,33 @@ class MoE(torch.nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"input must have shape (..., hidden_size={self.hidden_size}), got {tuple(x.shape)}")
         shape = x.shape
-        x2 = x.reshape(-1, self.hidden_size)
-        logits = self.gate(x2)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.hidden_size)
         block_m = _routing.suggest_block_m(x2.shape[0], self.num_experts, self.top_k)
+        gate = self._modules["gate"]  # what self.gate finds, without Module.__getattr__ (about 2 µs a name)
+        gu, dn, b1, b2 = _expert_tensors(self._modules["experts"])
         if self.process_group is not None:
             from mmkernels.ops import expert_parallel as _ep
 
+            logits = gate(x2)
             routing = _routing.route(logits, self.top_k, **self.route_kwargs, block_m=block_m)
-            out = _ep.expert_parallel_experts(x2, routing, self.experts.gate_up_proj, self.experts.down_proj,
-                                              self.process_group, activation=self.activation,
-                                              gate_up_bias=self.experts.gate_up_proj_bias,
-                                              down_bias=self.experts.down_proj_bias)
+            out = _ep.expert_parallel_experts(x2, routing, gu, dn, self.process_group, activation=self.activation,
+                                              gate_up_bias=b1, down_bias=b2)
             counts = routing.counts
+        elif (w := _foldable_router(gate, x2, gu, dn)) is not None:
+            save = torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad or gu.requires_grad
+                                                or dn.requires_grad or (b1 is not None and b1.requires_grad)
+                                                or (b2 is not None and b2.requires_grad))
+            plan = self._plans.get(x2, w, gu, dn, b1, b2, self.top_k, block_m, self.activation, self.route_kwargs,
+                                   True, save)
+            out, counts, logits = _moe_layer.MoELayerFunction.apply(x2, w, gu, dn, b1, b2, plan)
         else:
-            out, counts = _moe_layer.moe_layer(logits, x2, self.experts.gate_up_proj, self.experts.down_proj,
-                                               self.top_k, block_m=block_m, activation=self.activation,
-                                               gate_up_bias=self.experts.gate_up_proj_bias,
-                                               down_bias=self.experts.down_proj_bias, **self.route_kwargs)
+            logits = gate(x2)
+            out, counts = _moe_layer.moe_layer(logits, x2, gu, dn, self.top_k, block_m=block_m,
+                                               activation=self.activation, gate_up_bias=b1, down_bias=b2,
+                                               **self.route_kwargs)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
-        return MoEOutput(out.reshape(shape), logits, counts)
+        return MoEOutput(out if x.dim() == 2 else out.reshape(shape), logits, counts)
 
     def extra_repr(self) -> str:
         defaults = dict(scoring="softmax", renormalize=True, n_groups=None, topk_groups=None, routed_scaling=1.0,

@@ -21,6 +21,7 @@ import torch
 
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
+from mmkernels.ops._launch import Launch
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops._util import acc_dtype, cdiv, dot_f32, gpu_arch, math_dtype, next_pow2, sm_count
 from mmkernels.ops.routing import Routing
@@ -295,36 +296,72 @@ def _config(role: str, configs: Optional[Mapping[str, ExpertsConfig]], block_m: 
     return resolve_config(role, block_m, n, k, dtype, arch)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-    """One launch of a plan: its grid and the arguments that follow from shapes and options."""
+#: What a grouped GEMM's call passes besides its operands and strides: the routing's tile table.
+_TILES = ("tile_experts_ptr", "tile_starts_ptr", "offsets_ptr", "sorted_ptr")
+#: The runtime arguments of each kernel's launches (:class:`~mmkernels.ops._launch.Launch`).
+_UP_ARGS = ("x_ptr", "gu_ptr", "b1_ptr", "h_ptr", "a_ptr", *_TILES, "s_xt", "s_xh", "s_ge", "s_gn", "s_gh")
+_ROWS_ARGS = ("a_ptr", "wm_ptr", "b_ptr", "w_ptr", "out_ptr", *_TILES, "s_me", "s_mn", "s_mk", "s_wt", "s_wj")
+_DACT_ARGS = ("dout_ptr", "d_ptr", "b2_ptr", "h_ptr", "a_ptr", "w_ptr", "dh_ptr", "dwp_ptr", *_TILES,
+              "s_ot", "s_oh", "s_de", "s_dh", "s_di", "s_wt", "s_wj")
+_DW_ARGS = ("dwp_ptr", "slot_rows_ptr", "offsets_ptr", "dw_ptr")
+_DWEIGHT_ARGS = ("lhs_ptr", "rhs_ptr", "grad_ptr", "dbias_ptr", "offsets_ptr")
+_GATHER_ARGS = ("src_ptr", "sorted_ptr", "offsets_ptr", "w_ptr", "dst_ptr", "s_st", "s_sh", "s_wt", "s_wj")
+_COMBINE_ARGS = ("y_ptr", "slot_rows_ptr", "offsets_ptr", "out_ptr")
 
-    grid: Tuple[int, ...]
-    args: dict
+
+def _launch(kernel: str, grid, runtime, args) -> Launch:
+    from mmkernels._triton import experts as KX
+
+    return Launch(KX, kernel, grid, runtime, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    """The forward's launches (up GEMM, down GEMM, combine), the down GEMM's reduction splits and
+    the dtype of its row outputs ``y`` (the storage dtype; the math dtype for split-K partials)."""
+
+    up: Launch
+    down: Launch
+    splits: int
+    combine: Launch
+    y_dtype: torch.dtype
 
 
 def _forward_plan(T: int, H: int, I: int, k: int, E: int, max_tiles: int, block_m: int, dtype: torch.dtype,
                   f32_dots: bool, arch: Optional[int], sms: int, spec: ExpertSpec, has_b1: bool, has_b2: bool,
                   save_h: bool, split_k: Optional[int], configs: Optional[Mapping[str, ExpertsConfig]] = None):
-    """(up launch, down launch, splits, combine launch) of :func:`triton_forward` (cached by
-    :func:`_cached_forward_plan` when no ``configs`` are given)."""
+    """The :class:`ForwardPlan` of :func:`triton_forward` (cached by :func:`_cached_forward_plan`
+    when no ``configs`` are given)."""
     rows = T * k
     common = dict(PRECISION="ieee", ACC=acc_dtype(dtype), DOT_F32=f32_dots)
     c1 = _config("up", configs, block_m, I, H, dtype, arch)
     grid, tiling = _grouped_launch(max_tiles, I, c1)
-    up = _Launch(grid, dict(tiling, H=H, I=I, K=k, alpha=spec.alpha, limit=spec.limit, INTERLEAVED=spec.interleaved,
+    up = _launch("experts_up_kernel", grid, _UP_ARGS, dict(tiling, H=H, I=I, K=k, alpha=spec.alpha, limit=spec.limit, INTERLEAVED=spec.interleaved,
                             HAS_BIAS=has_b1, SAVE_H=save_h, ACT=ACTIVATIONS.index(spec.activation), **common))
     c2 = _config("down", configs, block_m, H, I, dtype, arch)
     grid, tiling = _grouped_launch(max_tiles, H, c2)
     splits = _down_splits(rows, max_tiles, E, H, I, c2, sms) if split_k is None else split_k
     kd_split = cdiv(cdiv(I, splits), c2.block_k) * c2.block_k
-    down = _Launch(grid + (splits,), dict(tiling, N=H, KD=I, K=k, KD_SPLIT=kd_split,
-                                          s_split=rows * H if splits > 1 else 0, HAS_BIAS=has_b2, WEIGHTED=True,
-                                          **common))
-    return up, down, splits, _combine_launch(T, H, k, E, splits, dtype)
+    down = _launch("experts_rows_kernel", grid + (splits,), _ROWS_ARGS,
+                   dict(tiling, N=H, KD=I, K=k, KD_SPLIT=kd_split, s_split=rows * H if splits > 1 else 0,
+                        HAS_BIAS=has_b2, WEIGHTED=True, **common))
+    return ForwardPlan(up, down, splits, _combine_launch(T, H, k, E, splits, dtype),
+                       dtype if splits == 1 else math_dtype(dtype))
 
 
 _cached_forward_plan = functools.lru_cache(maxsize=256)(_forward_plan)
+
+
+def forward_plan(x, routing, gate_up, b1, b2, spec: ExpertSpec, save_h: bool, *,
+                 configs: Optional[Mapping[str, ExpertsConfig]] = None, arch: Optional[int] = None,
+                 split_k: Optional[int] = None) -> ForwardPlan:
+    """The :class:`ForwardPlan` of :func:`triton_forward`'s arguments (cached by shape and options
+    unless ``configs`` are given)."""
+    arch = gpu_arch(x) if arch is None else arch
+    key = (x.shape[0], x.shape[1], gate_up.shape[1] // 2, routing.top_k, routing.num_experts, routing.max_tiles,
+           routing.block_m, x.dtype, dot_f32(x), arch, sm_count(x, arch), spec, b1 is not None, b2 is not None,
+           save_h, split_k)
+    return _forward_plan(*key, configs) if configs else _cached_forward_plan(*key)
 
 
 def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec, save_h: bool, *,
@@ -340,181 +377,158 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     tensors' GPU — the compile tier records sm_80 and sm_90 launches on meta tensors);
     ``split_k``: the down GEMM's reduction splits (default :func:`down_splits`; ``y`` is then
     (splits, T·k, H) partial sums in the math dtype)."""
-    from mmkernels._triton import experts as KX
-
     T, H = x.shape
     I = gate_up.shape[1] // 2
     k = routing.top_k
-    arch = gpu_arch(x) if arch is None else arch
-    key = (T, H, I, k, routing.num_experts, routing.max_tiles, routing.block_m, x.dtype, dot_f32(x), arch,
-           sm_count(x, arch), spec, b1 is not None, b2 is not None, save_h, split_k)
-    up, dn, splits, comb = _forward_plan(*key, configs) if configs else _cached_forward_plan(*key)
+    plan = forward_plan(x, routing, gate_up, b1, b2, spec, save_h, configs=configs, arch=arch, split_k=split_k)
     dev = x.device
     h = torch.empty((T * k, 2 * I), dtype=x.dtype, device=dev) if save_h else None
     a = torch.empty((T * k, I), dtype=x.dtype, device=dev)
-    out = torch.empty((T, H), dtype=x.dtype, device=dev)
-    KX.experts_up_kernel[up.grid](
-        x_ptr=x, gu_ptr=gate_up, b1_ptr=b1 if b1 is not None else gate_up, h_ptr=h if save_h else a, a_ptr=a,
-        tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
-        offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
-        s_xt=x.stride(0), s_xh=x.stride(1),
-        s_ge=gate_up.stride(0), s_gn=gate_up.stride(1), s_gh=gate_up.stride(2), **up.args,
-    )
     # y: the weighted expert outputs in row order; split-K: one plane of partial sums per split (ACC)
-    y = torch.empty((splits, T * k, H), dtype=x.dtype if splits == 1 else math_dtype(x.dtype), device=dev)
-    KX.experts_rows_kernel[dn.grid](
-        a_ptr=a, wm_ptr=down, b_ptr=b2 if b2 is not None else down, w_ptr=weights, out_ptr=y,
-        tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
-        offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots,
-        s_me=down.stride(0), s_mn=down.stride(1), s_mk=down.stride(2),
-        s_wt=weights.stride(0), s_wj=weights.stride(1), **dn.args,
-    )
-    _run_combine(comb, y, routing, out)
+    y = torch.empty((plan.splits, T * k, H), dtype=plan.y_dtype, device=dev)
+    out = torch.empty((T, H), dtype=x.dtype, device=dev)
+    launch_forward(plan, x, weights, gate_up, down, b1, b2, routing, h, a, y, out)
     return out, h, y, a
+
+
+def launch_forward(plan: ForwardPlan, x, weights, gate_up, down, b1, b2, routing, h, a, y, out) -> None:
+    """The forward's three launches of ``plan`` into given buffers (contiguous, any shape: ``h``
+    T·k·2I elements or None unless the plan saves it, ``a`` T·k·I, ``y`` splits·T·k·H in
+    ``plan.y_dtype``, ``out`` (T, H))."""
+    tiles = (routing.tile_experts, routing.tile_row_starts, routing.offsets, routing.sorted_slots)
+    sx, sg, sd, sw = x.stride(), gate_up.stride(), down.stride(), weights.stride()
+    plan.up(x, gate_up, b1 if b1 is not None else gate_up, h if h is not None else a, a, *tiles, *sx, *sg)
+    plan.down(a, down, b2 if b2 is not None else down, weights, y, *tiles, *sd, *sw)
+    plan.combine(y, routing.slot_rows, routing.offsets, out)
 
 
 def _backward_plan(T: int, H: int, I: int, k: int, E: int, max_tiles: int, block_m: int, dtype: torch.dtype,
                    f32_dots: bool, arch: Optional[int], spec: ExpertSpec, has_b1: bool, has_b2: bool, need: tuple,
-                   configs: Optional[Mapping[str, ExpertsConfig]] = None) -> Dict[str, _Launch]:
+                   configs: Optional[Mapping[str, ExpertsConfig]] = None) -> Dict[str, Launch]:
     """The launches of :func:`triton_backward` by name (those ``need`` asks for; cached by
     :func:`_cached_backward_plan` when no ``configs`` are given)."""
     common = dict(PRECISION="ieee", ACC=acc_dtype(dtype), DOT_F32=f32_dots)
     c1 = _config("dact", configs, block_m, I, H, dtype, arch)
     nb_i = cdiv(I, c1.block_n)
     grid, tiling = _grouped_launch(max_tiles, I, c1)
-    plan = {"dact": _Launch(grid, dict(tiling, H=H, I=I, K=k, NB_I=nb_i, alpha=spec.alpha, limit=spec.limit,
-                                       HAS_BIAS=has_b2, ACT=ACTIVATIONS.index(spec.activation),
-                                       INTERLEAVED=spec.interleaved, **common))}
+    plan = {"dact": _launch("experts_dact_kernel", grid, _DACT_ARGS,
+                            dict(tiling, H=H, I=I, K=k, NB_I=nb_i, alpha=spec.alpha, limit=spec.limit,
+                                 HAS_BIAS=has_b2, ACT=ACTIVATIONS.index(spec.activation),
+                                 INTERLEAVED=spec.interleaved, **common))}
     if need[5]:
         k_pad = next_pow2(k)
         bt = max(1, 1024 // (k_pad * next_pow2(nb_i)))
-        plan["dw"] = _Launch((cdiv(T, bt),), dict(T=T, K=k, E=E, NB_I=nb_i, BLOCK_T=bt, K_PAD=k_pad,
-                                                  NB_PAD=next_pow2(nb_i), ACC=common["ACC"]))
+        plan["dw"] = _launch("experts_dw_kernel", (cdiv(T, bt),), _DW_ARGS,
+                             dict(T=T, K=k, E=E, NB_I=nb_i, BLOCK_T=bt, K_PAD=k_pad, NB_PAD=next_pow2(nb_i),
+                                  ACC=common["ACC"]))
     if need[0]:
         c2 = _config("dx", configs, block_m, H, 2 * I, dtype, arch)
         grid, tiling = _grouped_launch(max_tiles, H, c2)
-        plan["dx"] = _Launch(grid + (1,), dict(tiling, N=H, KD=2 * I, K=k, KD_SPLIT=2 * I, s_split=0, HAS_BIAS=False,
-                                               WEIGHTED=False, **common))
+        plan["dx"] = _launch("experts_rows_kernel", grid + (1,), _ROWS_ARGS,
+                             dict(tiling, N=H, KD=2 * I, K=k, KD_SPLIT=2 * I, s_split=0, HAS_BIAS=False,
+                                  WEIGHTED=False, **common))
         plan["combine"] = _combine_launch(T, H, k, E, 1, dtype)
     if need[0] or need[1] or need[3] or need[2] or need[4]:
-        plan["gather"] = _gather_launch(T * k, H, k, E, dtype)
+        plan["gather"] = _gather_launch(T * k, H, k, E, dtype, False)
+        plan["gather_scaled"] = _gather_launch(T * k, H, k, E, dtype, True)
     if need[1] or need[3]:
         grid, tiling = weight_grad_launch(E, 2 * I, H, _config("dgate_up", configs, 0, H, 2 * I, dtype, arch))
-        plan["dgate_up"] = _Launch(grid, dict(tiling, M=2 * I, N=H, s_ge=2 * I * H, s_gm=H, s_gn=1, HAS_BIAS=has_b1,
-                                              **common))
+        plan["dgate_up"] = _launch("experts_dweight_kernel", grid, _DWEIGHT_ARGS,
+                                   dict(tiling, M=2 * I, N=H, s_ge=2 * I * H, s_gm=H, s_gn=1, HAS_BIAS=has_b1,
+                                        **common))
     if need[2] or need[4]:
         grid, tiling = weight_grad_launch(E, H, I, _config("ddown", configs, 0, I, H, dtype, arch))
-        plan["ddown"] = _Launch(grid, dict(tiling, M=H, N=I, s_ge=H * I, s_gm=I, s_gn=1, HAS_BIAS=has_b2, **common))
+        plan["ddown"] = _launch("experts_dweight_kernel", grid, _DWEIGHT_ARGS,
+                                dict(tiling, M=H, N=I, s_ge=H * I, s_gm=I, s_gn=1, HAS_BIAS=has_b2, **common))
     return plan
 
 
 _cached_backward_plan = functools.lru_cache(maxsize=256)(_backward_plan)
 
 
+def backward_plan(x, routing, gate_up, b1, b2, spec: ExpertSpec, need, *,
+                  configs: Optional[Mapping[str, ExpertsConfig]] = None,
+                  arch: Optional[int] = None) -> Dict[str, Launch]:
+    """The launches of :func:`triton_backward` by name (cached by shape and options unless
+    ``configs`` are given)."""
+    arch = gpu_arch(x) if arch is None else arch
+    key = (x.shape[0], x.shape[1], gate_up.shape[1] // 2, routing.top_k, gate_up.shape[0], routing.max_tiles,
+           routing.block_m, x.dtype, dot_f32(x), arch, spec, b1 is not None, b2 is not None, tuple(need))
+    return _backward_plan(*key, configs) if configs else _cached_backward_plan(*key)
+
+
+def backward_scratch(plan: Dict[str, Launch], rows: int, I: int, H: int) -> Tuple[Tuple[int, int], int]:
+    """Elements of :func:`launch_backward`'s scratch: ((``dh``, ``buf``) in the storage dtype,
+    ``dwp`` in the math dtype)."""
+    return (rows * 2 * I, rows * H if "gather" in plan else 0), rows * plan["dact"].args["NB_I"]
+
+
 def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec: ExpertSpec, need, *,
                     configs: Optional[Mapping[str, ExpertsConfig]] = None, arch: Optional[int] = None):
     """(dx, d gate_up, d down, d b1, d b2, d weights) from the saved ``h`` and ``a``; ``need``
     flags which to compute (in that order)."""
-    from mmkernels._triton import experts as KX
-
     T, H = x.shape
     E, I2, _ = gate_up.shape
-    I = I2 // 2
     k = routing.top_k
-    rows = T * k
     dev = x.device
-    arch = gpu_arch(x) if arch is None else arch
-    key = (T, H, I, k, E, routing.max_tiles, routing.block_m, x.dtype, dot_f32(x), arch, spec,
-           b1 is not None, b2 is not None, tuple(need))
-    plan = _backward_plan(*key, configs) if configs else _cached_backward_plan(*key)
-    tiles = dict(tile_experts_ptr=routing.tile_experts, tile_starts_ptr=routing.tile_row_starts,
-                 offsets_ptr=routing.offsets, sorted_ptr=routing.sorted_slots)
-    dact = plan["dact"]
-    dh = torch.empty((rows, 2 * I), dtype=x.dtype, device=dev)  # gate_up's row order
-    dwp = torch.empty((rows, dact.args["NB_I"]), dtype=math_dtype(x.dtype), device=dev)
-    KX.experts_dact_kernel[dact.grid](
-        dout_ptr=dout, d_ptr=down, b2_ptr=b2 if b2 is not None else down, h_ptr=h, a_ptr=a, w_ptr=weights,
-        dh_ptr=dh, dwp_ptr=dwp, **tiles,
-        s_ot=dout.stride(0), s_oh=dout.stride(1),
-        s_de=down.stride(0), s_dh=down.stride(1), s_di=down.stride(2),
-        s_wt=weights.stride(0), s_wj=weights.stride(1), **dact.args,
-    )
-    dx = dgu = dd = db1 = db2 = dw = None
-    if need[5]:
-        dw = torch.empty((T, k), dtype=weights.dtype, device=dev)
-        KX.experts_dw_kernel[plan["dw"].grid](
-            dwp_ptr=dwp, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, dw_ptr=dw, **plan["dw"].args,
-        )
+    plan = backward_plan(x, routing, gate_up, b1, b2, spec, need, configs=configs, arch=arch)
+    (n_dh, n_buf), n_dwp = backward_scratch(plan, T * k, I2 // 2, H)
+    dh, buf = torch.empty((n_dh + n_buf,), dtype=x.dtype, device=dev).split((n_dh, n_buf))
+    grads = (torch.empty((T, H), dtype=x.dtype, device=dev) if need[0] else None,
+             torch.empty((E, I2, H), dtype=gate_up.dtype, device=dev) if need[1] or need[3] else None,
+             torch.empty(down.shape, dtype=down.dtype, device=dev) if need[2] or need[4] else None,
+             torch.empty((E, I2), dtype=gate_up.dtype, device=dev) if (need[1] or need[3]) and b1 is not None
+             else None,
+             torch.empty((E, H), dtype=down.dtype, device=dev) if (need[2] or need[4]) and b2 is not None else None,
+             torch.empty((T, k), dtype=weights.dtype, device=dev) if need[5] else None)
+    launch_backward(plan, dout, x, weights, gate_up, down, b1, b2, routing, h, a,
+                    dh, torch.empty((n_dwp,), dtype=math_dtype(x.dtype), device=dev), buf, *grads)
+    return grads
+
+
+def launch_backward(plan: Dict[str, Launch], dout, x, weights, gate_up, down, b1, b2, routing, h, a,
+                    dh, dwp, buf, dx, dgu, dd, db1, db2, dw) -> None:
+    """The backward's launches of ``plan`` into given tensors: the scratch of
+    :func:`backward_scratch` (``dh``, ``dwp``, ``buf``; any contiguous shape) and the gradients
+    (contiguous, shaped as their tensors; None where the plan does not make them)."""
+    tiles = (routing.tile_experts, routing.tile_row_starts, routing.offsets, routing.sorted_slots)
+    sw = weights.stride()
+    # dh: gate_up's row order
+    plan["dact"](dout, down, b2 if b2 is not None else down, h, a, weights, dh, dwp, *tiles, *dout.stride(),
+                 *down.stride(), *sw)
+    if "dw" in plan:
+        plan["dw"](dwp, routing.slot_rows, routing.offsets, dw)
     # one (rows, H) buffer, used in stream order: dx's rows, then x's rows, then w·dout's rows
-    buf = torch.empty((rows, H), dtype=x.dtype, device=dev) if "gather" in plan else None
-    if need[0]:
-        launch = plan["dx"]
-        KX.experts_rows_kernel[launch.grid](  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
-            a_ptr=dh, wm_ptr=gate_up, b_ptr=gate_up, w_ptr=weights, out_ptr=buf, **tiles,
-            s_me=gate_up.stride(0), s_mn=gate_up.stride(2), s_mk=gate_up.stride(1),
-            s_wt=weights.stride(0), s_wj=weights.stride(1), **launch.args,
-        )
-        dx = _run_combine(plan["combine"], buf, routing, torch.empty((T, H), dtype=x.dtype, device=dev))
-    if need[1] or need[3]:  # d gate_up_e = dhᵀ · x_rows (2I x H)
-        xs = _run_gather(plan["gather"], x, routing, weights, False, buf)
-        dgu = torch.empty((E, 2 * I, H), dtype=gate_up.dtype, device=dev)
-        db1 = torch.empty((E, 2 * I), dtype=gate_up.dtype, device=dev) if b1 is not None else None
-        launch = plan["dgate_up"]
-        KX.experts_dweight_kernel[launch.grid](
-            lhs_ptr=dh, rhs_ptr=xs, grad_ptr=dgu, dbias_ptr=db1 if db1 is not None else dgu,
-            offsets_ptr=routing.offsets, **launch.args,
-        )
-    if need[2] or need[4]:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
-        doutw = _run_gather(plan["gather"], dout, routing, weights, True, buf)
-        dd = torch.empty((E, H, I), dtype=down.dtype, device=dev)
-        db2 = torch.empty((E, H), dtype=down.dtype, device=dev) if b2 is not None else None
-        launch = plan["ddown"]
-        KX.experts_dweight_kernel[launch.grid](
-            lhs_ptr=doutw, rhs_ptr=a, grad_ptr=dd, dbias_ptr=db2 if db2 is not None else dd,
-            offsets_ptr=routing.offsets, **launch.args,
-        )
-    return dx, dgu, dd, db1, db2, dw
+    if "dx" in plan:  # dx rows = dh · gate_up_e: M_e[n, c] = gate_up[e, c, n]
+        sg = gate_up.stride()
+        plan["dx"](dh, gate_up, gate_up, weights, buf, *tiles, sg[0], sg[2], sg[1], *sw)
+        plan["combine"](buf, routing.slot_rows, routing.offsets, dx)
+    if "dgate_up" in plan:  # d gate_up_e = dhᵀ · x_rows (2I x H)
+        plan["gather"](x, routing.sorted_slots, routing.offsets, weights, buf, *x.stride(), *sw)
+        plan["dgate_up"](dh, buf, dgu, db1 if db1 is not None else dgu, routing.offsets)
+    if "ddown" in plan:  # d down_e = (w·dout)_rowsᵀ · a_rows (H x I)
+        plan["gather_scaled"](dout, routing.sorted_slots, routing.offsets, weights, buf, *dout.stride(), *sw)
+        plan["ddown"](buf, a, dd, db2 if db2 is not None else dd, routing.offsets)
 
 
-def _gather_launch(rows: int, H: int, k: int, E: int, dtype: torch.dtype) -> _Launch:
+def _gather_launch(rows: int, H: int, k: int, E: int, dtype: torch.dtype, scale: bool) -> Launch:
+    """The gather of a (T, H) source's rows into routing order (``scale``: times each row's routing
+    weight); rows past ``offsets[E]`` are left unwritten (no kernel reads them)."""
     bh = max(16, min(256, next_pow2(H)))
     br = max(1, min(64, 8192 // bh))
-    return _Launch((cdiv(rows, br), cdiv(H, bh)), dict(H=H, K=k, E=E, BLOCK_R=br, BLOCK_H=bh, ACC=acc_dtype(dtype)))
+    return _launch("experts_gather_kernel", (cdiv(rows, br), cdiv(H, bh)), _GATHER_ARGS,
+                   dict(H=H, K=k, E=E, BLOCK_R=br, BLOCK_H=bh, SCALE=scale, ACC=acc_dtype(dtype)))
 
 
-def _run_gather(launch: _Launch, src: torch.Tensor, routing, weights: torch.Tensor, scale: bool,
-                out: torch.Tensor) -> torch.Tensor:
-    """``out`` (T·k, H): row ``r`` of the kept rows = ``src``'s row of its token (``scale``: times
-    the row's routing weight); rows past ``offsets[E]`` are left unwritten (no kernel reads them)."""
-    from mmkernels._triton import experts as KX
-
-    KX.experts_gather_kernel[launch.grid](
-        src_ptr=src, sorted_ptr=routing.sorted_slots, offsets_ptr=routing.offsets, w_ptr=weights, dst_ptr=out,
-        s_st=src.stride(0), s_sh=src.stride(1), s_wt=weights.stride(0), s_wj=weights.stride(1), SCALE=scale,
-        **launch.args,
-    )
-    return out
-
-
-def _combine_launch(T: int, H: int, k: int, E: int, splits: int, dtype: torch.dtype) -> _Launch:
-    """The combine's launch into a contiguous (T, H) output from contiguous planes (splits, T·k, H)."""
+def _combine_launch(T: int, H: int, k: int, E: int, splits: int, dtype: torch.dtype) -> Launch:
+    """The combine into a contiguous (T, H) output from contiguous planes (splits, T·k, H) of rows:
+    ``out[t] = Σ_j Σ_s rows[s, row(t, j)]`` over the kept slots, j then the split planes ``s`` in
+    order (deterministic)."""
     bh = max(16, min(256, next_pow2(H)))
     bt = max(1, min(16, 4096 // bh))
-    return _Launch((cdiv(T, bt), cdiv(H, bh)), dict(T=T, H=H, K=k, E=E, SPLITS=splits,
-                                                    s_split=T * k * H if splits > 1 else 0, s_ot=H, s_oh=1,
-                                                    BLOCK_T=bt, BLOCK_H=bh, ACC=acc_dtype(dtype)))
-
-
-def _run_combine(launch: _Launch, rows_t: torch.Tensor, routing, out: torch.Tensor) -> torch.Tensor:
-    """``out[t] = Σ_j Σ_s rows_t[s, row(t, j)]`` over the kept slots, j then the split planes ``s``
-    in order (deterministic); ``rows_t`` (rows, H) or (splits, rows, H) and ``out`` (T, H),
-    both contiguous."""
-    from mmkernels._triton import experts as KX
-
-    KX.experts_combine_kernel[launch.grid](
-        y_ptr=rows_t, slot_rows_ptr=routing.slot_rows, offsets_ptr=routing.offsets, out_ptr=out, **launch.args,
-    )
-    return out
+    return _launch("experts_combine_kernel", (cdiv(T, bt), cdiv(H, bh)), _COMBINE_ARGS,
+                   dict(T=T, H=H, K=k, E=E, SPLITS=splits, s_split=T * k * H if splits > 1 else 0, s_ot=H, s_oh=1,
+                        BLOCK_T=bt, BLOCK_H=bh, ACC=acc_dtype(dtype)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,58 +1,272 @@
-"""One autograd node for a MoE layer's routing and experts: what :class:`mmkernels.nn.MoE` runs
-in eager mode.
+"""One autograd node for a MoE layer's router, routing and experts: what :class:`mmkernels.nn.MoE`
+runs in eager mode.
 
-``route`` and ``experts`` composed are two autograd nodes and two Python calls each way, and
-the ``Routing`` they pass between them is built and taken apart again; on a GPU a MoE layer's
-forward and backward are short next to that host work when the step is not graph-captured.
-:func:`moe_layer` gives the same results as :func:`mmkernels.moe.route` followed by
-:func:`mmkernels.moe.experts` through one ``autograd.Function`` whose forward runs the
-routing's and the experts' implementations back to back and whose backward runs the experts'
-backward and then the routing's (d weights -> d logits) in the same call.
+``gate``, ``route`` and ``experts`` composed are three autograd nodes and three Python calls each
+way, with their argument checks, the ``Routing`` built and taken apart again and a dozen
+allocations; on a GPU a MoE layer's forward and backward are short next to that host work when the
+step is not graph-captured. Here one ``autograd.Function`` makes the router logits (optionally:
+``x @ gate_weight.T``), routes and runs the experts back to back, and its backward runs the
+experts' backward, the routing's (d weights -> d logits) and the router's in the same call.
+Everything that follows from shapes and options — the argument checks, every launch's grid and
+constants, the split of the workspaces — is made once per shape in a :class:`LayerPlan`
+(:class:`LayerPlans` caches them by the tensors' metadata), so a call allocates and launches: on
+the Triton path the routing's integers and weights are one allocation, the experts' saved rows
+one more, the backward's scratch two.
 
-Tracers (torch.compile, export, FakeTensor) see the composed custom ops instead:
-:func:`moe_layer` takes the fused node only when :func:`mmkernels._backend.direct_call_ok`.
+The results are those of the composed ops (:func:`mmkernels.moe.route` then
+:func:`mmkernels.moe.experts`, and ``torch.nn.functional.linear`` for the router), bit for bit.
+Tracers (torch.compile, export, FakeTensor) see the composed custom ops instead: the node is taken
+only when :func:`mmkernels._backend.direct_call_ok`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+import functools
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from mmkernels import _backend
 from mmkernels.ops import experts as _experts
 from mmkernels.ops import routing as _routing
+from mmkernels.ops._util import cdiv, math_dtype
+
+#: Plans one :class:`LayerPlans` keeps before it starts over (shapes seen by one layer).
+MAX_PLANS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What one MoE layer call needs beyond its tensors, made once per shape and options.
+
+    ``gated``: the node's second input is the router's weight (E, H) and the node makes the logits
+    ``x @ weight.T``; else it is the logits (T, E). ``backend``: :func:`mmkernels.ops.experts.backend_of`.
+    On the Triton path, ``route`` / ``forward`` are the launches' plans and ``ints`` / ``rows``
+    the splits of the routing workspace (int32: the routing weights as float32 when they are 4
+    bytes, every :class:`~mmkernels.ops.routing.Routing` field, the scratch) and of the experts'
+    forward buffer (storage dtype: ``h``, ``act`` and the down GEMM's rows when not split)."""
+
+    T: int
+    H: int
+    I: int
+    E: int
+    rspec: _routing.RouterSpec
+    xspec: _experts.ExpertSpec
+    cap: int
+    block_m: int
+    backend: str
+    gated: bool
+    save: bool
+    route: Optional[_routing.RoutePlan] = None
+    forward: Optional[_experts.ForwardPlan] = None
+    ints: Tuple[int, ...] = ()
+    rows: Tuple[int, ...] = ()
+    #: The backward's launches by ``need`` (filled at the first backward of each).
+    backward_plans: Dict[tuple, dict] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def weights_in_ints(self) -> bool:
+        return self.route is not None and self.route.weights_dtype.itemsize == 4
+
+    @functools.cached_property
+    def n_ints(self) -> int:
+        return sum(self.ints)
+
+    @functools.cached_property
+    def n_rows(self) -> int:
+        return sum(self.rows)
+
+
+def layer_plan(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+               b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], top_k: int, block_m: int, activation: str,
+               route_kwargs: dict, gated: bool, save: bool) -> LayerPlan:
+    """Checks the arguments as :func:`mmkernels.moe.route` and :func:`mmkernels.moe.experts` do
+    (``router``: the logits (T, E), or with ``gated`` the router weight (E, H), which must then
+    have ``x``'s dtype and device) and returns their :class:`LayerPlan`."""
+    if gated:
+        if router.dim() != 2 or x.dim() != 2 or router.shape[1] != x.shape[1]:
+            raise ValueError(f"the router weight must be (E, H) for hidden_states (T, H), got {tuple(router.shape)} "
+                             f"and {tuple(x.shape)}")
+        if router.dtype != x.dtype or router.device != x.device:
+            raise TypeError(f"the router weight must have hidden_states' dtype and device ({x.dtype}, {x.device}), "
+                            f"got {router.dtype} on {router.device}")
+        # the logits' metadata, without their data (one element of storage)
+        logits = torch.empty_strided((x.shape[0], router.shape[0]), (0, 0), dtype=x.dtype, device=x.device)
+    else:
+        logits = router
+    rspec = _routing.check_route_args(logits, top_k, route_kwargs.get("scoring", "softmax"),
+                                      route_kwargs.get("renormalize", True), None, route_kwargs.get("n_groups"),
+                                      route_kwargs.get("topk_groups"), route_kwargs.get("routed_scaling", 1.0),
+                                      route_kwargs.get("softmax_after_topk", False),
+                                      route_kwargs.get("capacity_factor"), None, block_m)
+    T, E = logits.shape
+    xspec = _experts.check_experts_args(x, T, E, top_k, gate_up, down, b1, b2, None, activation, False, None, None,
+                                        block_m)
+    cap = _routing.capacity_for(route_kwargs.get("capacity_factor"), T, top_k, E)
+    cap = _routing.NO_CAPACITY if cap is None else cap
+    backend = _experts.backend_of(x)
+    H, I = x.shape[1], down.shape[2]
+    plan = LayerPlan(T, H, I, E, rspec, xspec, cap, block_m, backend, gated, save)
+    if backend != "triton":
+        return plan
+    rp = _routing.route_plan(T, E, rspec, cap, block_m, logits.dtype, False, False)
+    n, nt = T * top_k, rp.n_tiles
+    # weights (as float32), ids, counts, offsets, sorted slots, slot rows, dropped (n bools in int32
+    # words), tile experts, tile row starts, the tile count, then the scratch
+    ints = (n if rp.weights_dtype.itemsize == 4 else 0, n, E, E + 1, n, n, cdiv(n, 4), nt, nt, 1, *rp.scratch)
+    # the experts' plan reads the dispatch's sizes only
+    dispatch = _experts.Dispatch(*(torch.empty_strided((m,), (0,), dtype=torch.int32, device=x.device)
+                                   for m in (n, n, E + 1, nt, nt)), top_k, block_m)
+    fp = _experts.forward_plan(x, dispatch, gate_up, b1, b2, xspec, save)
+    rows = (n * 2 * I if save else 0, n * I, n * H if fp.splits == 1 else 0)  # h, act, the down GEMM's rows
+    return dataclasses.replace(plan, route=rp, forward=fp, ints=ints, rows=rows)
+
+
+def _meta(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+class LayerPlans:
+    """The :class:`LayerPlan` s of one layer, by the shapes, dtypes and devices of its tensors, its
+    options (``top_k``, ``activation``, the routing's keyword arguments), the backend in force and
+    whether gradients are saved: the checks run on the first call of each."""
+
+    def __init__(self):
+        self._options: Optional[tuple] = None
+        self._plans: Dict[tuple, LayerPlan] = {}
+
+    def __getstate__(self):  # a pickled layer keeps no plans (they hold launch constants)
+        return {"_options": None, "_plans": {}}
+
+    def get(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+            b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], top_k: int, block_m: int, activation: str,
+            route_kwargs: dict, gated: bool, save: bool) -> LayerPlan:
+        """:func:`layer_plan` of these arguments, made at the first call with their metadata."""
+        options = (top_k, activation, route_kwargs)
+        if options != self._options or len(self._plans) >= MAX_PLANS:
+            self._options, self._plans = (top_k, activation, dict(route_kwargs)), {}
+        key = (gated, save, block_m, _backend.get_backend(), x.shape, x.dtype, x.device, router.shape, router.dtype,
+               router.device, gate_up.shape, gate_up.dtype, gate_up.device, down.shape, down.dtype, down.device,
+               _meta(b1), _meta(b2))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = layer_plan(x, router, gate_up, down, b1, b2, top_k, block_m, activation,
+                                                 route_kwargs, gated, save)
+        return plan
+
+
+def _triton_route(plan: LayerPlan, logits: torch.Tensor):
+    """(weights (T, k), ids (T·k,), counts (E,), Dispatch): the routing's launches into one
+    workspace (the kernels read the ids by pointer: no (T, k) view is made)."""
+    T, k = plan.T, plan.rspec.top_k
+    parts = logits.new_empty(plan.n_ints, dtype=torch.int32).split_with_sizes(plan.ints)
+    w, ids, counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts, num_tiles = parts[:10]
+    weights = (w.view(plan.route.weights_dtype) if plan.weights_in_ints
+               else logits.new_empty(T * k, dtype=plan.route.weights_dtype)).view(T, k)
+    _routing.launch_route(plan.route, logits, None, None, weights, ids, counts, offsets, sorted_slots, slot_rows,
+                          dropped.view(torch.bool), tile_experts, tile_starts, num_tiles, *parts[10:])
+    return weights, ids, counts, _experts.Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_starts, k,
+                                                   plan.block_m)
+
+
+def _triton_experts(plan: LayerPlan, x, weights, gate_up, down, b1, b2, d):
+    """(out (T, H), h, act): the experts' forward launches, ``h`` / ``act`` / the rows in one buffer."""
+    fp = plan.forward
+    h, a, y = x.new_empty(plan.n_rows).split_with_sizes(plan.rows)
+    if fp.splits > 1:
+        y = x.new_empty(fp.splits * plan.T * plan.rspec.top_k * plan.H, dtype=fp.y_dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _experts.launch_forward(fp, x, weights, gate_up, down, b1, b2, d, h if plan.save else None, a, y, out)
+    return out, h, a
+
+
+def _triton_backward(plan: LayerPlan, dout, x, logits, weights, ids, gate_up, down, b1, b2, d, h, a, need):
+    """(dx, d gate_up, d down, d b1, d b2, d logits) of the experts and the routing on the Triton
+    path, their scratch in two allocations."""
+    bp = plan.backward_plans.get(need)
+    if bp is None:
+        bp = plan.backward_plans[need] = _experts.backward_plan(x, d, gate_up, b1, b2, plan.xspec, need)
+    T, H, I, k = plan.T, plan.H, plan.I, plan.rspec.top_k
+    contiguous = torch.contiguous_format
+    (n_dh, n_buf), n_dwp = _experts.backward_scratch(bp, T * k, I, H)
+    dh, buf = x.new_empty(n_dh + n_buf).split_with_sizes((n_dh, n_buf))
+    acc = math_dtype(x.dtype)
+    n_dw = T * k if need[5] and weights.dtype == acc else 0
+    dwp, dw = x.new_empty(n_dwp + n_dw, dtype=acc).split_with_sizes((n_dwp, n_dw))
+    dw = dw.view(T, k) if n_dw else torch.empty_like(weights) if need[5] else None
+    dx = torch.empty_like(x, memory_format=contiguous) if need[0] else None
+    dgu = torch.empty_like(gate_up, memory_format=contiguous) if need[1] or need[3] else None
+    dd = torch.empty_like(down, memory_format=contiguous) if need[2] or need[4] else None
+    db1 = torch.empty_like(b1, memory_format=contiguous) if dgu is not None and b1 is not None else None
+    db2 = torch.empty_like(b2, memory_format=contiguous) if dd is not None and b2 is not None else None
+    _experts.launch_backward(bp, dout, x, weights, gate_up, down, b1, b2, d, h, a, dh, dwp, buf, dx, dgu, dd, db1,
+                             db2, dw)
+    dl = None
+    if need[5]:
+        dl = _routing.launch_route_backward(plan.route, dw, logits, ids,
+                                            torch.empty_like(logits, memory_format=contiguous))
+    return dx, dgu, dd, db1, db2, dl
 
 
 class MoELayerFunction(torch.autograd.Function):
-    """``(logits, x, gate_up, down, b1, b2) -> (out, counts)``; ``counts`` is not differentiable.
-    Saved: the inputs, the routing's weights and ids and the experts' ``h`` / ``act``; the
-    dispatch tensors ride on ``ctx`` (integers made here, no gradient, no version checks)."""
+    """``(x, router, gate_up, down, b1, b2, plan) -> (out, counts[, logits])``: ``router`` is the
+    logits, or with ``plan.gated`` the router's weight, and then the logits are the third output
+    (differentiable: a loss on them adds to the router's and ``x``'s gradients). ``counts`` is not
+    differentiable. Saved: the inputs, the logits, the routing's weights and ids and the experts'
+    ``h`` / ``act``; the dispatch tensors ride on ``ctx`` (integers made here: no gradient, no
+    version checks)."""
 
     @staticmethod
-    def forward(ctx, logits, x, gate_up, down, b1, b2, rspec: _routing.RouterSpec, cap: int, block_m: int,
-                xspec: _experts.ExpertSpec, save: bool):
-        weights, ids, counts, offsets, sorted_slots, slot_rows, _, tile_experts, tile_row_starts, _ = \
-            _routing.route_impl(logits, None, None, rspec, cap, block_m)
-        d = _experts.Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_row_starts, rspec.top_k, block_m)
-        backend = _experts.backend_of(x)
-        out, h, a = _experts.forward_impl(backend, x, weights, gate_up, down, b1, b2, d, xspec, save)
-        ctx.save_for_backward(logits, x, gate_up, down, b1, b2, weights, ids, h, a)
-        ctx.dispatch, ctx.rspec, ctx.xspec, ctx.backend = d, rspec, xspec, backend
+    def forward(ctx, x, router, gate_up, down, b1, b2, plan: LayerPlan):
+        logits = torch.nn.functional.linear(x, router) if plan.gated else router
+        if plan.backend == "triton":
+            weights, ids, counts, d = _triton_route(plan, logits)
+            out, h, a = _triton_experts(plan, x, weights, gate_up, down, b1, b2, d)
+        else:
+            weights, ids, counts, offsets, sorted_slots, slot_rows, _, tile_experts, tile_starts, _ = \
+                _routing.route_impl(logits, None, None, plan.rspec, plan.cap, plan.block_m)
+            d = _experts.Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_starts, plan.rspec.top_k,
+                                  plan.block_m)
+            out, h, a = _experts.forward_impl(plan.backend, x, weights, gate_up, down, b1, b2, d, plan.xspec,
+                                              plan.save)
+        ctx.save_for_backward(x, router, gate_up, down, b1, b2, logits if plan.gated else None, weights, ids, h, a)
+        ctx.dispatch, ctx.plan = d, plan
         ctx.mark_non_differentiable(counts)
         ctx.set_materialize_grads(False)
-        return out, counts
+        return (out, counts, logits) if plan.gated else (out, counts)
 
     @staticmethod
-    def backward(ctx, dout, _unused):
-        logits, x, gate_up, down, b1, b2, weights, ids, h, a = ctx.saved_tensors
-        nl, nx, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
+    def backward(ctx, dout, _dcounts, dlogits=None):
+        x, router, gate_up, down, b1, b2, logits, weights, ids, h, a = ctx.saved_tensors
+        plan = ctx.plan
+        nx, nr, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
+        nl = nr or (plan.gated and nx)  # d logits: for the logits input, or for the router weight and x
+        if not plan.gated:
+            logits = router
         if dout is None:
-            return (None,) * 11
-        need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nl)
-        dx, dgu, dd, db1, db2, dw = _experts.backward_impl(ctx.backend, dout, x, weights, gate_up, down, b1, b2,
-                                                           ctx.dispatch, h, a, ctx.xspec, need)
-        dl = _routing.route_backward_impl(dw, logits, ids, ctx.rspec) if nl else None
-        return dl, dx, dgu, dd, db1, db2, None, None, None, None, None
+            dx = dgu = dd = db1 = db2 = None
+            dl = dlogits if nl else None
+        else:
+            need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nl)
+            if plan.backend == "triton":
+                dx, dgu, dd, db1, db2, dl = _triton_backward(plan, dout, x, logits, weights, ids, gate_up, down, b1,
+                                                             b2, ctx.dispatch, h, a, need)
+            else:
+                dx, dgu, dd, db1, db2, dw = _experts.backward_impl(plan.backend, dout, x, weights, gate_up, down, b1,
+                                                                   b2, ctx.dispatch, h, a, plan.xspec, need)
+                dl = _routing.route_backward_impl(dw, logits, ids, plan.rspec) if nl else None
+            if dl is not None and dlogits is not None:
+                dl.add_(dlogits)
+        if not plan.gated:
+            return dx, dl, dgu, dd, db1, db2, None
+        dw_router = None
+        if dl is not None:
+            if nx:  # as linear's backward: dx += dl · W, dW = dlᵀ · x
+                dxl = dl.mm(router)
+                dx = dxl if dx is None else dx.add_(dxl)
+            if nr:
+                dw_router = dl.t().mm(x)
+        return dx, dw_router, dgu, dd, db1, db2, None
 
 
 def moe_layer(router_logits: torch.Tensor, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -69,20 +283,13 @@ def moe_layer(router_logits: torch.Tensor, hidden_states: torch.Tensor, gate_up_
     :func:`mmkernels.moe.experts` (``hidden_states`` (T, H), ``gate_up_proj`` (E, 2I, H),
     ``down_proj`` (E, H, I), ``activation``, the biases). Every argument is checked as those two
     check it."""
-    tensors = (router_logits, hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias)
+    tensors = (hidden_states, router_logits, gate_up_proj, down_proj, gate_up_bias, down_bias)
     if not _backend.direct_call_ok(*(t for t in tensors if t is not None)):
         routing = _routing.route(router_logits, top_k, block_m=block_m, **route_kwargs)
         out = _experts.experts(hidden_states, routing, gate_up_proj, down_proj, activation=activation,
                                gate_up_bias=gate_up_bias, down_bias=down_bias)
         return out, routing.counts
-    rspec = _routing.check_route_args(router_logits, top_k, route_kwargs.get("scoring", "softmax"),
-                                      route_kwargs.get("renormalize", True), None, route_kwargs.get("n_groups"),
-                                      route_kwargs.get("topk_groups"), route_kwargs.get("routed_scaling", 1.0),
-                                      route_kwargs.get("softmax_after_topk", False),
-                                      route_kwargs.get("capacity_factor"), None, block_m)
-    T, E = router_logits.shape
-    xspec = _experts.check_experts_args(hidden_states, T, E, top_k, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                                        None, activation, False, None, None, block_m)
-    cap = _routing.capacity_for(route_kwargs.get("capacity_factor"), T, top_k, E)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return MoELayerFunction.apply(*tensors, rspec, _routing.NO_CAPACITY if cap is None else cap, block_m, xspec, save)
+    plan = layer_plan(hidden_states, router_logits, gate_up_proj, down_proj, gate_up_bias, down_bias, top_k, block_m,
+                      activation, route_kwargs, False, save)
+    return MoELayerFunction.apply(*tensors, plan)

@@ -26,6 +26,7 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_tensor as _check_tensor
+from mmkernels.ops._launch import Launch
 from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2
 
 #: Row block of the grouped GEMM that the default tile table is made for.
@@ -315,14 +316,20 @@ class RoutePlan:
     weights_dtype: torch.dtype
     n_tiles: int
     scratch: Tuple[int, ...]
-    topk_grid: Tuple[int]
-    topk: dict
-    scan_grid: Tuple[int]
-    scan: dict
-    scatter_grid: Tuple[int]
-    scatter: dict
-    bwd_grid: Tuple[int]
-    bwd: dict
+    topk: Launch
+    scan: Launch
+    scatter: Launch
+    bwd: Launch
+
+
+#: The runtime arguments of each routing kernel's launches (:class:`~mmkernels.ops._launch.Launch`).
+_TOPK_ARGS = ("logits_ptr", "bias_ptr", "ids_in_ptr", "weights_ptr", "ids_ptr", "rank_ptr", "hist_ptr", "done_ptr",
+              "s_lt", "s_le", "s_it", "s_ij", "s_b")
+_SCAN_ARGS = ("hist_ptr", "base_ptr", "total_ptr", "done_ptr", "counts_ptr", "offsets_ptr", "drop_base_ptr",
+              "tile_end_ptr", "num_tiles_ptr")
+_SCATTER_ARGS = ("ids_ptr", "rank_ptr", "base_ptr", "offsets_ptr", "drop_base_ptr", "tile_end_ptr", "num_tiles_ptr",
+                 "sorted_ptr", "slot_rows_ptr", "dropped_ptr", "tile_expert_ptr", "tile_start_ptr")
+_BWD_ARGS = ("logits_ptr", "ids_ptr", "dw_ptr", "dl_ptr", "s_lt", "s_le", "s_dt", "s_dj")
 
 
 @functools.lru_cache(maxsize=256)
@@ -344,71 +351,64 @@ def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: 
     scan = dict(NB=nb, E=E, CAP=cap, E_PAD=cfg.e_pad, EB=cfg.scan_cols, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
                 num_warps=cfg.scan_warps)
     scatter = dict(T=T, E=E, K=k, CAP=cap, MAX_TILES=n_tiles, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m, **rows)
+    from mmkernels._triton import routing as K
+
     return RoutePlan(
         weights_dtype=math_dtype(dtype), n_tiles=n_tiles, scratch=(T * k, nb * E, nb * E, E, 1, E, E),
-        topk_grid=(nb,), topk=topk, scan_grid=(cdiv(E, cfg.scan_cols),), scan=scan,
-        scatter_grid=(max(nb, cdiv(n_tiles, TILE_CHUNK)),), scatter=scatter,
-        bwd_grid=(nb,), bwd=dict(T=T, E=E, K=k, **rows, **scores))
+        topk=Launch(K, "route_topk_kernel", (nb,), _TOPK_ARGS, topk),
+        scan=Launch(K, "route_scan_kernel", (cdiv(E, cfg.scan_cols),), _SCAN_ARGS, scan),
+        scatter=Launch(K, "route_scatter_kernel", (max(nb, cdiv(n_tiles, TILE_CHUNK)),), _SCATTER_ARGS, scatter),
+        bwd=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS, dict(T=T, E=E, K=k, **rows, **scores)))
 
 
 def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
                   config: Optional[RoutingConfig] = None):
     """The three routing launches; returns the tensors of :class:`Routing` in field order."""
-    from mmkernels._triton import routing as K
-
     T, E = logits.shape
     k = spec.top_k
-    given = ids_in is not None
-    p = route_plan(T, E, spec, cap, block_m, logits.dtype, bias is not None, given, config)
+    p = route_plan(T, E, spec, cap, block_m, logits.dtype, bias is not None, ids_in is not None, config)
     dev = logits.device
-    weights = torch.empty((T, k), dtype=p.weights_dtype, device=dev)
-    ids = torch.empty((T, k), dtype=torch.int32, device=dev)
-    counts = torch.empty((E,), dtype=torch.int32, device=dev)
-    offsets = torch.empty((E + 1,), dtype=torch.int32, device=dev)
-    sorted_slots = torch.empty((T * k,), dtype=torch.int32, device=dev)
-    slot_rows = torch.empty((T * k,), dtype=torch.int32, device=dev)
-    dropped = torch.empty((T, k), dtype=torch.bool, device=dev)
-    tile_experts = torch.empty((p.n_tiles,), dtype=torch.int32, device=dev)
-    tile_row_starts = torch.empty((p.n_tiles,), dtype=torch.int32, device=dev)
-    num_tiles = torch.empty((1,), dtype=torch.int32, device=dev)
+    outs = (torch.empty((T, k), dtype=p.weights_dtype, device=dev),     # weights
+            torch.empty((T, k), dtype=torch.int32, device=dev),         # ids
+            torch.empty((E,), dtype=torch.int32, device=dev),           # counts
+            torch.empty((E + 1,), dtype=torch.int32, device=dev),       # offsets
+            torch.empty((T * k,), dtype=torch.int32, device=dev),       # sorted_slots
+            torch.empty((T * k,), dtype=torch.int32, device=dev),       # slot_rows
+            torch.empty((T, k), dtype=torch.bool, device=dev),          # dropped
+            torch.empty((p.n_tiles,), dtype=torch.int32, device=dev),   # tile_experts
+            torch.empty((p.n_tiles,), dtype=torch.int32, device=dev),   # tile_row_starts
+            torch.empty((1,), dtype=torch.int32, device=dev))           # num_tiles
     # one workspace for the scratch; the done counter is zeroed by the router kernel
-    rank, hist, base, total, done, drop_base, tile_end = \
-        torch.empty((sum(p.scratch),), dtype=torch.int32, device=dev).split(p.scratch)
-    K.route_topk_kernel[p.topk_grid](
-        logits_ptr=logits, bias_ptr=bias if bias is not None else logits,
-        ids_in_ptr=ids_in if given else ids,
-        weights_ptr=weights, ids_ptr=ids, rank_ptr=rank, hist_ptr=hist, done_ptr=done,
-        s_lt=logits.stride(0), s_le=logits.stride(1),
-        s_it=ids_in.stride(0) if given else k, s_ij=ids_in.stride(1) if given else 1,
-        s_b=bias.stride(0) if bias is not None else 1, **p.topk,
-    )
-    K.route_scan_kernel[p.scan_grid](
-        hist_ptr=hist, base_ptr=base, total_ptr=total, done_ptr=done,
-        counts_ptr=counts, offsets_ptr=offsets, drop_base_ptr=drop_base,
-        tile_end_ptr=tile_end, num_tiles_ptr=num_tiles, **p.scan,
-    )
-    K.route_scatter_kernel[p.scatter_grid](
-        ids_ptr=ids, rank_ptr=rank, base_ptr=base, offsets_ptr=offsets, drop_base_ptr=drop_base,
-        tile_end_ptr=tile_end, num_tiles_ptr=num_tiles,
-        sorted_ptr=sorted_slots, slot_rows_ptr=slot_rows, dropped_ptr=dropped,
-        tile_expert_ptr=tile_experts, tile_start_ptr=tile_row_starts, **p.scatter,
-    )
-    return (weights, ids, counts, offsets, sorted_slots, slot_rows, dropped,
-            tile_experts, tile_row_starts, num_tiles)
+    launch_route(p, logits, bias, ids_in, *outs,
+                 *torch.empty((sum(p.scratch),), dtype=torch.int32, device=dev).split(p.scratch))
+    return outs
+
+
+def launch_route(p: RoutePlan, logits, bias, ids_in, weights, ids, counts, offsets, sorted_slots, slot_rows, dropped,
+                 tile_experts, tile_row_starts, num_tiles, rank, hist, base, total, done, drop_base, tile_end) -> None:
+    """The three routing launches of plan ``p`` into given tensors: the :class:`Routing` fields
+    (``weights`` .. ``num_tiles``; only their data pointers count, 1-D views do) and the scratch
+    (``p.scratch`` elements each: ``rank`` .. ``tile_end``)."""
+    given = ids_in is not None
+    p.topk(logits, bias if bias is not None else logits, ids_in if given else ids, weights, ids, rank, hist, done,
+           *logits.stride(), *(ids_in.stride() if given else (p.topk.args["K"], 1)),
+           bias.stride(0) if bias is not None else 1)
+    p.scan(hist, base, total, done, counts, offsets, drop_base, tile_end, num_tiles)
+    p.scatter(ids, rank, base, offsets, drop_base, tile_end, num_tiles, sorted_slots, slot_rows, dropped, tile_experts,
+              tile_row_starts)
 
 
 def triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
                            config: Optional[RoutingConfig] = None) -> torch.Tensor:
-    from mmkernels._triton import routing as K
-
     T, E = logits.shape
     p = route_plan(T, E, spec, NO_CAPACITY, DEFAULT_BLOCK_M, logits.dtype, False, False, config)
-    dl = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
-    K.route_bwd_kernel[p.bwd_grid](
-        logits_ptr=logits, ids_ptr=ids, dw_ptr=grad_weights, dl_ptr=dl,
-        s_lt=logits.stride(0), s_le=logits.stride(1),
-        s_dt=grad_weights.stride(0), s_dj=grad_weights.stride(1), **p.bwd,
-    )
+    return launch_route_backward(p, grad_weights, logits, ids,
+                                 torch.empty((T, E), dtype=logits.dtype, device=logits.device))
+
+
+def launch_route_backward(p: RoutePlan, grad_weights, logits, ids, dl: torch.Tensor) -> torch.Tensor:
+    """d logits into ``dl`` (contiguous (T, E), the logits' dtype) from d weights, plan ``p``."""
+    p.bwd(logits, ids, grad_weights, dl, *logits.stride(), *grad_weights.stride())
     return dl
 
 

@@ -73,6 +73,8 @@ import tempfile
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from mmkernels.ops._launch import named_arguments
+
 DEFAULT_TARGETS: Tuple[int, ...] = (80, 90)
 
 #: Per-block shared memory a kernel may use (opt-in maximum) and the register file per SM.
@@ -280,7 +282,7 @@ def constexpr_json(v):
 class LaunchRecorder:
     """What a family's ``launches(recorder, target)`` runs under (see
     :class:`mmkernels.family.LaunchRecorder`): every kernel of the family's kernel module is replaced
-    by a stand-in whose ``kernel[grid](**kw)`` appends ``(name, real kernel, kw, variant, config,
+    by a stand-in whose ``kernel[grid](*args, **kw)`` appends ``(name, real kernel, kw, variant, config,
     expect)`` to :attr:`entries` and runs nothing, so the launchers, called on meta tensors, show
     exactly what they would launch."""
 
@@ -301,8 +303,11 @@ class LaunchRecorder:
         recorder = self
 
         class StandIn:
+            arg_names = real.arg_names  # what positional launches bind by (mmkernels.ops._launch)
+
             def __getitem__(self, grid):
-                def launch(**kw):
+                def launch(*args, **kw):
+                    kw = named_arguments(real, args, kw)
                     if recorder._label is None:
                         raise RuntimeError(f"{name} was launched outside recorder.variant(...): label it")
                     label, config, expect = recorder._label
