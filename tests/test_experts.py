@@ -774,3 +774,24 @@ def test_moe_router_in_the_node_equals_the_module_path(case, frozen, backend, de
             continue
         assert torch.equal(fused, module) and torch.equal(fused_again, module)
 
+
+def test_layer_plans_follow_the_implementation_in_force():
+    """A layer's cached plans are keyed by the implementation that runs (the backend and the CPU
+    path selected), not only by shapes: switching either after a first call changes the plan."""
+    from mmkernels import _cpp
+    from mmkernels.ops.moe_layer import LayerPlans
+
+    layer = mnn.MoE(16, 8, 4, 2)
+    x = torch.randn(5, 16)
+    args = (x, layer.gate.weight, layer.experts.gate_up_proj, layer.experts.down_proj, None, None, 2, 16, "silu",
+            layer.route_kwargs, True, False)
+    plans = LayerPlans()
+    with mmkernels.use_backend("cpu"):
+        first = plans.get(*args).backend
+        with _cpp.use_cpu_impl("torch"):
+            assert plans.get(*args).backend == "torch"
+        assert plans.get(*args).backend == first == ("cpp" if _cpp.load() else "torch")
+    if mmkernels._backend.interpreter_active():
+        with mmkernels.use_backend("triton"):
+            assert plans.get(*args).backend == "triton"
+

@@ -17,6 +17,7 @@ from mmkernels.ops import experts as _experts
 from mmkernels.ops import moe_layer as _moe_layer
 from mmkernels.ops import routing as _routing
 
+
 def _module_hooks_set() -> bool:
     """Whether any global ``nn.Module`` hook is registered (``torch.nn.modules.module.register_module_*_hook``)."""
     m = torch.nn.modules.module

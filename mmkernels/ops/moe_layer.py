@@ -128,8 +128,9 @@ def _meta(t: Optional[torch.Tensor]):
 
 class LayerPlans:
     """The :class:`LayerPlan` s of one layer, by the shapes, dtypes and devices of its tensors, its
-    options (``top_k``, ``activation``, the routing's keyword arguments), the backend in force and
-    whether gradients are saved: the checks run on the first call of each."""
+    options (``top_k``, ``activation``, the routing's keyword arguments), the implementation that
+    runs (:func:`mmkernels.ops.experts.backend_of`: the backend in force and the CPU path selected)
+    and whether gradients are saved: the checks run on the first call of each."""
 
     def __init__(self):
         self._options: Optional[tuple] = None
@@ -145,7 +146,7 @@ class LayerPlans:
         options = (top_k, activation, route_kwargs)
         if options != self._options or len(self._plans) >= MAX_PLANS:
             self._options, self._plans = (top_k, activation, dict(route_kwargs)), {}
-        key = (gated, save, block_m, _backend.get_backend(), x.shape, x.dtype, x.device, router.shape, router.dtype,
+        key = (gated, save, block_m, _experts.backend_of(x), x.shape, x.dtype, x.device, router.shape, router.dtype,
                router.device, gate_up.shape, gate_up.dtype, gate_up.device, down.shape, down.dtype, down.device,
                _meta(b1), _meta(b2))
         plan = self._plans.get(key)
