@@ -52,7 +52,13 @@ def get_backend() -> str:
     """The backend in force now (``set_backend`` first, then ``MMKERNELS_BACKEND``, else ``auto``)."""
     if _override is not None:
         return _override
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    return _env_backend(os.environ.get(ENV_VAR, "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _env_backend(raw: str) -> str:
+    """The backend that ``MMKERNELS_BACKEND=raw`` names (read at every call, parsed once per value)."""
+    value = raw.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {value!r}")
     return value
@@ -96,7 +102,8 @@ def triton_available() -> bool:
 def resolve(device: torch.device) -> Impl:
     """Decide which implementation runs for tensors on ``device`` under the current backend."""
     backend = get_backend()
-    if device.type == "cuda":
+    kind = device.type  # a new str per read
+    if kind == "cuda":
         if backend == "cpu":
             raise BackendError(
                 "backend 'cpu' cannot run CUDA tensors; use set_backend('auto') or move the tensors to CPU"
@@ -104,7 +111,7 @@ def resolve(device: torch.device) -> Impl:
         if not triton_available():
             raise BackendError("CUDA tensors need triton, which is not installed")
         return Impl.TRITON
-    if device.type == "cpu":
+    if kind == "cpu":
         if backend != "triton":
             return Impl.CPU
         if not triton_available():
@@ -124,7 +131,10 @@ def direct_call_ok(*tensors: torch.Tensor) -> bool:
     an op's autograd wrapper may call its implementation directly and skip the torch.library
     dispatch (about 13 µs a call on CPU); otherwise it must go through the custom op, so tracers
     see one op with its fake kernel."""
-    return (not torch.compiler.is_compiling()
-            and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._is_torch_function_mode_enabled()
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    for t in tensors:  # a loop, not all(<generator>): this runs on every call of every op
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return True

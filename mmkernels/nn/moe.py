@@ -40,14 +40,15 @@ def _foldable_router(gate: torch.nn.Module, x: torch.Tensor, gate_up: torch.Tens
     """``gate``'s weight when the router's linear may run inside the layer's autograd node
     (:class:`mmkernels.ops.moe_layer.MoELayerFunction`), else None: ``gate`` is a plain bias-free
     ``nn.Linear`` that calling would only run (no hooks on it, no global module hooks), autocast
-    is off and nothing traces the call. (A weight of another dtype or device than ``x`` is an
-    error either way: the node's plan says so, as ``F.linear`` would.)"""
+    is off (on every device type: one check) and nothing traces the call. (A weight of another
+    dtype or device than ``x`` is an error either way: the node's plan says so, as ``F.linear``
+    would.)"""
     if type(gate) is not torch.nn.Linear or gate._parameters["bias"] is not None:
         return None
     w = gate._parameters["weight"]
     if (gate._forward_hooks or gate._forward_pre_hooks or gate._backward_hooks or gate._backward_pre_hooks
             or _module_hooks_set()
-            or torch.is_autocast_enabled(x.device.type) or not _backend.direct_call_ok(x, w, gate_up, down)):
+            or torch._C._is_any_autocast_enabled() or not _backend.direct_call_ok(x, w, gate_up, down)):
         return None
     return w
 

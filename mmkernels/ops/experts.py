@@ -769,7 +769,7 @@ def backend_of(x: torch.Tensor) -> str:
     gradients). A constant to torch.compile: decided when the graph is traced."""
     if x.shape[0] and _backend.resolve(x.device) is _backend.Impl.TRITON:
         return "triton"
-    return "cpp" if x.device.type == "cpu" and _cpp_experts() is not None else "torch"
+    return "cpp" if x.is_cpu and _cpp_experts() is not None else "torch"
 
 
 def _saved_like(x: torch.Tensor, I: int, k: int, backend: str, save: bool):
