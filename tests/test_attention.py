@@ -49,7 +49,7 @@ def _check(z, x, ds, mask, tau, backend):
     return s, zr.grad, xr.grad
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("masked", [None, "random", "broadcast"])
@@ -59,7 +59,7 @@ def test_forward_backward(shape, masked, dtype, backend, device, poison_outputs)
         _check(z, x, ds, mask, tau, backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_fully_masked_rows_give_zeros_not_nan(backend, device, poison_outputs):
     z, x, ds, _ = _inputs((4, 6, 9), torch.float32, device, seed=1)
     mask = torch.zeros(4, 6, dtype=torch.bool, device=device)
@@ -71,14 +71,14 @@ def test_fully_masked_rows_give_zeros_not_nan(backend, device, poison_outputs):
     torch.testing.assert_close(s[1], x[1, 2])  # one allowed input: s is that input
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_more_inputs_than_the_fused_limit(backend, device, poison_outputs):
     """J > MAX_J runs the torch composition on every backend, with the same results."""
     z, x, ds, mask = _inputs((2, ops.MAX_J + 76, 3), torch.float32, device, seed=4, masked="random")
     _check(z, x, ds, mask, 1.0, backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_strided_inputs_and_gradcheck(backend, device):
     z, x, ds, mask = _inputs((3, 5, 4), torch.float64, device, seed=6, masked="random")
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # strides (20, 1, 5)
@@ -89,7 +89,7 @@ def test_strided_inputs_and_gradcheck(backend, device):
         assert torch.autograd.gradcheck(lambda a, b: mmkernels.attention_module(a, b, mask, 0.8), (zg, xg))
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_hard_switch(straight_through, backend, device, poison_outputs):
     z, x, ds, _ = _inputs((2, 5, 4, 3), torch.float32, device, seed=9)
@@ -109,6 +109,39 @@ def test_hard_switch(straight_through, backend, device, poison_outputs):
         mt.assert_close(zr.grad, z64.grad, backend=backend, magnitude=dz_mag)
     else:
         assert zr.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_kernel_special_values_as_the_composition(dtype):
+    """The C++ attention module (csrc/attention.cpp) against the torch composition it replaces, on
+    rows holding NaN, +inf, -inf, +inf with -inf, only -inf, and a fully masked row: the same NaN
+    pattern and the same values, forward (s, lse) and backward (dz, dx); reruns bitwise equal."""
+    from mmkernels import _cpp
+
+    cpp = _cpp.ops()
+    if cpp is None or not hasattr(cpp, "attention_forward"):
+        pytest.fail(f"the C++ CPU kernels did not load: {_cpp.status(build=False)}")
+    inf, nan = float("inf"), float("nan")
+    z, x, ds, _ = _inputs((7, 5, 33), dtype, "cpu", seed=21)
+    z[0, 1], z[1, 2], z[2, 3] = nan, inf, -inf
+    z[3, 0], z[3, 4] = inf, -inf
+    z[4] = -inf
+    mask = torch.ones(7, 5, dtype=torch.bool)
+    mask[5] = False
+    mask[6, 1:] = False
+    mask[0, 1] = False  # the NaN of row 0 is masked out: that row is finite
+    for m in (None, mask):
+        want_s, want_lse = ops._torch_forward(z, x, m, 0.7)
+        s, lse = cpp.attention_forward(z, x, m, 0.7)
+        torch.testing.assert_close(s, want_s, equal_nan=True)
+        torch.testing.assert_close(lse, want_lse, equal_nan=True)
+        want = ops._torch_backward(z, x, m, s, lse, ds, 0.7)
+        got = cpp.attention_backward(z, x, m, s, lse, ds, 0.7)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, equal_nan=True)
+        again = cpp.attention_forward(z, x, m, 0.7) + cpp.attention_backward(z, x, m, s, lse, ds, 0.7)
+        for a, b in zip(again, (s, lse) + tuple(got)):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
 
 
 def test_bad_input_names_the_argument():
@@ -147,7 +180,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_local_memory():
     assert configs <= built
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_hard_switch_gradcheck_on_x(backend, device):
     """The hard switch is differentiable in x (a selection); z's straight-through gradient is by
     design not the (zero) true one, so only x is checked numerically."""

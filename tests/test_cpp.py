@@ -24,7 +24,7 @@ FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_exp
 
 OPS = ("route_softmax_topk", "top_k_ids", "router_isa", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "softmax_forward", "gated_blend_forward", "gated_blend_backward",
-       "cache_info", "empty_cache")
+       "attention_forward", "attention_backward", "cache_info", "empty_cache")
 
 
 @needs_cpp
@@ -33,7 +33,7 @@ def test_cpp_kernels_build_and_say_so():
     assert _cpp.status().startswith("C++ CPU kernels active")
     from mmkernels.families import cpu_paths
 
-    assert "C++ for bilinear, experts, gating, routing, softmax; torch for attention, cross_entropy" in cpu_paths()
+    assert "C++ for attention, bilinear, experts, gating, routing, softmax; torch for cross_entropy" in cpu_paths()
     missing = [name for name in OPS if not hasattr(_cpp.ops(), name)]
     assert not missing, f"operators not registered: {missing}"
 
@@ -45,7 +45,7 @@ def _ran(fn) -> set:
     return {e.name.split("::")[1] for e in prof.events() if e.name.startswith("mmkernels_cpu::")}
 
 
-def _moe_and_bilinear_step():
+def _moe_bilinear_attention_step():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 8, generator=gen, requires_grad=True)
     r = moe.route(torch.randn(40, 6, generator=gen, requires_grad=True), 2)
@@ -53,7 +53,8 @@ def _moe_and_bilinear_step():
                       torch.randn(6, 8, 5, generator=gen, requires_grad=True))
     z, w = torch.randn(40, 3, generator=gen, requires_grad=True), torch.randn(4, 3, 8, generator=gen, requires_grad=True)
     y = mmkernels.bilinear(z, x, w)
-    (out.sum() + y.sum()).backward()
+    s = mmkernels.attention_module(z, x[:, :6].reshape(40, 3, 2).contiguous())
+    (out.sum() + y.sum() + s.sum()).backward()
 
 
 @needs_cpp
@@ -62,10 +63,11 @@ def test_each_op_runs_its_cpp_kernels_forward_and_backward():
     (seen by the profiler); on the torch path none runs."""
     assert _cpp.load(), _cpp.status()
     with _cpp.use_cpu_impl("cpp"):
-        assert _ran(_moe_and_bilinear_step) >= {"route_softmax_topk", "route_metadata", "experts_forward",
-                                                "experts_backward", "bilinear_forward", "bilinear_backward"}
+        assert _ran(_moe_bilinear_attention_step) >= {"route_softmax_topk", "route_metadata", "experts_forward",
+                                                "experts_backward", "bilinear_forward", "bilinear_backward",
+                                                "attention_forward", "attention_backward"}
     with _cpp.use_cpu_impl("torch"):
-        assert _ran(_moe_and_bilinear_step) == set()
+        assert _ran(_moe_bilinear_attention_step) == set()
 
 
 @needs_cpp
@@ -266,8 +268,8 @@ def test_fallback_when_the_build_fails(monkeypatch):
         assert "simulated" in _cpp.status() and _cpp.status().startswith("vectorised-torch")
         with _cpp.use_cpu_impl("cpp"), pytest.raises(RuntimeError, match="unavailable"):
             moe.route(logits, 2)
-        _moe_and_bilinear_step()  # the experts and sigma-pi run their torch paths too
-        assert _ran(_moe_and_bilinear_step) == set()
+        _moe_bilinear_attention_step()  # the experts and sigma-pi run their torch paths too
+        assert _ran(_moe_bilinear_attention_step) == set()
     finally:
         _cpp._reset_for_tests()
 

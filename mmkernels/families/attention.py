@@ -95,4 +95,5 @@ def launches(rec, target: int) -> None:
 
 
 FAMILY = Family(name="attention", summary="the attention module / soft switch and the hard switch",
-                cases=cases, inputs=inputs, variants=variants, targets=targets, launches=launches)
+                cases=cases, inputs=inputs, variants=variants, targets=targets, launches=launches,
+                cpp_ops=("attention_forward", "attention_backward"))

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
@@ -146,16 +146,45 @@ def _fused(x: torch.Tensor) -> bool:
     return x.shape[1] <= MAX_J and _backend.resolve(x.device) is _backend.Impl.TRITON
 
 
+def _cpp_attention(z: torch.Tensor, x: torch.Tensor):
+    """``torch.ops.mmkernels_cpu`` when the C++ attention module (csrc/attention.cpp) is selected,
+    built and takes these tensors — float32 / float64 CPU tensors, ``x`` contiguous (one pass
+    over it each way) — else None: the torch composition."""
+    cpp = _cpp.ops()
+    if cpp is None or not hasattr(cpp, "attention_forward"):
+        return None
+    ok = x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+    return cpp if ok and z.dtype == x.dtype else None
+
+
+def _cpu_forward(z, x, mask, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    cpp = _cpp_attention(z, x)
+    if cpp is not None:
+        return cpp.attention_forward(z, x, mask, tau)
+    return _torch_forward(z, x, mask, tau)
+
+
+def _cpu_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    cpp = _cpp_attention(z, x)
+    if cpp is not None and s.is_contiguous() and ds.dtype == x.dtype:
+        return cpp.attention_backward(z, x, mask, s, lse, ds, tau)
+    return _torch_backward(z, x, mask, s, lse, ds, tau)
+
+
 def _forward(z, x, mask, tau: float):
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         return _torch_forward(z, x, mask, tau)
-    return (triton_forward if _fused(x) else _torch_forward)(z, x, mask, tau)
+    if _fused(x):
+        return triton_forward(z, x, mask, tau)
+    return _cpu_forward(z, x, mask, tau) if x.is_cpu else _torch_forward(z, x, mask, tau)
 
 
 def _backward(z, x, mask, s, lse, ds, tau: float):
     if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         return _torch_backward(z, x, mask, s, lse, ds, tau)
-    return (triton_backward if _fused(x) else _torch_backward)(z, x, mask, s, lse, ds, tau)
+    if _fused(x):
+        return triton_backward(z, x, mask, s, lse, ds, tau)
+    return (_cpu_backward if x.is_cpu else _torch_backward)(z, x, mask, s, lse, ds, tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +317,8 @@ def attention_module(z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tens
         ``s``: ``(..., D)`` in ``x``'s dtype.
 
     On CUDA (and under Triton's interpreter) the fused kernels run for ``J <= 1024`` (MAX_J);
-    past that, and on the CPU path, a composition of torch ops computes the same.
+    past that a composition of torch ops computes the same. On the CPU path the C++ kernels
+    (csrc/attention.cpp: float32 / float64 with ``x`` contiguous) run, else the composition.
 
     Example:
         >>> z, x = torch.randn(8, 4), torch.randn(8, 4, 16)

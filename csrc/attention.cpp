@@ -1,0 +1,216 @@
+// The attention module on the CPU: s = Σ_j p_j · x_j with p = softmax(z / τ) over the allowed j,
+// and its backward (dx_j = p_j · ds, dz_j = p_j · (x_j·ds - s·ds) / τ) — the CPU path of
+// mmkernels.ops.attention for float32 / float64 with x contiguous (R, J, D); z, the mask and ds
+// with any strides.
+//
+// Registered as mmkernels_cpu::attention_forward / attention_backward; loaded by mmkernels/_cpp.py.
+//
+// One row r at a time, x_r (J × D) read once each way: the forward makes the row's log-sum-exp
+// and p (J values, in a per-task buffer) and accumulates s_r over j, D wide; the backward
+// rebuilds p from z and the saved log-sum-exp and, per j, makes x_j·ds and writes dx_j in the same
+// pass over x_j. The torch composition it replaces reads x twice in the backward (the products
+// for dz, then the outer product for dx as a batched GEMM of inner dimension 1) and keeps (R, J)
+// temporaries for every step. Rows in parallel over ATen's threads, each with one writer and
+// sums in a fixed order: bitwise-identical reruns.
+//
+// Special values as the composition (torch.logsumexp, exp, where): lse = m + log Σ exp(l - m)
+// with m the row's max (0 when m is ±inf); a row with no allowed entry (lse = -inf) has p = 0,
+// s = 0 and zero gradients; NaN in z makes the row's p NaN. Math in T (float32 for float32, as
+// the composition); exp of the shifted logits by vec_math.h (float: the polynomial; double:
+// std::exp), std::exp where the shift is not a finite max.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace mmkernels {
+namespace {
+
+// Elements of x a task should cover: fewer cost more in scheduling than they save.
+constexpr int64_t kGrainElems = 1 << 15;
+
+// The logits of one row (masked entries -inf) into l, and the row's log-sum-exp as
+// torch.logsumexp computes it.
+template <typename T>
+MMK_INLINE T row_logits(const T* z, int64_t sz, const bool* mask, int64_t sm, T tau, T* l, int64_t J) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T m = -inf;
+  bool nan = false;
+  for (int64_t j = 0; j < J; ++j) {
+    const T v = (mask && !mask[j * sm]) ? -inf : z[j * sz] / tau;
+    l[j] = v;
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  if (nan) return std::numeric_limits<T>::quiet_NaN();
+  T sum = 0;
+  if (std::isinf(m)) {  // +inf: inf (or NaN, as torch); -inf: no allowed entry, log 0 = -inf
+    for (int64_t j = 0; j < J; ++j) sum += std::exp(l[j]);
+    return std::log(sum);
+  }
+  for (int64_t j = 0; j < J; ++j) sum += exp_np(l[j] - m);
+  return m + std::log(sum);
+}
+
+// p_j = exp(l_j - lse) into l (in place); 0 throughout for an empty row.
+template <typename T>
+MMK_INLINE void row_probs(T* l, T lse, int64_t J) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (lse == -inf) {
+    std::fill(l, l + J, T(0));
+    return;
+  }
+  for (int64_t j = 0; j < J; ++j) l[j] = exp_np(l[j] - lse);  // <= 0, -inf or NaN: in exp_np's range
+}
+
+template <typename T>
+MMK_CLONES void forward_rows(const T* z, int64_t sz0, int64_t sz1, const bool* mask, int64_t sm0, int64_t sm1,
+                             const T* x, T* s, T* lse, int64_t r0, int64_t r1, int64_t J, int64_t D, T tau,
+                             T* p) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T l = row_logits(z + r * sz0, sz1, mask ? mask + r * sm0 : nullptr, sm1, tau, p, J);
+    lse[r] = l;
+    row_probs(p, l, J);
+    T* __restrict__ out = s + r * D;
+    const T* xr = x + r * J * D;
+    std::fill(out, out + D, T(0));
+    for (int64_t j = 0; j < J; ++j) {
+      const T pj = p[j];
+      const T* __restrict__ xj = xr + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] += pj * xj[d];
+    }
+  }
+}
+
+template <typename T>
+MMK_CLONES void backward_rows(const T* z, int64_t sz0, int64_t sz1, const bool* mask, int64_t sm0, int64_t sm1,
+                              const T* x, const T* s, const T* lse, const T* ds, int64_t sd0, int64_t sd1, T* dz,
+                              T* dx, int64_t r0, int64_t r1, int64_t J, int64_t D, T tau, T* p, T* g) {
+  for (int64_t r = r0; r < r1; ++r) {
+    row_logits(z + r * sz0, sz1, mask ? mask + r * sm0 : nullptr, sm1, tau, p, J);
+    row_probs(p, lse[r], J);
+    const T* dsr = ds + r * sd0;
+    T* __restrict__ gr = g;  // ds_r, unit stride
+    for (int64_t d = 0; d < D; ++d) gr[d] = dsr[d * sd1];
+    const T* __restrict__ sr = s + r * D;
+    T b = 0;
+#pragma omp simd reduction(+ : b)
+    for (int64_t d = 0; d < D; ++d) b += sr[d] * gr[d];
+    const T* xr = x + r * J * D;
+    T* dxr = dx + r * J * D;
+    for (int64_t j = 0; j < J; ++j) {
+      const T pj = p[j];
+      const T* __restrict__ xj = xr + j * D;
+      T* __restrict__ dxj = dxr + j * D;
+      T a = 0;
+#pragma omp simd reduction(+ : a)
+      for (int64_t d = 0; d < D; ++d) {
+        a += xj[d] * gr[d];
+        dxj[d] = pj * gr[d];
+      }
+      dz[r * J + j] = pj * (a - b) / tau;
+    }
+  }
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu attention: ", what); }
+
+void check_inputs(const at::Tensor& z, const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
+  check(z.device().is_cpu() && x.device().is_cpu(), "CPU tensors expected");
+  check(z.dim() == 2 && x.dim() == 3 && x.size(0) == z.size(0) && x.size(1) == z.size(1),
+        "z (R, J) and x (R, J, D) expected");
+  check(x.is_contiguous(), "x must be contiguous");
+  check(z.scalar_type() == x.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+        "z and x must both be float32 or both float64");
+  if (mask) {
+    check(mask->scalar_type() == at::kBool && mask->sizes() == z.sizes() && mask->device().is_cpu(),
+          "mask must be a bool CPU tensor shaped as z");
+  }
+}
+
+}  // namespace
+
+// (s (R, D) in x's dtype, lse (R,)) of the attention module at temperature tau.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& z, const at::Tensor& x,
+                                                     const c10::optional<at::Tensor>& mask, double tau) {
+  check_inputs(z, x, mask);
+  const int64_t R = x.size(0), J = x.size(1), D = x.size(2);
+  at::Tensor s = at::empty({R, D}, x.options());
+  at::Tensor lse = at::empty({R}, x.options());
+  if (R == 0) return {s, lse};
+  const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
+  const int64_t sm0 = mask ? mask->stride(0) : 0, sm1 = mask ? mask->stride(1) : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_forward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* lp = lse.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, J * D)),
+                     [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> p(J);  // the row's logits, then its p
+      forward_rows<scalar_t>(zp, z.stride(0), z.stride(1), mp, sm0, sm1, xp, sp, lp, r0, r1, J, D,
+                             static_cast<scalar_t>(tau), p.data());
+    });
+  });
+  return {s, lse};
+}
+
+// (dz (R, J), dx (R, J, D)) from ds (R, D), the saved output s (R, D, contiguous) and lse (R,).
+std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& z, const at::Tensor& x,
+                                                      const c10::optional<at::Tensor>& mask, const at::Tensor& s,
+                                                      const at::Tensor& lse, const at::Tensor& ds, double tau) {
+  check_inputs(z, x, mask);
+  const int64_t R = x.size(0), J = x.size(1), D = x.size(2);
+  check(s.is_contiguous() && lse.is_contiguous() && s.sizes() == ds.sizes() && s.size(0) == R && s.size(1) == D &&
+            lse.numel() == R,
+        "s (R, D) and lse (R,) contiguous, ds (R, D) expected");
+  check(s.scalar_type() == x.scalar_type() && lse.scalar_type() == x.scalar_type() &&
+            ds.scalar_type() == x.scalar_type(),
+        "s, lse and ds must have x's dtype");
+  at::Tensor dz = at::empty({R, J}, x.options());
+  at::Tensor dx = at::empty_like(x);
+  if (R == 0) return {dz, dx};
+  const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
+  const int64_t sm0 = mask ? mask->stride(0) : 0, sm1 = mask ? mask->stride(1) : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_backward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* lp = lse.data_ptr<scalar_t>();
+    const scalar_t* gp = ds.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, J * D)),
+                     [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> buf(J + D);  // p, then ds_r at unit stride
+      backward_rows<scalar_t>(zp, z.stride(0), z.stride(1), mp, sm0, sm1, xp, sp, lp, gp, ds.stride(0),
+                              ds.stride(1), dzp, dxp, r0, r1, J, D, static_cast<scalar_t>(tau), buf.data(),
+                              buf.data() + J);
+    });
+  });
+  return {dz, dx};
+}
+
+}  // namespace mmkernels
+
+TORCH_LIBRARY_FRAGMENT(mmkernels_cpu, m) {
+  m.def("attention_forward(Tensor z, Tensor x, Tensor? mask, float tau) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor z, Tensor x, Tensor? mask, Tensor s, Tensor lse, Tensor ds, float tau) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {
+  m.impl("attention_forward", &mmkernels::attention_forward);
+  m.impl("attention_backward", &mmkernels::attention_backward);
+}
