@@ -3,7 +3,9 @@
 // mmkernels.ops.attention for float32 / float64 with x contiguous (R, J, D); z, the mask and ds
 // with any strides.
 //
-// Registered as mmkernels_cpu::attention_forward / attention_backward; loaded by mmkernels/_cpp.py.
+// Registered as mmkernels_cpu::attention_forward / attention_backward, and hard_switch_backward (the
+// hard switch's dx: the chosen input's ds, zeros elsewhere, one write); loaded by mmkernels/_cpp.py.
+// dx comes from the pool of csrc/pool.h (it is x's size).
 //
 // One row r at a time, x_r (J × D) read once each way: the forward makes the row's log-sum-exp
 // and p (J values, in a per-task buffer) and accumulates s_r over j, D wide; the backward
@@ -31,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "pool.h"
 #include "vec_math.h"
 
 namespace mmkernels {
@@ -179,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& z, const
             ds.scalar_type() == x.scalar_type(),
         "s, lse and ds must have x's dtype");
   at::Tensor dz = at::empty({R, J}, x.options());
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = pooled_empty(x.sizes(), x.options());  // x's size: fresh pages would cost more than the pass
   if (R == 0) return {dz, dx};
   const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
   const int64_t sm0 = mask ? mask->stride(0) : 0, sm1 = mask ? mask->stride(1) : 0;
@@ -202,15 +205,51 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& z, const
   return {dz, dx};
 }
 
+// dx (R, J, D) of the hard switch: ds_r (R, D, any strides) at j = idx[r] (int64 (R,)), 0 elsewhere —
+// one write of dx (the composition zeroes it, then scatters ds into it).
+at::Tensor hard_switch_backward(const at::Tensor& idx, const at::Tensor& ds, int64_t J) {
+  check(idx.device().is_cpu() && ds.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 1 &&
+            ds.dim() == 2 && ds.size(0) == idx.size(0) && J >= 1,
+        "hard_switch_backward: idx int64 (R,), ds (R, D) and J >= 1 expected");
+  const int64_t R = ds.size(0), D = ds.size(1);
+  at::Tensor dx = pooled_empty({R, J, D}, ds.options());
+  if (dx.numel() == 0) return dx;
+  const at::Tensor ic = idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ds.scalar_type(), "hard_switch_backward", [&] {
+    const int64_t* ip = ic.data_ptr<int64_t>();
+    const scalar_t* gp = ds.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const int64_t s0 = ds.stride(0), s1 = ds.stride(1);
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrainElems / (J * std::max<int64_t>(1, D))),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = dxp + r * J * D;
+        const int64_t chosen = ip[r];
+        for (int64_t j = 0; j < J; ++j) {
+          scalar_t* out = row + j * D;
+          if (j != chosen) {
+            std::fill(out, out + D, scalar_t(0));
+          } else {
+            for (int64_t d = 0; d < D; ++d) out[d] = gp[r * s0 + d * s1];
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
 }  // namespace mmkernels
 
 TORCH_LIBRARY_FRAGMENT(mmkernels_cpu, m) {
   m.def("attention_forward(Tensor z, Tensor x, Tensor? mask, float tau) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor z, Tensor x, Tensor? mask, Tensor s, Tensor lse, Tensor ds, float tau) "
         "-> (Tensor, Tensor)");
+  m.def("hard_switch_backward(Tensor idx, Tensor ds, int J) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {
   m.impl("attention_forward", &mmkernels::attention_forward);
   m.impl("attention_backward", &mmkernels::attention_backward);
+  m.impl("hard_switch_backward", &mmkernels::hard_switch_backward);
 }

@@ -24,7 +24,7 @@ FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_exp
 
 OPS = ("route_softmax_topk", "top_k_ids", "router_isa", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "softmax_forward", "gated_blend_forward", "gated_blend_backward",
-       "attention_forward", "attention_backward", "cache_info", "empty_cache")
+       "attention_forward", "attention_backward", "hard_switch_backward", "cache_info", "empty_cache")
 
 
 @needs_cpp
@@ -45,7 +45,7 @@ def _ran(fn) -> set:
     return {e.name.split("::")[1] for e in prof.events() if e.name.startswith("mmkernels_cpu::")}
 
 
-def _moe_bilinear_attention_step():
+def _one_step_of_the_cpp_ops():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 8, generator=gen, requires_grad=True)
     r = moe.route(torch.randn(40, 6, generator=gen, requires_grad=True), 2)
@@ -53,7 +53,8 @@ def _moe_bilinear_attention_step():
                       torch.randn(6, 8, 5, generator=gen, requires_grad=True))
     z, w = torch.randn(40, 3, generator=gen, requires_grad=True), torch.randn(4, 3, 8, generator=gen, requires_grad=True)
     y = mmkernels.bilinear(z, x, w)
-    s = mmkernels.attention_module(z, x[:, :6].reshape(40, 3, 2).contiguous())
+    x3 = x[:, :6].reshape(40, 3, 2).contiguous()
+    s = mmkernels.attention_module(z, x3) + mmkernels.hard_switch(z, x3)
     (out.sum() + y.sum() + s.sum()).backward()
 
 
@@ -63,11 +64,11 @@ def test_each_op_runs_its_cpp_kernels_forward_and_backward():
     (seen by the profiler); on the torch path none runs."""
     assert _cpp.load(), _cpp.status()
     with _cpp.use_cpu_impl("cpp"):
-        assert _ran(_moe_bilinear_attention_step) >= {"route_softmax_topk", "route_metadata", "experts_forward",
+        assert _ran(_one_step_of_the_cpp_ops) >= {"route_softmax_topk", "route_metadata", "experts_forward",
                                                 "experts_backward", "bilinear_forward", "bilinear_backward",
-                                                "attention_forward", "attention_backward"}
+                                                "attention_forward", "attention_backward", "hard_switch_backward"}
     with _cpp.use_cpu_impl("torch"):
-        assert _ran(_moe_bilinear_attention_step) == set()
+        assert _ran(_one_step_of_the_cpp_ops) == set()
 
 
 @needs_cpp
@@ -268,8 +269,8 @@ def test_fallback_when_the_build_fails(monkeypatch):
         assert "simulated" in _cpp.status() and _cpp.status().startswith("vectorised-torch")
         with _cpp.use_cpu_impl("cpp"), pytest.raises(RuntimeError, match="unavailable"):
             moe.route(logits, 2)
-        _moe_bilinear_attention_step()  # the experts and sigma-pi run their torch paths too
-        assert _ran(_moe_bilinear_attention_step) == set()
+        _one_step_of_the_cpp_ops()  # the experts and sigma-pi run their torch paths too
+        assert _ran(_one_step_of_the_cpp_ops) == set()
     finally:
         _cpp._reset_for_tests()
 

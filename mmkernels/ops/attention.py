@@ -241,6 +241,18 @@ class AttentionFunction(torch.autograd.Function):
         return dz, dx, None, None
 
 
+def _hard_switch_dx(x: torch.Tensor, idx: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+    """The hard switch's dx (R, J, D): ``ds`` (R, D) at the chosen ``idx`` (R,), 0 elsewhere; one
+    write in C++ on the CPU path (csrc/attention.cpp) when nothing traces the call, zeros then a
+    scatter otherwise."""
+    if x.is_cpu and _backend.resolve(x.device) is _backend.Impl.CPU and _backend.direct_call_ok(x, idx, ds):
+        cpp = _cpp.ops()
+        if cpp is not None and hasattr(cpp, "hard_switch_backward"):
+            return cpp.hard_switch_backward(idx, ds, x.shape[1])
+    dx = torch.zeros_like(x)
+    return dx.scatter_(1, idx[:, None, None].expand(-1, 1, x.shape[2]), ds.unsqueeze(1))
+
+
 class HardSwitchFunction(torch.autograd.Function):
     """Forward: x[..., argmax z, :]. Backward: the selected input gets ds, the others 0; z gets the
     soft switch's gradient at temperature τ when straight-through, else none."""
@@ -256,8 +268,7 @@ class HardSwitchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ds):
         z, x, idx = ctx.saved_tensors
-        dx = torch.zeros_like(x)
-        dx.scatter_(1, idx[:, None, None].expand(-1, 1, x.shape[2]), ds.unsqueeze(1).to(x.dtype))
+        dx = _hard_switch_dx(x, idx, ds.to(x.dtype))
         dz = None
         if ctx.straight_through and ctx.needs_input_grad[0]:
             s_soft, lse = _forward(z, x, None, ctx.tau)
