@@ -1,24 +1,36 @@
-// The softmax family's forward on the CPU along the last dim: softmax, log-softmax and softmin —
-// the CPU path of mmkernels.ops.softmax for contiguous float32 / float64 rows. Every other layout
-// and dtype, and the backward, run ATen's kernels: versions of this file that also did them
-// measured slower there (a fused backward 0.66–0.92x ATen's, a middle-dim forward 0.74–0.88x,
-// bfloat16 0.89–1.06x, float16 0.6x), so they are not kept.
+// The softmax family on the CPU along the last dim: softmax, log-softmax and softmin, forward and
+// the fused backward — the CPU path of mmkernels.ops.softmax for contiguous float32 / float64
+// rows. Every other layout and dtype runs ATen's kernels: versions of this file that also did them
+// measured slower there (a middle-dim forward 0.74–0.88x, bfloat16 0.89–1.06x, float16 0.6x), so
+// they are not kept.
 //
-// Registered as mmkernels_cpu::softmax_forward; loaded by mmkernels/_cpp.py.
+// Registered as mmkernels_cpu::softmax_forward / softmax_backward; loaded by mmkernels/_cpp.py.
 //
-// One row of N at a time, read from memory once: the max pass brings it into cache (rows up to a
-// few hundred KB stay in L2), the exp pass and the final scaling (or the log-softmax subtraction)
-// run on the cached row; y is written once. Rows in parallel over ATen's threads; each element
-// has one writer and every sum runs in a fixed order whatever the thread count: bitwise-identical
-// reruns.
+// Forward: one row of N at a time, read from memory once: the max pass brings it into cache (rows
+// up to a few hundred KB stay in L2), the exp pass and the final scaling (or the log-softmax
+// subtraction) run on the cached row; y is written once. (Streaming y as the backward streams dx
+// measured 0.90-0.93x of plain stores on the 2-core AVX2 VM, where the forward is bound by the
+// exps, not by memory: not kept.)
 //
-// Math in the input's precision. exp: float rows use a degree-7 polynomial after a Cody–Waite reduction (relative error ~1e-7, as csrc/router_simd.h),
-// double rows std::exp. The loops are written for the compiler to vectorise and compiled for
-// x86-64-v4 (AVX-512), v3 (AVX2) and the baseline with target_clones, picked when the library
-// loads (other architectures build the baseline only).
+// Backward (dx = y·(dy - Σ y·dy); log-softmax dy - exp(y)·Σ dy; softmin y·(Σ y·dy - dy)): the
+// sum pass brings the row of y and dy into cache, the second makes dx from the cached row. It is
+// bound by memory: y and dy read, dx written. When dx is large (kStreamBytes), each block of
+// kBlock elements is made in a buffer in L1 and written with non-temporal stores (vec_math.h
+// stream_copy): dx's lines are not read before they are written, 3 tensors' traffic instead of 4
+// — the lever above ATen's kernel, which the same math at the same traffic could only match.
+//
+// Rows in parallel over ATen's threads; each element has one writer and every sum runs in a fixed
+// order whatever the thread count: bitwise-identical reruns.
+//
+// Math in the input's precision. exp: float rows use a degree-7 polynomial after a Cody–Waite
+// reduction (relative error ~1e-7, as csrc/router_simd.h), double rows std::exp. The loops are
+// written for the compiler to vectorise and compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the
+// baseline with target_clones, picked when the library loads (other architectures build the
+// baseline only).
 //
 // Special values as torch: a row holding NaN or +inf, or only -inf, is NaN throughout; -inf
-// entries of other rows give 0 (softmax) / -inf (log-softmax). Softmin is softmax of -x.
+// entries of other rows give 0 (softmax) / -inf (log-softmax). Softmin is softmax of -x. The
+// backward is the formula's IEEE result, as ATen's (NaN anywhere in a row's sum: the row's dx NaN).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -86,7 +98,74 @@ MMK_CLONES void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t 
 // Elements a task should hold: fewer tasks than this cost more in scheduling than they save.
 constexpr int64_t kGrainElems = 32768;
 
-void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu softmax_forward: ", what); }
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu softmax: ", what); }
+
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Elements of a row made per block in an L1 buffer before the backward streams them to dx (16 KB
+// of float), and the size of dx from which it streams: past a core's share of the last-level
+// cache dx would not stay there for the next op anyway.
+constexpr int64_t kBlock = 4096;
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// dx of n elements from the row's sum s. exact_exp (log-softmax with a positive y, which no
+// log-softmax output has): std::exp, not the polynomial (whose range is x <= 0).
+template <typename T>
+MMK_INLINE void backward_block(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx, int64_t n,
+                               T s, Kind kind, bool exact_exp) {
+  if (kind == kLogSoftmax) {
+    if (exact_exp) {
+      for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] - std::exp(y[i]) * s;
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] - exp_np(y[i]) * s;
+    }
+  } else if (kind == kSoftmax) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = y[i] * (dy[i] - s);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = y[i] * (s - dy[i]);
+  }
+}
+
+template <typename T>
+MMK_CLONES void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int64_t N, int64_t kind_, bool stream) {
+  const Kind kind = Kind(kind_);
+  alignas(64) T buf[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ yr = y + r * N;
+    const T* __restrict__ dr = dy + r * N;
+    T s = 0;
+    bool positive = false;
+    if (kind == kLogSoftmax) {
+      T top = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(+ : s) reduction(max : top)
+      for (int64_t i = 0; i < N; ++i) {
+        s += dr[i];
+        top = yr[i] > top ? yr[i] : top;
+      }
+      positive = top > T(0);
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < N; ++i) s += yr[i] * dr[i];
+    }
+    T* out = dx + r * N;
+    if (!stream) {
+      backward_block(yr, dr, out, N, s, kind, positive);
+      continue;
+    }
+    for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
+      const int64_t n = std::min(kBlock, N - i0);
+      backward_block(yr + i0, dr + i0, buf, n, s, kind, positive);
+      stream_copy(out + i0, buf, n * sizeof(T));
+    }
+  }
+  if (stream) stream_fence();
+}
 
 }  // namespace
 
@@ -109,12 +188,39 @@ at::Tensor softmax_forward(const at::Tensor& x, int64_t kind) {
   return y;
 }
 
+// dx of the softmax-family op `kind` along the last dim from its output y and the incoming
+// gradient dy: contiguous float32 / float64 of one shape and dtype (the Python side routes every
+// other case to ATen). stream: 1 non-temporal stores for dx, 0 plain stores, -1 (default) the
+// former when dx is at least kStreamBytes.
+at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t kind, int64_t stream) {
+  check(y.device().is_cpu() && dy.device().is_cpu() && y.is_contiguous() && dy.is_contiguous() && y.dim() >= 1,
+        "y and dy must be contiguous CPU tensors");
+  check(y.sizes() == dy.sizes() && y.scalar_type() == dy.scalar_type(), "y and dy must have one shape and dtype");
+  check(kind >= 0 && kind <= 2, "kind must be 0 (softmax), 1 (log-softmax) or 2 (softmin)");
+  check(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble, "y must be float32 or float64");
+  at::Tensor dx = at::empty_like(y);
+  if (y.numel() == 0) return dx;
+  const int64_t N = y.size(-1), rows = y.numel() / N;
+  const bool streamed = stream > 0 || (stream < 0 && dx.nbytes() >= static_cast<size_t>(kStreamBytes));
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "softmax_backward", [&] {
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* gp = dy.data_ptr<scalar_t>();
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / N), [&](int64_t r0, int64_t r1) {
+      backward_rows<scalar_t>(yp + r0 * N, gp + r0 * N, dp + r0 * N, r1 - r0, N, kind, streamed);
+    });
+  });
+  return dx;
+}
+
 }  // namespace mmkernels
 
 TORCH_LIBRARY_FRAGMENT(mmkernels_cpu, m) {
   m.def("softmax_forward(Tensor x, int kind) -> Tensor");
+  m.def("softmax_backward(Tensor y, Tensor dy, int kind, int stream=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {
   m.impl("softmax_forward", &mmkernels::softmax_forward);
+  m.impl("softmax_backward", &mmkernels::softmax_backward);
 }

@@ -143,6 +143,40 @@ def test_special_values_like_torch(kind, n, backend, device, poison_outputs):
     mt.assert_close(y, expected, backend=backend, what="finite part")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1029, 9000], ids=lambda n: f"n{n}")
+def test_cpu_backward_kernel_streamed_and_special_values(n, dtype):
+    """csrc/softmax.cpp's backward: dx through non-temporal stores (blocks of 4096, rows starting
+    off a 16-byte line at odd n) bitwise equal to plain stores, and as ATen's backward — values
+    and NaN / ±inf pattern — on the special rows (a log-softmax output with positive entries too:
+    exp computed exactly there); reruns bitwise equal."""
+    from mmkernels import _cpp
+
+    cpp = _cpp.ops()
+    if cpp is None or not hasattr(cpp, "softmax_backward"):
+        pytest.fail(f"the C++ CPU kernels did not load: {_cpp.status(build=False)}")
+    x = _special_rows(n).to(dtype)
+    dy = torch.randn(6, n, dtype=dtype)
+    dy[2, 0] = float("inf")
+    for k, kind in enumerate(("softmax", "log_softmax", "softmin")):
+        y = TORCH[kind](x, -1)
+        if kind == "log_softmax":
+            y[4, 0] = 3.0  # not a log-softmax output, but a legal argument
+        streamed, plain = cpp.softmax_backward(y, dy, k, 1), cpp.softmax_backward(y, dy, k, 0)
+        assert torch.equal(streamed.nan_to_num(), plain.nan_to_num()) and torch.equal(streamed.isnan(), plain.isnan())
+        assert torch.equal(cpp.softmax_backward(y, dy, k, -1).nan_to_num(), plain.nan_to_num())
+        if kind == "log_softmax":
+            want = torch._log_softmax_backward_data(dy, y, -1, dtype)
+        else:
+            want = torch._softmax_backward_data(dy, y, -1, dtype)
+            want = want.neg() if kind == "softmin" else want
+        rep = mt.error_report(plain, want)
+        assert rep.special_mismatch == 0, rep.describe()
+        finite = want.isfinite()
+        torch.testing.assert_close(plain[finite], want[finite], rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-13)
+
+
 # ------------------------------------------------------------------------------------------------
 # dtype=, 0-dim, empty, layouts without copies, int64 offsets
 # ------------------------------------------------------------------------------------------------

@@ -116,15 +116,21 @@ def _log_and_sign(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.log(xm.abs().clamp_min(PRODUCT_EPS)), (xm < 0).to(xm.dtype)
 
 
-def _cpu_terms(x, w) -> Tuple[torch.Tensor, torch.Tensor]:
+def _cpu_terms(x, w, keep_logs: bool = False, need_q: bool = True):
+    """(P, Q) on the CPU path (Q None unless ``need_q``: only the backward reads it);
+    ``keep_logs``: also ``log|x|`` and ``[x < 0]``, which the backward's ``dW`` reads (saved
+    rather than made again from ``x``)."""
     lg, neg = _log_and_sign(x)
     wm = w.to(lg.dtype)
-    ea, angle = torch.exp(lg @ wm.T), math.pi * (neg @ wm.T)
-    return ea * torch.cos(angle), ea * torch.sin(angle)
+    ea, angle = torch.exp_(lg @ wm.T), (neg @ wm.T).mul_(math.pi)
+    p = torch.cos(angle).mul_(ea)  # ea·cos, ea·sin
+    q = angle.sin_().mul_(ea) if need_q else None
+    return (p, q, lg, neg) if keep_logs else (p, q)
 
 
-def _cpu_dweight(x, da, db, w_dtype) -> torch.Tensor:
-    lg, neg = _log_and_sign(x)
+def _cpu_dweight(x, da, db, w_dtype, logs=None) -> torch.Tensor:
+    """daᵀ·log|x| + dbᵀ·[x<0]; ``logs``: the two from the forward (else made from ``x``)."""
+    lg, neg = _log_and_sign(x) if logs is None else logs
     return (da.T @ lg + db.T @ neg).to(w_dtype)
 
 
@@ -167,31 +173,44 @@ def _(x, da, db, w_dtype):
 
 class ProductTermsFunction(torch.autograd.Function):
     """P = exp(A)·cos(πB) with A = log|x|·Wᵀ, B = [x<0]·Wᵀ: (N, I), (J, I) -> (N, J).
-    Saves x, W, P and Q = exp(A)·sin(πB) (math dtype); backward: dA = dP·P, dB = -π·dP·Q,
+    Saves x, W, P and Q = exp(A)·sin(πB) (math dtype; on the CPU path also log|x| and [x<0] when
+    dW is needed); backward: dA = dP·P, dB = -π·dP·Q,
     dx = (dA·W) / x (0 where |x| was clamped; the sign indicator has no gradient),
     dW = dAᵀ·log|x| + dBᵀ·[x<0] (fused)."""
 
     @staticmethod
-    def forward(ctx, x, w):
-        p, q = _terms(x, w) if _backend.direct_call_ok(x, w) else product_terms_op(x, w)
-        ctx.save_for_backward(x, w, p, q)
+    def forward(ctx, x, w, grad: bool = True):
+        """``grad``: whether a backward can follow (grad mode on and an input requiring it); the
+        CPU path skips Q without it."""
+        logs = (None, None)
+        if not _backend.direct_call_ok(x, w):
+            p, q = product_terms_op(x, w)
+        elif _fused(x):
+            p, q = triton_terms(x, w)
+        else:  # the CPU path keeps log|x| and [x < 0] for dW, as eager autograd would
+            p, q, *logs = _cpu_terms(x, w, keep_logs=grad and ctx.needs_input_grad[1], need_q=grad)
+        ctx.save_for_backward(x, w, p, q, *logs)
         return p.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dp):
-        x, w, p, q = ctx.saved_tensors
+        x, w, p, q, lg, neg = ctx.saved_tensors
         dp = dp.to(p.dtype)
         da = dp * p
-        db = -math.pi * dp * q
+        db = dp.mul(-math.pi).mul_(q)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             xm = x.to(p.dtype)
             dlog = da @ w.to(p.dtype)
             dx = torch.where(xm.abs() > PRODUCT_EPS, dlog / xm, 0.0).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = (_dweight(x, da, db, w.dtype) if _backend.direct_call_ok(x, da, db)
-                  else product_dweight_op(x, da, db, w.dtype))
-        return dx, dw
+            if lg is not None:
+                dw = _cpu_dweight(x, da, db, w.dtype, (lg, neg))
+            elif _backend.direct_call_ok(x, da, db):
+                dw = _dweight(x, da, db, w.dtype)
+            else:
+                dw = product_dweight_op(x, da, db, w.dtype)
+        return dx, dw, None
 
 
 def product_unit(x: torch.Tensor, weight: torch.Tensor, out_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -234,7 +253,8 @@ def product_unit(x: torch.Tensor, weight: torch.Tensor, out_weight: Optional[tor
     if out_weight is not None and (out_weight.dim() != 2 or out_weight.shape[1] != weight.shape[0]):
         raise ValueError(f"out_weight must be (K, J) with J = {weight.shape[0]}, got {tuple(out_weight.shape)}")
     lead = x.shape[:-1]
-    p = ProductTermsFunction.apply(x.reshape(math.prod(lead), x.shape[-1]), weight)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    p = ProductTermsFunction.apply(x.reshape(math.prod(lead), x.shape[-1]), weight, grad)
     if out_weight is not None:
         p = torch.nn.functional.linear(p, out_weight)
     return p.reshape(*lead, p.shape[-1])

@@ -288,9 +288,9 @@ def _cpp_softmax():
 
 
 def _cpp_takes(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> bool:
-    """csrc/softmax.cpp's case: contiguous float32 / float64 rows along the last dim, out in the
-    same dtype — measured faster than ATen's there. Other dtypes and layouts and the backward
-    measured slower in C++ (see that file), so they run ATen's."""
+    """csrc/softmax.cpp's case: contiguous float32 / float64 rows along the last dim, the result
+    in the same dtype — measured faster than ATen's there. Other dtypes and layouts measured
+    slower in C++ (see that file), so they run ATen's."""
     return (x.is_contiguous() and dim == x.dim() - 1 and x.dtype in (torch.float32, torch.float64)
             and out_dtype == x.dtype)
 
@@ -311,6 +311,12 @@ def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) 
 
 def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                   in_dtype: torch.dtype) -> torch.Tensor:
+    """The C++ kernel (csrc/softmax.cpp) for contiguous float32 / float64 rows along the last dim
+    (``dy`` contiguous, of ``y``'s dtype, ``dx`` in it); ATen's otherwise."""
+    cpp = _cpp_softmax()
+    if (cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y.dtype and dy.is_contiguous()
+            and hasattr(cpp, "softmax_backward")):
+        return cpp.softmax_backward(y, dy, int(kind))
     # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after
     dy = dy.to(y.dtype)
     if kind == Kind.LOG_SOFTMAX:
