@@ -142,6 +142,17 @@ void check_inputs(const at::Tensor& z, const at::Tensor& x, const c10::optional<
   }
 }
 
+// The mask's data and strides (null and 0 without one), and the rows a task should take.
+struct RowSpace {
+  const bool* mask;
+  int64_t sm0, sm1, grain;
+  RowSpace(const c10::optional<at::Tensor>& m, int64_t J, int64_t D)
+      : mask(m ? m->data_ptr<bool>() : nullptr),
+        sm0(m ? m->stride(0) : 0),
+        sm1(m ? m->stride(1) : 0),
+        grain(std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, J * D))) {}
+};
+
 }  // namespace
 
 // (s (R, D) in x's dtype, lse (R,)) of the attention module at temperature tau.
@@ -152,17 +163,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& z, const 
   at::Tensor s = at::empty({R, D}, x.options());
   at::Tensor lse = at::empty({R}, x.options());
   if (R == 0) return {s, lse};
-  const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
-  const int64_t sm0 = mask ? mask->stride(0) : 0, sm1 = mask ? mask->stride(1) : 0;
+  const RowSpace rs(mask, J, D);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_forward", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* sp = s.data_ptr<scalar_t>();
     scalar_t* lp = lse.data_ptr<scalar_t>();
-    at::parallel_for(0, R, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, J * D)),
-                     [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, rs.grain, [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> p(J);  // the row's logits, then its p
-      forward_rows<scalar_t>(zp, z.stride(0), z.stride(1), mp, sm0, sm1, xp, sp, lp, r0, r1, J, D,
+      forward_rows<scalar_t>(zp, z.stride(0), z.stride(1), rs.mask, rs.sm0, rs.sm1, xp, sp, lp, r0, r1, J, D,
                              static_cast<scalar_t>(tau), p.data());
     });
   });
@@ -184,8 +193,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& z, const
   at::Tensor dz = at::empty({R, J}, x.options());
   at::Tensor dx = pooled_empty(x.sizes(), x.options());  // x's size: fresh pages would cost more than the pass
   if (R == 0) return {dz, dx};
-  const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
-  const int64_t sm0 = mask ? mask->stride(0) : 0, sm1 = mask ? mask->stride(1) : 0;
+  const RowSpace rs(mask, J, D);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_backward", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -194,10 +202,9 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& z, const
     const scalar_t* gp = ds.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, R, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, J * D)),
-                     [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, rs.grain, [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> buf(J + D);  // p, then ds_r at unit stride
-      backward_rows<scalar_t>(zp, z.stride(0), z.stride(1), mp, sm0, sm1, xp, sp, lp, gp, ds.stride(0),
+      backward_rows<scalar_t>(zp, z.stride(0), z.stride(1), rs.mask, rs.sm0, rs.sm1, xp, sp, lp, gp, ds.stride(0),
                               ds.stride(1), dzp, dxp, r0, r1, J, D, static_cast<scalar_t>(tau), buf.data(),
                               buf.data() + J);
     });
