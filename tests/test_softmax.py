@@ -143,7 +143,34 @@ def test_special_values_like_torch(kind, n, backend, device, poison_outputs):
     mt.assert_close(y, expected, backend=backend, what="finite part")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1029, 9000], ids=lambda n: f"n{n}")
+def test_cpu_forward_kernel_bfloat16_special_values(n):
+    """csrc/softmax.cpp's bfloat16 forward (float math, one rounding to nearest even): values and
+    the NaN / ±inf pattern of ATen's on the special rows, every kind; one thread or two give the
+    same bits."""
+    from mmkernels import _cpp
+
+    cpp = _cpp.ops()
+    if cpp is None or not hasattr(cpp, "softmax_forward"):
+        pytest.fail(f"the C++ CPU kernels did not load: {_cpp.status(build=False)}")
+    x = _special_rows(n).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    for k, kind in enumerate(("softmax", "log_softmax", "softmin")):
+        y = cpp.softmax_forward(x, k)
+        torch.set_num_threads(1)
+        try:
+            again = cpp.softmax_forward(x, k)
+        finally:
+            torch.set_num_threads(threads)
+        assert y.dtype == torch.bfloat16 and torch.equal(y.view(torch.int16), again.view(torch.int16))
+        want = TORCH[kind](x, -1)
+        rep = mt.error_report(y, want)
+        assert rep.special_mismatch == 0, rep.describe()
+        finite = want.isfinite()
+        torch.testing.assert_close(y[finite].float(), want[finite].float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [1, 7, 1029, 9000], ids=lambda n: f"n{n}")
 def test_cpu_backward_kernel_streamed_and_special_values(n, dtype):
     """csrc/softmax.cpp's backward: dx through non-temporal stores (blocks of 4096, rows starting
@@ -173,8 +200,9 @@ def test_cpu_backward_kernel_streamed_and_special_values(n, dtype):
         rep = mt.error_report(plain, want)
         assert rep.special_mismatch == 0, rep.describe()
         finite = want.isfinite()
-        torch.testing.assert_close(plain[finite], want[finite], rtol=1e-5 if dtype == torch.float32 else 1e-12,
-                                   atol=1e-6 if dtype == torch.float32 else 1e-13)
+        # bfloat16: float math on both sides, one rounding of dx each (ATen's may differ by an ulp)
+        rtol, atol = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-13), torch.bfloat16: (8e-3, 1e-5)}[dtype]
+        torch.testing.assert_close(plain[finite], want[finite], rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------------
