@@ -112,6 +112,10 @@ MMK_INLINE float widen(uint16_t b) {
   return f;
 }
 
+// The float and double rows' loads: already in their math type.
+MMK_INLINE float widen(float v) { return v; }
+MMK_INLINE double widen(double v) { return v; }
+
 MMK_INLINE uint16_t narrow(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
@@ -194,6 +198,29 @@ MMK_INLINE void backward_block(const T* __restrict__ y, const T* __restrict__ dy
   }
 }
 
+// The backward's row reduction in A (the math type) over a row of S (its storage): Σ dy for
+// log-softmax — and whether any y is positive (not a log-softmax output: exact exp then) —
+// else Σ y·dy. A fixed order: the same bits on every run.
+template <typename A, typename S>
+MMK_INLINE A row_reduction(const S* __restrict__ yr, const S* __restrict__ dr, int64_t N, Kind kind, bool& positive) {
+  A s = 0;
+  positive = false;
+  if (kind == kLogSoftmax) {
+    A top = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(+ : s) reduction(max : top)
+    for (int64_t i = 0; i < N; ++i) {
+      s += widen(dr[i]);
+      const A v = widen(yr[i]);
+      top = v > top ? v : top;
+    }
+    positive = top > A(0);
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < N; ++i) s += widen(yr[i]) * widen(dr[i]);
+  }
+  return s;
+}
+
 template <typename T>
 MMK_CLONES void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int64_t N, int64_t kind_, bool stream) {
   const Kind kind = Kind(kind_);
@@ -201,20 +228,8 @@ MMK_CLONES void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int6
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ yr = y + r * N;
     const T* __restrict__ dr = dy + r * N;
-    T s = 0;
-    bool positive = false;
-    if (kind == kLogSoftmax) {
-      T top = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(+ : s) reduction(max : top)
-      for (int64_t i = 0; i < N; ++i) {
-        s += dr[i];
-        top = yr[i] > top ? yr[i] : top;
-      }
-      positive = top > T(0);
-    } else {
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < N; ++i) s += yr[i] * dr[i];
-    }
+    bool positive;
+    const T s = row_reduction<T>(yr, dr, N, kind, positive);
     T* out = dx + r * N;
     if (!stream) {
       backward_block(yr, dr, out, N, s, kind, positive);
@@ -230,8 +245,8 @@ MMK_CLONES void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int6
 }
 
 
-// Rows of bfloat16: the sum pass widens y and dy as it reads them; dx is made a block at a time
-// from the widened block (float math, as the float rows), narrowed, and stored (or streamed).
+// Rows of bfloat16: the row reduction widens y and dy as it reads them; dx is made in float from
+// the widened elements (the float rows' math), narrowed, and stored (or streamed a block at a time).
 MMK_CLONES void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int64_t rows, int64_t N,
                                    int64_t kind_, bool stream) {
   const Kind kind = Kind(kind_);
@@ -239,21 +254,8 @@ MMK_CLONES void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* __restrict__ yr = y + r * N;
     const uint16_t* __restrict__ dr = dy + r * N;
-    float s = 0;
-    bool positive = false;
-    if (kind == kLogSoftmax) {
-      float top = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(+ : s) reduction(max : top)
-      for (int64_t i = 0; i < N; ++i) {
-        s += widen(dr[i]);
-        const float v = widen(yr[i]);
-        top = v > top ? v : top;
-      }
-      positive = top > 0.0f;
-    } else {
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < N; ++i) s += widen(yr[i]) * widen(dr[i]);
-    }
+    bool positive;
+    const float s = row_reduction<float>(yr, dr, N, kind, positive);
     uint16_t* out = dx + r * N;
     for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
       const int64_t n = std::min(kBlock, N - i0);
