@@ -14,7 +14,7 @@ import contextlib
 import functools
 import enum
 import os
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -74,6 +74,16 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         yield
     finally:
         _override = previous
+
+
+def kernel_names(module) -> List[str]:
+    """The public ``@triton.jit`` kernels of a kernel module (helpers start with ``_``), jitted or
+    interpreted (``TRITON_INTERPRET=1`` at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return sorted(n for n, v in vars(module).items()
+                  if isinstance(v, (JITFunction, InterpretedFunction)) and not n.startswith("_"))
 
 
 @functools.lru_cache(maxsize=None)

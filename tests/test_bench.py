@@ -195,6 +195,33 @@ def test_gpu_suite_exits_nonzero_on_a_failed_check(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_host_time_records_the_moe_launches_and_runs_none(monkeypatch):
+    """The host-time measurement records every routing / experts launch and runs none, whether
+    the kernels are jitted or interpreted (this session's, under TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from mmkernels.bench.host import launches_recorded, moe_layer_host_time
+
+    def ran(self, *args, **kwargs):
+        raise AssertionError(f"{self} ran under launches_recorded")
+
+    monkeypatch.setattr(InterpretedFunction, "run", ran)
+    monkeypatch.setattr(JITFunction, "run", ran)
+    r = moe_layer_host_time(repeats=3, warmup=1)
+    assert r["forward_launches"] > 0 and r["backward_launches"] > 0
+    assert r["forward_us"] > 0 and r["backward_us"] > 0
+    with launches_recorded() as calls:  # and the kernels are back afterwards
+        pass
+    from mmkernels._backend import kernel_names
+    from mmkernels._triton import experts, routing
+
+    for module in (routing, experts):
+        assert all(isinstance(getattr(module, n), (JITFunction, InterpretedFunction)) for n in kernel_names(module))
+        assert len(kernel_names(module)) >= 4
+    assert calls == []
+
+
 def test_check_catches_unwritten_and_wrong_outputs():
     case = _case()
     raw = bench.random_inputs(case, torch.device("cpu"), seed=3)

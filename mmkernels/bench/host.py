@@ -42,14 +42,12 @@ def launches_recorded(families: Sequence[str] = MOE_FAMILIES) -> Iterator[list]:
                 calls.append((self.name, grid))
             return launch
 
-    from triton.runtime.jit import JITFunction
-
     for fam in families:
         module = importlib.import_module(f"mmkernels._triton.{fam}")
-        for name, value in list(vars(module).items()):
-            if isinstance(value, JITFunction) and not name.startswith("_"):
-                patched.append((module, name, value))
-                setattr(module, name, Recorded(name, value))
+        for name in _backend.kernel_names(module):  # jitted, or interpreted under TRITON_INTERPRET=1
+            value = getattr(module, name)
+            patched.append((module, name, value))
+            setattr(module, name, Recorded(name, value))
     real_interpreter = _backend.interpreter_active
     _backend.interpreter_active = lambda: True  # the Triton path on CPU tensors: nothing will run
     try:
