@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only these op families, in this order (repeatable; default: every family)")
     p.add_argument("--filter", default=None, metavar="SUBSTR",
                    help="only variants whose '<case id> <op> <direction>' (fwd, bwd, fwd+bwd) contains "
-                        "every word of SUBSTR")
+                        "every word of SUBSTR, and config-exploration probes whose id does")
     p.add_argument("--compile-baseline", action="store_true",
                    help="also time torch.compile of the baselines (inductor compiles each case: "
                         "seconds per case; combine with --filter to stay in budget)")
@@ -240,9 +240,12 @@ def main(argv=None) -> int:
 
     if args.dry_run:
         case_list = bench.select_cases("dry-run")
-        opts = bench.MeasureOptions(repeats=3, warmup=1, graph=False, eager_timing=False,
+        # one timed call per measurement on one buffer set: the interpreter's timings mean nothing,
+        # and every call runs the kernels in Python (the rotation and the sample counts have
+        # tests of their own in tests/test_bench.py)
+        opts = bench.MeasureOptions(repeats=1, warmup=1, graph=False, eager_timing=False,
                                     compile_baseline=args.compile_baseline, check_max_elems=4096,
-                                    max_sets=2, device_draw_above=1 << 14)
+                                    max_sets=1, device_draw_above=1 << 14)
         ceilings = bench.measure_ceilings(device, copy_bytes=16 << 20, mm_n=256, quick=True)
     else:
         case_list = bench.select_cases("gpu")
@@ -281,7 +284,8 @@ def main(argv=None) -> int:
 
     explored = []
     probes = [p for name, fam in FAMILIES.items() if not args.family or name in args.family
-              for p in (fam.dry_run_probes if args.dry_run else fam.probes)]
+              for p in (fam.dry_run_probes if args.dry_run else fam.probes)
+              if not args.filter or all(word in p.id for word in args.filter.split())]
     if not probes:
         print("config exploration: no probes in the families run", flush=True)
     elif time.perf_counter() - t_start < budget_s:

@@ -197,7 +197,7 @@ def test_gpu_suite_exits_nonzero_on_a_failed_check(tmp_path):
 
 def test_host_time_records_the_moe_launches_and_runs_none(monkeypatch):
     """The host-time measurement records every routing / experts launch and runs none, whether
-    the kernels are jitted or interpreted (this session's, under TRITON_INTERPRET=1)."""
+    the kernels are jitted or interpreted (as in the tests, under TRITON_INTERPRET=1)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 

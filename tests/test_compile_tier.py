@@ -284,6 +284,41 @@ def test_compile_errors_and_crashes_are_failures_of_their_own(tmp_path, monkeypa
     assert C.summary(results) == (1, [results[1], results[2]])
 
 
+#: (family, kernel, variant) of the jobs that check the shared front end: a row kernel, a bf16
+#: GEMM (tensor cores, a main loop) and the router (sort networks, int64 metadata).
+_FRONT_END_PROBES = (("softmax", "softmax_bwd_fused_kernel", "fp32 log_softmax 64 rows of odd N = 1001"),
+                     ("bilinear", "bilinear_fwd_kernel", "bf16"),
+                     ("routing", "route_topk_kernel", None))
+
+
+def test_a_build_from_the_shared_ttir_measures_what_a_build_from_source_does():
+    """run_jobs runs Triton's front end once per job for both targets and builds sm_90 from sm_80's
+    TTIR: every figure the tier reads (registers, stack, spills, shared memory, load width,
+    tensor-core instructions, the main loop's SASS) is what a build of sm_90 from the kernel's
+    source gives, for each kind of kernel of :data:`_FRONT_END_PROBES`."""
+    from mmkernels.families import FAMILIES
+
+    jobs = []
+    for family, kernel, variant in _FRONT_END_PROBES:
+        pair = [next(j for j in C.family_jobs(FAMILIES[family], (t,))
+                     if j.kernel == kernel and (variant is None or j.variant == variant)) for t in TARGETS]
+        assert C.front_end_key(pair[0]) == C.front_end_key(pair[1])
+        jobs += pair
+    shared = C.run_jobs(jobs, jobs=2)
+    alone = C.run_jobs(jobs, jobs=2, share_front_end=False)
+    assert [r.front_end for r in shared] == ["python", "ttir"] * len(_FRONT_END_PROBES)
+    assert {r.front_end for r in alone} == {"python"}
+    assert all(r.compiled for r in shared + alone), describe_results(shared + alone)
+    fields = ("registers", "stack", "local_memory", "spill_stores", "spill_loads", "shared_static",
+              "shared_dynamic", "mma", "load_bits", "main_loop")
+    for a, b in zip(shared, alone):
+        assert {f: getattr(a, f) for f in fields} == {f: getattr(b, f) for f in fields}, a.label()
+    assert any(r.main_loop for r in shared)  # the GEMM's SASS main loop was compared too
+    other = dict(jobs[1].options, num_warps=2 * int(jobs[1].options.get("num_warps", 4)))
+    with pytest.raises(ValueError, match="differ in more than their target"):
+        C.compile_for_targets([jobs[0], C.Job(**{**jobs[1].__dict__, "options": other})])
+
+
 def test_softmax_aligned_launches_use_16_byte_loads(softmax_results):
     """With sizes and strides that are multiples of 16 (what Triton specialises for N = 4096 etc.),
     every load of at least 16 contiguous bytes per thread is a 128-bit vector load: the

@@ -64,10 +64,11 @@ def time_fn(calls: Sequence[Callable[[], object]], device: torch.device, *, warm
     """Median time of one call, rotating among ``calls`` (one per input buffer set).
 
     Warm-up runs ``max(warmup, len(calls))`` calls first (compilation, autotuning, allocator growth
-    stay out of the numbers). The number of samples is ``repeats`` or what fits in ``target_s``,
-    clamped to ``[min_repeats, max_repeats]``. On CUDA, calls faster than :data:`GRAPH_BELOW_MS`
-    are captured ``calls_per_sample`` at a time into a CUDA graph when ``graph`` is True (falls
-    back to per-call events if capture fails, saying so in ``note``).
+    stay out of the numbers). The number of samples is ``repeats`` or what fits in ``target_s``
+    (estimated from one more call per buffer set) clamped to ``[min_repeats, max_repeats]``. On
+    CUDA, calls faster than :data:`GRAPH_BELOW_MS` are captured ``calls_per_sample`` at a time
+    into a CUDA graph when ``graph`` is True (falls back to per-call events if capture fails,
+    saying so in ``note``).
     """
     calls = list(calls)
     if not calls:
@@ -76,10 +77,12 @@ def time_fn(calls: Sequence[Callable[[], object]], device: torch.device, *, warm
     if device.type != "cuda":
         for i in range(max(warmup, k)):
             calls[i % k]()
-        t0 = time.perf_counter()
-        for c in calls:
-            c()
-        est_ms = (time.perf_counter() - t0) * 1e3 / k
+        est_ms = 0.0
+        if not repeats:  # a fixed sample count needs no estimate
+            t0 = time.perf_counter()
+            for c in calls:
+                c()
+            est_ms = (time.perf_counter() - t0) * 1e3 / k
         n = _repeats(est_ms, repeats, target_s, min_repeats, max_repeats)
         samples = []
         for i in range(n):

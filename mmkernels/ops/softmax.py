@@ -81,8 +81,11 @@ def resolve_config(N: int, I: int, columns: bool, f64: bool = False) -> SoftmaxC
     max_tile, max_fused_n, target_tile = MAX_TILE // shrink, MAX_FUSED_N // shrink, TARGET_TILE // shrink
     if not columns:
         if N <= max_fused_n:
+            # the row count does not shrink the tile: fewer rows than it holds means one program
+            # for the whole tensor either way, and one config per row length means one JIT
+            # compile per row length, not one per (row length, row count)
             bn = next_pow2(N)
-            bi = max(1, min(target_tile // bn, next_pow2(I)))
+            bi = max(1, target_tile // bn)
             return SoftmaxConfig(bi, bn, _warps(bi * bn, f64), online=False)
         return SoftmaxConfig(1, LOOP_TILE, _warps(LOOP_TILE, f64), online=True)
     bn = next_pow2(N)

@@ -73,6 +73,7 @@ import tempfile
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from mmkernels._backend import kernel_names
 from mmkernels.ops._launch import named_arguments
 
 DEFAULT_TARGETS: Tuple[int, ...] = (80, 90)
@@ -151,6 +152,9 @@ class Result:
     main_loop: Optional[dict] = None
     n_spills: Optional[int] = None  # compiled.metadata's, where the runtime filled it in
     compile_s: float = 0.0
+    #: "python": Triton's front end ran on the kernel's source; "ttir": the build started from
+    #: the TTIR another target's build of the same job made (:func:`compile_for_targets`)
+    front_end: str = "python"
     violations: List[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -328,16 +332,6 @@ class LaunchRecorder:
         finally:
             for n in self.names:
                 setattr(self.module, n, real[n])
-
-
-def kernel_names(module) -> List[str]:
-    """The public ``@triton.jit`` kernels of a kernel module (helpers start with ``_``), jitted or
-    interpreted (``TRITON_INTERPRET=1`` at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    return sorted(n for n, v in vars(module).items()
-                  if isinstance(v, (JITFunction, InterpretedFunction)) and not n.startswith("_"))
 
 
 def _jobs_from_launches(family: str, module: str, launches, target: int) -> List[Job]:
@@ -609,33 +603,47 @@ def _error_text(e: BaseException, limit: int = 4000) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
+def _source(job: Job):
+    """The ``ASTSource`` of ``job``: its kernel's Python source at its signature and constexprs."""
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = getattr(importlib.import_module(job.module), job.kernel)
+    if not isinstance(fn, JITFunction):
+        raise TypeError(
+            f"{job.module}.{job.kernel} is a {type(fn).__name__}, not a JITFunction (was "
+            f"TRITON_INTERPRET set when the kernels were imported in this process?)")
+    names = list(fn.arg_names)
+    missing = [a for a in names if a not in job.signature]
+    extra = [a for a in job.signature if a not in names]
+    if missing or extra:
+        raise ValueError(f"signature does not match {job.kernel}{tuple(names)}: "
+                         f"missing {missing}, unknown {extra}")
+    signature = {a: job.signature[a] for a in names}
+    constexprs = {a: _resolve_constexpr(v) for a, v in job.constexprs.items()}
+    attrs = {(names.index(a),): v for a, v in job.attrs.items()}
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
 def compile_job(job: Job) -> Result:
-    """Compile ``job`` and read its resource usage (no expectation checks here)."""
+    """Compile ``job`` from its kernel's source and read its resource usage (no expectation
+    checks here)."""
+    return _compile(job, None)[0]
+
+
+def _compile(job: Job, ttir_path: Optional[str]) -> Tuple[Result, Optional[str]]:
+    """Compile ``job`` from its kernel's source, or from the TTIR file ``ttir_path`` when given;
+    the result and the build's TTIR (None when the build failed)."""
     res = Result(job.family, job.kernel, job.config, job.variant, job.target,
-                 int(job.options.get("num_warps", 4)))
+                 int(job.options.get("num_warps", 4)), front_end="ttir" if ttir_path else "python")
     t0 = time.perf_counter()
+    ttir = None
     try:
         os.environ.pop("TRITON_INTERPRET", None)
         import triton
         from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from triton.runtime.jit import JITFunction
 
-        fn = getattr(importlib.import_module(job.module), job.kernel)
-        if not isinstance(fn, JITFunction):
-            raise TypeError(
-                f"{job.module}.{job.kernel} is a {type(fn).__name__}, not a JITFunction (was "
-                f"TRITON_INTERPRET set when the kernels were imported in this process?)")
-        names = list(fn.arg_names)
-        missing = [a for a in names if a not in job.signature]
-        extra = [a for a in job.signature if a not in names]
-        if missing or extra:
-            raise ValueError(f"signature does not match {job.kernel}{tuple(names)}: "
-                             f"missing {missing}, unknown {extra}")
-        signature = {a: job.signature[a] for a in names}
-        constexprs = {a: _resolve_constexpr(v) for a, v in job.constexprs.items()}
-        attrs = {(names.index(a),): v for a, v in job.attrs.items()}
-        src = ASTSource(fn, signature, constexprs, attrs)
+        src = ttir_path if ttir_path else _source(job)
         # ptxas's -v log (spills) is printed by Triton with dump_ptxas_log; on a ptxas failure
         # Triton prints the whole PTX: the exception carries the log
         from triton import knobs
@@ -667,10 +675,57 @@ def compile_job(job: Job) -> Result:
         res.main_loop = usage.get("main_loop")
         res.load_bits = parse_load_bits(compiled.asm.get("ptx", "") or "")
         res.compiled = True
+        ttir = compiled.asm.get("ttir")
     except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
         res.error = _error_text(e)
     res.compile_s = round(time.perf_counter() - t0, 3)
-    return res
+    return res, ttir
+
+
+#: TTIR that Triton's NVIDIA back end lowers differently by target (tensor descriptors become
+#: pointers below sm_90): a job whose TTIR holds one is compiled from its source for every target.
+_TARGET_DEPENDENT_TTIR = re.compile(r"descriptor|fp8|f8E")
+
+
+def front_end_key(job: Job) -> str:
+    """What Triton's front end (the kernel's Python source to TTIR, then the TTIR passes) sees of
+    ``job``: jobs with equal keys differ only in their target."""
+    return json.dumps([job.module, job.kernel, job.signature, job.constexprs, job.attrs, job.options],
+                      sort_keys=True, default=repr)
+
+
+def compile_for_targets(jobs: Sequence[Job]) -> List[Result]:
+    """Compile ``jobs`` — one job for several targets (equal :func:`front_end_key`) — running
+    Triton's front end once: the first from the kernel's source, the others from the TTIR it made.
+
+    The front end and the TTIR passes are the same for every NVIDIA target (the kernel's code,
+    constexprs and options decide the TTIR) except where the IR holds tensor descriptors or fp8
+    types (:data:`_TARGET_DEPENDENT_TTIR`); those jobs, and any whose build from TTIR fails, are
+    compiled from source. Each target's back end (TTGIR, LLVM IR, PTX, ptxas) runs in full, so
+    what the tier measures is the target's own, and the same as from a build from source
+    (``tests/test_compile_tier.py`` checks it on a kernel of each kind)."""
+    if len({front_end_key(j) for j in jobs}) > 1:
+        raise ValueError("compile_for_targets: the jobs differ in more than their target")
+    first, ttir = _compile(jobs[0], None)
+    out = [first]
+    if len(jobs) == 1:
+        return out
+    shareable = ttir is not None and not _TARGET_DEPENDENT_TTIR.search(ttir)
+    path = None
+    try:
+        if shareable:
+            fd, path = tempfile.mkstemp(suffix=".ttir", prefix="mmk_front_end_")
+            with os.fdopen(fd, "w") as f:
+                f.write(ttir)
+        for job in jobs[1:]:
+            r = _compile(job, path)[0] if path else None
+            if r is None or not r.compiled:  # no TTIR to start from, or the back end refused it
+                r = _compile(job, None)[0]
+            out.append(r)
+    finally:
+        if path:
+            os.unlink(path)
+    return out
 
 
 def jit_specialization(kernel, kwargs: dict, target: int = 90):
@@ -822,16 +877,17 @@ def _pool_starts(ctx) -> bool:
 
 
 def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str], dict]] = None,
-             jobs: int = 2, progress: bool = False) -> List[Result]:
+             jobs: int = 2, progress: bool = False, share_front_end: bool = True) -> List[Result]:
     """Compile ``job_list`` in a pool of ``jobs`` fresh (spawned) processes without
     ``TRITON_INTERPRET`` and check ``expectations`` (``{(family, kernel): {...}}``); results in the
-    order of the jobs. A compile that kills its worker process (a crash in LLVM / MLIR) becomes a
-    failed result of its own: the jobs left when a pool breaks are retried, one process per job
-    once a pool breaks without finishing anything."""
+    order of the jobs. With ``share_front_end``, jobs that differ only in their target go to one
+    worker together, which runs Triton's front end once for them (:func:`compile_for_targets`);
+    without, every job is built from its kernel's source. A compile that kills its
+    worker process (a crash in LLVM / MLIR) becomes a failed result of its own: the jobs left when
+    a pool breaks are retried, one process per job once a pool breaks without finishing anything."""
     expectations = expectations or {}
     n = len(job_list)
     out: List[Optional[Result]] = [None] * n
-    pending = list(range(n))
     finished = 0
     isolate = 0  # > 0: run that many of the next jobs one process each (a pool broke at once)
     ctx = multiprocessing.get_context("spawn")
@@ -847,17 +903,26 @@ def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str
         if progress:
             _progress(finished, n, r)
 
-    while pending:
-        batch = pending[:1] if isolate else pending
+    def units_left() -> List[List[int]]:
+        groups: Dict[str, List[int]] = {}
+        for k in range(n):
+            if out[k] is None:
+                groups.setdefault(front_end_key(job_list[k]) if share_front_end else str(k), []).append(k)
+        return list(groups.values())
+
+    units = units_left()
+    while units:
+        batch = [[k] for k in units[0][:1]] if isolate else units
         workers = 1 if isolate else max(1, min(int(jobs), len(batch)))
         isolate = max(0, isolate - 1)
         done_here = 0
         try:
             with _without_interpreter(), cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                                                 initializer=_worker_init) as pool:
-                futures = {pool.submit(compile_job, job_list[k]): k for k in batch}
+                futures = {pool.submit(compile_for_targets, [job_list[k] for k in unit]): unit for unit in batch}
                 for fut in cf.as_completed(futures):
-                    record(futures[fut], fut.result())
+                    for k, r in zip(futures[fut], fut.result()):
+                        record(k, r)
                     done_here += 1
         except cf.process.BrokenProcessPool:
             if workers == 1 and len(batch) == 1 and finished == 0 and not _pool_starts(ctx):
@@ -865,14 +930,15 @@ def run_jobs(job_list: Sequence[Job], expectations: Optional[Dict[Tuple[str, str
                     "compile tier: worker processes die at start-up (spawn start method: a script "
                     "that calls the compile tier needs an `if __name__ == '__main__':` guard)"
                 ) from None
-            if len(batch) == 1:  # this one job kills its process
-                job = job_list[batch[0]]
-                record(batch[0], Result(job.family, job.kernel, job.config, job.variant, job.target,
-                                        int(job.options.get("num_warps", 4)), compiled=False,
-                                        error="the compiler process died (crash in triton / LLVM)"))
-            elif done_here == 0:  # the crash is among the first jobs, those the workers had taken
-                isolate = workers
-        pending = [k for k in pending if out[k] is None]
+            if len(batch) == 1 and len(batch[0]) == 1:  # this one job kills its process
+                k = batch[0][0]
+                job = job_list[k]
+                record(k, Result(job.family, job.kernel, job.config, job.variant, job.target,
+                                 int(job.options.get("num_warps", 4)), compiled=False,
+                                 error="the compiler process died (crash in triton / LLVM)"))
+            elif done_here == 0:  # the crash is among the first units, those the workers had taken
+                isolate = workers * max(len(u) for u in batch[:workers])
+        units = units_left()
     return out  # type: ignore[return-value]
 
 
