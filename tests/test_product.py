@@ -116,6 +116,29 @@ def test_pi_sigma(backend, device, poison_outputs):
         mt.assert_close(a.grad, r.grad, backend=backend)
 
 
+@pytest.mark.parametrize("S", [0, 1, 2, 3, 5])
+def test_product_over_last_is_exact_with_zeros_and_twice_differentiable(S):
+    """The products' backward (prefix times suffix products, no division) against torch's own
+    product backward bitwise on float64, with one and with several zero factors in a product, and
+    its own gradient (gradgradcheck)."""
+    from mmkernels.ops.product import ProductOverLastFunction
+
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(4, 3, S, generator=gen, dtype=torch.float64)
+    if S >= 2:
+        h[0, 0, 0] = 0.0       # one zero: its gradient is the product of the others
+        h[1, 1, :2] = 0.0      # two zeros: every gradient of that product is 0
+    g = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    ours, theirs = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out = ProductOverLastFunction.apply(ours)
+    out.backward(g)
+    theirs.prod(dim=-1).backward(g)
+    assert torch.equal(out, theirs.prod(dim=-1).detach())
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-15, atol=0)
+    leaf = h.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(ProductOverLastFunction.apply, (leaf,))
+
+
 def test_bad_input_names_the_argument():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match=r"weight must be \(J, I\)"):

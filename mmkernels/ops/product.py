@@ -213,6 +213,37 @@ class ProductTermsFunction(torch.autograd.Function):
         return dx, dw, None
 
 
+class ProductOverLastFunction(torch.autograd.Function):
+    """``h.prod(-1)`` whose backward multiplies the prefix and suffix products: the gradient of
+    factor ``s`` is ``g · Π_{t<s} h_t · Π_{t>s} h_t``, 3·S - 3 multiplies of ``h``'s slices, no
+    division (exact with any number of zero factors) and none of the zero test torch's product
+    backward runs. The backward is made of torch ops, so it is itself differentiable.
+
+    ``h``: ``(..., S)``; returns ``(..., )``."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return h.prod(dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        factors = h.unbind(dim=-1)
+        if not factors:
+            return torch.zeros_like(h)
+        before = [g]  # g · Π_{t<s} h_t
+        for f in factors[:-1]:
+            before.append(before[-1] * f)
+        grads = [before[-1]]
+        after = factors[-1]  # Π_{t>s} h_t
+        for s in range(len(factors) - 2, -1, -1):
+            grads.append(before[s] * after)
+            if s:
+                after = after * factors[s]
+        return torch.stack(grads[::-1], dim=-1)
+
+
 def product_unit(x: torch.Tensor, weight: torch.Tensor, out_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Product units (Durbin & Rumelhart): ``p_j = Π_i x_i^{w_ji}``, ``o_k = Σ_j v_kj · p_j``.
 
@@ -277,8 +308,8 @@ def sigma_pi_unit(z: torch.Tensor, conjuncts: torch.Tensor, weight: torch.Tensor
         activation: ``None`` / ``"identity"``, ``"sigmoid"``, ``"tanh"``, ``"relu"`` or a callable.
 
     Returns:
-        ``(..., K)`` in ``z``'s dtype. A gather, a product over ``m`` and a GEMM (torch ops; the
-        gradient of a product with exact zeros is torch's, exact).
+        ``(..., K)`` in ``z``'s dtype. A gather, a product over ``m``
+        (:class:`ProductOverLastFunction`: exact with zeros) and a GEMM.
     """
     _check_tensor("z", z)
     _check_tensor("conjuncts", conjuncts)
@@ -300,7 +331,7 @@ def sigma_pi_unit(z: torch.Tensor, conjuncts: torch.Tensor, weight: torch.Tensor
     pad = idx < 0
     factors = z[..., idx.clamp_min(0)]                      # (..., Q, m)
     factors = torch.where(pad.to(z.device), torch.ones((), dtype=z.dtype, device=z.device), factors)
-    return g(torch.nn.functional.linear(factors.prod(dim=-1), weight, bias))
+    return g(torch.nn.functional.linear(ProductOverLastFunction.apply(factors), weight, bias))
 
 
 def pi_sigma(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -313,7 +344,8 @@ def pi_sigma(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         activation: as in :func:`sigma_pi_unit` (default ``"sigmoid"``, the network's own).
 
     Returns:
-        ``(..., K)`` in ``z``'s dtype: one GEMM ``(..., n) -> (..., K·S)`` and a product over ``S``.
+        ``(..., K)`` in ``z``'s dtype: one GEMM ``(..., n) -> (..., K·S)`` and a product over ``S``
+        (:class:`ProductOverLastFunction`: its backward without divisions, exact with zeros).
     """
     _check_tensor("z", z)
     _check_tensor("weight", weight)
@@ -327,4 +359,4 @@ def pi_sigma(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     _check_same(("z", "weight"), (z, weight), "dtype")
     g = _activation(activation)
     h = torch.nn.functional.linear(z, weight.reshape(K * S, n), None if bias is None else bias.reshape(K * S))
-    return g(h.reshape(*z.shape[:-1], K, S).prod(dim=-1))
+    return g(ProductOverLastFunction.apply(h.reshape(*z.shape[:-1], K, S)))
