@@ -215,7 +215,7 @@ class ProductTermsFunction(torch.autograd.Function):
 
 class ProductOverLastFunction(torch.autograd.Function):
     """``h.prod(-1)`` whose backward multiplies the prefix and suffix products: the gradient of
-    factor ``s`` is ``g · Π_{t<s} h_t · Π_{t>s} h_t``, 3·S - 3 multiplies of ``h``'s slices, no
+    factor ``s`` is ``g · Π_{t<s} h_t · Π_{t>s} h_t``, 3·S - 4 multiplies of ``h``'s slices, no
     division (exact with any number of zero factors) and none of the zero test torch's product
     backward runs. The backward is made of torch ops, so it is itself differentiable.
 
