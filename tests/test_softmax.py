@@ -76,14 +76,22 @@ def test_row_lengths_cover_the_online_path():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
-def test_million_column_row(backend, device):
-    """One row of 2**20 + 1 columns through the online forward and the looped backward."""
+def test_million_column_row(backend, device, request):
+    """One row of 2**20 + 1 columns through the online forward and the looped backward.
+
+    The forward's normalizer is one float32 sum of 2**20 terms. csrc/ and the Triton kernel sum it
+    in blocks and meet the dtype's bound; ATen's fallback (``cpu-torch``) adds each of a few vector
+    lanes sequentially, so its rounding grows like sqrt(2**20 / 8) * 2**-24 ~ 2e-5 and scales every
+    element of the row alike (rms error == max error; one CI draw read 4.1e-6 against the table's
+    rms bound of 3e-6). That path is held to 2e-5 on both measures.
+    """
     x = torch.randn(1, (1 << 20) + 1, device=device).requires_grad_()
     dy = torch.randn_like(x)
     with mmkernels.use_backend(backend):
         y = mmkernels.softmax(x, -1)
         y.backward(dy)
-    mt.assert_close(y, FORWARD["softmax"](x, -1), backend=backend)
+    aten_sum = mt.Tolerance(max_rel=2e-5, rms_rel=2e-5) if "cpu-torch" in request.node.callspec.id else None
+    mt.assert_close(y, FORWARD["softmax"](x, -1), backend=backend, tol=aten_sum)
     mt.assert_close(x.grad, softmax_backward_ref(y, dy, -1, "softmax"), backend=backend,
                     magnitude=softmax_backward_magnitude(y, dy, -1, "softmax"))
 
