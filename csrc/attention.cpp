@@ -42,90 +42,8 @@ namespace {
 // Elements of x a task should cover: fewer cost more in scheduling than they save.
 constexpr int64_t kGrainElems = 1 << 15;
 
-// The logits of one row (masked entries -inf) into l, and the row's log-sum-exp as
-// torch.logsumexp computes it.
-template <typename T>
-MMK_INLINE T row_logits(const T* z, int64_t sz, const bool* mask, int64_t sm, T tau, T* l, int64_t J) {
-  const T inf = std::numeric_limits<T>::infinity();
-  T m = -inf;
-  bool nan = false;
-  for (int64_t j = 0; j < J; ++j) {
-    const T v = (mask && !mask[j * sm]) ? -inf : z[j * sz] / tau;
-    l[j] = v;
-    nan |= v != v;
-    m = v > m ? v : m;
-  }
-  if (nan) return std::numeric_limits<T>::quiet_NaN();
-  T sum = 0;
-  if (std::isinf(m)) {  // +inf: inf (or NaN, as torch); -inf: no allowed entry, log 0 = -inf
-    for (int64_t j = 0; j < J; ++j) sum += std::exp(l[j]);
-    return std::log(sum);
-  }
-  for (int64_t j = 0; j < J; ++j) sum += exp_np(l[j] - m);
-  return m + std::log(sum);
-}
-
-// p_j = exp(l_j - lse) into l (in place); 0 throughout for an empty row.
-template <typename T>
-MMK_INLINE void row_probs(T* l, T lse, int64_t J) {
-  const T inf = std::numeric_limits<T>::infinity();
-  if (lse == -inf) {
-    std::fill(l, l + J, T(0));
-    return;
-  }
-  for (int64_t j = 0; j < J; ++j) l[j] = exp_np(l[j] - lse);  // <= 0, -inf or NaN: in exp_np's range
-}
-
-template <typename T>
-MMK_CLONES void forward_rows(const T* z, int64_t sz0, int64_t sz1, const bool* mask, int64_t sm0, int64_t sm1,
-                             const T* x, T* s, T* lse, int64_t r0, int64_t r1, int64_t J, int64_t D, T tau,
-                             T* p) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T l = row_logits(z + r * sz0, sz1, mask ? mask + r * sm0 : nullptr, sm1, tau, p, J);
-    lse[r] = l;
-    row_probs(p, l, J);
-    T* __restrict__ out = s + r * D;
-    const T* xr = x + r * J * D;
-    std::fill(out, out + D, T(0));
-    for (int64_t j = 0; j < J; ++j) {
-      const T pj = p[j];
-      const T* __restrict__ xj = xr + j * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] += pj * xj[d];
-    }
-  }
-}
-
-template <typename T>
-MMK_CLONES void backward_rows(const T* z, int64_t sz0, int64_t sz1, const bool* mask, int64_t sm0, int64_t sm1,
-                              const T* x, const T* s, const T* lse, const T* ds, int64_t sd0, int64_t sd1, T* dz,
-                              T* dx, int64_t r0, int64_t r1, int64_t J, int64_t D, T tau, T* p, T* g) {
-  for (int64_t r = r0; r < r1; ++r) {
-    row_logits(z + r * sz0, sz1, mask ? mask + r * sm0 : nullptr, sm1, tau, p, J);
-    row_probs(p, lse[r], J);
-    const T* dsr = ds + r * sd0;
-    T* __restrict__ gr = g;  // ds_r, unit stride
-    for (int64_t d = 0; d < D; ++d) gr[d] = dsr[d * sd1];
-    const T* __restrict__ sr = s + r * D;
-    T b = 0;
-#pragma omp simd reduction(+ : b)
-    for (int64_t d = 0; d < D; ++d) b += sr[d] * gr[d];
-    const T* xr = x + r * J * D;
-    T* dxr = dx + r * J * D;
-    for (int64_t j = 0; j < J; ++j) {
-      const T pj = p[j];
-      const T* __restrict__ xj = xr + j * D;
-      T* __restrict__ dxj = dxr + j * D;
-      T a = 0;
-#pragma omp simd reduction(+ : a)
-      for (int64_t d = 0; d < D; ++d) {
-        a += xj[d] * gr[d];
-        dxj[d] = pj * gr[d];
-      }
-      dz[r * J + j] = pj * (a - b) / tau;
-    }
-  }
-}
+#define MMK_LOOPS "attention_loops.h"
+#include "vec_levels.h"
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu attention: ", what); }
 
@@ -171,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& z, const 
     scalar_t* lp = lse.data_ptr<scalar_t>();
     at::parallel_for(0, R, rs.grain, [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> p(J);  // the row's logits, then its p
-      forward_rows<scalar_t>(zp, z.stride(0), z.stride(1), rs.mask, rs.sm0, rs.sm1, xp, sp, lp, r0, r1, J, D,
-                             static_cast<scalar_t>(tau), p.data());
+      MMK_RUN_VECTORISED(forward_rows<scalar_t>, zp, z.stride(0), z.stride(1), rs.mask, rs.sm0, rs.sm1, xp, sp, lp,
+                                             r0, r1, J, D, static_cast<scalar_t>(tau), p.data());
     });
   });
   return {s, lse};
@@ -204,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& z, const
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, R, rs.grain, [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> buf(J + D);  // p, then ds_r at unit stride
-      backward_rows<scalar_t>(zp, z.stride(0), z.stride(1), rs.mask, rs.sm0, rs.sm1, xp, sp, lp, gp, ds.stride(0),
-                              ds.stride(1), dzp, dxp, r0, r1, J, D, static_cast<scalar_t>(tau), buf.data(),
-                              buf.data() + J);
+      MMK_RUN_VECTORISED(backward_rows<scalar_t>, zp, z.stride(0), z.stride(1), rs.mask, rs.sm0, rs.sm1, xp, sp, lp,
+                                              gp, ds.stride(0), ds.stride(1), dzp, dxp, r0, r1, J, D,
+                                              static_cast<scalar_t>(tau), buf.data(), buf.data() + J);
     });
   });
   return {dz, dx};

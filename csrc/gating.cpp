@@ -31,28 +31,8 @@ MMK_INLINE T sigmoid(T x) {
   return x < T(0) ? e * inv : inv;
 }
 
-template <typename T>
-MMK_CLONES void blend_forward_range(const T* __restrict__ pre, const T* __restrict__ a, const T* __restrict__ b,
-                                    T* __restrict__ out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T g = sigmoid(pre[i]);
-    out[i] = b[i] + g * (a[i] - b[i]);
-  }
-}
-
-template <typename T>
-MMK_CLONES void blend_backward_range(const T* __restrict__ dout, const T* __restrict__ pre, const T* __restrict__ a,
-                                     const T* __restrict__ b, T* __restrict__ da, T* __restrict__ db,
-                                     T* __restrict__ dpre, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T g = sigmoid(pre[i]);
-    const T d = dout[i];
-    const T dg = d * g;
-    da[i] = dg;
-    db[i] = d - dg;
-    dpre[i] = dg * (a[i] - b[i]) * (T(1) - g);
-  }
-}
+#define MMK_LOOPS "gating_loops.h"
+#include "vec_levels.h"
 
 constexpr int64_t kGrain = 1 << 15;  // elements per task: a few hundred KB of traffic
 
@@ -73,7 +53,7 @@ at::Tensor gated_blend_forward(const at::Tensor& pre, const at::Tensor& a, const
     const scalar_t *p = pre.data_ptr<scalar_t>(), *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t lo, int64_t hi) {
-      blend_forward_range(p + lo, pa + lo, pb + lo, po + lo, hi - lo);
+      MMK_RUN_VECTORISED(blend_forward_range<scalar_t>, p + lo, pa + lo, pb + lo, po + lo, hi - lo);
     });
   });
   return out;
@@ -88,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_blend_backward(const at::Te
     const scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>();
     scalar_t *oa = da.data_ptr<scalar_t>(), *ob = db.data_ptr<scalar_t>(), *op = dpre.data_ptr<scalar_t>();
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t lo, int64_t hi) {
-      blend_backward_range(pd + lo, p + lo, pa + lo, pb + lo, oa + lo, ob + lo, op + lo, hi - lo);
+      MMK_RUN_VECTORISED(blend_backward_range<scalar_t>, pd + lo, p + lo, pa + lo, pb + lo, oa + lo, ob + lo, op + lo, hi - lo);
     });
   });
   return {da, db, dpre};

@@ -32,6 +32,8 @@
 #include <cmath>
 #include <limits>
 
+#include "vec_math.h"
+
 namespace mmkernels {
 namespace simd {
 
@@ -355,11 +357,8 @@ inline RowFn route_row_avx2_for(int64_t E) {
 
 #undef MMK_AVX2
 
-// The row kernels by instruction set: 0 the scalar pass (none here), 1 AVX2, 2 AVX-512.
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The best the CPU runs.
-inline int best_isa() { return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kScalar; }
+// The best the CPU runs, by vec_math.h's level numbers (kBaseline: the scalar pass, none here).
+inline int best_isa() { return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kBaseline; }
 
 // The row kernel of instruction set isa (as capped and supported) for float32 rows of E columns
 // and this k, or nullptr (the scalar pass).

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "router_simd.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <atomic>
@@ -234,22 +235,13 @@ struct RowScratch {
 };
 
 // The vector row kernels (router_simd.h) run the float32 rows: the best the CPU has, capped by
-// mmkernels_cpu::router_isa (the tests run each: scalar, AVX2, AVX-512).
-static std::atomic<int> g_isa_cap{2};
-
+// vec_math.h's isa_cap() (mmkernels_cpu::cpu_isa; the tests run each: scalar, AVX2, AVX-512).
 static int active_isa() {
 #ifdef MMKERNELS_SIMD_ROWS
-  return std::min(g_isa_cap.load(std::memory_order_relaxed), simd::best_isa());
+  return std::min(isa_cap().load(std::memory_order_relaxed), simd::best_isa());
 #else
   return 0;
 #endif
-}
-
-// mmkernels_cpu::router_isa(set): set < 0 asks; 0 / 1 / 2 caps the row kernels at the scalar pass /
-// AVX2 / AVX-512. Returns the one in use now (never more than the CPU has, whatever was asked).
-int64_t router_isa(int64_t set) {
-  if (set >= 0) g_isa_cap.store(static_cast<int>(std::min<int64_t>(set, 2)));
-  return active_isa();
 }
 
 #ifdef MMKERNELS_SIMD_ROWS
@@ -399,14 +391,9 @@ std::tuple<at::Tensor, at::Tensor> route_softmax_topk(const at::Tensor& logits, 
 TORCH_LIBRARY(mmkernels_cpu, m) {
   m.def("route_softmax_topk(Tensor logits, int k, bool renormalize, float routed_scaling) -> (Tensor, Tensor)");
   m.def("top_k_ids(Tensor key, int k, Tensor? allowed=None) -> Tensor");
-  m.def("router_isa(int set=-1) -> int");
   m.def(
       "route_metadata(Tensor ids, int num_experts, int capacity, int block_m) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mmkernels_cpu, CatchAll, m) {
-  m.impl("router_isa", &mmkernels::router_isa);
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {

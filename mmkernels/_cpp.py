@@ -37,9 +37,10 @@ def _csrc_dir() -> Path:
 #: The C++ sources this process builds from (see :func:`_csrc_dir`).
 CSRC = _csrc_dir()
 _NAME = "mmkernels_cpu"
-#: The router's row kernels by ``torch.ops.mmkernels_cpu.router_isa`` number (csrc/router_simd.h):
-#: the best the CPU has runs, capped by ``router_isa(cap)``.
-ROUTER_ISAS = ("scalar", "AVX2", "AVX-512")
+#: The instruction-set levels of the C++ kernels by ``torch.ops.mmkernels_cpu.cpu_isa`` number
+#: (csrc/vec_math.h): the vectorised loops and the router's row kernels (whose level 0 is its scalar
+#: pass) run at the best the CPU has, capped by ``cpu_isa(cap)``.
+CPU_ISAS = ("baseline", "AVX2", "AVX-512")
 _IMPLS = ("auto", "torch", "cpp")
 #: Compiler flags of the build (setup.py passes the same).
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -150,8 +151,8 @@ def status(build: bool = False) -> str:
         load()
     if _state["ok"]:
         ns = getattr(torch.ops, _NAME)
-        rows = f"{ROUTER_ISAS[int(ns.router_isa(-1))]} router rows"
-        return f"C++ CPU kernels active ({_state['why']}; selection {_state['impl']!r}; {rows})"
+        isa = f"{CPU_ISAS[int(ns.cpu_isa(-1))]} kernels"
+        return f"C++ CPU kernels active ({_state['why']}; selection {_state['impl']!r}; {isa})"
     return f"vectorised-torch CPU path ({_state['why']})"
 
 

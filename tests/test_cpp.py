@@ -12,17 +12,21 @@ import mmkernels
 from mmkernels import _cpp, moe
 from mmkernels.ops import routing as R
 
-from mmkernels.reference import (dispatch_ref, experts_ref, route_ref, routing_keys_ref, routing_weights_ref,
-                        select_experts_ref)
+from mmkernels import testing as mt
+from mmkernels.reference import (FORWARD, attention_module_magnitudes, attention_module_ref, dispatch_ref,
+                                 experts_ref, route_ref, routing_keys_ref, routing_weights_ref, select_experts_ref,
+                                 softmax_backward_magnitude, softmax_backward_ref)
 from tests.conftest import backends
 
 HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_cpp = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on this machine: the fallback is tested below")
 
+TORCH_FORWARD = {"softmax": torch.softmax, "log_softmax": torch.log_softmax,
+                 "softmin": torch.nn.functional.softmin}
 FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_experts", "tile_row_starts", "num_tiles")
 
 
-OPS = ("route_softmax_topk", "top_k_ids", "router_isa", "route_metadata", "experts_forward", "experts_backward",
+OPS = ("route_softmax_topk", "top_k_ids", "cpu_isa", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "softmax_forward", "softmax_backward", "gated_blend_forward", "gated_blend_backward",
        "attention_forward", "attention_backward", "hard_switch_backward", "cache_info", "empty_cache")
 
@@ -145,21 +149,102 @@ def test_route_metadata_equals_the_reference_and_the_torch_path(T, E, k, cap, bl
             assert torch.equal(a, ref[name].to(a.dtype)), name
 
 
-@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "scalar"])
-def router_isa(request):
-    """Each router test with the row kernels capped at AVX-512, AVX2 and the scalar pass. A cap
-    the CPU cannot run falls back to the best it has (checked here: the selection logic), and the
-    test runs on that one — nothing skips for the CPU it runs on."""
+@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "baseline"])
+def cpu_isa(request):
+    """Each test with the C++ kernels capped at AVX-512, AVX2 and the baseline (the router's scalar
+    pass). A cap the CPU cannot run falls back to the best it has (checked here: the selection
+    logic), and the test runs on that one — nothing skips for the CPU it runs on; every level is
+    compiled into the library whatever the CPU."""
     assert _cpp.load(), _cpp.status()
     ops = _cpp.ops()
-    before = ops.router_isa(-1)
-    ops.router_isa(2)
-    best = ops.router_isa(-1)  # what the CPU has
-    got = ops.router_isa(request.param)
+    before = ops.cpu_isa(-1)
+    ops.cpu_isa(2)
+    best = ops.cpu_isa(-1)  # what the CPU has
+    got = ops.cpu_isa(request.param)
     assert got == min(request.param, best), (request.param, best, got)
-    assert f"{_cpp.ROUTER_ISAS[got]} router rows" in _cpp.status()
+    assert f"{_cpp.CPU_ISAS[got]} kernels" in _cpp.status()
     yield got
-    ops.router_isa(before)
+    ops.cpu_isa(before)
+
+
+_KIND_NAMES = ("softmax", "log_softmax", "softmin")
+
+
+def _special_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with the rows a softmax gets wrong: NaN, +inf, all -inf, some -inf, huge and tiny values."""
+    x = x.clone()
+    n = x.shape[-1]
+    x[0, n // 2] = float("nan")
+    x[1, 0] = float("inf")
+    x[2] = float("-inf")
+    x[3, ::2] = float("-inf")
+    x[4] = x[4] * 1e4
+    x[5] = x[5] * 1e-30
+    return x
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 7, 33, 1000, 5000])
+def test_softmax_loops_at_each_level(cpu_isa, dtype, N):
+    """csrc/softmax.cpp's forward and backward of every kind at the level the fixture picks:
+    against the float64 references, special values as torch, bitwise-identical reruns."""
+    ops = _cpp.ops()
+    gen = torch.Generator().manual_seed(N)
+    x = torch.randn(9, N, generator=gen).mul_(4).to(dtype)
+    if N > 1:
+        x = _special_rows(x)
+    dy = torch.randn(9, N, generator=gen).to(dtype)
+    for kind, name in enumerate(_KIND_NAMES):
+        y = ops.softmax_forward(x, kind)
+        torch_y = TORCH_FORWARD[name](x.float(), -1)
+        mt.assert_close(y, FORWARD[name](x, -1), backend="cpu", what=f"{name} forward")
+        assert torch.equal(torch.isnan(y), torch.isnan(torch_y.to(dtype))), name
+        mt.assert_same_bits(ops.softmax_forward(x, kind), y, f"{name} forward rerun")
+        finite = ~torch.isnan(y).any(-1)  # the backward's rows of a finite forward
+        yf, dyf = y[finite], dy[finite]
+        dx = ops.softmax_backward(yf, dyf, kind, -1)
+        mt.assert_close(dx, softmax_backward_ref(yf, dyf, -1, name), backend="cpu", what=f"{name} backward",
+                        magnitude=softmax_backward_magnitude(yf, dyf, -1, name))
+        for stream in (0, 1):
+            mt.assert_same_bits(ops.softmax_backward(yf, dyf, kind, stream), dx, f"{name} backward, stream={stream}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gating_and_attention_loops_at_each_level(cpu_isa, dtype):
+    """csrc/gating.cpp's blend and csrc/attention.cpp's module at the level the fixture picks,
+    forward and backward against the float64 references, bitwise-identical reruns."""
+    ops = _cpp.ops()
+    gen = torch.Generator().manual_seed(3)
+    pre, a, b, dout = (torch.randn(37, 29, generator=gen, dtype=dtype) * 3 for _ in range(4))
+    pre[0, :3] = torch.tensor([float("inf"), float("-inf"), 80.0], dtype=dtype)
+    out = ops.gated_blend_forward(pre, a, b)
+    g = torch.sigmoid(pre.double())
+    mt.assert_close(out, g * a.double() + (1 - g) * b.double(), backend="cpu", what="blend forward")
+    grads = ops.gated_blend_backward(dout, pre, a, b)
+    d = dout.double()
+    gg = g * (1 - g)
+    want = (d * g, d * (1 - g), d * (a.double() - b.double()) * gg)
+    magnitudes = (None, None, d.abs() * (a.double().abs() + b.double().abs()) * gg)  # a - b cancels
+    for got, ref, mag, name in zip(grads, want, magnitudes, ("da", "db", "dpre")):
+        mt.assert_close(got, ref, backend="cpu", what=f"blend {name}", magnitude=mag)
+    mt.assert_same_bits(ops.gated_blend_forward(pre, a, b), out, "blend rerun")
+
+    z = torch.randn(23, 7, generator=gen, dtype=dtype).requires_grad_()
+    x = torch.randn(23, 7, 19, generator=gen, dtype=dtype).requires_grad_()
+    ds = torch.randn(23, 19, generator=gen, dtype=dtype)
+    mask = torch.rand(23, 7, generator=gen) > 0.3
+    mask[4] = False
+    s, lse = ops.attention_forward(z.detach(), x.detach(), mask, 0.7)
+    ref = attention_module_ref(z, x, mask, 0.7)
+    mt.assert_close(s, ref, backend="cpu", what="attention forward")
+    dz, dx = ops.attention_backward(z.detach(), x.detach(), mask, s, lse, ds, 0.7)
+    ref_dz, ref_dx = torch.autograd.grad(ref, (z, x), ds.double())
+    _, mag_dz = attention_module_magnitudes(z.detach(), x.detach(), ds, mask, 0.7)
+    mt.assert_close(dz, ref_dz, backend="cpu", what="attention dz", magnitude=mag_dz)
+    mt.assert_close(dx, ref_dx, backend="cpu", what="attention dx")
+    mt.assert_same_bits(ops.attention_forward(z.detach(), x.detach(), mask, 0.7)[0], s, "attention rerun")
 
 
 def _hard_rows(T: int, E: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -177,7 +262,7 @@ def _hard_rows(T: int, E: int, gen: torch.Generator, dtype=torch.float32) -> tor
 @needs_cpp
 @pytest.mark.parametrize("E,k", [(1, 1), (5, 3), (16, 16), (17, 1), (24, 5), (32, 4), (33, 2), (48, 4), (64, 8),
                                  (64, 9), (100, 8), (128, 16), (200, 8), (256, 8), (300, 4)])
-def test_router_kernel_against_the_reference(E, k, router_isa):
+def test_router_kernel_against_the_reference(E, k, cpu_isa):
     """route_softmax_topk and top_k_ids on float32 rows of every register count of the row
     kernels (E up to 256; k up to 16 on AVX-512, 8 on AVX2; past them the scalar pass) against the
     float64 reference:
@@ -197,7 +282,7 @@ def test_router_kernel_against_the_reference(E, k, router_isa):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 1, 1), (37, 8, 2), (200, 64, 8), (50, 5, 5)])
-def test_top_k_ids_equals_the_stable_order(T, E, k, dtype, router_isa):
+def test_top_k_ids_equals_the_stable_order(T, E, k, dtype, cpu_isa):
     gen = torch.Generator().manual_seed(E * 7 + k)
     key = _hard_rows(T, E, gen, dtype)
     got = _cpp.ops().top_k_ids(key, k)
@@ -210,7 +295,7 @@ def test_top_k_ids_equals_the_stable_order(T, E, k, dtype, router_isa):
 @needs_cpp
 @pytest.mark.parametrize("kw", [{}, dict(renormalize=False), dict(renormalize=False, routed_scaling=2.5),
                                 dict(capacity_factor=1.0), dict(scoring="sigmoid", n_groups=4, topk_groups=2)])
-def test_route_on_both_cpu_impls_against_the_reference(kw, router_isa):
+def test_route_on_both_cpu_impls_against_the_reference(kw, cpu_isa):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(200, 16, generator=gen)
     ref = route_ref(logits, 4, block_m=16, **kw)

@@ -83,3 +83,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, backend: str,
             f"(max_rel<={tol.max_rel:.1e}, rms_rel<={tol.rms_rel:.1e}): {rep.describe()}"
         )
     return rep
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Raise AssertionError unless the two tensors hold the same bits (NaN payloads and the sign of
+    zero included): what a rerun of a deterministic kernel must give."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        raise AssertionError(f"{what or 'result'}: {actual.dtype} {tuple(actual.shape)} against "
+                             f"{expected.dtype} {tuple(expected.shape)}")
+    if actual.dtype.is_floating_point or actual.dtype.is_complex:
+        as_int = _SAME_SIZE_INT[actual.element_size()]
+        actual, expected = actual.contiguous().view(as_int), expected.contiguous().view(as_int)
+    differ = int((actual != expected).sum())
+    if differ:
+        raise AssertionError(f"{what or 'result'}: {differ} of {actual.numel()} elements differ in their bits")
