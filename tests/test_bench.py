@@ -330,15 +330,30 @@ def test_time_fn_and_rotation_on_cpu():
 
 
 def test_time_interleaved_takes_samples_in_turn():
+    """Entries in turn, the order reversed every round, and the buffer sets walked in one sequence
+    across the entries (no call finds its set fresh from the entry before it)."""
     order = []
     named = {"a": [lambda i=i: order.append(("a", i)) for i in range(2)], "b": [lambda: order.append(("b", 0))]}
     t = bench.timing.time_interleaved(named, warmup=1, repeats=3)
     timed = order[-6:]  # after the warm-up and the estimate
-    assert timed == [("a", 0), ("b", 0), ("a", 1), ("b", 0), ("a", 0), ("b", 0)]
+    assert timed == [("a", 0), ("b", 0), ("b", 0), ("a", 1), ("a", 0), ("b", 0)]
     assert set(t) == {"a", "b"} and all(len(v.samples_ms) == 3 for v in t.values())
     assert t["a"].buffer_sets == 2 and t["a"].method == "perf_counter-interleaved"
     with pytest.raises(ValueError):
         bench.timing.time_interleaved({"a": []})
+
+
+def test_time_interleaved_gives_each_call_a_set_as_long_untouched():
+    """Three entries on one list of four buffer sets (as the main job runs ours and its baselines):
+    each timed call's set was last used exactly four calls before, whichever entry it belongs to."""
+    log = []
+    sets = range(4)
+    named = {name: [lambda name=name, s=s: log.append((name, s)) for s in sets] for name in ("ours", "eager", "path")}
+    bench.timing.time_interleaved(named, warmup=1, repeats=8)
+    timed = [s for _, s in log[-24:]]
+    assert all(timed[c] == timed[c - 4] for c in range(4, 24))
+    assert all(len(set(timed[c:c + 3])) == 3 for c in range(0, 24, 3))  # a round: three different sets
+    assert {name for name, _ in log[-24:]} == set(named)
 
 
 def test_peak_memory_cpu_counts_the_output():

@@ -149,11 +149,18 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
                      repeats: Optional[int] = None, target_s: float = 0.2, min_repeats: int = 5,
                      max_repeats: int = 100) -> Dict[str, Timing]:
     """CPU: the median time of one call of each entry of ``named``, the entries' samples taken in
-    turn (A, B, C, A, B, C, ...) so that a slow drift of the machine (another load, frequency,
-    memory state) shifts every entry alike and their ratios keep (timing each entry in its own
-    stretch, ratios between processes of this 2-core machine moved by up to 40%). Each entry
-    rotates among its calls (buffer sets) and is warmed up as :func:`time_fn` does; the number of
-    rounds is what fits all entries in ``target_s`` (clamped to ``[min_repeats, max_repeats]``)."""
+    turn (A, B, C, C, B, A, A, B, C, ...) so that a slow drift of the machine (another load,
+    frequency, memory state) shifts every entry alike and their ratios keep (timing each entry in
+    its own stretch, ratios between processes of this 2-core machine moved by up to 40%).
+
+    Each entry's calls are its buffer sets, and the timed calls walk through the sets in one
+    sequence across the entries (the c-th timed call runs set ``c % len(calls)``), so every call
+    finds its inputs as long untouched as every other: had the entries of a round shared one set,
+    the first would bring it into the cache for the others (on a VM with 480 MiB of L3 the first
+    of three identical entries read 1.15-1.26 ms, the third 0.69-0.76). The order reverses every
+    round, so no entry is always first after another's work. Each entry is warmed up as
+    :func:`time_fn` does; the number of rounds is what fits all entries in ``target_s`` (clamped
+    to ``[min_repeats, max_repeats]``)."""
     named = {n: list(c) for n, c in named.items()}
     if not named or any(not c for c in named.values()):
         raise ValueError("time_interleaved needs at least one callable per entry")
@@ -168,10 +175,15 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
         est += (time.perf_counter() - t0) * 1e3 / k
     n = _repeats(est, repeats, target_s, min_repeats, max_repeats)
     samples: Dict[str, List[float]] = {name: [] for name in named}
+    names = list(named)
+    call = 0
     for i in range(n):
-        for name, calls in named.items():
+        for name in (names if i % 2 == 0 else names[::-1]):
+            calls = named[name]
+            fn = calls[call % len(calls)]
+            call += 1
             t0 = time.perf_counter()
-            calls[i % len(calls)]()
+            fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: Timing(statistics.median(v), v, "perf_counter-interleaved", 1, len(named[name]))
             for name, v in samples.items()}
