@@ -9,29 +9,27 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind) {
   const T sign = kind == kSoftmin ? T(-1) : T(1);
   const T inf = std::numeric_limits<T>::infinity();
   T m = -inf;
-  int bad = 0;  // NaN or +inf (after the sign) anywhere: the whole row is NaN, as torch
-#pragma omp simd reduction(max : m) reduction(| : bad)
+  // NaN or +inf (after the sign) anywhere makes the whole row NaN, as torch, without a test of
+  // its own: the max is then NaN or +inf, an exp below NaN, and the row's sum NaN.
+#pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < N; ++i) {
     const T v = sign * x[i];
     m = v > m ? v : m;
-    bad |= !(v < inf);
   }
-  if (bad || m == -inf) {
+  if (m == -inf) {  // only -inf (or NaN and -inf): no finite shift
     std::fill(y, y + N, std::numeric_limits<T>::quiet_NaN());
     return;
   }
+  // the exps into y (the log-softmax's too: y is overwritten below), then their sum
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) y[i] = exp_np(sign * x[i] - m);
+  const T s = blocked_sum<T>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return y[i]; });
   if (kind == kLogSoftmax) {
-    const T s = blocked_sum<T>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return exp_np(x[i] - m); });
     const T shift = m + std::log(s);
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) y[i] = x[i] - shift;
     return;
   }
-  const T s = blocked_sum<T>(N, [=](int64_t i) MMK_LAMBDA_INLINE {
-    const T e = exp_np(sign * x[i] - m);
-    y[i] = e;
-    return e;
-  });
   const T inv = T(1) / s;
 #pragma omp simd
   for (int64_t i = 0; i < N; ++i) y[i] *= inv;
@@ -43,8 +41,9 @@ void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
 }
 
 // Rows of bfloat16, in float math (as the float rows): the max pass widens x as it reads it, the
-// exp pass keeps exp(x - max) in the float buffer `buf` (N floats, in cache), the last pass
-// scales (or, for log-softmax, subtracts from the widened x) and narrows into y.
+// exp pass keeps exp(x - max) in the float buffer `buf` (N floats, in cache) and they are summed
+// from there, the last pass scales (or, for log-softmax, subtracts from the widened x) and narrows
+// into y.
 void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows, int64_t N,
                        int64_t kind) {
   const float sign = kind == kSoftmin ? -1.0f : 1.0f;
@@ -53,29 +52,24 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
     const uint16_t* __restrict__ xr = x + r * N;
     uint16_t* __restrict__ yr = y + r * N;
     float m = -inf;
-    int bad = 0;
-#pragma omp simd reduction(max : m) reduction(| : bad)
+#pragma omp simd reduction(max : m)  // NaN and +inf: as the float rows
     for (int64_t i = 0; i < N; ++i) {
       const float v = sign * widen(xr[i]);
       m = v > m ? v : m;
-      bad |= !(v < inf);
     }
-    if (bad || m == -inf) {
+    if (m == -inf) {
       std::fill(yr, yr + N, narrow(std::numeric_limits<float>::quiet_NaN()));
       continue;
     }
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) buf[i] = exp_np(sign * widen(xr[i]) - m);
+    const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return buf[i]; });
     if (kind == kLogSoftmax) {
-      const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return exp_np(widen(xr[i]) - m); });
       const float shift = m + std::log(s);
 #pragma omp simd
       for (int64_t i = 0; i < N; ++i) yr[i] = narrow(widen(xr[i]) - shift);
       continue;
     }
-    const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE {
-      const float e = exp_np(sign * widen(xr[i]) - m);
-      buf[i] = e;
-      return e;
-    });
     const float inv = 1.0f / s;
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) yr[i] = narrow(buf[i] * inv);
