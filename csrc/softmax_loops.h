@@ -177,3 +177,145 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
   }
   if (stream) stream_fence();
 }
+
+// Columns: kind along the middle dim D of a (D, inner) block of a contiguous tensor, for the w
+// columns [0, w) of the block (x and y already at the first; W = w known at compile time — one
+// cache line of them — or 0 for a runtime w <= kMaxColumns). Each pass walks d with the columns
+// side by side, vectorised across them; the D × w tile (column_width) stays in L2 between the
+// passes. NaN, +inf and columns of only -inf give NaN as the rows do (here the max is NaN, +inf or
+// -inf and x - max NaN where it matters); sums over d in blocks of kColumnBlock (softmax.cpp).
+
+template <typename T, int W>
+MMK_INLINE void forward_columns(const T* x, T* y, int64_t D, int64_t inner, int64_t w, Kind kind) {
+  constexpr int kLine = W ? W : kMaxColumns;
+  const int64_t n = W ? W : w;
+  const T sign = kind == kSoftmin ? T(-1) : T(1);
+  T m[kLine], s[kLine], part[kLine];
+  for (int l = 0; l < kLine; ++l) m[l] = -std::numeric_limits<T>::infinity();
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xd = x + d * inner;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      const T v = sign * xd[l];
+      m[l] = v > m[l] ? v : m[l];
+    }
+  }
+  for (int l = 0; l < kLine; ++l) s[l] = 0;
+  for (int64_t d0 = 0; d0 < D; d0 += kColumnBlock) {
+    for (int l = 0; l < kLine; ++l) part[l] = 0;
+    for (int64_t d = d0; d < std::min(D, d0 + kColumnBlock); ++d) {
+      const T* xd = x + d * inner;
+      T* yd = y + d * inner;
+#pragma omp simd
+      for (int64_t l = 0; l < n; ++l) {
+        const T e = exp_np(sign * xd[l] - m[l]);
+        yd[l] = e;
+        part[l] += e;
+      }
+    }
+    for (int l = 0; l < kLine; ++l) s[l] += part[l];
+  }
+  if (kind == kLogSoftmax) {
+    for (int l = 0; l < kLine; ++l) s[l] = m[l] + std::log(s[l]);  // the shift
+    for (int64_t d = 0; d < D; ++d) {
+      const T* xd = x + d * inner;
+      T* yd = y + d * inner;
+#pragma omp simd
+      for (int64_t l = 0; l < n; ++l) yd[l] = xd[l] - s[l];
+    }
+    return;
+  }
+  for (int l = 0; l < kLine; ++l) s[l] = T(1) / s[l];
+  for (int64_t d = 0; d < D; ++d) {
+    T* yd = y + d * inner;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) yd[l] *= s[l];
+  }
+}
+
+// Tasks [c0, c1) of forward_columns over a (outer, D, inner) tensor in tiles of `width` columns
+// (softmax.cpp's column_width): task c is block c / chunks, columns width · (c % chunks) onward
+// (chunks = ceil(inner / width)).
+template <typename T>
+void forward_column_tasks(const T* x, T* y, int64_t D, int64_t inner, int64_t width, int64_t c0, int64_t c1,
+                          int64_t kind) {
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t chunks = (inner + width - 1) / width;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t col = (c % chunks) * width, off = (c / chunks) * D * inner + col;
+    const int64_t w = std::min<int64_t>(width, inner - col);
+    if (w == kLine) {
+      forward_columns<T, kLine>(x + off, y + off, D, inner, w, Kind(kind));
+    } else {
+      forward_columns<T, 0>(x + off, y + off, D, inner, w, Kind(kind));
+    }
+  }
+}
+
+// The backward of forward_columns: per column Σ y·dy over d (log-softmax: Σ dy, and whether any
+// y is positive: std::exp then, as backward_block), then dx.
+template <typename T, int W>
+MMK_INLINE void backward_columns(const T* y, const T* dy, T* dx, int64_t D, int64_t inner, int64_t w, Kind kind) {
+  constexpr int kLine = W ? W : kMaxColumns;
+  const int64_t n = W ? W : w;
+  T s[kLine], part[kLine], top[kLine];
+  for (int l = 0; l < kLine; ++l) {
+    s[l] = 0;
+    top[l] = -std::numeric_limits<T>::infinity();
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += kColumnBlock) {
+    for (int l = 0; l < kLine; ++l) part[l] = 0;
+    for (int64_t d = d0; d < std::min(D, d0 + kColumnBlock); ++d) {
+      const T* yd = y + d * inner;
+      const T* gd = dy + d * inner;
+      if (kind == kLogSoftmax) {
+#pragma omp simd
+        for (int64_t l = 0; l < n; ++l) {
+          part[l] += gd[l];
+          top[l] = yd[l] > top[l] ? yd[l] : top[l];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t l = 0; l < n; ++l) part[l] += yd[l] * gd[l];
+      }
+    }
+    for (int l = 0; l < kLine; ++l) s[l] += part[l];
+  }
+  bool positive = false;
+  for (int64_t l = 0; l < n; ++l) positive |= top[l] > T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* yd = y + d * inner;
+    const T* gd = dy + d * inner;
+    T* xd = dx + d * inner;
+    if (kind == kLogSoftmax) {
+      if (positive) {
+        for (int64_t l = 0; l < n; ++l) xd[l] = gd[l] - std::exp(yd[l]) * s[l];
+      } else {
+#pragma omp simd
+        for (int64_t l = 0; l < n; ++l) xd[l] = gd[l] - exp_np(yd[l]) * s[l];
+      }
+    } else if (kind == kSoftmax) {
+#pragma omp simd
+      for (int64_t l = 0; l < n; ++l) xd[l] = yd[l] * (gd[l] - s[l]);
+    } else {
+#pragma omp simd
+      for (int64_t l = 0; l < n; ++l) xd[l] = yd[l] * (s[l] - gd[l]);
+    }
+  }
+}
+
+template <typename T>
+void backward_column_tasks(const T* y, const T* dy, T* dx, int64_t D, int64_t inner, int64_t width, int64_t c0,
+                           int64_t c1, int64_t kind) {
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t chunks = (inner + width - 1) / width;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t col = (c % chunks) * width, off = (c / chunks) * D * inner + col;
+    const int64_t w = std::min<int64_t>(width, inner - col);
+    if (w == kLine) {
+      backward_columns<T, kLine>(y + off, dy + off, dx + off, D, inner, w, Kind(kind));
+    } else {
+      backward_columns<T, 0>(y + off, dy + off, dx + off, D, inner, w, Kind(kind));
+    }
+  }
+}

@@ -290,22 +290,27 @@ def _cpp_softmax():
     return cpp if cpp is not None and hasattr(cpp, "softmax_forward") else None
 
 
-#: The dtypes csrc/softmax.cpp takes (bfloat16 with float math).
+#: The dtypes csrc/softmax.cpp takes along the last dim (bfloat16 with float math), and along
+#: another dim (its column kernels).
 _CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CPP_COLUMN_DTYPES = (torch.float32, torch.float64)
 
 
 def _cpp_takes(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> bool:
-    """csrc/softmax.cpp's case: contiguous float32 / float64 / bfloat16 rows along the last dim,
-    the result in the same dtype — measured faster than ATen's there. Other dtypes and layouts
-    measured slower in C++ (see that file), so they run ATen's."""
-    return x.is_contiguous() and dim == x.dim() - 1 and x.dtype in _CPP_DTYPES and out_dtype == x.dtype
+    """csrc/softmax.cpp's case: a contiguous tensor, the result in its dtype — float32 / float64 /
+    bfloat16 along the last dim, float32 / float64 along another — measured faster than ATen's
+    there. Other dtypes and layouts measured slower in C++ (see that file), so they run ATen's."""
+    if not x.is_contiguous() or out_dtype != x.dtype:
+        return False
+    return x.dtype in (_CPP_DTYPES if dim == x.dim() - 1 else _CPP_COLUMN_DTYPES)
 
 
 def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
-    """The C++ kernel (csrc/softmax.cpp) where :func:`_cpp_takes`; ATen's otherwise."""
+    """The C++ kernel (csrc/softmax.cpp) where :func:`_cpp_takes` (rows along the last dim, or its
+    column kernels along another); ATen's otherwise."""
     cpp = _cpp_softmax()
     if cpp is not None and _cpp_takes(x, dim, out_dtype):
-        return cpp.softmax_forward(x, int(kind))
+        return cpp.softmax_forward(x, int(kind), dim)
     if kind == Kind.SOFTMAX:
         y = torch.softmax(x, dim, dtype=out_dtype)
     elif kind == Kind.LOG_SOFTMAX:
@@ -317,15 +322,15 @@ def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) 
 
 def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                   in_dtype: torch.dtype) -> torch.Tensor:
-    """The C++ kernel (csrc/softmax.cpp) for contiguous float32 / float64 rows along the last dim,
-    and bfloat16 ones of log-softmax (``dy`` contiguous, of ``y``'s dtype, ``dx`` in it); ATen's
-    otherwise."""
+    """The C++ kernel (csrc/softmax.cpp) for contiguous float32 / float64 along any dim, and
+    bfloat16 rows along the last dim of log-softmax (``dy`` contiguous, of ``y``'s dtype, ``dx`` in
+    it); ATen's otherwise."""
     cpp = _cpp_softmax()
     # bfloat16: log-softmax only (1.12-1.15x ATen's on the AVX2 VM); softmax / softmin measured
     # 0.80-0.88x in C++ and stay on ATen's
     if (cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y.dtype and dy.is_contiguous()
             and (y.dtype != torch.bfloat16 or kind == Kind.LOG_SOFTMAX) and hasattr(cpp, "softmax_backward")):
-        return cpp.softmax_backward(y, dy, int(kind))
+        return cpp.softmax_backward(y, dy, int(kind), -1, dim)
     # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after
     dy = dy.to(y.dtype)
     if kind == Kind.LOG_SOFTMAX:
