@@ -18,7 +18,8 @@
 #include <unistd.h>
 #endif
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+// The levels need GCC 11 or later (its x86-64-v3 / v4 target names); elsewhere the baseline only.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MMK_LEVELS 1
 #endif
 // The helpers the vectorised loops call: inlined into the loop's copy for each level (a call would
@@ -36,9 +37,17 @@ enum IsaLevel : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline int cpu_level() {
 #ifdef MMK_LEVELS
-  static const int level = __builtin_cpu_supports("x86-64-v4") ? kAvx512
-                           : __builtin_cpu_supports("x86-64-v3") ? kAvx2
-                                                                 : kBaseline;
+  // by feature (the level names of __builtin_cpu_supports need GCC 12; the pragmas GCC 11)
+  static const int level =
+      (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+       __builtin_cpu_supports("bmi2"))
+          ? kAvx512
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe"))
+          ? kAvx2
+          : kBaseline;
   return level;
 #else
   return kBaseline;
