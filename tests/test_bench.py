@@ -330,13 +330,16 @@ def test_time_fn_and_rotation_on_cpu():
 
 
 def test_time_interleaved_takes_samples_in_turn():
-    """Entries in turn, the order reversed every round, and the buffer sets walked in one sequence
+    """Entries in turn, the order rotated every round, and the buffer sets walked in one sequence
     across the entries (no call finds its set fresh from the entry before it)."""
     order = []
     named = {"a": [lambda i=i: order.append(("a", i)) for i in range(2)], "b": [lambda: order.append(("b", 0))]}
     t = bench.timing.time_interleaved(named, warmup=1, repeats=3)
     timed = order[-6:]  # after the warm-up and the estimate
     assert timed == [("a", 0), ("b", 0), ("b", 0), ("a", 1), ("a", 0), ("b", 0)]
+    three = {n: [lambda n=n: order.append(n)] for n in "xyz"}
+    bench.timing.time_interleaved(three, warmup=1, repeats=3)
+    assert order[-9:] == list("xyz" "yzx" "zxy")  # each place in turn, never twice in a row
     assert set(t) == {"a", "b"} and all(len(v.samples_ms) == 3 for v in t.values())
     assert t["a"].buffer_sets == 2 and t["a"].method == "perf_counter-interleaved"
     with pytest.raises(ValueError):

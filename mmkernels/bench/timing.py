@@ -149,7 +149,7 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
                      repeats: Optional[int] = None, target_s: float = 0.2, min_repeats: int = 5,
                      max_repeats: int = 100) -> Dict[str, Timing]:
     """CPU: the median time of one call of each entry of ``named``, the entries' samples taken in
-    turn (A, B, C, C, B, A, A, B, C, ...) so that a slow drift of the machine (another load,
+    turn (A, B, C, B, C, A, C, A, B, ...) so that a slow drift of the machine (another load,
     frequency, memory state) shifts every entry alike and their ratios keep (timing each entry in
     its own stretch, ratios between processes of this 2-core machine moved by up to 40%).
 
@@ -157,8 +157,10 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
     sequence across the entries (the c-th timed call runs set ``c % len(calls)``), so every call
     finds its inputs as long untouched as every other: had the entries of a round shared one set,
     the first would bring it into the cache for the others (on a VM with 480 MiB of L3 the first
-    of three identical entries read 1.15-1.26 ms, the third 0.69-0.76). The order reverses every
-    round, so no entry is always first after another's work. Each entry is warmed up as
+    of three identical entries read 1.15-1.26 ms, the third 0.69-0.76). The order rotates every
+    round: each entry takes each place in turn, and none runs twice in a row (with the order
+    reversed every other round, the two entries at its ends did, and read 3-4% faster than the
+    same call in the middle). Each entry is warmed up as
     :func:`time_fn` does; the number of rounds is what fits all entries in ``target_s`` (clamped
     to ``[min_repeats, max_repeats]``)."""
     named = {n: list(c) for n, c in named.items()}
@@ -178,7 +180,7 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
     names = list(named)
     call = 0
     for i in range(n):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names[i % len(names):] + names[:i % len(names)]:
             calls = named[name]
             fn = calls[call % len(calls)]
             call += 1
