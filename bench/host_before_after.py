@@ -37,6 +37,12 @@ def export(rev: str, dest: pathlib.Path) -> None:
     shutil.copytree(raw / "mmkernels", pkg)
     shutil.copytree(raw / "triton_kernels", pkg / "_triton")
     shutil.copy(ROOT / "mmkernels" / "bench" / "host.py", pkg / "bench" / "host.py")
+    backend = pkg / "_backend.py"
+    if "def kernel_names(" not in backend.read_text():  # older than the helper host.py now uses
+        src = (ROOT / "mmkernels" / "_backend.py").read_text()
+        fn = src[src.index("def kernel_names("):]
+        fn = fn[:fn.index("\n\n\n")].replace(" -> List[str]", "")
+        backend.write_text(backend.read_text() + "\n\n" + fn + "\n")
     for path in pkg.rglob("*.py"):
         text = path.read_text()
         path.write_text(re.sub(r"\bmmkernels\b", "mmkernels_before", text))
