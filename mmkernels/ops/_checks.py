@@ -11,7 +11,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type not in ("cpu", "cuda"):
+    if not (t.is_cpu or t.is_cuda):  # flags, not a device object: every op call runs this
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
 
 

@@ -330,18 +330,24 @@ def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
     cpp = _cpp_softmax()
     # bfloat16: log-softmax only (1.12-1.15x ATen's on the AVX2 VM); softmax / softmin measured
     # 0.80-0.88x in C++ and stay on ATen's
-    if (cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y.dtype and dy.is_contiguous()
-            and (y.dtype != torch.bfloat16 or kind == Kind.LOG_SOFTMAX) and hasattr(cpp, "softmax_backward")):
+    y_dtype = y.dtype
+    if (cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous()
+            and (y_dtype != torch.bfloat16 or kind == Kind.LOG_SOFTMAX)):
         return cpp.softmax_backward(y, dy, int(kind), -1, dim)
-    # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after
-    dy = dy.to(y.dtype)
+    # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after.
+    # (Each call skipped here counts: after a kernel that streams its tensors through the caches,
+    # a microsecond of Python in a tight loop costs several.)
+    if dy.dtype != y_dtype:
+        dy = dy.to(y_dtype)
     if kind == Kind.LOG_SOFTMAX:
-        dx = torch._log_softmax_backward_data(dy, y, dim, y.dtype)
+        dx = torch._log_softmax_backward_data(dy, y, dim, y_dtype)
     elif kind == Kind.SOFTMAX:
-        dx = torch._softmax_backward_data(dy, y, dim, y.dtype)
+        dx = torch._softmax_backward_data(dy, y, dim, y_dtype)
     else:
-        dx = torch._softmax_backward_data(dy, y, dim, y.dtype).neg_()
-    return _same_layout(dx.to(in_dtype), y, in_dtype)
+        dx = torch._softmax_backward_data(dy, y, dim, y_dtype).neg_()
+    if in_dtype != y_dtype:
+        dx = dx.to(in_dtype)
+    return _same_layout(dx, y, in_dtype)
 
 
 def _forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
