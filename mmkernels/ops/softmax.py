@@ -443,6 +443,8 @@ def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Ki
             input = input.to(out_dtype)
     if input.dim() == 0:
         return SoftmaxFunction.apply(input.reshape(1), 0, int(kind), out_dtype).reshape(())
+    if not input.requires_grad and _backend.direct_call_ok(input):  # no graph to record: no Function
+        return _forward(input, d, kind, out_dtype)
     return SoftmaxFunction.apply(input, d, int(kind), out_dtype)
 
 
