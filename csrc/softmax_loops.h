@@ -233,23 +233,29 @@ MMK_INLINE void forward_columns(const T* x, T* y, int64_t D, int64_t inner, int6
   }
 }
 
-// Tasks [c0, c1) of forward_columns over a (outer, D, inner) tensor in tiles of `width` columns
+// Tasks [c0, c1) of the column kernels over a (outer, D, inner) tensor in tiles of `width` columns
 // (softmax.cpp's column_width): task c is block c / chunks, columns width · (c % chunks) onward
-// (chunks = ceil(inner / width)).
+// (chunks = ceil(inner / width)); run(offset, w) for each, w its columns.
+template <typename F>
+MMK_INLINE void column_tiles(int64_t D, int64_t inner, int64_t width, int64_t c0, int64_t c1, const F& run) {
+  const int64_t chunks = (inner + width - 1) / width;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t col = (c % chunks) * width;
+    run((c / chunks) * D * inner + col, std::min<int64_t>(width, inner - col));
+  }
+}
+
 template <typename T>
 void forward_column_tasks(const T* x, T* y, int64_t D, int64_t inner, int64_t width, int64_t c0, int64_t c1,
                           int64_t kind) {
-  constexpr int kLine = 64 / sizeof(T);
-  const int64_t chunks = (inner + width - 1) / width;
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t col = (c % chunks) * width, off = (c / chunks) * D * inner + col;
-    const int64_t w = std::min<int64_t>(width, inner - col);
+  constexpr int kLine = 64 / sizeof(T);  // a tile of one cache line: its width known when compiled
+  column_tiles(D, inner, width, c0, c1, [=](int64_t off, int64_t w) MMK_LAMBDA_INLINE {
     if (w == kLine) {
       forward_columns<T, kLine>(x + off, y + off, D, inner, w, Kind(kind));
     } else {
       forward_columns<T, 0>(x + off, y + off, D, inner, w, Kind(kind));
     }
-  }
+  });
 }
 
 // The backward of forward_columns: per column Σ y·dy over d (log-softmax: Σ dy, and whether any
@@ -308,14 +314,11 @@ template <typename T>
 void backward_column_tasks(const T* y, const T* dy, T* dx, int64_t D, int64_t inner, int64_t width, int64_t c0,
                            int64_t c1, int64_t kind) {
   constexpr int kLine = 64 / sizeof(T);
-  const int64_t chunks = (inner + width - 1) / width;
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t col = (c % chunks) * width, off = (c / chunks) * D * inner + col;
-    const int64_t w = std::min<int64_t>(width, inner - col);
+  column_tiles(D, inner, width, c0, c1, [=](int64_t off, int64_t w) MMK_LAMBDA_INLINE {
     if (w == kLine) {
       backward_columns<T, kLine>(y + off, dy + off, dx + off, D, inner, w, Kind(kind));
     } else {
       backward_columns<T, 0>(y + off, dy + off, dx + off, D, inner, w, Kind(kind));
     }
-  }
+  });
 }
