@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -81,33 +83,49 @@ inline int active_level() { return std::min(isa_cap().load(std::memory_order_rel
 #define MMK_RUN_VECTORISED(kernel, ...) baseline::kernel(__VA_ARGS__)
 #endif
 
-// exp(x) for x <= 0, -inf or NaN (the softmax's x - max): 2^n · e^r, |r| <= ln2/2, e^r by its Taylor
-// polynomial of degree 7, 2^n from the exponent bits; below -87.3 (past float's normal range) 0,
-// NaN stays NaN.
+// exp(x) for x <= 0, -inf or NaN (the softmax's x - max): 2^n · e^r, |r| <= ln2/2, e^r by a
+// polynomial fitted for the least relative error on that interval (least squares reweighted towards
+// the worst points, its constant term 1), 2^n from the exponent bits; below -87.3 (past float's
+// normal range) 0, NaN stays NaN (the polynomial of a NaN r is NaN). Degree 6 (the default): 2e-9
+// relative, under float's rounding (1e-7 evaluated in float); degree 4: 2.9e-6, for values stored as
+// bfloat16 (whose rounding is 3.9e-3). (The Taylor polynomial of degree 7 it replaces: two FMAs
+// more, and an integer conversion and a NaN select that t's bits and the polynomial make needless.)
+template <int Degree = 6>
 MMK_INLINE float exp_np(float x) {
-  const float xc = x < -87.3f ? -87.3f : x;
-  // the nearest integer by adding and taking away 1.5 · 2^23 (|xc · log2 e| <= 126): vectorises on
-  // every level, where __builtin_nearbyintf needs SSE4.1 (the baseline copy ran it as a scalar call,
-  // 0.15x ATen's forward); not folded away without -ffast-math
-  constexpr float kRound = 12582912.0f;
-  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
-  float r = xc - n * 0.693145751953125f;  // ln2 split: n·hi exact
+  static_assert(Degree == 4 || Degree == 6, "exp_np has polynomials of degree 4 and 6");
+  // t = x·log2(e) + 1.5·2^23 + 127 rounds x·log2(e) to the nearest integer n, and its low
+  // mantissa bits hold n + 127 (|n| <= 126): shifted up 23 they are 2^n's float bits. (Adding and
+  // taking away a constant vectorises on every level, where __builtin_nearbyintf needs SSE4.1;
+  // not folded away without -ffast-math.)
+  constexpr float kShift = 12582912.0f + 127.0f;
+  const float t = x * 1.44269504088896341f + kShift;
+  const float n = t - kShift;
+  float r = x - n * 0.693145751953125f;  // ln2 split: n·hi exact
   r = r - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
+  float p;  // e^r = 1 + r·(c1 + r·(c2 + ...)): exactly 1 at r = 0 (a row of one element: 1, log 0)
+  if constexpr (Degree == 6) {
+    p = 1.3843653302552082e-3f;
+    p = p * r + 8.3741554762228904e-3f;
+    p = p * r + 4.1668002049035778e-2f;
+    p = p * r + 1.6666431260648085e-1f;
+    p = p * r + 4.9999994208951504e-1f;
+    p = p * r + 1.0000000321654807f;
+  } else {
+    p = 4.1513845982307979e-2f;
+    p = p * r + 1.6787474010317993e-1f;
+    p = p * r + 5.0003013692753706e-1f;
+    p = p * r + 9.9996683616272597e-1f;
+  }
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = static_cast<int32_t>(static_cast<uint32_t>(bits) << 23);
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float v = x < -87.3f ? 0.0f : p * scale;
-  return x != x ? x : v;
+  return x < -87.3f ? 0.0f : p * scale;
 }
 
+template <int Degree = 6>
 MMK_INLINE double exp_np(double x) { return std::exp(x); }
 
 // Copies `bytes` from src (a small block the caller just computed, in cache) to dst with
@@ -132,16 +150,42 @@ inline void stream_copy(void* dst, const void* src, size_t bytes) {
 #endif
 }
 
-// The last-level cache's size as the OS reports it (the level-3 cache, else level 2), 8 MiB where
-// it says nothing: a kernel streams its output (stream_copy) only when its tensors would not stay
-// in that cache anyway. (A Zen 1 VM with 8 MiB of L3: a streamed softmax backward 1.06-1.20x
-// ATen's, plain stores 1.05-1.08x; a Xeon VM reporting 480 MiB: streamed 0.68-0.84x, plain
-// 0.89-1.06x, at the same 16 MiB tensors.)
+// The last-level cache's size: on Linux the largest level of cpu0's caches in sysfs (the kernel's
+// reading of CPUID), else sysconf's level-3 (then level-2) size, else 8 MiB. A kernel streams its
+// output (stream_copy) only when its tensors would not stay in that cache anyway. (glibc's sysconf
+// is not the cache: 320 MiB on a Zen 4 VM whose sysfs and CPUID say 32 MiB, where streaming the
+// softmax backward's dx at 48 MiB of tensors read 1.11-1.15x ATen's against 0.98-1.00x plain. A
+// Zen 1 VM with 8 MiB: streamed 1.06-1.20x, plain 1.05-1.08x; a Xeon VM with 480 MiB: streamed
+// 0.68-0.84x, plain 0.89-1.06x, at 16 MiB tensors.)
+inline size_t sysfs_cache_bytes() {
+  size_t best = 0;
+  int best_level = 0;
+#if defined(__linux__)
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size"), type_file(dir + "type");
+    int level = 0;
+    size_t size = 0;
+    std::string unit, type;
+    if (!(level_file >> level) || !(size_file >> size)) break;
+    size_file >> unit;  // "32768K": the number read, then its unit
+    type_file >> type;
+    if (type == "Instruction") continue;
+    size <<= unit == "K" ? 10 : unit == "M" ? 20 : unit == "G" ? 30 : 0;
+    if (level > best_level || (level == best_level && size > best)) {
+      best_level = level;
+      best = size;
+    }
+  }
+#endif
+  return best;
+}
+
 inline size_t last_level_cache_bytes() {
   static const size_t bytes = [] {
-    long size = -1;
+    long size = static_cast<long>(sysfs_cache_bytes());
 #if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-    size = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (size <= 0) size = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (size <= 0) size = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     return size > 0 ? static_cast<size_t>(size) : static_cast<size_t>(8) << 20;
