@@ -77,17 +77,22 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
 }
 
 
-// dx of n elements from the row's sum s. exact_exp (log-softmax with a positive y, which no
-// log-softmax output has): std::exp, not the polynomial (whose range is x <= 0).
+// dx of n elements from the row's sum s. Log-softmax: exp_np, whose range is y <= 0 (every
+// log-softmax output), and whether some y was positive found in the same loop; a block that has
+// one (not a log-softmax output) is made again with std::exp. (The row's max, taken in a pass of
+// its own before, read y once more than ATen's backward.)
 template <typename T>
 MMK_INLINE void backward_block(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx, int64_t n,
-                               T s, Kind kind, bool exact_exp) {
+                               T s, Kind kind) {
   if (kind == kLogSoftmax) {
-    if (exact_exp) {
+    int positive = 0;
+#pragma omp simd reduction(| : positive)
+    for (int64_t i = 0; i < n; ++i) {
+      dx[i] = dy[i] - exp_np(y[i]) * s;
+      positive |= y[i] > T(0);
+    }
+    if (positive) {
       for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] - std::exp(y[i]) * s;
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] - exp_np(y[i]) * s;
     }
   } else if (kind == kSoftmax) {
 #pragma omp simd
@@ -99,24 +104,15 @@ MMK_INLINE void backward_block(const T* __restrict__ y, const T* __restrict__ dy
 }
 
 // The backward's row reduction in A (the math type) over a row of S (its storage): Σ dy for
-// log-softmax — and whether any y is positive (not a log-softmax output: exact exp then) —
-// else Σ y·dy. A fixed order: the same bits on every run.
+// log-softmax, else Σ y·dy. A fixed order: the same bits on every run.
 template <typename A, typename S>
-MMK_INLINE A row_reduction(const S* __restrict__ yr, const S* __restrict__ dr, int64_t N, Kind kind, bool& positive) {
-  positive = false;
-  if (kind == kLogSoftmax) {
-    A top = -std::numeric_limits<A>::infinity();
-#pragma omp simd reduction(max : top)
-    for (int64_t i = 0; i < N; ++i) {
-      const A v = widen(yr[i]);
-      top = v > top ? v : top;
-    }
-    positive = top > A(0);
-    return blocked_sum<A>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return A(widen(dr[i])); });
-  }
+MMK_INLINE A row_reduction(const S* __restrict__ yr, const S* __restrict__ dr, int64_t N, Kind kind) {
+  if (kind == kLogSoftmax) return blocked_sum<A>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return A(widen(dr[i])); });
   return blocked_sum<A>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return A(widen(yr[i])) * A(widen(dr[i])); });
 }
 
+// Rows: dx a block of kBlock at a time (streamed from an L1 buffer, or stored in place), the
+// same blocks either way: the same bits.
 template <typename T>
 void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int64_t N, int64_t kind_, bool stream) {
   const Kind kind = Kind(kind_);
@@ -124,17 +120,12 @@ void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int64_t N, int6
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ yr = y + r * N;
     const T* __restrict__ dr = dy + r * N;
-    bool positive;
-    const T s = row_reduction<T>(yr, dr, N, kind, positive);
+    const T s = row_reduction<T>(yr, dr, N, kind);
     T* out = dx + r * N;
-    if (!stream) {
-      backward_block(yr, dr, out, N, s, kind, positive);
-      continue;
-    }
     for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
       const int64_t n = std::min(kBlock, N - i0);
-      backward_block(yr + i0, dr + i0, buf, n, s, kind, positive);
-      stream_copy(out + i0, buf, n * sizeof(T));
+      backward_block(yr + i0, dr + i0, stream ? buf : out + i0, n, s, kind);
+      if (stream) stream_copy(out + i0, buf, n * sizeof(T));
     }
   }
   if (stream) stream_fence();
@@ -142,7 +133,8 @@ void backward_rows(const T* y, const T* dy, T* dx, int64_t rows, int64_t N, int6
 
 
 // Rows of bfloat16: the row reduction widens y and dy as it reads them; dx is made in float from
-// the widened elements (the float rows' math), narrowed, and stored (or streamed a block at a time).
+// the widened elements (the float rows' math, exp_np<4> for log-softmax), narrowed, and stored (or
+// streamed a block at a time).
 void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int64_t rows, int64_t N,
                         int64_t kind_, bool stream) {
   const Kind kind = Kind(kind_);
@@ -150,8 +142,7 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* __restrict__ yr = y + r * N;
     const uint16_t* __restrict__ dr = dy + r * N;
-    bool positive;
-    const float s = row_reduction<float>(yr, dr, N, kind, positive);
+    const float s = row_reduction<float>(yr, dr, N, kind);
     uint16_t* out = dx + r * N;
     for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
       const int64_t n = std::min(kBlock, N - i0);
@@ -159,11 +150,14 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
       const uint16_t* __restrict__ yy = yr + i0;
       const uint16_t* __restrict__ gg = dr + i0;
       if (kind == kLogSoftmax) {
+        int positive = 0;
+#pragma omp simd reduction(| : positive)
+        for (int64_t i = 0; i < n; ++i) {
+          dst[i] = narrow(widen(gg[i]) - exp_np<4>(widen(yy[i])) * s);
+          positive |= widen(yy[i]) > 0.0f;
+        }
         if (positive) {
           for (int64_t i = 0; i < n; ++i) dst[i] = narrow(widen(gg[i]) - std::exp(widen(yy[i])) * s);
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) dst[i] = narrow(widen(gg[i]) - exp_np<4>(widen(yy[i])) * s);
         }
       } else if (kind == kSoftmax) {
 #pragma omp simd

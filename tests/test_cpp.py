@@ -208,6 +208,16 @@ def test_softmax_loops_at_each_level(cpu_isa, dtype, N):
                         magnitude=softmax_backward_magnitude(yf, dyf, -1, name))
         for stream in (0, 1):
             mt.assert_same_bits(ops.softmax_backward(yf, dyf, kind, stream), dx, f"{name} backward, stream={stream}")
+        if name == "log_softmax" and yf.shape[0]:
+            # a positive y (not a log-softmax output, but a legal argument) in the row's last block:
+            # that block's exps exact, in either store mode
+            yp = yf.clone()
+            yp[0, -1] = 0.5
+            dxp = ops.softmax_backward(yp, dyf, kind, -1)
+            mt.assert_close(dxp, softmax_backward_ref(yp, dyf, -1, name), backend="cpu", what=f"{name} backward, y > 0",
+                            magnitude=softmax_backward_magnitude(yp, dyf, -1, name))
+            for stream in (0, 1):
+                mt.assert_same_bits(ops.softmax_backward(yp, dyf, kind, stream), dxp, f"{name} y > 0, stream={stream}")
 
 
 @needs_cpp
