@@ -330,18 +330,24 @@ def test_time_fn_and_rotation_on_cpu():
 
 
 def test_time_interleaved_takes_samples_in_turn():
-    """Entries in turn, the order rotated every round, and the buffer sets walked in one sequence
-    across the entries (no call finds its set fresh from the entry before it)."""
+    """Entries in turn, each after every other equally often, and the buffer sets walked in one
+    sequence across the entries (no call finds its set fresh from the entry before it)."""
     order = []
-    named = {"a": [lambda i=i: order.append(("a", i)) for i in range(2)], "b": [lambda: order.append(("b", 0))]}
+    named = {"a": [lambda i=i: order.append(("a", i)) for i in range(3)], "b": [lambda: order.append(("b", 0))]}
     t = bench.timing.time_interleaved(named, warmup=1, repeats=3)
     timed = order[-6:]  # after the warm-up and the estimate
-    assert timed == [("a", 0), ("b", 0), ("b", 0), ("a", 1), ("a", 0), ("b", 0)]
-    three = {n: [lambda n=n: order.append(n)] for n in "xyz"}
-    bench.timing.time_interleaved(three, warmup=1, repeats=3)
-    assert order[-9:] == list("xyz" "yzx" "zxy")  # each place in turn, never twice in a row
+    assert timed == [("a", 0), ("b", 0), ("a", 2), ("b", 0), ("a", 1), ("b", 0)]
+    for n in range(2, 6):
+        names = "vwxyz"[:n]
+        entries = {c: [lambda c=c: order.append(c)] for c in names}
+        bench.timing.time_interleaved(entries, warmup=1, repeats=n - 1)
+        walk = order[-n * (n - 1):]
+        pairs = [(walk[i], walk[(i + 1) % len(walk)]) for i in range(len(walk))]
+        # every ordered pair of different entries once, closing on itself: never twice in a row
+        assert sorted(pairs) == sorted((p, q) for p in names for q in names if p != q), walk
+    bench.timing.time_interleaved(named, warmup=1, repeats=4)  # 4 samples: two whole walks of two
     assert set(t) == {"a", "b"} and all(len(v.samples_ms) == 3 for v in t.values())
-    assert t["a"].buffer_sets == 2 and t["a"].method == "perf_counter-interleaved"
+    assert t["a"].buffer_sets == 3 and t["a"].method == "perf_counter-interleaved"
     with pytest.raises(ValueError):
         bench.timing.time_interleaved({"a": []})
 

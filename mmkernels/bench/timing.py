@@ -145,24 +145,45 @@ def time_fn(calls: Sequence[Callable[[], object]], device: torch.device, *, warm
     return Timing(statistics.median(samples), samples, "cuda-events", 1, k, note)
 
 
+def pair_walk(n: int) -> List[int]:
+    """The order :func:`time_interleaved` takes its ``n`` entries in: a closed walk over
+    ``0 .. n - 1`` with every ordered pair of different entries once as consecutive calls (the last
+    followed by the first again) — an Euler circuit of the complete directed graph. Each entry
+    appears ``n - 1`` times, once after each other entry, never twice in a row."""
+    if n <= 1:
+        return [0] * n
+    left = {v: [u for u in range(n) if u != v] for v in range(n)}  # the pairs (v, u) not yet walked
+    stack, walk = [0], []
+    while stack:  # Hierholzer's algorithm
+        v = stack[-1]
+        if left[v]:
+            stack.append(left[v].pop())
+        else:
+            walk.append(stack.pop())
+    walk.reverse()
+    return walk[:-1]  # closed: its last vertex is the first
+
+
 def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup: int = 3,
                      repeats: Optional[int] = None, target_s: float = 0.2, min_repeats: int = 5,
                      max_repeats: int = 100) -> Dict[str, Timing]:
     """CPU: the median time of one call of each entry of ``named``, the entries' samples taken in
-    turn (A, B, C, B, C, A, C, A, B, ...) so that a slow drift of the machine (another load,
-    frequency, memory state) shifts every entry alike and their ratios keep (timing each entry in
-    its own stretch, ratios between processes of this 2-core machine moved by up to 40%).
+    turn so that a slow drift of the machine (another load, frequency, memory state) shifts every
+    entry alike and their ratios keep (timing each entry in its own stretch, ratios between
+    processes of this 2-core machine moved by up to 40%).
 
     Each entry's calls are its buffer sets, and the timed calls walk through the sets in one
     sequence across the entries (the c-th timed call runs set ``c % len(calls)``), so every call
     finds its inputs as long untouched as every other: had the entries of a round shared one set,
     the first would bring it into the cache for the others (on a VM with 480 MiB of L3 the first
-    of three identical entries read 1.15-1.26 ms, the third 0.69-0.76). The order rotates every
-    round: each entry takes each place in turn, and none runs twice in a row (with the order
-    reversed every other round, the two entries at its ends did, and read 3-4% faster than the
-    same call in the middle). Each entry is warmed up as
-    :func:`time_fn` does; the number of rounds is what fits all entries in ``target_s`` (clamped
-    to ``[min_repeats, max_repeats]``)."""
+    of three identical entries read 1.15-1.26 ms, the third 0.69-0.76). The entries take turns in
+    :func:`pair_walk`'s order (A, C, B, C, A, B for three), so each follows every other equally
+    often: a call also inherits its predecessor's state — the memory it freed and what it left in
+    the cache — and in a fixed cycle (A, B, C, B, C, A, ...: rotated rounds) one entry always
+    followed the same other, on a Zen 4 VM ATen's softmax backward 1.06 ms after our plain-stored
+    dx and 1.25 ms after our streamed one. Each entry is warmed up as :func:`time_fn` does; the
+    number of samples is what fits all entries in ``target_s`` (clamped to ``[min_repeats,
+    max_repeats]``); the last walk stops where each entry has them."""
     named = {n: list(c) for n, c in named.items()}
     if not named or any(not c for c in named.values()):
         raise ValueError("time_interleaved needs at least one callable per entry")
@@ -178,9 +199,13 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
     n = _repeats(est, repeats, target_s, min_repeats, max_repeats)
     samples: Dict[str, List[float]] = {name: [] for name in named}
     names = list(named)
+    walk = pair_walk(len(names))
     call = 0
-    for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+    while any(len(v) < n for v in samples.values()):
+        for e in walk:
+            name = names[e]
+            if len(samples[name]) >= n:  # the last walk, cut short where an entry has its samples
+                continue
             calls = named[name]
             fn = calls[call % len(calls)]
             call += 1
