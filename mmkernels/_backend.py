@@ -135,16 +135,32 @@ def resolve(device: torch.device) -> Impl:
     raise BackendError(f"mmkernels supports CPU and CUDA tensors, got device {device}")
 
 
+def _nothing_watching() -> bool:
+    """No torch.compile / export tracing, no dispatch or torch-function mode active."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled())
+
+
 def direct_call_ok(*tensors: torch.Tensor) -> bool:
     """True when nothing can be watching this call — no torch.compile / export tracing, no
     dispatch or torch-function mode, no tensor subclass (FakeTensor, FunctionalTensor, ...). Then
     an op's autograd wrapper may call its implementation directly and skip the torch.library
     dispatch (about 13 µs a call on CPU); otherwise it must go through the custom op, so tracers
     see one op with its fake kernel."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
+    if not _nothing_watching():
         return False
     for t in tensors:  # a loop, not all(<generator>): this runs on every call of every op
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
     return True
+
+
+def cpu_direct(*tensors: torch.Tensor) -> bool:
+    """True when a call on ``tensors`` may take an op's short CPU path: every one a plain CPU
+    ``torch.Tensor`` (no subclass, no Parameter) that records no graph, nothing watching (as
+    :func:`direct_call_ok`), and the backend in force runs the CPU path for CPU tensors (not
+    ``triton``). The ops' public functions check this first and otherwise take their checked way."""
+    for t in tensors:
+        if type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad:
+            return False
+    return _nothing_watching() and get_backend() != "triton"

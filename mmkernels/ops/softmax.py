@@ -427,7 +427,45 @@ class SoftmaxFunction(torch.autograd.Function):
 # Public functionals
 # ----------------------------------------------------------------------------------------------
 
+# The public functions' short CPU way: the common call — plain CPU tensors of a float dtype, the
+# result in it, a dim in range, no graph, nothing watching (_backend.cpu_direct) — goes straight to
+# _cpu_forward / _cpu_backward, without the checked way's layers; every other call (and every bad
+# one: its errors) takes the checked way. On a 0.5 ms bfloat16 backward the checked way's ~8 µs of
+# Python read +35-70 µs against ATen's call alone, this way +0-7 µs (bench/NOTES.md).
+
+
+def _short_dim(t: torch.Tensor, dim) -> Optional[int]:
+    """``dim`` of ``t`` made non-negative, or None where the short way does not apply (0-dim
+    ``t``, a dim out of range or not an int)."""
+    nd = t.dim()
+    if type(dim) is not int or not -nd <= dim < nd:
+        return None
+    return dim % nd
+
+
+def _short_cpu_forward(x, dim, dtype, kind: Kind) -> Optional[torch.Tensor]:
+    if dtype is not None or not _backend.cpu_direct(x) or x.dtype not in _FLOATS:
+        return None
+    d = _short_dim(x, dim)
+    return None if d is None else _cpu_forward(x, d, kind, x.dtype)
+
+
+def _short_cpu_backward(dy, y, dim, kind, input_dtype) -> Optional[torch.Tensor]:
+    if not _backend.cpu_direct(dy, y):
+        return None
+    dtype = y.dtype
+    k = _KINDS.get(kind) if type(kind) is str else None
+    if (k is None or dy.dtype is not dtype or dtype not in _FLOATS or y.shape != dy.shape
+            or (input_dtype is not None and input_dtype is not dtype)):
+        return None
+    d = _short_dim(y, dim)
+    return None if d is None else _cpu_backward(y, dy, d, k, dtype)
+
+
 def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Kind) -> torch.Tensor:
+    y = _short_cpu_forward(input, dim, dtype, kind)
+    if y is not None:
+        return y
     _check_tensor("input", input)
     d = _check_dim(dim, input.dim())
     if dtype is None:
@@ -520,6 +558,9 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
     Returns:
         ``dx`` with ``output``'s shape.
     """
+    dx = _short_cpu_backward(grad_output, output, dim, kind, input_dtype)
+    if dx is not None:
+        return dx
     _check_tensor("grad_output", grad_output)
     _check_tensor("output", output)
     if kind not in _KINDS:
