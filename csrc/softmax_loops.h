@@ -20,10 +20,13 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind) {
     std::fill(y, y + N, std::numeric_limits<T>::quiet_NaN());
     return;
   }
-  // the exps into y (the log-softmax's too: y is overwritten below), then their sum
-#pragma omp simd
-  for (int64_t i = 0; i < N; ++i) y[i] = exp_np(sign * x[i] - m);
-  const T s = blocked_sum<T>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return y[i]; });
+  // the exps into y (the log-softmax's too: y is overwritten below) and their sum, in one pass (the
+  // sum's order as a pass of its own over y: the same bits; 1.05-1.10x the forward of two passes)
+  const T s = blocked_sum<T>(N, [=](int64_t i) MMK_LAMBDA_INLINE {
+    const T e = exp_np(sign * x[i] - m);
+    y[i] = e;
+    return e;
+  });
   if (kind == kLogSoftmax) {
     const T shift = m + std::log(s);
 #pragma omp simd
@@ -42,8 +45,9 @@ void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
 
 // Rows of bfloat16, in float math (as the float rows): the max pass widens x as it reads it, the
 // exp pass keeps exp(x - max) in the float buffer `buf` (N floats, in cache; exp_np<4>, whose error
-// is a thousandth of bfloat16's rounding) and they are summed from there, the last pass scales (or, for log-softmax, subtracts from the widened x) and narrows
-// into y.
+// is a thousandth of bfloat16's rounding) and they are summed from there (summed as they are made,
+// as the float rows do, measured 0.97-1.03x this), the last pass scales (or, for log-softmax,
+// subtracts from the widened x) and narrows into y.
 void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows, int64_t N,
                        int64_t kind) {
   const float sign = kind == kSoftmin ? -1.0f : 1.0f;
