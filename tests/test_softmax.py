@@ -382,6 +382,39 @@ def test_backend_env_var_is_read_at_call_time(monkeypatch):
     assert mmkernels.get_backend() == "cpu"
 
 
+def test_cpu_short_way_only_for_plain_untraced_cpu_calls(monkeypatch):
+    """_backend.cpu_direct, the softmax functionals' short CPU way: plain CPU tensors recording no
+    graph, nothing watching, a backend that runs the CPU path; every other call the checked way,
+    which gives the same result (and the errors: a bad dim, a bad kind)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmkernels import _backend
+
+    x = torch.randn(4, 6)
+    assert _backend.cpu_direct(x, x)
+    assert not _backend.cpu_direct(x.requires_grad_(True))
+    x = x.detach()
+    assert not _backend.cpu_direct(torch.nn.Parameter(x))
+    with mmkernels.use_backend("triton"):
+        assert not _backend.cpu_direct(x)
+
+    class Watching(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watching():
+        assert not _backend.cpu_direct(x)
+    y = mmkernels.softmax(x, dim=0)
+    mt.assert_same_bits(y, ops.softmax(x.clone().requires_grad_(True), dim=0).detach(), "short vs checked")
+    dy = torch.randn(4, 6)
+    dx = mmkernels.softmax_backward(dy, y, 0)
+    mt.assert_same_bits(dx, ops.softmax_backward(dy, y.clone().requires_grad_(True), 0).detach(), "short vs checked")
+    with pytest.raises(ValueError):
+        mmkernels.softmax(x, dim=2)
+    with pytest.raises(ValueError):
+        mmkernels.softmax_backward(dy, y, 0, kind="softmaxx")
+
+
 @st.composite
 def _strided_tensors(draw):
     """A float32 tensor of 1-4 dims in a random memory layout: permuted storage, a stepped slice,
