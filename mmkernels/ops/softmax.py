@@ -431,7 +431,7 @@ class SoftmaxFunction(torch.autograd.Function):
 # result in it, a dim in range, no graph, nothing watching (_backend.cpu_direct) — goes straight to
 # _cpu_forward / _cpu_backward, without the checked way's layers; every other call (and every bad
 # one: its errors) takes the checked way. On a 0.5 ms bfloat16 backward the checked way's ~8 µs of
-# Python read +35-70 µs against ATen's call alone, this way +0-7 µs (bench/NOTES.md).
+# Python read +35-70 µs against ATen's call alone, this way +27 µs (bench/NOTES.md).
 
 
 def _short_dim(t: torch.Tensor, dim) -> Optional[int]:
