@@ -125,7 +125,7 @@ MMK_INLINE float exp_np(float x) {
   return x < -87.3f ? 0.0f : p * scale;
 }
 
-template <int Degree = 6>
+// double: std::exp (the float rows' overload above is the exact match for a float argument)
 MMK_INLINE double exp_np(double x) { return std::exp(x); }
 
 // Copies `bytes` from src (a small block the caller just computed, in cache) to dst with

@@ -345,7 +345,9 @@ def test_time_interleaved_takes_samples_in_turn():
         pairs = [(walk[i], walk[(i + 1) % len(walk)]) for i in range(len(walk))]
         # every ordered pair of different entries once, closing on itself: never twice in a row
         assert sorted(pairs) == sorted((p, q) for p in names for q in names if p != q), walk
-    bench.timing.time_interleaved(named, warmup=1, repeats=4)  # 4 samples: two whole walks of two
+    t4 = bench.timing.time_interleaved(named, warmup=1, repeats=4)  # two whole walks of two
+    assert [len(v.samples_ms) for v in t4.values()] == [4, 4]
+    assert [name for name, _ in order[-8:]] == ["a", "b"] * 4
     assert set(t) == {"a", "b"} and all(len(v.samples_ms) == 3 for v in t.values())
     assert t["a"].buffer_sets == 3 and t["a"].method == "perf_counter-interleaved"
     with pytest.raises(ValueError):

@@ -382,7 +382,7 @@ def test_backend_env_var_is_read_at_call_time(monkeypatch):
     assert mmkernels.get_backend() == "cpu"
 
 
-def test_cpu_short_way_only_for_plain_untraced_cpu_calls(monkeypatch):
+def test_cpu_short_way_only_for_plain_untraced_cpu_calls():
     """_backend.cpu_direct, the softmax functionals' short CPU way: plain CPU tensors recording no
     graph, nothing watching, a backend that runs the CPU path; every other call the checked way,
     which gives the same result (and the errors: a bad dim, a bad kind)."""
