@@ -3,8 +3,9 @@
 // along the last, the columns along another), and bfloat16 rows (float math; widened as read,
 // narrowed to nearest even as written). On the 2-core AVX2 VM the bfloat16 forward measured
 // 1.04-1.23x ATen's and the log-softmax backward 1.12-1.15x, but the softmax / softmin backward
-// 0.80-0.88x: the Python side sends only the log-softmax backward here. Every other layout and
-// dtype runs ATen's kernels (float16: 0.6x in C++ with c10's conversions).
+// 0.80-0.88x: that one runs ATen's kernel unless the CPU narrows with AVX512-BF16
+// (softmax_backward). Every other layout and dtype runs ATen's kernels (float16: 0.6x in C++ with
+// c10's conversions).
 //
 // Columns (a dim other than the last, as (outer, D, inner)): tiles of D × up to kMaxColumns
 // columns that fit L2 (column_width), each pass walking d with the tile's columns side by side,
@@ -69,27 +70,6 @@ enum Kind : int64_t { kSoftmax = 0, kLogSoftmax = 1, kSoftmin = 2 };
 constexpr int64_t kGrainElems = 32768;
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu softmax: ", what); }
-
-// bfloat16 <-> float: the top 16 bits of a float are a bfloat16; narrowing rounds to nearest even
-// (NaN stays a quiet NaN of its sign). Written on the raw bits so that the loops vectorise.
-MMK_INLINE float widen(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// The float and double rows' loads: already in their math type.
-MMK_INLINE float widen(float v) { return v; }
-MMK_INLINE double widen(double v) { return v; }
-
-MMK_INLINE uint16_t narrow(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t((u >> 16) | 0x0040u) : uint16_t(rounded);
-}
-
 
 // Elements of a row made per block in an L1 buffer before the backward streams them to dx (4 KB
 // of float: with the block's y and dy, 12 KB of a 32 KB L1; blocks of 4096 thrashed it, and a
@@ -179,7 +159,11 @@ at::Tensor softmax_forward(const at::Tensor& x, int64_t kind, int64_t dim) {
 // dx of the softmax-family op `kind` along dim from its output y and the incoming gradient dy:
 // contiguous, of one shape and dtype, as softmax_forward takes them. stream (rows along the last
 // dim): 1 non-temporal stores for dx, 0 plain stores, -1 (default) the former when y, dy and dx
-// exceed the last-level cache; the columns store plainly.
+// exceed the last-level cache; the columns store plainly. With -1 the bfloat16 softmax and softmin
+// backward run ATen's kernel unless the level narrows in one instruction (AVX512-BF16): ours read
+// 1.00-1.09x ATen's on a Zen 4 VM with it, 0.87-0.97x there capped at AVX-512 and 0.80-0.88x on an
+// AVX2 VM, where the narrowing's dozen integer instructions per 16 elements are most of a pass
+// whose only math is y·(dy - s). (An explicit stream runs ours on every level: the tests' way in.)
 at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t kind, int64_t stream, int64_t dim) {
   check(y.device().is_cpu() && dy.device().is_cpu() && y.is_contiguous() && dy.is_contiguous() && y.dim() >= 1,
         "y and dy must be contiguous CPU tensors");
@@ -193,6 +177,10 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t k
   if (y.numel() == 0) return dx;
   const int64_t N = a.D, rows = a.outer * a.inner;
   const bool streamed = stream > 0 || (stream < 0 && 3 * dx.nbytes() > last_level_cache_bytes());
+  if (y.scalar_type() == at::kBFloat16 && stream < 0 && kind != kLogSoftmax && active_level() < kAvx512Bf16) {
+    at::_softmax_backward_data_out(dx, dy, y, dim, at::kBFloat16);
+    return kind == kSoftmin ? dx.neg_() : dx;
+  }
   if (y.scalar_type() == at::kBFloat16) {
     const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
     const uint16_t* gp = reinterpret_cast<const uint16_t*>(dy.data_ptr<at::BFloat16>());

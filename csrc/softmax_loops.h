@@ -65,18 +65,18 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
       std::fill(yr, yr + N, narrow(std::numeric_limits<float>::quiet_NaN()));
       continue;
     }
-#pragma omp simd
-    for (int64_t i = 0; i < N; ++i) buf[i] = exp_np<4>(sign * widen(xr[i]) - m);
-    const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return buf[i]; });
+    const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE {
+      const float e = exp_np<4>(sign * widen(xr[i]) - m);
+      buf[i] = e;
+      return e;
+    });
     if (kind == kLogSoftmax) {
       const float shift = m + std::log(s);
-#pragma omp simd
-      for (int64_t i = 0; i < N; ++i) yr[i] = narrow(widen(xr[i]) - shift);
+      narrow_into(yr, N, [=](int64_t i) MMK_LAMBDA_INLINE { return widen(xr[i]) - shift; });
       continue;
     }
     const float inv = 1.0f / s;
-#pragma omp simd
-    for (int64_t i = 0; i < N; ++i) yr[i] = narrow(buf[i] * inv);
+    narrow_into(yr, N, [=](int64_t i) MMK_LAMBDA_INLINE { return buf[i] * inv; });
   }
 }
 
@@ -164,11 +164,9 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
           for (int64_t i = 0; i < n; ++i) dst[i] = narrow(widen(gg[i]) - std::exp(widen(yy[i])) * s);
         }
       } else if (kind == kSoftmax) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dst[i] = narrow(widen(yy[i]) * (widen(gg[i]) - s));
+        narrow_into(dst, n, [=](int64_t i) MMK_LAMBDA_INLINE { return widen(yy[i]) * (widen(gg[i]) - s); });
       } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dst[i] = narrow(widen(yy[i]) * (s - widen(gg[i])));
+        narrow_into(dst, n, [=](int64_t i) MMK_LAMBDA_INLINE { return widen(yy[i]) * (s - widen(gg[i])); });
       }
       if (stream) stream_copy(out + i0, nb, n * sizeof(uint16_t));
     }

@@ -16,6 +16,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include <immintrin.h>  // the AVX-512 BF16 conversion of vec_level.h's narrow_into (used under its target only)
+#endif
 #if defined(__unix__)
 #include <unistd.h>
 #endif
@@ -33,9 +36,11 @@
 namespace mmkernels {
 
 // Instruction-set levels of the CPU kernels, by number: 0 the baseline (scalar router rows), 1
-// x86-64-v3 (AVX2, FMA), 2 x86-64-v4 (AVX-512). The best the CPU has runs, capped by isa_cap()
+// x86-64-v3 (AVX2, FMA), 2 x86-64-v4 (AVX-512), 3 x86-64-v4 with AVX512-BF16 (Cooper Lake,
+// Sapphire Rapids, Zen 4: float -> bfloat16 in one instruction, vec_level.h narrow_into; the router
+// rows run their AVX-512 kernel there). The best the CPU has runs, capped by isa_cap()
 // (mmkernels_cpu::cpu_isa: the tests run every level the CPU has).
-enum IsaLevel : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+enum IsaLevel : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 inline int cpu_level() {
 #ifdef MMK_LEVELS
@@ -45,7 +50,7 @@ inline int cpu_level() {
        __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
        __builtin_cpu_supports("bmi2"))
-          ? kAvx512
+          ? (__builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512)
       : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe"))
           ? kAvx2
@@ -57,7 +62,7 @@ inline int cpu_level() {
 }
 
 inline std::atomic<int>& isa_cap() {
-  static std::atomic<int> cap{kAvx512};
+  static std::atomic<int> cap{kAvx512Bf16};
   return cap;
 }
 
@@ -74,6 +79,9 @@ inline int active_level() { return std::min(isa_cap().load(std::memory_order_rel
 #define MMK_RUN_VECTORISED(kernel, ...)                              \
   do {                                                               \
     switch (::mmkernels::active_level()) {                           \
+      case ::mmkernels::kAvx512Bf16:                                 \
+        avx512bf16::kernel(__VA_ARGS__);                             \
+        break;                                                       \
       case ::mmkernels::kAvx512: avx512::kernel(__VA_ARGS__); break; \
       case ::mmkernels::kAvx2: avx2::kernel(__VA_ARGS__); break;     \
       default: baseline::kernel(__VA_ARGS__);                        \
@@ -82,6 +90,28 @@ inline int active_level() { return std::min(isa_cap().load(std::memory_order_rel
 #else
 #define MMK_RUN_VECTORISED(kernel, ...) baseline::kernel(__VA_ARGS__)
 #endif
+
+// bfloat16 <-> float: the top 16 bits of a float are a bfloat16; narrowing rounds to nearest even
+// (NaN stays a quiet NaN of its sign), as c10::BFloat16. Written on the raw bits so that the loops
+// vectorise them (vec_level.h narrow_into: a block of them, in one instruction per 32 where the
+// level has AVX512-BF16).
+MMK_INLINE float widen(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// The float and double loads of loops written for every storage type: already in their math type.
+MMK_INLINE float widen(float v) { return v; }
+MMK_INLINE double widen(double v) { return v; }
+
+MMK_INLINE uint16_t narrow(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t((u >> 16) | 0x0040u) : uint16_t(rounded);
+}
 
 // exp(x) for x <= 0, -inf or NaN (the softmax's x - max): 2^n · e^r, |r| <= ln2/2, e^r by a
 // polynomial fitted for the least relative error on that interval (least squares reweighted towards

@@ -40,7 +40,7 @@ _NAME = "mmkernels_cpu"
 #: The instruction-set levels of the C++ kernels by ``torch.ops.mmkernels_cpu.cpu_isa`` number
 #: (csrc/vec_math.h): the vectorised loops and the router's row kernels (whose level 0 is its scalar
 #: pass) run at the best the CPU has, capped by ``cpu_isa(cap)``.
-CPU_ISAS = ("baseline", "AVX2", "AVX-512")
+CPU_ISAS = ("baseline", "AVX2", "AVX-512", "AVX-512 BF16")
 _IMPLS = ("auto", "torch", "cpp")
 #: Compiler flags of the build (setup.py passes the same).
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]

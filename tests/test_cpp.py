@@ -149,16 +149,16 @@ def test_route_metadata_equals_the_reference_and_the_torch_path(T, E, k, cap, bl
             assert torch.equal(a, ref[name].to(a.dtype)), name
 
 
-@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "baseline"])
+@pytest.fixture(params=[3, 2, 1, 0], ids=["avx512bf16", "avx512", "avx2", "baseline"])
 def cpu_isa(request):
-    """Each test with the C++ kernels capped at AVX-512, AVX2 and the baseline (the router's scalar
-    pass). A cap the CPU cannot run falls back to the best it has (checked here: the selection
+    """Each test with the C++ kernels capped at AVX-512 with BF16, AVX-512, AVX2 and the baseline
+    (the router's scalar pass). A cap the CPU cannot run falls back to the best it has (checked here: the selection
     logic), and the test runs on that one — nothing skips for the CPU it runs on; every level is
     compiled into the library whatever the CPU."""
     assert _cpp.load(), _cpp.status()
     ops = _cpp.ops()
     before = ops.cpu_isa(-1)
-    ops.cpu_isa(2)
+    ops.cpu_isa(3)
     best = ops.cpu_isa(-1)  # what the CPU has
     got = ops.cpu_isa(request.param)
     assert got == min(request.param, best), (request.param, best, got)
@@ -203,11 +203,19 @@ def test_softmax_loops_at_each_level(cpu_isa, dtype, N):
         mt.assert_same_bits(ops.softmax_forward(x, kind), y, f"{name} forward rerun")
         finite = ~torch.isnan(y).any(-1)  # the backward's rows of a finite forward
         yf, dyf = y[finite], dy[finite]
+        ref, magnitude = softmax_backward_ref(yf, dyf, -1, name), softmax_backward_magnitude(yf, dyf, -1, name)
         dx = ops.softmax_backward(yf, dyf, kind, -1)
-        mt.assert_close(dx, softmax_backward_ref(yf, dyf, -1, name), backend="cpu", what=f"{name} backward",
-                        magnitude=softmax_backward_magnitude(yf, dyf, -1, name))
-        for stream in (0, 1):
-            mt.assert_same_bits(ops.softmax_backward(yf, dyf, kind, stream), dx, f"{name} backward, stream={stream}")
+        mt.assert_close(dx, ref, backend="cpu", what=f"{name} backward", magnitude=magnitude)
+        # an explicit store mode runs the loops on every level; the default (-1) runs ATen's kernel
+        # for the bfloat16 softmax / softmin backward below the AVX512-BF16 level
+        plain = ops.softmax_backward(yf, dyf, kind, 0)
+        mt.assert_close(plain, ref, backend="cpu", what=f"{name} backward, our loops", magnitude=magnitude)
+        mt.assert_same_bits(ops.softmax_backward(yf, dyf, kind, 1), plain, f"{name} backward, streamed")
+        if dtype == torch.bfloat16 and name != "log_softmax" and cpu_isa < 3:
+            torch_dx = torch._softmax_backward_data(dyf, yf, -1, dtype)
+            mt.assert_same_bits(dx, torch_dx if name == "softmax" else torch_dx.neg(), f"{name} backward, ATen's")
+        else:
+            mt.assert_same_bits(plain, dx, f"{name} backward, stream=0")
         if name == "log_softmax" and yf.shape[0]:
             # a positive y (not a log-softmax output, but a legal argument) in the row's last block:
             # that block's exps exact, in either store mode

@@ -324,15 +324,13 @@ def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) 
 
 def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                   in_dtype: torch.dtype) -> torch.Tensor:
-    """The C++ kernel (csrc/softmax.cpp) for contiguous float32 / float64 along any dim, and
-    bfloat16 rows along the last dim of log-softmax (``dy`` contiguous, of ``y``'s dtype, ``dx`` in
-    it); ATen's otherwise."""
+    """The C++ op (csrc/softmax.cpp) for contiguous float32 / float64 along any dim and bfloat16
+    rows along the last dim (``dy`` contiguous, of ``y``'s dtype, ``dx`` in it; the op itself runs
+    ATen's kernel for the bfloat16 softmax / softmin backward on a CPU without AVX512-BF16, where
+    its own measured slower); ATen's otherwise."""
     cpp = _cpp_softmax()
-    # bfloat16: log-softmax only (1.12-1.15x ATen's on the AVX2 VM); softmax / softmin measured
-    # 0.80-0.88x in C++ and stay on ATen's
     y_dtype = y.dtype
-    if (cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous()
-            and (y_dtype != torch.bfloat16 or kind == Kind.LOG_SOFTMAX)):
+    if cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous():
         return cpp.softmax_backward(y, dy, int(kind), -1, dim)
     # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after.
     # (Each call skipped here counts: after a kernel that streams its tensors through the caches,
