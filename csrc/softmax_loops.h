@@ -46,8 +46,9 @@ void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
 // Rows of bfloat16, in float math (as the float rows): the max pass widens x as it reads it, the
 // exp pass keeps exp(x - max) in the float buffer `buf` (N floats, in cache; exp_np<4>, whose error
 // is a thousandth of bfloat16's rounding) and they are summed from there (summed as they are made,
-// as the float rows do, measured 0.97-1.03x this), the last pass scales (or, for log-softmax,
-// subtracts from the widened x) and narrows into y.
+// as the float rows do, measured 0.97-1.03x this, and 0.93-1.02x with narrow_into's AVX512-BF16
+// narrowing on a Zen 4 VM), the last pass scales (or, for log-softmax, subtracts from the widened
+// x) and narrows into y (narrow_into).
 void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows, int64_t N,
                        int64_t kind) {
   const float sign = kind == kSoftmin ? -1.0f : 1.0f;
@@ -65,11 +66,9 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
       std::fill(yr, yr + N, narrow(std::numeric_limits<float>::quiet_NaN()));
       continue;
     }
-    const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE {
-      const float e = exp_np<4>(sign * widen(xr[i]) - m);
-      buf[i] = e;
-      return e;
-    });
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) buf[i] = exp_np<4>(sign * widen(xr[i]) - m);
+    const float s = blocked_sum<float>(N, [=](int64_t i) MMK_LAMBDA_INLINE { return buf[i]; });
     if (kind == kLogSoftmax) {
       const float shift = m + std::log(s);
       narrow_into(yr, N, [=](int64_t i) MMK_LAMBDA_INLINE { return widen(xr[i]) - shift; });
