@@ -9,6 +9,26 @@ constexpr int64_t kSumBlock = 1024;
 // Lanes of blocked_sum's partial sums: one AVX-512 register of float (two of AVX2, four of SSE).
 constexpr int kSumLanes = 16;
 
+// The sum of blocked_sum's kSumLanes lanes as a tree — lane l + lane l + 8, then + 4, + 2, + 1 —
+// in the lanes' vector registers. (GCC 12 made the tree written as loops over the array a dozen
+// scalar loads and inserts from the stack: on 128-element rows in cache, one thread of a Zen 4 VM,
+// the softmax forward 0.54 -> 0.51 ns an element with this in bfloat16, 0.45 -> 0.42 in float, the
+// backward 0.31 -> 0.29 and 0.25 -> 0.22; the same bits.)
+template <typename A>
+MMK_INLINE A lane_tree(const A* lane) {
+  static_assert(kSumLanes == 16, "lane_tree halves 16 lanes");
+  typedef A V8 __attribute__((vector_size(8 * sizeof(A))));
+  typedef A V4 __attribute__((vector_size(4 * sizeof(A))));
+  typedef A V2 __attribute__((vector_size(2 * sizeof(A))));
+  V8 lo, hi;  // the halves as the loop leaves them (two AVX2-wide registers of float)
+  std::memcpy(&lo, lane, sizeof(lo));
+  std::memcpy(&hi, lane + 8, sizeof(hi));
+  const V8 h = lo + hi;
+  const V4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  const V2 d = __builtin_shufflevector(q, q, 0, 1) + __builtin_shufflevector(q, q, 2, 3);
+  return d[0] + d[1];
+}
+
 // Σ term(i) for i in [0, n) in the accumulator type A, for a cheap term (a load, a product): each
 // block of kSumBlock terms summed into kSumLanes partial sums by a vectorised loop (term i into
 // lane i % kSumLanes), the lanes added as a tree, the blocks' sums added in order. One running sum
@@ -28,11 +48,12 @@ MMK_INLINE A blocked_sum(int64_t n, const F& term) {
 #pragma omp simd
       for (int l = 0; l < kSumLanes; ++l) lane[l] += term(i + l);
     }
-    for (int l = 0; i + l < i1; ++l) lane[l] += term(i + l);
-    for (int w = kSumLanes / 2; w > 0; w /= 2) {
-      for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+    if (i < i1) {  // the tail: lanes past it add +0, which leaves them as they are (never -0)
+      const int64_t rest = i1 - i;
+#pragma omp simd
+      for (int l = 0; l < kSumLanes; ++l) lane[l] += l < rest ? term(i + l) : A(0);
     }
-    s += lane[0];
+    s += lane_tree<A>(lane);
   }
   return s;
 }
