@@ -78,6 +78,10 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu softmax: 
 // dx would not stay there for the next op anyway.
 constexpr int64_t kBlock = 1024;
 
+// Rows at least this long sum the bfloat16 forward's exps over 4 × kSumLanes lanes (vec_level.h
+// blocked_sum): a row's length picks the order of its sum, so every run gives the same bits.
+constexpr int64_t kLongSum = 512;
+
 // The column kernels' most columns in a tile, and the d's summed into one partial per column.
 constexpr int kMaxColumns = 256;
 constexpr int64_t kColumnBlock = 32;

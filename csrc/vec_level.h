@@ -37,21 +37,30 @@ MMK_INLINE A lane_tree(const A* lane) {
 // and the number of blocks, whatever the vector width. (An `omp simd` reduction ended each block
 // with its lanes added one after another from the stack: 32 dependent adds, a third of a
 // 128-column bfloat16 row's time.) A fixed order on every level: the same bits on every run.
-template <typename A, typename F>
+// Lanes (a multiple of kSumLanes): more partial sums for a term that is only a load — each lane's
+// sum is a chain of dependent adds (three cycles each on Zen 4), which a loop of loads and adds
+// waits on; they are folded in halves down to kSumLanes first (lane l + lane l + Lanes / 2, ...).
+template <typename A, int Lanes = kSumLanes, typename F>
 MMK_INLINE A blocked_sum(int64_t n, const F& term) {
+  static_assert(Lanes % kSumLanes == 0 && (Lanes / kSumLanes & (Lanes / kSumLanes - 1)) == 0,
+                "Lanes: kSumLanes times a power of two");
   A s = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
     const int64_t i1 = std::min(n, i0 + kSumBlock);
-    A lane[kSumLanes] = {};
+    A lane[Lanes] = {};
     int64_t i = i0;
-    for (; i + kSumLanes <= i1; i += kSumLanes) {
+    for (; i + Lanes <= i1; i += Lanes) {
 #pragma omp simd
-      for (int l = 0; l < kSumLanes; ++l) lane[l] += term(i + l);
+      for (int l = 0; l < Lanes; ++l) lane[l] += term(i + l);
     }
     if (i < i1) {  // the tail: lanes past it add +0, which leaves them as they are (never -0)
       const int64_t rest = i1 - i;
 #pragma omp simd
-      for (int l = 0; l < kSumLanes; ++l) lane[l] += l < rest ? term(i + l) : A(0);
+      for (int l = 0; l < Lanes; ++l) lane[l] += l < rest ? term(i + l) : A(0);
+    }
+    for (int w = Lanes / 2; w >= kSumLanes; w /= 2) {
+#pragma omp simd
+      for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
     }
     s += lane_tree<A>(lane);
   }
@@ -81,4 +90,40 @@ MMK_INLINE void narrow_into(uint16_t* __restrict__ dst, int64_t n, const F& valu
 #endif
 #pragma omp simd
   for (int64_t j = i; j < n; ++j) dst[j] = narrow(value(j));
+}
+
+// The pairs of narrow_into: dst[2k] = narrow(low(k)), dst[2k + 1] = narrow(high(k)) for k in
+// [0, pairs) — values made from a row read as pairs (vec_math.h pair_at), stored in order. With
+// AVX512-BF16, 16 pairs at a time: one vcvtne2ps2bf16 and one permutation that interleaves them
+// (subnormal blocks as narrow_into's); elsewhere each pair one 32-bit store.
+template <typename Lo, typename Hi>
+MMK_INLINE void narrow_pairs_into(uint16_t* __restrict__ dst, int64_t pairs, const Lo& low, const Hi& high) {
+  int64_t k = 0;
+#ifdef MMK_NATIVE_BF16
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (; k + 16 <= pairs; k += 16) {
+    alignas(64) float a[16], b[16];
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) {
+      a[l] = low(k + l);
+      b[l] = high(k + l);
+    }
+    const __m512 lo = _mm512_load_ps(a), hi = _mm512_load_ps(b);
+    if (_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20)) {  // 0x20: subnormal
+      for (int l = 0; l < 16; ++l) {
+        dst[2 * (k + l)] = narrow(a[l]);
+        dst[2 * (k + l) + 1] = narrow(b[l]);
+      }
+    } else {
+      const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // lo's 16, then hi's
+      _mm512_storeu_si512(dst + 2 * k, _mm512_permutexvar_epi16(interleave, halves));
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t j = k; j < pairs; ++j) {
+    const uint32_t w = uint32_t(narrow(low(j))) | uint32_t(narrow(high(j))) << 16;
+    std::memcpy(dst + 2 * j, &w, sizeof(w));
+  }
 }

@@ -229,6 +229,35 @@ def test_softmax_loops_at_each_level(cpu_isa, dtype, N):
 
 
 @needs_cpp
+@pytest.mark.parametrize("N", [31, 32, 33, 64, 97])
+def test_bfloat16_subnormal_results_as_torch(cpu_isa, N):
+    """bfloat16 softmax outputs and softmax-backward gradients below float's normal range (the
+    AVX512-BF16 conversion would flush them to zero; the level narrows such blocks as the others
+    do): torch's bits, at every level, in the blocks of 32 and the pairs of the forward and in the
+    tails."""
+    ops = _cpp.ops()
+    x = torch.zeros(3, N)
+    x[:, 1::3] = -87.0  # exp(-87) = 1.6e-38 over a sum of about N: a subnormal float
+    x[1] = torch.linspace(-87.0, -80.0, N)  # and a row of normal values near it
+    x = x.bfloat16()
+    y = ops.softmax_forward(x, 0)
+    torch_y = torch.softmax(x.float(), -1).bfloat16()
+    tiny = torch_y.float().abs() < torch.finfo(torch.float32).tiny
+    assert tiny.any() and (torch_y[tiny] != 0).all()
+    assert torch.equal(y[tiny].view(torch.int16), torch_y[tiny].view(torch.int16))
+    mt.assert_close(y, torch_y.double(), backend="cpu", what="bfloat16 forward, subnormal outputs")
+    dy = torch.full_like(y, 1e-30)  # y·(dy - Σ y·dy): subnormal where y is 1e-8
+    dy[:, ::2] = 0
+    ys = torch.full_like(y, 1e-8)
+    for stream in (0, 1):
+        dx = ops.softmax_backward(ys, dy, 0, stream)
+        torch_dx = torch._softmax_backward_data(dy.float(), ys.float(), -1, torch.float32).bfloat16()
+        small = torch_dx.float().abs() < torch.finfo(torch.float32).tiny
+        assert (small & (torch_dx != 0)).any()
+        assert torch.equal(dx.view(torch.int16), torch_dx.view(torch.int16)), f"stream={stream}"
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 1, 5), (2, 7, 3), (2, 33, 16), (3, 1000, 37), (2, 64, 300), (1, 5000, 8)])
 def test_softmax_columns_at_each_level(cpu_isa, dtype, shape):
