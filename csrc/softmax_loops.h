@@ -80,11 +80,19 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
       std::fill(yr, yr + N, narrow(std::numeric_limits<float>::quiet_NaN()));
       continue;
     }
+    // a long row's exps in chunks, each first asking for the next row's matching lines of x
+    const char* next = N >= kPrefetchRow && r + 1 < rows ? reinterpret_cast<const char*>(xr + N) : nullptr;
+    for (int64_t k0 = 0; k0 < P; k0 += kPrefetchPairs) {
+      const int64_t k1 = std::min(P, k0 + kPrefetchPairs);
+      if (next) {
+        for (int64_t b = 4 * k0; b < 4 * k1; b += 64) __builtin_prefetch(next + b, 0, 2);
+      }
 #pragma omp simd
-    for (int64_t k = 0; k < P; ++k) {
-      const uint32_t w = pair_at(xr, k);
-      even[k] = exp_np<4>(sign * low_of(w) - m);
-      odd[k] = exp_np<4>(sign * high_of(w) - m);
+      for (int64_t k = k0; k < k1; ++k) {
+        const uint32_t w = pair_at(xr, k);
+        even[k] = exp_np<4>(sign * low_of(w) - m);
+        odd[k] = exp_np<4>(sign * high_of(w) - m);
+      }
     }
     if (N & 1) buf[N - 1] = exp_np<4>(sign * widen(xr[N - 1]) - m);
     // four times the lanes where a row has the terms to fill them (the sum's own pass waits on its
