@@ -286,12 +286,6 @@ def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -
     return torch.empty_like(like, dtype=dtype).copy_(result)
 
 
-def _cpp_softmax():
-    """``torch.ops.mmkernels_cpu`` when the C++ softmax (csrc/softmax.cpp) is selected and built."""
-    cpp = _cpp.ops()
-    return cpp if cpp is not None and hasattr(cpp, "softmax_forward") else None
-
-
 #: The dtypes csrc/softmax.cpp takes along the last dim (bfloat16 with float math), and along
 #: another dim (its column kernels).
 _CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -310,7 +304,7 @@ def _cpp_takes(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> bool:
 def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
     """The C++ kernel (csrc/softmax.cpp) where :func:`_cpp_takes` (rows along the last dim, or its
     column kernels along another); ATen's otherwise."""
-    cpp = _cpp_softmax()
+    cpp = _cpp.ops()
     if cpp is not None and _cpp_takes(x, dim, out_dtype):
         return cpp.softmax_forward(x, int(kind), dim)
     if kind == Kind.SOFTMAX:
@@ -328,7 +322,7 @@ def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
     rows along the last dim (``dy`` contiguous, of ``y``'s dtype, ``dx`` in it; the op itself runs
     ATen's kernel for the bfloat16 softmax / softmin backward on a CPU without AVX512-BF16, where
     its own measured slower); ATen's otherwise."""
-    cpp = _cpp_softmax()
+    cpp = _cpp.ops()
     y_dtype = y.dtype
     if cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous():
         return cpp.softmax_backward(y, dy, int(kind), -1, dim)
