@@ -186,6 +186,7 @@ TRITON_CASES = [
     Case(257, 8, 2, "deepseek"),
     Case(5, 128, 128, "deepseek"),
     Case(1, 128, 1, "deepseek"),
+    Case(5, 24, 6, "deepseek"),                       # groups of 3: the kernel's loop over groups
     Case(5, 7, 7, "sigmoid"),
     Case(0, 8, 2, "gptoss"),
     Case(5, 2, 2, "gptoss"),

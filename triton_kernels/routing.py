@@ -68,7 +68,7 @@ def route_topk_kernel(
     scaling,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
     SCORING: tl.constexpr, RENORM: tl.constexpr, KEY_ON_SCORES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    G_PAD: tl.constexpr, GIVEN_IDS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+    G_PAD: tl.constexpr, GROUP_TILE: tl.constexpr, GIVEN_IDS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
 ):
     """Scores, top-k, weights, block histogram and in-block ranks for ``BLOCK_T`` tokens.
 
@@ -78,7 +78,11 @@ def route_topk_kernel(
     ``KEY_ON_SCORES``: select on ``scores (+ bias)``, else on the logits (same order, no rounding).
     ``G_PAD > 1``: group-limited selection (group score = sum of its top-2 keys; keep
     ``TOPK_GROUPS`` of ``N_GROUPS`` groups of ``GROUP_SIZE`` experts; ``G_PAD`` = N_GROUPS
-    rounded up to a power of two). ``GIVEN_IDS``: read the choices from
+    rounded up to a power of two). ``GROUP_TILE`` = ``GROUP_SIZE`` where the groups tile the padded
+    row (``G_PAD · GROUP_SIZE == E_PAD``: the real groups are then exactly the real columns, as
+    DeepSeek-V3's 8 x 32): the row is viewed as ``[BLOCK_T, G_PAD, GROUP_TILE]`` and each group
+    reduced along its own axis (three reductions over the row in all, where the loop over groups
+    makes three per group; a padded group's score is never chosen); 0 otherwise. ``GIVEN_IDS``: read the choices from
     ``ids_in`` (clamped into ``[0, E)``) instead of selecting.
     """
     pid = tl.program_id(0)
@@ -116,15 +120,22 @@ def route_topk_kernel(
         if G_PAD > 1:
             # group score: the sum of the group's two best keys; keep the TOPK_GROUPS best groups
             gcols = tl.arange(0, G_PAD)
-            gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), dtype=ACC)
             group = cols // GROUP_SIZE
-            for g in range(N_GROUPS):
-                in_g = avail & (group[None, :] == g)
-                k1 = tl.where(in_g, key, float("-inf"))
-                top1 = tl.max(k1, axis=1)
-                at1 = tl.min(tl.where(in_g & (k1 == top1[:, None]), cols[None, :], E_PAD), axis=1)
-                top2 = tl.max(tl.where(cols[None, :] == at1[:, None], float("-inf"), k1), axis=1)
-                gscore = tl.where(gcols[None, :] == g, (top1 + top2)[:, None], gscore)
+            if GROUP_TILE > 0:
+                sub = tl.arange(0, GROUP_TILE)
+                k3 = tl.reshape(key, [BLOCK_T, G_PAD, GROUP_TILE])
+                top1 = tl.max(k3, axis=2)
+                at1 = tl.min(tl.where(k3 == top1[:, :, None], sub[None, None, :], GROUP_TILE), axis=2)
+                gscore = top1 + tl.max(tl.where(sub[None, None, :] == at1[:, :, None], float("-inf"), k3), axis=2)
+            else:
+                gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), dtype=ACC)
+                for g in range(N_GROUPS):
+                    in_g = avail & (group[None, :] == g)
+                    k1 = tl.where(in_g, key, float("-inf"))
+                    top1 = tl.max(k1, axis=1)
+                    at1 = tl.min(tl.where(in_g & (k1 == top1[:, None]), cols[None, :], E_PAD), axis=1)
+                    top2 = tl.max(tl.where(cols[None, :] == at1[:, None], float("-inf"), k1), axis=1)
+                    gscore = tl.where(gcols[None, :] == g, (top1 + top2)[:, None], gscore)
             gscore = tl.where(gscore != gscore, float("-inf"), gscore)
             gvalid = (gcols[None, :] < N_GROUPS) & (offs_t[:, None] >= 0)
             gkept = tl.zeros([BLOCK_T, G_PAD], dtype=tl.int32)
@@ -133,9 +144,13 @@ def route_topk_kernel(
                 best = tl.max(tl.where(gvalid, gk, float("-inf")), axis=1)
                 gi = tl.min(tl.where(gvalid & (gkept == 0) & (gk == best[:, None]), gcols[None, :], G_PAD), axis=1)
                 gkept = tl.where(gcols[None, :] == gi[:, None], 1, gkept)
-            col_kept = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32)
-            for g in range(N_GROUPS):
-                col_kept += tl.where(group[None, :] == g, _column(gkept, gcols, g)[:, None], 0)
+            if GROUP_TILE > 0:
+                col_kept = tl.reshape(tl.broadcast_to(gkept[:, :, None], [BLOCK_T, G_PAD, GROUP_TILE]),
+                                      [BLOCK_T, E_PAD])
+            else:
+                col_kept = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32)
+                for g in range(N_GROUPS):
+                    col_kept += tl.where(group[None, :] == g, _column(gkept, gcols, g)[:, None], 0)
             avail = avail & (col_kept > 0)
         for j in range(K):
             ok = avail & ~nan  # numbers first (-inf included), the NaN keys after them

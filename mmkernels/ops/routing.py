@@ -345,9 +345,11 @@ def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: 
     rows = dict(BLOCK_T=cfg.block_t, E_PAD=cfg.e_pad, K_PAD=cfg.k_pad, num_warps=cfg.num_warps)
     scores = dict(scaling=spec.routed_scaling, SCORING=int(spec.sigmoid), RENORM=spec.renormalize,
                   EPS=SIGMOID_RENORM_EPS, ACC=acc)
-    topk = dict(T=T, E=E, K=k, N_GROUPS=spec.n_groups, GROUP_SIZE=E // spec.n_groups, TOPK_GROUPS=spec.topk_groups,
+    group_size, g_pad = E // spec.n_groups, next_pow2(spec.n_groups) if spec.grouped else 1
+    topk = dict(T=T, E=E, K=k, N_GROUPS=spec.n_groups, GROUP_SIZE=group_size, TOPK_GROUPS=spec.topk_groups,
                 KEY_ON_SCORES=spec.key_on_scores, HAS_BIAS=has_bias,
-                G_PAD=next_pow2(spec.n_groups) if spec.grouped else 1, GIVEN_IDS=given_ids, **rows, **scores)
+                G_PAD=g_pad, GROUP_TILE=group_size if g_pad * group_size == cfg.e_pad and spec.grouped else 0,
+                GIVEN_IDS=given_ids, **rows, **scores)
     scan = dict(NB=nb, E=E, CAP=cap, E_PAD=cfg.e_pad, EB=cfg.scan_cols, CHUNK_B=cfg.chunk_b, BLOCK_M=block_m,
                 num_warps=cfg.scan_warps)
     scatter = dict(T=T, E=E, K=k, CAP=cap, MAX_TILES=n_tiles, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m, **rows)
