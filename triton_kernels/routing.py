@@ -99,11 +99,22 @@ def route_topk_kernel(
     m_row = tl.max(l, axis=1)
     z_row = tl.sum(tl.where(cmask[None, :], tl.exp(l - m_row[:, None]), 0.0), axis=1)
 
+    # per slot: the expert, its logit and the token's earlier slots of that expert; per token and
+    # expert: its slots (0 or 1 when selecting, any count with given ids)
     ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    lsel = tl.zeros([BLOCK_T, K_PAD], dtype=ACC)
+    prior = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    cnt = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32)
     if GIVEN_IDS:
         kmask = tmask[:, None] & (kcols[None, :] < K)
         ids = tl.load(ids_in_ptr + offs_t[:, None] * s_it + kcols[None, :] * s_ij, mask=kmask, other=0).to(tl.int32)
         ids = tl.minimum(tl.maximum(ids, 0), E - 1)
+        for j in range(K):
+            idx = _column(ids, kcols, j)
+            hit = cols[None, :] == idx[:, None]
+            lsel = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, l, 0.0), axis=1)[:, None], lsel)
+            prior = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, cnt, 0), axis=1)[:, None], prior)
+            cnt += hit.to(tl.int32)
     else:
         if KEY_ON_SCORES:
             if SCORING == 0:
@@ -152,6 +163,8 @@ def route_topk_kernel(
                 for g in range(N_GROUPS):
                     col_kept += tl.where(group[None, :] == g, _column(gkept, gcols, g)[:, None], 0)
             avail = avail & (col_kept > 0)
+        # each round takes its pick out of avail (the argument checks leave at least K columns to
+        # pick from), so a token's picks are distinct and prior stays 0
         for j in range(K):
             ok = avail & ~nan  # numbers first (-inf included), the NaN keys after them
             kj = tl.where(ok, key, float("-inf"))
@@ -159,19 +172,12 @@ def route_topk_kernel(
             idx = tl.min(tl.where(ok & (kj == best[:, None]), cols[None, :], E_PAD), axis=1)
             idx = tl.where(idx < E_PAD, idx, tl.min(tl.where(avail, cols[None, :], E_PAD), axis=1))
             idx = tl.minimum(idx, E - 1)  # never out of bounds, whatever the keys
-            avail = avail & (cols[None, :] != idx[:, None])
+            hit = cols[None, :] == idx[:, None]
+            avail = avail & ~hit
             ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+            lsel = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, l, 0.0), axis=1)[:, None], lsel)
+            cnt += hit.to(tl.int32)
 
-    # chosen logits, earlier same-expert slots of each token, per-token counts per expert
-    lsel = tl.zeros([BLOCK_T, K_PAD], dtype=ACC)
-    prior = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    cnt = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32)
-    for j in range(K):
-        idx = _column(ids, kcols, j)
-        hit = cols[None, :] == idx[:, None]
-        lsel = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, l, 0.0), axis=1)[:, None], lsel)
-        prior = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, cnt, 0), axis=1)[:, None], prior)
-        cnt += hit.to(tl.int32)
     cnt = tl.where(tmask[:, None], cnt, 0)
     before = tl.cumsum(cnt, axis=0) - cnt  # slots of each expert in earlier tokens of the block
     rank = prior
