@@ -52,7 +52,10 @@ def get_backend() -> str:
     """The backend in force now (``set_backend`` first, then ``MMKERNELS_BACKEND``, else ``auto``)."""
     if _override is not None:
         return _override
-    return _env_backend(_env_value())
+    if _ENV_KEY is None:
+        return _env_backend(os.environ.get(ENV_VAR, "auto"))
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return _env_backend("auto" if raw is None else os.environ.decodevalue(raw))
 
 
 #: ``os.environ``'s own dict and our variable's key in it (CPython keeps the mapping's contents
@@ -61,14 +64,6 @@ def get_backend() -> str:
 #: caches) cost 15 µs a call against 6. None elsewhere: ``os.environ.get`` then.
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
-
-
-def _env_value() -> str:
-    """``MMKERNELS_BACKEND``'s value now, or ``"auto"``."""
-    if _ENV_KEY is None:
-        return os.environ.get(ENV_VAR, "auto")
-    raw = _ENV_DATA.get(_ENV_KEY)
-    return "auto" if raw is None else os.environ.decodevalue(raw)
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,10 +146,15 @@ def resolve(device: torch.device) -> Impl:
     raise BackendError(f"mmkernels supports CPU and CUDA tensors, got device {device}")
 
 
+#: What :func:`_nothing_watching` asks, bound once (each attribute lookup counts on a cold call).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+
+
 def _nothing_watching() -> bool:
     """No torch.compile / export tracing, no dispatch or torch-function mode active."""
-    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._is_torch_function_mode_enabled())
+    return not (_is_compiling() or _dispatch_modes() or _function_modes())
 
 
 def direct_call_ok(*tensors: torch.Tensor) -> bool:
