@@ -113,21 +113,22 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
 
 
 
-// dx of n elements from the row's sum s. Log-softmax: exp_np, whose range is y <= 0 (every
-// log-softmax output), and whether some y was positive found in the same loop; a block that has
-// one (not a log-softmax output) is made again with std::exp. (The row's max, taken in a pass of
-// its own before, read y once more than ATen's backward.)
+// dx of n elements from the row's sum s. Log-softmax: exp_np, exact to float's rounding up to
+// kExpNpMax (every log-softmax output is <= 0), and whether some y is above that found in the same
+// loop; a block that has one is made again with std::exp. (The row's max, taken in a pass of its
+// own before, read y once more than ATen's backward; the bound was 0 before, and a block with a
+// positive y, no log-softmax output but a legal argument, ran std::exp element by element.)
 template <typename T>
 MMK_INLINE void backward_block(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx, int64_t n,
                                T s, Kind kind) {
   if (kind == kLogSoftmax) {
-    int positive = 0;
-#pragma omp simd reduction(| : positive)
+    int beyond = 0;
+#pragma omp simd reduction(| : beyond)
     for (int64_t i = 0; i < n; ++i) {
       dx[i] = dy[i] - exp_np(y[i]) * s;
-      positive |= y[i] > T(0);
+      beyond |= y[i] > T(kExpNpMax);
     }
-    if (positive) {
+    if (beyond) {
       for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] - std::exp(y[i]) * s;
     }
   } else if (kind == kSoftmax) {
@@ -186,13 +187,13 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
       const uint16_t* __restrict__ yy = yr + i0;
       const uint16_t* __restrict__ gg = dr + i0;
       if (kind == kLogSoftmax) {
-        int positive = 0;
-#pragma omp simd reduction(| : positive)
+        int beyond = 0;
+#pragma omp simd reduction(| : beyond)
         for (int64_t i = 0; i < n; ++i) {
           dst[i] = narrow(widen(gg[i]) - exp_np<4>(widen(yy[i])) * s);
-          positive |= widen(yy[i]) > 0.0f;
+          beyond |= widen(yy[i]) > kExpNpMax;
         }
-        if (positive) {
+        if (beyond) {
           for (int64_t i = 0; i < n; ++i) dst[i] = narrow(widen(gg[i]) - std::exp(widen(yy[i])) * s);
         }
       } else if (kind == kSoftmax) {
@@ -287,7 +288,7 @@ void forward_column_tasks(const T* x, T* y, int64_t D, int64_t inner, int64_t wi
 }
 
 // The backward of forward_columns: per column Σ y·dy over d (log-softmax: Σ dy, and whether any
-// y is positive: std::exp then, as backward_block), then dx.
+// y is above kExpNpMax: std::exp then, as backward_block), then dx.
 template <typename T, int W>
 MMK_INLINE void backward_columns(const T* y, const T* dy, T* dx, int64_t D, int64_t inner, int64_t w, Kind kind) {
   constexpr int kLine = W ? W : kMaxColumns;
@@ -315,14 +316,14 @@ MMK_INLINE void backward_columns(const T* y, const T* dy, T* dx, int64_t D, int6
     }
     for (int l = 0; l < kLine; ++l) s[l] += part[l];
   }
-  bool positive = false;
-  for (int64_t l = 0; l < n; ++l) positive |= top[l] > T(0);
+  bool beyond = false;
+  for (int64_t l = 0; l < n; ++l) beyond |= top[l] > T(kExpNpMax);
   for (int64_t d = 0; d < D; ++d) {
     const T* yd = y + d * inner;
     const T* gd = dy + d * inner;
     T* xd = dx + d * inner;
     if (kind == kLogSoftmax) {
-      if (positive) {
+      if (beyond) {
         for (int64_t l = 0; l < n; ++l) xd[l] = gd[l] - std::exp(yd[l]) * s[l];
       } else {
 #pragma omp simd
