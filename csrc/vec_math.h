@@ -144,19 +144,18 @@ MMK_INLINE uint16_t narrow(float f) {
 // Degree 6 (the default): 2e-9 relative, under float's rounding (1e-7 evaluated in float); degree
 // 4: 2.9e-6, for values stored as bfloat16 (whose rounding is 3.9e-3). (The Taylor polynomial of
 // degree 7 it replaces: two FMAs more, and an integer conversion and a NaN select that t's bits and
-// the polynomial make needless.)
-// Up to kExpNpMax 2^n's exponent bits hold (n <= 127), and the relative error on (0, 88] is the
-// one below 0 (checked every 1e-4 against std::exp: 1.1e-7 degree 6, 6.9e-6 degree 4); from 88.38
-// they overflow (inf where exp is still finite, then garbage past 88.73).
+// the polynomial make needless.) Up to kExpNpMax 2^n's exponent bits hold (n <= 127) and the
+// relative error on (0, 88] is the one below 0 (checked every 1e-4 against std::exp: 1.1e-7 degree
+// 6, 6.9e-6 degree 4); from 88.38 they overflow (inf where exp is still finite, garbage past 88.73).
 constexpr float kExpNpMax = 88.0f;
 
 template <int Degree = 6>
 MMK_INLINE float exp_np(float x) {
   static_assert(Degree == 4 || Degree == 6, "exp_np has polynomials of degree 4 and 6");
   // t = x·log2(e) + 1.5·2^23 + 127 rounds x·log2(e) to the nearest integer n, and its low
-  // mantissa bits hold n + 127 (-126 <= n <= 127): shifted up 23 they are 2^n's float bits. (Adding and
-  // taking away a constant vectorises on every level, where __builtin_nearbyintf needs SSE4.1;
-  // not folded away without -ffast-math.)
+  // mantissa bits hold n + 127 (-126 <= n <= 127): shifted up 23 they are 2^n's float bits.
+  // (Adding and taking away a constant vectorises on every level, where __builtin_nearbyintf needs
+  // SSE4.1; not folded away without -ffast-math.)
   constexpr float kShift = 12582912.0f + 127.0f;
   const float t = x * 1.44269504088896341f + kShift;
   const float n = t - kShift;

@@ -52,18 +52,7 @@ def get_backend() -> str:
     """The backend in force now (``set_backend`` first, then ``MMKERNELS_BACKEND``, else ``auto``)."""
     if _override is not None:
         return _override
-    if _ENV_KEY is None:
-        return _env_backend(os.environ.get(ENV_VAR, "auto"))
-    raw = _ENV_DATA.get(_ENV_KEY)
-    return _env_backend("auto" if raw is None else os.environ.decodevalue(raw))
-
-
-#: ``os.environ``'s own dict and our variable's key in it (CPython keeps the mapping's contents
-#: there and in step with it): a read of one key without ``os.environ.get``'s two KeyErrors when
-#: the variable is unset, which cold (after a kernel that streamed its tensors through the
-#: caches) cost 15 µs a call against 6. None elsewhere: ``os.environ.get`` then.
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+    return _env_backend(os.environ.get(ENV_VAR, "auto"))
 
 
 @functools.lru_cache(maxsize=16)

@@ -217,10 +217,9 @@ def test_softmax_loops_at_each_level(cpu_isa, dtype, N):
         else:
             mt.assert_same_bits(plain, dx, f"{name} backward, stream=0")
         if name == "log_softmax" and yf.shape[0]:
-            # a positive y (not a log-softmax output, but a legal argument) in the row's last block:
-            # that block's exps exact, in either store mode
-            # and rows of them up to 60 (exp_np, exact to float's rounding up to kExpNpMax = 88) and one
-            # past 88 (std::exp; that row's dy small, so its dx stays finite)
+            # positive y (not log-softmax outputs, but legal arguments): one in a row's last block, a
+            # row of them up to 60 (exp_np, exact to float's rounding up to kExpNpMax = 88) and one
+            # past 88 (std::exp; that row's dy small, so its dx stays finite), in either store mode
             yp = yf.clone()
             yp[0, -1] = 0.5
             dyp = dyf.clone()

@@ -82,8 +82,8 @@ def route_topk_kernel(
     row (``G_PAD · GROUP_SIZE == E_PAD``: the real groups are then exactly the real columns, as
     DeepSeek-V3's 8 x 32): the row is viewed as ``[BLOCK_T, G_PAD, GROUP_TILE]`` and each group
     reduced along its own axis (three reductions over the row in all, where the loop over groups
-    makes three per group; a padded group's score is never chosen); 0 otherwise. ``GIVEN_IDS``: read the choices from
-    ``ids_in`` (clamped into ``[0, E)``) instead of selecting.
+    makes three per group; a padded group's score is never chosen); 0 otherwise. ``GIVEN_IDS``:
+    read the choices from ``ids_in`` (clamped into ``[0, E)``) instead of selecting.
     """
     pid = tl.program_id(0)
     if pid == 0:
