@@ -52,7 +52,21 @@ def get_backend() -> str:
     """The backend in force now (``set_backend`` first, then ``MMKERNELS_BACKEND``, else ``auto``)."""
     if _override is not None:
         return _override
-    return _env_backend(os.environ.get(ENV_VAR, "auto"))
+    if _ENV_KEY is None:
+        return _env_backend(os.environ.get(ENV_VAR, "auto"))
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return _env_backend("auto" if raw is None else os.environ.decodevalue(raw))
+
+
+#: ``os.environ``'s own dict and our variable's key in it (CPython keeps the mapping's contents
+#: there, in step with every change made through ``os.environ``): one dict read, where
+#: ``os.environ.get`` of an unset variable raises and catches two KeyErrors. That costs little in
+#: a tight loop but 20 µs a call cold — after a kernel that streamed its tensors through the
+#: caches — against 1 µs for the dict read (``bench/cold_call.py``'s setting: a 19 µs op, +20
+#: and +1 µs). Where the mapping has no such dict (another Python), ``os.environ.get``.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = (os.environ.encodekey(ENV_VAR) if isinstance(_ENV_DATA, dict) and hasattr(os.environ, "encodekey")
+            else None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -168,4 +182,11 @@ def cpu_direct(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad:
             return False
-    return _nothing_watching() and get_backend() != "triton"
+    return cpu_path_now()
+
+
+def cpu_path_now() -> bool:
+    """Nothing watching (as :func:`direct_call_ok`) and the backend in force runs the CPU path for
+    CPU tensors (not ``triton``): what :func:`cpu_direct` asks beyond its tensors, for an op that
+    checks its tensors inline."""
+    return not (_is_compiling() or _dispatch_modes() or _function_modes()) and get_backend() != "triton"

@@ -25,6 +25,8 @@ from mmkernels.ops._layout import (
 )
 from mmkernels.ops._util import acc_dtype, cdiv, math_dtype, next_pow2, sm_count
 
+_Tensor = torch.Tensor  # the short CPU way's exact-type check, bound once
+
 
 class Kind(enum.IntEnum):
     SOFTMAX = 0
@@ -420,38 +422,43 @@ class SoftmaxFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 # The public functions' short CPU way: the common call — plain CPU tensors of a float dtype, the
-# result in it, a dim in range, no graph, nothing watching (_backend.cpu_direct) — goes straight to
-# _cpu_forward / _cpu_backward, without the checked way's layers; every other call (and every bad
-# one: its errors) takes the checked way. On a 0.5 ms bfloat16 backward the checked way's ~8 µs of
-# Python read +35-70 µs against ATen's call alone, this way +27 µs (bench/NOTES.md).
-
-
-def _short_dim(t: torch.Tensor, dim) -> Optional[int]:
-    """``dim`` of ``t`` made non-negative, or None where the short way does not apply (0-dim
-    ``t``, a dim out of range or not an int)."""
-    nd = t.dim()
-    if type(dim) is not int or not -nd <= dim < nd:
-        return None
-    return dim % nd
+# result in it, a dim in range, no graph, nothing watching (_backend.cpu_path_now) — goes straight
+# to the C++ op (or ATen's kernel where that runs: _cpu_forward / _cpu_backward), without the
+# checked way's layers; every other call (and every bad one: its errors) takes the checked way.
+# One function each, its checks inline: after a kernel that streamed its tensors through the
+# caches, each Python call and attribute read in front of the next one is a cache miss or several
+# (bench/cold_call.py; bench/NOTES.md).
 
 
 def _short_cpu_forward(x, dim, dtype, kind: Kind) -> Optional[torch.Tensor]:
-    if dtype is not None or not _backend.cpu_direct(x) or x.dtype not in _FLOATS:
+    if dtype is not None or type(x) is not _Tensor or type(dim) is not int or not x.is_cpu or x.requires_grad:
         return None
-    d = _short_dim(x, dim)
-    return None if d is None else _cpu_forward(x, d, kind, x.dtype)
+    nd, xd = x.dim(), x.dtype
+    if not -nd <= dim < nd or xd not in _FLOATS or not _backend.cpu_path_now():
+        return None
+    dim %= nd
+    cpp = _cpp.ops()
+    if cpp is not None and x.is_contiguous() and xd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES):
+        return cpp.softmax_forward(x, int(kind), dim)
+    return _cpu_forward(x, dim, kind, xd)
 
 
 def _short_cpu_backward(dy, y, dim, kind, input_dtype) -> Optional[torch.Tensor]:
-    if not _backend.cpu_direct(dy, y):
+    if (type(y) is not _Tensor or type(dy) is not _Tensor or type(dim) is not int or type(kind) is not str
+            or not (y.is_cpu and dy.is_cpu) or y.requires_grad or dy.requires_grad):
         return None
-    dtype = y.dtype
-    k = _KINDS.get(kind) if type(kind) is str else None
-    if (k is None or dy.dtype is not dtype or dtype not in _FLOATS or y.shape != dy.shape
-            or (input_dtype is not None and input_dtype is not dtype)):
+    nd, yd = y.dim(), y.dtype
+    k = _KINDS.get(kind)
+    if (k is None or not -nd <= dim < nd or dy.dtype is not yd or yd not in _FLOATS
+            or (input_dtype is not None and input_dtype is not yd) or y.shape != dy.shape
+            or not _backend.cpu_path_now()):
         return None
-    d = _short_dim(y, dim)
-    return None if d is None else _cpu_backward(y, dy, d, k, dtype)
+    dim %= nd
+    cpp = _cpp.ops()
+    if (cpp is not None and y.is_contiguous() and dy.is_contiguous()
+            and yd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES)):
+        return cpp.softmax_backward(y, dy, int(k), -1, dim)
+    return _cpu_backward(y, dy, dim, k, yd)
 
 
 def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Kind) -> torch.Tensor:
