@@ -10,6 +10,7 @@ The earlier commit is exported with ``git archive`` into a temporary directory a
 are timed by the same code. Only the Triton path runs (on CPU tensors, nothing launched).
 
     python bench/host_before_after.py --rev cc89e08     # the parent of the first host-time change
+    python bench/host_before_after.py --rev cc89e08 --layers 8   # per layer in a stack of 8
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def export(rev: str, dest: pathlib.Path) -> None:
         path.write_text(re.sub(r"\bmmkernels\b", "mmkernels_before", text))
 
 
-def interleaved(packages, repeats: int, warmup: int, **shape):
-    """Median host µs (forward, backward) of each package's layer, one iteration of each in turn."""
+def interleaved(packages, repeats: int, warmup: int, layers: int = 1, **shape):
+    """Median host µs per layer (forward, backward) of each package's layer — or stack of
+    ``layers`` layers, one backward call for the stack, as
+    :func:`mmkernels.bench.host.moe_layer_host_time` — one iteration of each in turn."""
     import contextlib
 
     import torch
@@ -61,21 +64,25 @@ def interleaved(packages, repeats: int, warmup: int, **shape):
             host = __import__(f"{pkg}.bench.host", fromlist=["host"])
             nn = __import__(f"{pkg}.nn", fromlist=["nn"])
             torch.manual_seed(0)
-            layer = nn.MoE(shape["hidden"], shape["intermediate"], shape["experts"], shape["top_k"])
+            model = [nn.MoE(shape["hidden"], shape["intermediate"], shape["experts"], shape["top_k"])
+                     for _ in range(layers)]
             x = torch.randn(shape["tokens"], shape["hidden"], requires_grad=True)
             stack.enter_context(host.launches_recorded())
-            runs.append((layer, x, [], []))
+            runs.append((model, x, [], []))
         for i in range(warmup + repeats):
-            for layer, x, fwd, bwd in runs:
+            for model, x, fwd, bwd in runs:
                 t0 = time.perf_counter()
-                out = layer(x).output
+                out = x
+                for layer in model:
+                    out = layer(out).output
                 t1 = time.perf_counter()
                 out.backward(torch.ones_like(out))
                 t2 = time.perf_counter()
                 if i >= warmup:
-                    fwd.append((t1 - t0) * 1e6)
-                    bwd.append((t2 - t1) * 1e6)
-                layer.zero_grad(set_to_none=True)
+                    fwd.append((t1 - t0) * 1e6 / layers)
+                    bwd.append((t2 - t1) * 1e6 / layers)
+                for layer in model:
+                    layer.zero_grad(set_to_none=True)
                 x.grad = None
     return [(statistics.median(f), statistics.median(b)) for _, _, f, b in runs]
 
@@ -85,15 +92,19 @@ def main(argv=None) -> int:
     p.add_argument("--rev", default="cc89e08", help="the earlier commit (default: cc89e08)")
     p.add_argument("--repeats", type=int, default=400)
     p.add_argument("--rounds", type=int, default=3, help="independent interleaved runs")
+    p.add_argument("--layers", type=int, default=1,
+                   help="a stack of this many layers, one backward call, figures per layer (default: 1)")
     args = p.parse_args(argv)
     shape = dict(tokens=16, hidden=32, intermediate=16, experts=16, top_k=4)  # moe_layer_host_time's
     with tempfile.TemporaryDirectory() as tmp:
         export(args.rev, pathlib.Path(tmp))
         sys.path.insert(0, tmp)
         sys.path.insert(0, str(ROOT))
-        print(f"MoE layer host time, launches recorded, {shape}: {args.rev} vs this checkout, interleaved")
+        what = "one layer" if args.layers == 1 else f"per layer in a stack of {args.layers}"
+        print(f"MoE layer host time, launches recorded, {shape}, {what}: {args.rev} vs this checkout, interleaved")
         for r in range(args.rounds):
-            (bf, bb), (af, ab) = interleaved(["mmkernels_before", "mmkernels"], args.repeats, 20, **shape)
+            (bf, bb), (af, ab) = interleaved(["mmkernels_before", "mmkernels"], max(100, args.repeats // args.layers), 20,
+                                                  args.layers, **shape)
             print(f"round {r + 1}: forward {bf:.0f} -> {af:.0f} us ({af / bf:.2f}x), "
                   f"backward {bb:.0f} -> {ab:.0f} us ({ab / bb:.2f}x)", flush=True)
     return 0

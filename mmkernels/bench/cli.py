@@ -16,7 +16,7 @@ from mmkernels.testing import cases as registry_cases
 
 from .ceilings import best_of, measure_ceilings
 from .environment import default_device, environment
-from .host import MOE_FAMILIES, moe_layer_host_time
+from .host import MOE_FAMILIES, STACK_LAYERS, host_time_line, moe_layer_host_time
 from .measure import MeasureOptions, all_targets, evaluate_targets, measure_cases, rescore
 from .report import baselines_table, ceilings_line, fmt_num, plot_results, result_table, write_json
 
@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     host = None
     if not args.family or any(f in args.family for f in MOE_FAMILIES):
         host = moe_layer_host_time(repeats=50 if args.quick else 200)
+        host["stack"] = moe_layer_host_time(repeats=25 if args.quick else 100, layers=STACK_LAYERS)
     elapsed = time.perf_counter() - t_start
 
     print(f"\nmmkernels bench: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -122,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print("\nevery baseline (ratio = its time / ours; torch_path = ours on the vectorised-torch CPU path)")
         print(every)
     if host:
-        print(f"\nMoE layer host time (the Triton path's Python, checks, allocations and launch preparation; "
-              f"launches recorded, not run; {host['shape']}): forward {host['forward_us']:.0f} µs, "
-              f"backward {host['backward_us']:.0f} µs")
+        print("\n" + host_time_line(host, host["stack"]))
     failed = [r for r in rows if not r["check"]["passed"]]
     targets = evaluate_targets(rows, all_targets())
     on_gpu = [t for t in targets if t["status"] != "NO DATA"]

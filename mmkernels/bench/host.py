@@ -5,8 +5,8 @@ of the routing and experts families recorded rather than launched (:func:`launch
 the figure is the host's share alone, without the device's. On a GPU the launches themselves (the
 JIT's argument binding, the driver) come on top; the GPU suite times whole calls.
 
-:func:`moe_layer_host_time` is what the main job prints; ``python -m mmkernels.bench.host`` prints
-it alone.
+:func:`moe_layer_host_time` is what the main job prints, for one layer and per layer in a stack
+(:func:`host_time_line`); ``python -m mmkernels.bench.host`` prints that line alone.
 """
 from __future__ import annotations
 
@@ -60,17 +60,24 @@ def launches_recorded(families: Sequence[str] = MOE_FAMILIES) -> Iterator[list]:
 
 
 def moe_layer_host_time(tokens: int = 16, hidden: int = 32, intermediate: int = 16, experts: int = 16,
-                        top_k: int = 4, repeats: int = 200, warmup: int = 20, **layer_kw) -> Dict[str, float]:
+                        top_k: int = 4, repeats: int = 200, warmup: int = 20, layers: int = 1,
+                        **layer_kw) -> Dict[str, float]:
     """Median host microseconds of one ``mmkernels.nn.MoE`` layer's forward (router linear, route,
     experts) and backward, launches recorded (:func:`launches_recorded`); also the launches per
     forward and backward. Small sizes on purpose: on CPU tensors a large allocation's page faults
-    would be counted, which a GPU's caching allocator does not pay."""
+    would be counted, which a GPU's caching allocator does not pay.
+
+    ``layers`` > 1: a stack of that many layers (each with its own weights, each feeding the
+    next) runs forward and then one ``backward`` from the last output, and the figures are per
+    layer (the stack's time / ``layers``). A single layer's backward carries the whole cost of one
+    ``Tensor.backward`` call — the engine's graph task, the seed gradient — which a model pays
+    once per step, not once per layer; the stack shares it out as a model does."""
     from mmkernels import nn as mnn
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host time is one thread's; the router linear's threads would only wait
-    layer = mnn.MoE(hidden, intermediate, experts, top_k, **layer_kw)
+    stack = [mnn.MoE(hidden, intermediate, experts, top_k, **layer_kw) for _ in range(layers)]
     x = torch.randn(tokens, hidden, requires_grad=True)
     fwd, bwd = [], []
     with launches_recorded() as calls:
@@ -78,27 +85,41 @@ def moe_layer_host_time(tokens: int = 16, hidden: int = 32, intermediate: int = 
         for i in range(warmup + repeats):
             start = len(calls)
             t0 = time.perf_counter()
-            out = layer(x).output
+            out = x
+            for layer in stack:
+                out = layer(out).output
             t1 = time.perf_counter()
             mid = len(calls)
             out.backward(torch.ones_like(out))
             t2 = time.perf_counter()
             if i >= warmup:
-                fwd.append((t1 - t0) * 1e6)
-                bwd.append((t2 - t1) * 1e6)
-            n_fwd, n_bwd = mid - start, len(calls) - mid
-            layer.zero_grad(set_to_none=True)
+                fwd.append((t1 - t0) * 1e6 / layers)
+                bwd.append((t2 - t1) * 1e6 / layers)
+            n_fwd, n_bwd = (mid - start) // layers, (len(calls) - mid) // layers
+            for layer in stack:
+                layer.zero_grad(set_to_none=True)
             x.grad = None
     torch.set_num_threads(threads)
     return {"forward_us": statistics.median(fwd), "backward_us": statistics.median(bwd),
-            "forward_launches": n_fwd, "backward_launches": n_bwd,
+            "forward_launches": n_fwd, "backward_launches": n_bwd, "layers": layers,
             "shape": dict(tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k)}
 
 
+#: The stack depth of the per-layer figure the main job prints beside the single layer's.
+STACK_LAYERS = 8
+
+
+def host_time_line(one: Dict[str, float], stacked: Dict[str, float]) -> str:
+    """The main job's line: one layer's forward and backward, then per layer in a stack."""
+    return (f"MoE layer host time (the Triton path's Python, checks, allocations and launch preparation; "
+            f"launches recorded, not run; {one['shape']}): one layer: forward {one['forward_us']:.0f} µs "
+            f"({one['forward_launches']} launches), backward {one['backward_us']:.0f} µs "
+            f"({one['backward_launches']} launches); per layer in a stack of {stacked['layers']} (one backward "
+            f"call): forward {stacked['forward_us']:.0f} µs, backward {stacked['backward_us']:.0f} µs")
+
+
 def main() -> int:
-    r = moe_layer_host_time()
-    print(f"MoE layer host time (launches recorded, not run; {r['shape']}): forward {r['forward_us']:.0f} µs "
-          f"({r['forward_launches']} launches), backward {r['backward_us']:.0f} µs ({r['backward_launches']} launches)")
+    print(host_time_line(moe_layer_host_time(), moe_layer_host_time(layers=STACK_LAYERS, repeats=100)))
     return 0
 
 
