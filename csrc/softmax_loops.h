@@ -3,9 +3,31 @@
 // guard, no includes (softmax.cpp includes what they use and defines Kind, widen / narrow, kBlock
 // before), and nothing here but loops. See softmax.cpp for what each computes and why.
 
-// One row of N: y = kind(x), in T's own precision (float or double).
+// forward_row's last pass (y = x - shift for log-softmax, else y *= inv) in chunks of 2 KB, each
+// first asking for the next row's matching lines of x: the memory is idle while this row's y is
+// made in cache, and the next row's max pass would wait on it.
 template <typename T>
-MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind) {
+MMK_INLINE void forward_row_last_pass_prefetching(const T* x, T* y, int64_t N, Kind kind, T shift, T inv,
+                                                  const T* next) {
+  constexpr int64_t kChunk = 2048 / sizeof(T);
+  for (int64_t i0 = 0; i0 < N; i0 += kChunk) {
+    const int64_t i1 = std::min(N, i0 + kChunk);
+    const char* nx = reinterpret_cast<const char*>(next + i0);
+    for (int64_t b = 0; b < (i1 - i0) * int64_t(sizeof(T)); b += 64) __builtin_prefetch(nx + b, 0, 2);
+    if (kind == kLogSoftmax) {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) y[i] = x[i] - shift;
+    } else {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) y[i] *= inv;
+    }
+  }
+}
+
+// One row of N: y = kind(x), in T's own precision (float or double); with kAhead, ``next`` is the
+// next row's x, asked for while this row is finished.
+template <typename T, bool kAhead = false>
+MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const T* next = nullptr) {
   const T sign = kind == kSoftmin ? T(-1) : T(1);
   const T inf = std::numeric_limits<T>::infinity();
   T m = -inf;
@@ -27,6 +49,10 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind) {
     y[i] = e;
     return e;
   });
+  if (kAhead) {
+    forward_row_last_pass_prefetching(x, y, N, kind, kind == kLogSoftmax ? m + std::log(s) : T(0), T(1) / s, next);
+    return;
+  }
   if (kind == kLogSoftmax) {
     const T shift = m + std::log(s);
 #pragma omp simd
@@ -41,6 +67,14 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind) {
 template <typename T>
 void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
   for (int64_t r = 0; r < rows; ++r) forward_row<T>(x + r * N, y + r * N, N, Kind(kind));
+}
+
+// forward_rows for rows of kPrefetchRowBytes .. kPrefetchRowMaxBytes (softmax.cpp): each row but
+// the last asks for the next one's x during its last pass.
+template <typename T>
+void forward_rows_ahead(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
+  for (int64_t r = 0; r + 1 < rows; ++r) forward_row<T, true>(x + r * N, y + r * N, N, Kind(kind), x + (r + 1) * N);
+  if (rows > 0) forward_row<T>(x + (rows - 1) * N, y + (rows - 1) * N, N, Kind(kind));
 }
 
 // Rows of bfloat16, in float math (as the float rows), each read as pairs of elements (vec_math.h

@@ -289,15 +289,18 @@ def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -
 
 
 #: The dtypes csrc/softmax.cpp takes along the last dim (bfloat16 with float math), and along
-#: another dim (its column kernels).
-_CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CPP_COLUMN_DTYPES = (torch.float32, torch.float64)
+#: another dim (its column kernels). Not float64: its exp is std::exp one element at a time, and
+#: against ATen's vectorised kernels (2 threads, 4M elements) the C++ forward read 0.62-0.72x,
+#: the log-softmax backward 0.69-0.73x, the softmax backward 0.90-1.08x (bench/NOTES.md); the op
+#: still takes float64 when called itself.
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
+_CPP_COLUMN_DTYPES = (torch.float32,)
 
 
 def _cpp_takes(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> bool:
-    """csrc/softmax.cpp's case: a contiguous tensor, the result in its dtype — float32 / float64 /
-    bfloat16 along the last dim, float32 / float64 along another — measured faster than ATen's
-    there. Other dtypes and layouts measured slower in C++ (see that file), so they run ATen's."""
+    """csrc/softmax.cpp's case: a contiguous tensor, the result in its dtype — float32 / bfloat16
+    along the last dim, float32 along another — measured faster than ATen's there. Other dtypes
+    and layouts measured slower in C++ (see that file and :data:`_CPP_DTYPES`), so they run ATen's."""
     if not x.is_contiguous() or out_dtype != x.dtype:
         return False
     return x.dtype in (_CPP_DTYPES if dim == x.dim() - 1 else _CPP_COLUMN_DTYPES)
