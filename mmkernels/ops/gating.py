@@ -70,13 +70,13 @@ def _math(t: torch.Tensor) -> torch.Tensor:
 
 def _cpp_blend(*ts: torch.Tensor):
     """``torch.ops.mmkernels_cpu`` when the C++ blend (csrc/gating.cpp) is selected, built and
-    takes these tensors: contiguous float32 / float64 of one dtype and shape (one pass forward,
-    one backward); None for the torch composition."""
+    takes these tensors: contiguous float32 / float64 / bfloat16 of one dtype and shape (one pass
+    forward, one backward; bfloat16 in float math); None for the torch composition."""
     cpp = _cpp.ops()
     if cpp is None or not hasattr(cpp, "gated_blend_forward"):
         return None
     ok = all(t.is_contiguous() and t.dtype == ts[0].dtype and t.shape == ts[0].shape for t in ts)
-    return cpp if ok and ts[0].dtype in (torch.float32, torch.float64) else None
+    return cpp if ok and ts[0].dtype in (torch.float32, torch.float64, torch.bfloat16) else None
 
 
 def _cpu_forward(pre, a, b) -> torch.Tensor:
