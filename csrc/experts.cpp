@@ -16,7 +16,10 @@
 // the scratch come from the tensor pool of pool.h (recycled, not fresh pages each call).
 //
 // Shapes: x (T, H), weights (T, k), gate_up (E, 2I, H), down (E, H, I), b1 (E, 2I), b2 (E, H),
-// all of one dtype, float32 or float64 (the Python side casts 16-bit storage); sorted_slots /
+// all of one dtype, float32 or float64 (the Python side casts float16 storage, and bfloat16 for the
+// backward), or for the forward bfloat16 with float32 weights: the GEMMs then run in bfloat16
+// (float accumulation, bfloat16 results: h and each row's output, as the Triton path stores
+// them), the routing weight multiplies in float and the combine sums in float; sorted_slots /
 // slot_rows (T·k,) int32, offsets (E+1,) int32 as in mmkernels.ops.routing.Routing. Row r of the
 // view (r < offsets[E]) is slot sorted_slots[r], token sorted_slots[r] / k.
 #include <ATen/ATen.h>
@@ -119,23 +122,25 @@ void gather_rows(const T* src, int64_t src_stride, const int64_t* rows, int64_t 
   for (int64_t i = 0; i < m; ++i) std::copy_n(src + rows[i] * src_stride, H, dst + i * H);
 }
 
-// out[t, :] = Σ_j rows[slot_rows[t·k + j], :] over the kept slots (row < kept), j in order.
-template <typename T>
+// out[t, :] = Σ_j rows[slot_rows[t·k + j], :] over the kept slots (row < kept), j in order, summed
+// in Acc (bfloat16 rows: float, rounded once into out).
+template <typename T, typename Acc = T>
 void combine(const at::Tensor& rows_t, const at::Tensor& slot_rows, int64_t k, int64_t kept, at::Tensor& out) {
   const int64_t T_ = out.size(0), H = out.size(1);
   const T* y = rows_t.data_ptr<T>();
   const int32_t* sr = slot_rows.data_ptr<int32_t>();
   T* o = out.data_ptr<T>();
   at::parallel_for(0, T_, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<Acc> acc(H);
     for (int64_t t = t0; t < t1; ++t) {
-      T* ot = o + t * H;
-      std::fill_n(ot, H, T(0));
+      std::fill(acc.begin(), acc.end(), Acc(0));
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = sr[t * k + j];
         if (r >= kept) continue;
         const T* yr = y + r * H;
-        for (int64_t c = 0; c < H; ++c) ot[c] += yr[c];
+        for (int64_t c = 0; c < H; ++c) acc[c] += static_cast<Acc>(yr[c]);
       }
+      std::copy(acc.begin(), acc.end(), o + t * H);
     }
   });
 }
@@ -228,12 +233,18 @@ struct Carve {
   }
 };
 
+// bf16: x (and gate_up, down, the biases) may be bfloat16, the weights then float32 (the forward).
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate_up, const at::Tensor& down,
-                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, int64_t k) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "experts: the C++ path computes in float32 / float64, got ", x.scalar_type());
+                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, int64_t k,
+                  bool bf16 = false) {
+  const bool half = bf16 && x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || half,
+              "experts: the C++ path computes in float32 / float64", bf16 ? " (or bfloat16 storage)" : "", ", got ",
+              x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == (half ? at::kFloat : x.scalar_type()),
+              half ? "experts: bfloat16 x takes float32 weights" : "experts: every tensor must have x's dtype");
   for (const at::Tensor* t : {&w, &gate_up, &down}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "experts: every tensor must have x's dtype");
+    if (t != &w) TORCH_CHECK(t->scalar_type() == x.scalar_type(), "experts: every tensor must have x's dtype");
     TORCH_CHECK(t->device().is_cpu(), "experts: CPU tensors only");
   }
   for (const auto* t : {&b1, &b2}) {
@@ -247,13 +258,13 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ga
 
 // An expert's rows a .. a+m: src's token rows gathered into dst (m, H) and the rows' routing
 // weights into we (m) — the first step of the forward and of the backward.
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t = scalar_t>
 void load_rows(const Rows& rows, int64_t a, int64_t m, const at::Tensor& src, const at::Tensor& w_flat,
                at::Tensor& dst, at::Tensor& we) {
   gather_rows<scalar_t>(src.data_ptr<scalar_t>(), src.size(1), rows.token.data() + a, m, src.size(1),
                         dst.data_ptr<scalar_t>());
-  scalar_t* wp = we.data_ptr<scalar_t>();
-  const scalar_t* ws = w_flat.data_ptr<scalar_t>();
+  weight_t* wp = we.data_ptr<weight_t>();
+  const weight_t* ws = w_flat.data_ptr<weight_t>();
   for (int64_t i = 0; i < m; ++i) wp[i] = ws[rows.slot[a + i]];
 }
 
@@ -266,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
     const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in, const at::Tensor& sorted_slots,
     const at::Tensor& slot_rows, const at::Tensor& offsets, int64_t k, int64_t activation,
     bool interleaved, double alpha, double limit) {
-  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
+  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k, /*bf16=*/true);
   // detached views: the worker threads run with grad mode on (it is thread-local)
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const auto b1 = detached(b1_in), b2 = detached(b2_in);
@@ -280,18 +291,25 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
   // T·k rows (the kept n written): the shape is known without reading the routing
   at::Tensor h = pooled_empty({T * k, I2}, opt), out = pooled_empty({T, H}, opt);
   const int64_t nt = at::get_num_threads();
-  // per thread: x rows (m, H), act (m, I), w·act (m, I), the rows' weights (m)
-  const int64_t esz = x.element_size(), per = Carve::size(m_max, {H, I, I, 1}, esz), base = whole_lines(n * H, esz);
+  // per thread: x rows (m, H), act (m, I), w·act (m, I), and the rows' weights (m) in the weights'
+  // dtype (bfloat16 x: float32, a region of its own)
+  const bool half = x.scalar_type() == at::kBFloat16;
+  const int64_t esz = x.element_size(), per = Carve::size(m_max, {H, I, I}, esz) + (half ? 0 : Carve::size(m_max, {1}, esz));
+  const int64_t base = whole_lines(n * H, esz);
   at::Tensor ws = pooled_empty({base + nt * per}, opt);
+  at::Tensor wws = half ? pooled_empty({nt * whole_lines(m_max, 4)}, w.options()) : at::Tensor();
   at::Tensor y = ws.narrow(0, 0, n * H).view({n, H});  // each kept row's weighted expert output
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_forward", [&] {
+  const auto run = [&](auto storage, auto weight) {
+    using scalar_t = decltype(storage);
+    using weight_t = decltype(weight);
     for_each_expert(rows, [&](int64_t e, int64_t tid) {
       const int64_t a = rows.bounds[e], m = rows.bounds[e + 1] - a;
       if (m == 0) return;
       Carve take{ws.narrow(0, base + tid * per, per), m, m_max};
-      at::Tensor xe = take(H), ae = take(I), aw = take(I), we = take(1).view({m});
-      load_rows<scalar_t>(rows, a, m, x, w, xe, we);
+      at::Tensor xe = take(H), ae = take(I), aw = take(I);
+      at::Tensor we = half ? wws.narrow(0, tid * whole_lines(m_max, 4), m) : take(1).view({m});
+      load_rows<scalar_t, weight_t>(rows, a, m, x, w, xe, we);
       at::Tensor he = h.narrow(0, a, m), ye = y.narrow(0, a, m);
       if (b1.has_value()) at::addmm_out(he, (*b1)[e].unsqueeze(0), xe, gate_up[e].t());
       else at::mm_out(he, xe, gate_up[e].t());
@@ -302,8 +320,16 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
       at::mm_out(ye, aw, down[e].t());
       if (b2.has_value()) ye.addcmul_(we.unsqueeze(1), (*b2)[e].unsqueeze(0));
     });
-    combine<scalar_t>(y, slot_rows, k, n, out);
-  });
+  };
+  if (half) {
+    run(at::BFloat16(), float());
+    combine<at::BFloat16, float>(y, slot_rows, k, n, out);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_forward", [&] {
+      run(scalar_t(), scalar_t());
+      combine<scalar_t>(y, slot_rows, k, n, out);
+    });
+  }
   return {out, h};
 }
 

@@ -710,20 +710,33 @@ def _cpp_args(x, weights, gate_up, down, b1, b2):
     return [None if t is None else t.to(cd) for t in (x, weights, gate_up, down, b1, b2)]
 
 
+def _cpp_h_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the C++ forward's ``h``: bfloat16 for bfloat16 ``x`` (its GEMMs run in
+    bfloat16, as the Triton path's, and the weights are read as stored), else the math dtype."""
+    return x.dtype if x.dtype == torch.bfloat16 else math_dtype(x.dtype)
+
+
 def _cpp_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec):
     """:func:`_cpu_forward` in one C++ call: (out, h, act) with ``act`` empty — the C++ backward
-    recomputes the activation from ``h``."""
+    recomputes the activation from ``h``. bfloat16: the tensors as stored, the routing weights in
+    float32 (no per-call cast of the expert weights; bfloat16 GEMMs)."""
+    if x.dtype == torch.bfloat16:
+        args = [x, weights.to(math_dtype(x.dtype)), gate_up, down, b1, b2]
+    else:
+        args = _cpp_args(x, weights, gate_up, down, b1, b2)
     out, h = _cpp_experts().experts_forward(
-        *_cpp_args(x, weights, gate_up, down, b1, b2), routing.sorted_slots, routing.slot_rows, routing.offsets,
+        *args, routing.sorted_slots, routing.slot_rows, routing.offsets,
         routing.top_k, ACTIVATIONS.index(spec.activation), spec.interleaved, spec.alpha, spec.limit)
     return out.to(x.dtype), h, h.new_empty((0, gate_up.shape[1] // 2))
 
 
 def _cpp_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, act, spec: ExpertSpec, need):
-    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``)."""
+    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``), in the math
+    dtype (a bfloat16 forward's ``h`` is widened)."""
     xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
+    h = h.to(xc.dtype)
     grads = _cpp_experts().experts_backward(
-        dout.to(h.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots, routing.slot_rows, routing.offsets, h,
+        dout.to(xc.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots, routing.slot_rows, routing.offsets, h,
         routing.top_k, ACTIVATIONS.index(spec.activation), spec.interleaved, spec.alpha, spec.limit,
         sum(1 << i for i, f in enumerate(need) if f))
     likes = (dout, gate_up, down, gate_up, down, weights)
@@ -775,11 +788,12 @@ def backend_of(x: torch.Tensor) -> str:
 def _saved_like(x: torch.Tensor, I: int, k: int, backend: str, save: bool):
     """Empty tensors shaped as what ``backend``'s forward saves for the backward: ``h`` (T·k, 2I)
     and ``act`` (T·k, I) — rows in the routing's expert order — in the storage dtype on the Triton
-    path, the math dtype on the CPU paths; ``act`` has no rows where the backward recomputes it
+    path, the math dtype on the CPU paths (C++ with bfloat16: bfloat16, :func:`_cpp_h_dtype`);
+    ``act`` has no rows where the backward recomputes it
     (C++), neither has when nothing is saved (no gradient needed). The custom op's fake kernel
     and the real forward both allocate through here, so their shapes agree by construction."""
     rows = x.shape[0] * k if save else 0
-    dtype = x.dtype if backend == "triton" else math_dtype(x.dtype)
+    dtype = x.dtype if backend == "triton" else _cpp_h_dtype(x) if backend == "cpp" else math_dtype(x.dtype)
     return (x.new_empty((rows, 2 * I), dtype=dtype),
             x.new_empty((0 if backend == "cpp" else rows, I), dtype=dtype))
 
