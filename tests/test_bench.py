@@ -195,6 +195,20 @@ def test_gpu_suite_exits_nonzero_on_a_failed_check(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_select_cases_in_another_dtype():
+    """``--dtype`` runs the main job's cases in one dtype: every case in it, ids unique (the softmax
+    rows that differ only by dtype once), and the other cases unchanged."""
+    from mmkernels.bench.cli import select_cases
+
+    own = select_cases("bench", ["gating", "softmax"])
+    bf16 = select_cases("bench", ["gating", "softmax"], "bfloat16")
+    assert {c.dtype for c in bf16} == {torch.bfloat16}
+    assert len({c.id for c in bf16}) == len(bf16) < len(own)
+    assert {c.id.replace("float32", "bfloat16") for c in own} == {c.id for c in bf16}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        select_cases("bench", ["gating"], "int8")
+
+
 def test_host_time_records_the_moe_launches_and_runs_none(monkeypatch):
     """The host-time measurement records every routing / experts launch and runs none, whether
     the kernels are jitted or interpreted (as in the tests, under TRITON_INTERPRET=1)."""

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only variants whose '<case id> <op> <direction>' (direction: fwd, "
                              "bwd, fwd+bwd) contains every space-separated word of SUBSTR "
                              "(e.g. 'float32 bwd', 'bilinear')")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="run every selected case in this dtype instead of its own (the CPU rows "
+                             "are float32 but for the softmax's: e.g. --dtype bfloat16 times them in bf16)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and smaller ceiling measurements (a smoke run)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -54,12 +57,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH.png", default=None, help="write a PNG plot (matplotlib)")
 
 
-def select_cases(tag: str, families: Optional[Sequence[str]] = None) -> List[Case]:
-    """Registry cases of ``families`` (default: every family, in the manifest's order) tagged ``tag``."""
+#: The dtypes ``--dtype`` takes.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def select_cases(tag: str, families: Optional[Sequence[str]] = None, dtype: Optional[str] = None) -> List[Case]:
+    """Registry cases of ``families`` (default: every family, in the manifest's order) tagged ``tag``;
+    with ``dtype`` (one of :data:`DTYPES`), each in that dtype instead of its own, the cases that then
+    coincide once."""
     out: List[Case] = []
     for fam in families or _family_names():
         out.extend(registry_cases(fam, tag))
-    return out
+    if dtype is None:
+        return out
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    seen, unique = set(), []
+    for case in (dataclasses.replace(c, dtype=getattr(torch, dtype)) for c in out):
+        if case.id not in seen:
+            seen.add(case.id)
+            unique.append(case)
+    return unique
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print("error: --plot needs matplotlib; install it with `pip install matplotlib`", file=sys.stderr)
             return 2
-    case_list = select_cases(tag, args.family)
+    case_list = select_cases(tag, args.family, args.dtype)
     if not case_list:
         print(f"error: no registry cases tagged {tag!r}", file=sys.stderr)
         return 2
@@ -136,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {
             "kind": "mmkernels-bench", "environment": env, "ceilings": ceilings,
-            "options": dataclasses.asdict(opts), "tag": tag, "filter": args.filter,
+            "options": dataclasses.asdict(opts), "tag": tag, "filter": args.filter, "dtype": args.dtype,
             "reference": REFERENCE, "elapsed_s": elapsed, "results": rows,
             "targets": targets, "moe_layer_host_time": host,
         })
