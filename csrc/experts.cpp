@@ -16,10 +16,11 @@
 // the scratch come from the tensor pool of pool.h (recycled, not fresh pages each call).
 //
 // Shapes: x (T, H), weights (T, k), gate_up (E, 2I, H), down (E, H, I), b1 (E, 2I), b2 (E, H),
-// all of one dtype, float32 or float64 (the Python side casts float16 storage, and bfloat16 for the
-// backward), or for the forward bfloat16 with float32 weights: the GEMMs then run in bfloat16
-// (float accumulation, bfloat16 results: h and each row's output, as the Triton path stores
-// them), the routing weight multiplies in float and the combine sums in float; sorted_slots /
+// all of one dtype, float32 or float64 (the Python side casts float16 storage), or bfloat16 with
+// float32 weights: the GEMMs then run in bfloat16 (float accumulation, bfloat16 results: h, each
+// row's output and d h, as the Triton path stores them; each expert's weight gradient one GEMM,
+// rounded once), the routing weight multiplies in float, its gradient and the combines sum in
+// float; sorted_slots /
 // slot_rows (T·k,) int32, offsets (E+1,) int32 as in mmkernels.ops.routing.Routing. Row r of the
 // view (r < offsets[E]) is slot sorted_slots[r], token sorted_slots[r] / k.
 #include <ATen/ATen.h>
@@ -340,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& down_in, const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
     const at::Tensor& sorted_slots, const at::Tensor& slot_rows, const at::Tensor& offsets, const at::Tensor& h_in,
     int64_t k, int64_t activation, bool interleaved, double alpha, double limit, int64_t need) {
-  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
+  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k, /*bf16=*/true);
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const at::Tensor h = h_in.detach();
   const auto b1 = detached(b1_in), b2 = detached(b2_in);
@@ -357,20 +358,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              nb2 = flag(4) && b2.has_value(), nw = flag(5);
   const at::Tensor w = weights.reshape({-1}).contiguous();
   auto opt = x.options();
+  const bool half = x.scalar_type() == at::kBFloat16;  // bfloat16 storage, the weights float32
   at::Tensor dgu = ngu ? pooled_empty(gate_up.sizes(), opt) : at::Tensor();
   at::Tensor dd = nd ? pooled_empty(down.sizes(), opt) : at::Tensor();
   at::Tensor db1 = nb1 ? at::empty({E, I2}, opt) : at::Tensor();
   at::Tensor db2 = nb2 ? at::empty({E, H}, opt) : at::Tensor();
-  at::Tensor dw_rows = nw ? at::empty({n}, opt) : at::Tensor();
+  at::Tensor dw_rows = nw ? at::empty({n}, w.options()) : at::Tensor();
   const bool need_dh = ndx || ngu || nb1;
   const int64_t nt = at::get_num_threads();
-  // per thread: dout rows (m, H), x rows (m, H), d h (m, 2I), act, g, scratch (m, I), weights (m)
-  const int64_t esz = x.element_size(), per = Carve::size(m_max, {H, H, I2, I, I, I, 1}, esz);
+  // per thread: dout rows (m, H), x rows (m, H), d h (m, 2I), act, g, scratch (m, I), and the rows'
+  // weights (m) in the weights' dtype (bfloat16 storage: float32, a region of its own)
+  const int64_t esz = x.element_size();
+  const int64_t per = Carve::size(m_max, {H, H, I2, I, I, I}, esz) + (half ? 0 : Carve::size(m_max, {1}, esz));
   const int64_t nrows = ndx ? n * H : 0, base = whole_lines(nrows, esz);
   at::Tensor ws = pooled_empty({base + nt * per}, opt);
+  at::Tensor wws = half ? pooled_empty({nt * whole_lines(m_max, 4)}, w.options()) : at::Tensor();
   at::Tensor dx_rows = ws.narrow(0, 0, nrows).view({ndx ? n : 0, H});  // each kept row's dx
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_backward", [&] {
+  const auto run = [&](auto storage, auto weight) {
+    using scalar_t = decltype(storage);
+    using weight_t = decltype(weight);
     for_each_expert(rows, [&](int64_t e, int64_t tid) {
       const int64_t a = rows.bounds[e], m = rows.bounds[e + 1] - a;
       if (m == 0) {  // no rows: zero weight gradients
@@ -380,18 +387,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       Carve take{ws.narrow(0, base + tid * per, per), m, m_max};
       at::Tensor dye = take(H), xe = take(H), dh = take(I2), ae = take(I), g = take(I), tmp = take(I);
-      at::Tensor we = take(1).view({m});
-      load_rows<scalar_t>(rows, a, m, dout, w, dye, we);
+      at::Tensor we = half ? wws.narrow(0, tid * whole_lines(m_max, 4), m) : take(1).view({m});
+      load_rows<scalar_t, weight_t>(rows, a, m, dout, w, dye, we);
       auto [gate, up] = split(h.narrow(0, a, m), spec.interleaved);
       gated_into(gate, up, spec, ae, tmp);  // the forward's activation, recomputed
       const at::Tensor we1 = we.unsqueeze(1);
       if (nd) { at::Tensor o = dd[e]; at::mm_out(o, dye.t(), at::mul_out(tmp, ae, we1)); }
-      if (nb2) { at::Tensor o = db2[e]; at::mv_out(o, dye.t(), we); }
+      if (nb2) {
+        at::Tensor o = db2[e];
+        if (half) o.copy_(at::mv(dye.t().to(at::kFloat), we));  // Σ_rows w·dout in float
+        else at::mv_out(o, dye.t(), we);
+      }
       if (!(need_dh || nw)) return;
       at::mm_out(g, dye, down[e]);  // d act before the weight: dout_rows · down_e
       if (nw) {
         at::Tensor dwe = dw_rows.narrow(0, a, m);
-        at::sum_out(dwe, at::mul_out(tmp, g, ae), at::IntArrayRef{1});
+        if (half) at::sum_out(dwe, g.to(at::kFloat).mul_(ae.to(at::kFloat)), at::IntArrayRef{1});
+        else at::sum_out(dwe, at::mul_out(tmp, g, ae), at::IntArrayRef{1});
         if (b2.has_value()) dwe.add_(at::mv(dye, (*b2)[e]));
       }
       if (!need_dh) return;
@@ -406,14 +418,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (nb1) { at::Tensor o = db1[e]; at::sum_out(o, dh, at::IntArrayRef{0}); }
       if (ndx) { at::Tensor o = dx_rows.narrow(0, a, m); at::mm_out(o, dh, gate_up[e]); }
     });
-  });
+  };
+  if (half) {
+    run(at::BFloat16(), float());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_backward", [&] { run(scalar_t(), scalar_t()); });
+  }
   at::Tensor dx, dweights;
   if (ndx) {
     dx = pooled_empty({T, H}, opt);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_combine", [&] { combine<scalar_t>(dx_rows, slot_rows, k, n, dx); });
+    if (half) {
+      combine<at::BFloat16, float>(dx_rows, slot_rows, k, n, dx);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "experts_combine", [&] { combine<scalar_t>(dx_rows, slot_rows, k, n, dx); });
+    }
   }
   if (nw) {  // the kept rows' gradients at their slots; dropped slots get zero
-    dweights = at::zeros({T * k}, opt);
+    dweights = at::zeros({T * k}, w.options());
     dweights.index_copy_(0, at::from_blob(const_cast<int64_t*>(rows.slot.data()), {n}, at::kLong), dw_rows);
     dweights = dweights.view({T, k});
   }

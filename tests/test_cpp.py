@@ -102,7 +102,7 @@ def test_experts_pooled_buffers_across_sizes_match_the_reference():
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_experts_reruns_are_bitwise_identical(dtype):
     """The C++ experts share the experts among threads first come, first served: an expert's GEMMs
     run in whichever thread's scratch, so every scratch region must have one alignment whatever the

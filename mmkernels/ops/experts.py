@@ -731,9 +731,12 @@ def _cpp_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec):
 
 
 def _cpp_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, act, spec: ExpertSpec, need):
-    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``), in the math
-    dtype (a bfloat16 forward's ``h`` is widened)."""
-    xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
+    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``); bfloat16 as
+    stored, as :func:`_cpp_forward`."""
+    if x.dtype == torch.bfloat16:
+        xc, wc, guc, dc, b1c, b2c = x, weights.to(math_dtype(x.dtype)), gate_up, down, b1, b2
+    else:
+        xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
     h = h.to(xc.dtype)
     grads = _cpp_experts().experts_backward(
         dout.to(xc.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots, routing.slot_rows, routing.offsets, h,
