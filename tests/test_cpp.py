@@ -298,6 +298,26 @@ def test_softmax_columns_at_each_level(cpu_isa, dtype, shape):
         ops.softmax_forward(x.bfloat16(), 0, 1)
 
 
+def _check_blend(ops, pre, a, b, dout, what: str):
+    """csrc/gating.cpp's blend forward and backward on these tensors against the float64
+    references, in their dtype, and a bitwise-identical rerun of each."""
+    out = ops.gated_blend_forward(pre, a, b)
+    assert out.dtype == a.dtype
+    g = torch.sigmoid(pre.double())
+    mt.assert_close(out, g * a.double() + (1 - g) * b.double(), backend="cpu", what=f"{what} forward")
+    grads = ops.gated_blend_backward(dout, pre, a, b)
+    d = dout.double()
+    gg = g * (1 - g)
+    want = (d * g, d * (1 - g), d * (a.double() - b.double()) * gg)
+    magnitudes = (None, None, d.abs() * (a.double().abs() + b.double().abs()) * gg)  # a - b cancels
+    for got, ref, mag, name in zip(grads, want, magnitudes, ("da", "db", "dpre")):
+        assert got.dtype == a.dtype
+        mt.assert_close(got, ref, backend="cpu", what=f"{what} {name}", magnitude=mag)
+    mt.assert_same_bits(ops.gated_blend_forward(pre, a, b), out, f"{what} rerun")
+    for again, first in zip(ops.gated_blend_backward(dout, pre, a, b), grads):
+        mt.assert_same_bits(again, first, f"{what} backward rerun")
+
+
 @needs_cpp
 @pytest.mark.parametrize("shape", [(1, 1), (37, 29), (3, 1000)])
 def test_gated_blend_bfloat16_at_each_level(cpu_isa, shape):
@@ -305,26 +325,11 @@ def test_gated_blend_bfloat16_at_each_level(cpu_isa, shape):
     picks: forward and backward against the float64 references of the bfloat16 inputs, within
     bfloat16's rounding; ±inf and large pre; bitwise-identical reruns. (37 x 29: 32-element
     narrowing blocks and a tail; 3 x 1000: the backward's 256-element chunks.)"""
-    ops = _cpp.ops()
     gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
     pre, a, b, dout = ((torch.randn(*shape, generator=gen) * 3).bfloat16() for _ in range(4))
     if pre.numel() >= 3:
         pre.view(-1)[:3] = torch.tensor([float("inf"), float("-inf"), 80.0]).bfloat16()
-    out = ops.gated_blend_forward(pre, a, b)
-    assert out.dtype == torch.bfloat16
-    g = torch.sigmoid(pre.double())
-    mt.assert_close(out, g * a.double() + (1 - g) * b.double(), backend="cpu", what="bf16 blend forward")
-    grads = ops.gated_blend_backward(dout, pre, a, b)
-    d = dout.double()
-    gg = g * (1 - g)
-    want = (d * g, d * (1 - g), d * (a.double() - b.double()) * gg)
-    magnitudes = (None, None, d.abs() * (a.double().abs() + b.double().abs()) * gg)
-    for got, ref, mag, name in zip(grads, want, magnitudes, ("da", "db", "dpre")):
-        assert got.dtype == torch.bfloat16
-        mt.assert_close(got, ref, backend="cpu", what=f"bf16 blend {name}", magnitude=mag)
-    mt.assert_same_bits(ops.gated_blend_forward(pre, a, b), out, "bf16 blend rerun")
-    for again, first in zip(ops.gated_blend_backward(dout, pre, a, b), grads):
-        mt.assert_same_bits(again, first, "bf16 blend backward rerun")
+    _check_blend(_cpp.ops(), pre, a, b, dout, "bf16 blend")
 
 
 @needs_cpp
@@ -336,17 +341,7 @@ def test_gating_and_attention_loops_at_each_level(cpu_isa, dtype):
     gen = torch.Generator().manual_seed(3)
     pre, a, b, dout = (torch.randn(37, 29, generator=gen, dtype=dtype) * 3 for _ in range(4))
     pre[0, :3] = torch.tensor([float("inf"), float("-inf"), 80.0], dtype=dtype)
-    out = ops.gated_blend_forward(pre, a, b)
-    g = torch.sigmoid(pre.double())
-    mt.assert_close(out, g * a.double() + (1 - g) * b.double(), backend="cpu", what="blend forward")
-    grads = ops.gated_blend_backward(dout, pre, a, b)
-    d = dout.double()
-    gg = g * (1 - g)
-    want = (d * g, d * (1 - g), d * (a.double() - b.double()) * gg)
-    magnitudes = (None, None, d.abs() * (a.double().abs() + b.double().abs()) * gg)  # a - b cancels
-    for got, ref, mag, name in zip(grads, want, magnitudes, ("da", "db", "dpre")):
-        mt.assert_close(got, ref, backend="cpu", what=f"blend {name}", magnitude=mag)
-    mt.assert_same_bits(ops.gated_blend_forward(pre, a, b), out, "blend rerun")
+    _check_blend(ops, pre, a, b, dout, "blend")
 
     z = torch.randn(23, 7, generator=gen, dtype=dtype).requires_grad_()
     x = torch.randn(23, 7, 19, generator=gen, dtype=dtype).requires_grad_()
