@@ -234,13 +234,13 @@ struct Carve {
   }
 };
 
-// bf16: x (and gate_up, down, the biases) may be bfloat16, the weights then float32 (the forward).
+// x, gate_up, down and the biases of one dtype — float32, float64, or bfloat16 with float32
+// weights — the weights otherwise of x's dtype too.
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gate_up, const at::Tensor& down,
-                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, int64_t k,
-                  bool bf16 = false) {
-  const bool half = bf16 && x.scalar_type() == at::kBFloat16;
+                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, int64_t k) {
+  const bool half = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || half,
-              "experts: the C++ path computes in float32 / float64", bf16 ? " (or bfloat16 storage)" : "", ", got ",
+              "experts: the C++ path computes in float32 / float64 (or from bfloat16 storage), got ",
               x.scalar_type());
   TORCH_CHECK(w.scalar_type() == (half ? at::kFloat : x.scalar_type()),
               half ? "experts: bfloat16 x takes float32 weights" : "experts: every tensor must have x's dtype");
@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(
     const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in, const at::Tensor& sorted_slots,
     const at::Tensor& slot_rows, const at::Tensor& offsets, int64_t k, int64_t activation,
     bool interleaved, double alpha, double limit) {
-  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k, /*bf16=*/true);
+  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
   // detached views: the worker threads run with grad mode on (it is thread-local)
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const auto b1 = detached(b1_in), b2 = detached(b2_in);
@@ -341,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& down_in, const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
     const at::Tensor& sorted_slots, const at::Tensor& slot_rows, const at::Tensor& offsets, const at::Tensor& h_in,
     int64_t k, int64_t activation, bool interleaved, double alpha, double limit, int64_t need) {
-  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k, /*bf16=*/true);
+  check_inputs(x_in, weights_in, gate_up_in, down_in, b1_in, b2_in, k);
   const at::Tensor weights = weights_in.detach(), gate_up = gate_up_in.detach(), down = down_in.detach();
   const at::Tensor h = h_in.detach();
   const auto b1 = detached(b1_in), b2 = detached(b2_in);

@@ -189,4 +189,4 @@ def cpu_path_now() -> bool:
     """Nothing watching (as :func:`direct_call_ok`) and the backend in force runs the CPU path for
     CPU tensors (not ``triton``): what :func:`cpu_direct` asks beyond its tensors, for an op that
     checks its tensors inline."""
-    return not (_is_compiling() or _dispatch_modes() or _function_modes()) and get_backend() != "triton"
+    return _nothing_watching() and get_backend() != "triton"

@@ -116,9 +116,9 @@ class _Overloads:
     then an attribute: an ``OpOverload`` runs the C++ op a Python frame sooner than its packet.
     Each Python step counts on the CPU path, more than it costs in a tight loop: after a kernel
     that streams its tensors through the caches, the interpreter's own objects are cold
-    (``bench/cold_call.py``: a small bf16 softmax backward through the public function ~115 µs
-    with the caches flushed before each call, through its op ~50, ATen's binding ~38; warm 5, 3
-    and 1.5 µs)."""
+    (``bench/cold_call.py``: a small bf16 softmax backward through the public function 65-69 µs
+    with the caches flushed before each call, through its op 27-30, ATen's binding ~24; warm 4.8,
+    3 and 1.5 µs)."""
 
     def __getattr__(self, name: str):
         op = getattr(getattr(torch.ops, _NAME), name).default

@@ -705,8 +705,12 @@ def _cpp_experts():
 
 
 def _cpp_args(x, weights, gate_up, down, b1, b2):
-    """The tensors in the compute dtype (16-bit storage is cast: the C++ op computes in float32)."""
+    """The tensors as the C++ op takes them: bfloat16 as stored (its GEMMs run in bfloat16; no
+    per-call cast of the expert weights) with the routing weights in float32; float16 cast to
+    float32; float32 / float64 as they are."""
     cd = math_dtype(x.dtype)
+    if x.dtype == torch.bfloat16:
+        return [x, weights.to(cd), gate_up, down, b1, b2]
     return [None if t is None else t.to(cd) for t in (x, weights, gate_up, down, b1, b2)]
 
 
@@ -718,25 +722,17 @@ def _cpp_h_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _cpp_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec):
     """:func:`_cpu_forward` in one C++ call: (out, h, act) with ``act`` empty — the C++ backward
-    recomputes the activation from ``h``. bfloat16: the tensors as stored, the routing weights in
-    float32 (no per-call cast of the expert weights; bfloat16 GEMMs)."""
-    if x.dtype == torch.bfloat16:
-        args = [x, weights.to(math_dtype(x.dtype)), gate_up, down, b1, b2]
-    else:
-        args = _cpp_args(x, weights, gate_up, down, b1, b2)
+    recomputes the activation from ``h`` (bfloat16 as stored: :func:`_cpp_args`)."""
     out, h = _cpp_experts().experts_forward(
-        *args, routing.sorted_slots, routing.slot_rows, routing.offsets,
+        *_cpp_args(x, weights, gate_up, down, b1, b2), routing.sorted_slots, routing.slot_rows, routing.offsets,
         routing.top_k, ACTIVATIONS.index(spec.activation), spec.interleaved, spec.alpha, spec.limit)
     return out.to(x.dtype), h, h.new_empty((0, gate_up.shape[1] // 2))
 
 
 def _cpp_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, act, spec: ExpertSpec, need):
-    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``); bfloat16 as
-    stored, as :func:`_cpp_forward`."""
-    if x.dtype == torch.bfloat16:
-        xc, wc, guc, dc, b1c, b2c = x, weights.to(math_dtype(x.dtype)), gate_up, down, b1, b2
-    else:
-        xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
+    """:func:`_cpu_backward` in one C++ call (``act`` unused: recomputed from ``h``; bfloat16 as
+    stored: :func:`_cpp_args`)."""
+    xc, wc, guc, dc, b1c, b2c = _cpp_args(x, weights, gate_up, down, b1, b2)
     h = h.to(xc.dtype)
     grads = _cpp_experts().experts_backward(
         dout.to(xc.dtype), xc, wc, guc, dc, b1c, b2c, routing.sorted_slots, routing.slot_rows, routing.offsets, h,

@@ -428,9 +428,9 @@ class SoftmaxFunction(torch.autograd.Function):
 # result in it, a dim in range, no graph, nothing watching (_backend.cpu_path_now) — goes straight
 # to the C++ op (or ATen's kernel where that runs: _cpu_forward / _cpu_backward), without the
 # checked way's layers; every other call (and every bad one: its errors) takes the checked way.
-# One function each, its checks inline: after a kernel that streamed its tensors through the
-# caches, each Python call and attribute read in front of the next one is a cache miss or several
-# (bench/cold_call.py; bench/NOTES.md).
+# One function each, its checks inline (_cpp_takes's among them): after a kernel that streamed its
+# tensors through the caches, each Python call and attribute read in front of the next one is a
+# cache miss or several (bench/cold_call.py; bench/NOTES.md).
 
 
 def _short_cpu_forward(x, dim, dtype, kind: Kind) -> Optional[torch.Tensor]:
