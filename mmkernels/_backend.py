@@ -55,7 +55,7 @@ def get_backend() -> str:
     if _ENV_KEY is None:
         return _env_backend(os.environ.get(ENV_VAR, "auto"))
     raw = _ENV_DATA.get(_ENV_KEY)
-    return _env_backend("auto" if raw is None else os.environ.decodevalue(raw))
+    return "auto" if raw is None else _env_backend(os.environ.decodevalue(raw))
 
 
 #: ``os.environ``'s own dict and our variable's key in it (CPython keeps the mapping's contents
@@ -150,14 +150,21 @@ def resolve(device: torch.device) -> Impl:
 
 
 #: What :func:`_nothing_watching` asks, bound once (each attribute lookup counts on a cold call).
-_is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 
 
 def _nothing_watching() -> bool:
-    """No torch.compile / export tracing, no dispatch or torch-function mode active."""
-    return not (_is_compiling() or _dispatch_modes() or _function_modes())
+    """No torch.compile / export tracing, no dispatch or torch-function mode active.
+
+    The tracing test is ``torch.compiler.is_compiling()`` without its TorchScript test (no
+    mmkernels op is scripted): Dynamo folds ``is_dynamo_compiling()`` to True in what it traces,
+    and the flag is set for the rest of a compile or export session. Two Python frames fewer: a
+    cold call (after a kernel that streamed its tensors through the caches) paid ~7 µs for them
+    (``bench/cold_call.py``)."""
+    return not (_is_dynamo_compiling() or _compiler._is_compiling_flag or _dispatch_modes() or _function_modes())
 
 
 def direct_call_ok(*tensors: torch.Tensor) -> bool:
@@ -189,4 +196,8 @@ def cpu_path_now() -> bool:
     """Nothing watching (as :func:`direct_call_ok`) and the backend in force runs the CPU path for
     CPU tensors (not ``triton``): what :func:`cpu_direct` asks beyond its tensors, for an op that
     checks its tensors inline."""
-    return _nothing_watching() and get_backend() != "triton"
+    if not _nothing_watching():
+        return False
+    if _override is None and _ENV_KEY is not None and _ENV_DATA.get(_ENV_KEY) is None:  # the default, auto
+        return True
+    return get_backend() != "triton"

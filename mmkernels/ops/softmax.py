@@ -424,50 +424,28 @@ class SoftmaxFunction(torch.autograd.Function):
 # Public functionals
 # ----------------------------------------------------------------------------------------------
 
-# The public functions' short CPU way: the common call — plain CPU tensors of a float dtype, the
-# result in it, a dim in range, no graph, nothing watching (_backend.cpu_path_now) — goes straight
-# to the C++ op (or ATen's kernel where that runs: _cpu_forward / _cpu_backward), without the
-# checked way's layers; every other call (and every bad one: its errors) takes the checked way.
-# One function each, its checks inline (_cpp_takes's among them): after a kernel that streamed its
-# tensors through the caches, each Python call and attribute read in front of the next one is a
-# cache miss or several (bench/cold_call.py; bench/NOTES.md).
-
-
-def _short_cpu_forward(x, dim, dtype, kind: Kind) -> Optional[torch.Tensor]:
-    if dtype is not None or type(x) is not _Tensor or type(dim) is not int or not x.is_cpu or x.requires_grad:
-        return None
-    nd, xd = x.dim(), x.dtype
-    if not -nd <= dim < nd or xd not in _FLOATS or not _backend.cpu_path_now():
-        return None
-    dim %= nd
-    cpp = _cpp.ops()
-    if cpp is not None and x.is_contiguous() and xd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES):
-        return cpp.softmax_forward(x, int(kind), dim)
-    return _cpu_forward(x, dim, kind, xd)
-
-
-def _short_cpu_backward(dy, y, dim, kind, input_dtype) -> Optional[torch.Tensor]:
-    if (type(y) is not _Tensor or type(dy) is not _Tensor or type(dim) is not int or type(kind) is not str
-            or not (y.is_cpu and dy.is_cpu) or y.requires_grad or dy.requires_grad):
-        return None
-    nd, yd = y.dim(), y.dtype
-    k = _KINDS.get(kind)
-    if (k is None or not -nd <= dim < nd or dy.dtype is not yd or yd not in _FLOATS
-            or (input_dtype is not None and input_dtype is not yd) or y.shape != dy.shape
-            or not _backend.cpu_path_now()):
-        return None
-    dim %= nd
-    cpp = _cpp.ops()
-    if (cpp is not None and y.is_contiguous() and dy.is_contiguous()
-            and yd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES)):
-        return cpp.softmax_backward(y, dy, int(k), -1, dim)
-    return _cpu_backward(y, dy, dim, k, yd)
+# The public functions' short CPU way (the top of _apply and of softmax_backward): the common call
+# — plain CPU tensors of a float dtype, the result in it, a dim in range, no graph, nothing
+# watching (_backend.cpu_path_now) — goes straight to the C++ op (or ATen's kernel where that
+# runs: _cpu_forward / _cpu_backward), without the checked way's layers; every other call (and
+# every bad one: its errors) takes the checked way. Its checks inline, in the function the public
+# call enters (_cpp_takes's among them): after a kernel that streamed its tensors through the
+# caches, each Python frame and attribute read in front of the next one is a cache miss or several
+# (bench/cold_call.py; bench/NOTES.md). The backward's shapes are not compared first where the C++
+# op compares them itself: a call it refuses takes the checked way, which says what is wrong.
 
 
 def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Kind) -> torch.Tensor:
-    y = _short_cpu_forward(input, dim, dtype, kind)
-    if y is not None:
-        return y
+    if (dtype is None and type(input) is _Tensor and type(dim) is int and input.is_cpu and not input.requires_grad
+            and _backend.cpu_path_now()):  # the short CPU way
+        nd, xd = input.dim(), input.dtype
+        if -nd <= dim < nd and xd in _FLOATS:
+            dim %= nd
+            cpp = _cpp.ops()
+            if (cpp is not None and input.is_contiguous()
+                    and xd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES)):
+                return cpp.softmax_forward(input, int(kind), dim)
+            return _cpu_forward(input, dim, kind, xd)
     _check_tensor("input", input)
     d = _check_dim(dim, input.dim())
     if dtype is None:
@@ -560,9 +538,23 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
     Returns:
         ``dx`` with ``output``'s shape.
     """
-    dx = _short_cpu_backward(grad_output, output, dim, kind, input_dtype)
-    if dx is not None:
-        return dx
+    y, dy = output, grad_output
+    if (type(y) is _Tensor and type(dy) is _Tensor and type(dim) is int and type(kind) is str and y.is_cpu
+            and dy.is_cpu and not (y.requires_grad or dy.requires_grad)):  # the short CPU way
+        nd, yd = y.dim(), y.dtype
+        k = _KINDS.get(kind)
+        if (k is not None and -nd <= dim < nd and dy.dtype is yd and yd in _FLOATS
+                and (input_dtype is None or input_dtype is yd) and _backend.cpu_path_now()):
+            d = dim % nd
+            cpp = _cpp.ops()
+            if (cpp is not None and y.is_contiguous() and dy.is_contiguous()
+                    and yd in (_CPP_DTYPES if d == nd - 1 else _CPP_COLUMN_DTYPES)):
+                try:
+                    return cpp.softmax_backward(y, dy, int(k), -1, d)
+                except RuntimeError:  # another shape than y's: the checked way says so
+                    pass
+            elif y.shape == dy.shape:
+                return _cpu_backward(y, dy, d, k, yd)
     _check_tensor("grad_output", grad_output)
     _check_tensor("output", output)
     if kind not in _KINDS:
