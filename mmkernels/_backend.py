@@ -181,21 +181,10 @@ def direct_call_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def cpu_direct(*tensors: torch.Tensor) -> bool:
-    """True when a call on ``tensors`` may take an op's short CPU path: every one a plain CPU
-    ``torch.Tensor`` (no subclass, no Parameter) that records no graph, nothing watching (as
-    :func:`direct_call_ok`), and the backend in force runs the CPU path for CPU tensors (not
-    ``triton``). The ops' public functions check this first and otherwise take their checked way."""
-    for t in tensors:
-        if type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad:
-            return False
-    return cpu_path_now()
-
-
 def cpu_path_now() -> bool:
     """Nothing watching (as :func:`direct_call_ok`) and the backend in force runs the CPU path for
-    CPU tensors (not ``triton``): what :func:`cpu_direct` asks beyond its tensors, for an op that
-    checks its tensors inline."""
+    CPU tensors (not ``triton``): what a public function's short CPU way asks beyond its tensors
+    (plain CPU ``torch.Tensor`` s recording no graph), which it checks inline."""
     if not _nothing_watching():
         return False
     if _override is None and _ENV_KEY is not None and _ENV_DATA.get(_ENV_KEY) is None:  # the default, auto

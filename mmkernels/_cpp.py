@@ -108,29 +108,43 @@ def load() -> bool:
                       f"vectorised-torch CPU path", RuntimeWarning, stacklevel=3)
         return False
     _state["ok"] = True
+    _sync_loaded()
     return True
 
 
 class _Overloads:
-    """``torch.ops.mmkernels_cpu``'s operators as their default overloads, each looked up once and
-    then an attribute: an ``OpOverload`` runs the C++ op a Python frame sooner than its packet.
-    Each Python step counts on the CPU path, more than it costs in a tight loop: after a kernel
-    that streams its tensors through the caches, the interpreter's own objects are cold
-    (``bench/cold_call.py``: a small bf16 softmax backward through the public function 65-69 µs
-    with the caches flushed before each call, through its op 27-30, ATen's binding ~24; warm 4.8,
-    3 and 1.5 µs)."""
+    """``torch.ops.mmkernels_cpu``'s operators, each looked up once and then an attribute: the
+    builtin its default ``OpOverload`` calls (``OpOverload._op``; the overload itself where a
+    torch has no such attribute), the same dispatcher call two Python frames sooner than the
+    packet. Each Python step counts on the CPU path, more than it costs in a tight loop: after a
+    kernel that streams its tensors through the caches, the interpreter's own objects are cold
+    (``bench/cold_call.py``: a small bf16 softmax backward through the overload ~6 µs slower than
+    through its builtin, ATen's binding ~3 µs faster still). Only calls that nothing traces use
+    them (the ops' CPU implementations and short ways): Dynamo knows an ``OpOverload``, not its
+    builtin."""
 
     def __getattr__(self, name: str):
-        op = getattr(getattr(torch.ops, _NAME), name).default
+        overload = getattr(getattr(torch.ops, _NAME), name).default
+        op = getattr(overload, "_op", overload)
         setattr(self, name, op)
         return op
 
 
 _OVERLOADS = _Overloads()
 
+#: The C++ operators when they are loaded and selected (not ``use_cpu_impl("torch")``), else
+#: None: what the public functions' short CPU ways read, an attribute where :func:`ops` is a call
+#: (a Python frame in front of a cold op costs several µs). Never builds: :func:`load` sets it.
+loaded: Optional[_Overloads] = None
+
+
+def _sync_loaded() -> None:
+    global loaded
+    loaded = _OVERLOADS if _state["ok"] and _state["impl"] != "torch" else None
+
 
 def ops():
-    """The C++ operators (``torch.ops.mmkernels_cpu``'s, each its default overload) when the C++
+    """The C++ operators (``torch.ops.mmkernels_cpu``'s, see :class:`_Overloads`) when the C++
     path is selected and available, else None (``use_cpu_impl("cpp")`` without it raises)."""
     impl = _state["impl"]
     if impl == "torch":
@@ -150,10 +164,12 @@ def use_cpu_impl(impl: str):
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     saved = _state["impl"]
     _state["impl"] = impl
+    _sync_loaded()
     try:
         yield
     finally:
         _state["impl"] = saved
+        _sync_loaded()
 
 
 def has_ops(names) -> bool:

@@ -391,27 +391,30 @@ def test_backend_env_var_is_read_at_call_time(monkeypatch):
 
 
 def test_cpu_short_way_only_for_plain_untraced_cpu_calls():
-    """_backend.cpu_direct, the softmax functionals' short CPU way: plain CPU tensors recording no
-    graph, nothing watching, a backend that runs the CPU path; every other call the checked way,
-    which gives the same result (and the errors: a bad dim, a bad kind)."""
+    """The softmax functionals' short CPU way: plain CPU tensors recording no graph, nothing
+    watching (_backend.cpu_path_now), a backend that runs the CPU path, the C++ ops when loaded and
+    selected (_cpp.loaded); every other call the checked way, which gives the same result (and the
+    errors: a bad dim, a bad kind, a gradient of another shape, which the C++ op refuses first)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mmkernels import _backend
+    from mmkernels import _backend, _cpp
 
-    x = torch.randn(4, 6)
-    assert _backend.cpu_direct(x, x)
-    assert not _backend.cpu_direct(x.requires_grad_(True))
-    x = x.detach()
-    assert not _backend.cpu_direct(torch.nn.Parameter(x))
+    assert _backend.cpu_path_now()
     with mmkernels.use_backend("triton"):
-        assert not _backend.cpu_direct(x)
+        assert not _backend.cpu_path_now()
 
     class Watching(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with Watching():
-        assert not _backend.cpu_direct(x)
+        assert not _backend.cpu_path_now()
+    if _cpp.load():
+        assert _cpp.loaded is not None
+        with _cpp.use_cpu_impl("torch"):
+            assert _cpp.loaded is None
+        assert _cpp.loaded is not None
+    x = torch.randn(4, 6)
     y = mmkernels.softmax(x, dim=0)
     mt.assert_same_bits(y, ops.softmax(x.clone().requires_grad_(True), dim=0).detach(), "short vs checked")
     dy = torch.randn(4, 6)
@@ -421,6 +424,9 @@ def test_cpu_short_way_only_for_plain_untraced_cpu_calls():
         mmkernels.softmax(x, dim=2)
     with pytest.raises(ValueError):
         mmkernels.softmax_backward(dy, y, 0, kind="softmaxx")
+    for impl in ("auto", "torch"):
+        with _cpp.use_cpu_impl(impl), pytest.raises(ValueError, match="grad_output must have output's shape"):
+            mmkernels.softmax_backward(torch.randn(4, 5), y, -1)
 
 
 @st.composite

@@ -441,7 +441,7 @@ def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Ki
         nd, xd = input.dim(), input.dtype
         if -nd <= dim < nd and xd in _FLOATS:
             dim %= nd
-            cpp = _cpp.ops()
+            cpp = _cpp.loaded  # else _cpu_* (ATen's, or the first call: builds them)
             if (cpp is not None and input.is_contiguous()
                     and xd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES)):
                 return cpp.softmax_forward(input, int(kind), dim)
@@ -546,7 +546,7 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
         if (k is not None and -nd <= dim < nd and dy.dtype is yd and yd in _FLOATS
                 and (input_dtype is None or input_dtype is yd) and _backend.cpu_path_now()):
             d = dim % nd
-            cpp = _cpp.ops()
+            cpp = _cpp.loaded  # else _cpu_* (ATen's, or the first call: builds them)
             if (cpp is not None and y.is_contiguous() and dy.is_contiguous()
                     and yd in (_CPP_DTYPES if d == nd - 1 else _CPP_COLUMN_DTYPES)):
                 try:
