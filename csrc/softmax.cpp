@@ -1,7 +1,7 @@
 // The softmax family on the CPU: softmax, log-softmax and softmin, forward and the fused backward —
-// the CPU path of mmkernels.ops.softmax for contiguous float32 / float64 along any dim (the rows
-// along the last, the columns along another), and bfloat16 rows (float math; widened as read,
-// narrowed to nearest even as written). On the 2-core AVX2 VM the bfloat16 forward measured
+// the CPU path of mmkernels.ops.softmax for contiguous float32, float64 and bfloat16 along any dim
+// (the rows along the last, the columns along another; bfloat16 in float math, widened as read,
+// narrowed to nearest even once as written). On the 2-core AVX2 VM the bfloat16 forward measured
 // 1.04-1.23x ATen's and the log-softmax backward 1.12-1.15x, but the softmax / softmin backward
 // 0.80-0.88x: that one runs ATen's kernel unless the CPU narrows with AVX512-BF16
 // (softmax_backward). Every other layout and dtype runs ATen's kernels (float16: 0.6x in C++ with
@@ -14,6 +14,8 @@
 // vectorised across them — no transpose. On a Xeon VM with AVX-512, against ATen: 64x4096x16 along
 // dim 1 forward 1.48x, backward 1.19x; 16x64x2048 3.29x / 1.05x; 256x512x64 1.16x / 1.03x. (An
 // earlier version with one cache line of columns per tile read the backward 0.5x at 2048 columns.)
+// bfloat16 columns on a Zen 4 VM, 2 threads: forward 1.5-5.4x ATen's (whose bfloat16 forward along
+// a middle dim ran 5x its float32 one), backward 1.3-1.6x, log-softmax backward 1.5-4.2x.
 //
 // Registered as mmkernels_cpu::softmax_forward / softmax_backward; loaded by mmkernels/_cpp.py.
 //
@@ -54,6 +56,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec_math.h"
@@ -138,22 +141,28 @@ int64_t column_tasks(const Around& a) { return a.outer * ((a.inner + column_widt
 template <typename T>
 int64_t column_grain(const Around& a) { return std::max<int64_t>(1, kGrainElems / (a.D * column_width<T>(a))); }
 
-// y = kind(x) along dim: x a contiguous CPU tensor — float32, float64 or bfloat16 along its last
-// dim, float32 or float64 along another (the columns) — y in its dtype (the Python side routes
-// every other case to ATen).
+// y = kind(x) along dim: x a contiguous CPU tensor of float32, float64 or bfloat16 — along its
+// last dim the rows, along another the columns — y in its dtype (the Python side routes every
+// other case to ATen).
 at::Tensor softmax_forward(const at::Tensor& x, int64_t kind, int64_t dim) {
   check(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, "x must be a contiguous CPU tensor");
   check(kind >= 0 && kind <= 2, "kind must be 0 (softmax), 1 (log-softmax) or 2 (softmin)");
   check(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
         "x must be float32, float64 or bfloat16");
   const Around a(x, dim);
-  check(a.inner == 1 || x.scalar_type() != at::kBFloat16, "bfloat16 only along the last dim");
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const int64_t N = a.D, rows = a.outer * a.inner;
   if (x.scalar_type() == at::kBFloat16) {
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    if (a.inner > 1) {
+      at::parallel_for(0, column_tasks<uint16_t>(a), column_grain<uint16_t>(a), [&](int64_t c0, int64_t c1) {
+        MMK_RUN_VECTORISED(forward_column_tasks<uint16_t>, xp, yp, a.D, a.inner, column_width<uint16_t>(a), c0, c1,
+                           kind);
+      });
+      return y;
+    }
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / N), [&](int64_t r0, int64_t r1) {
       std::vector<float> buf(N);
       MMK_RUN_VECTORISED(forward_rows_bf16, xp + r0 * N, yp + r0 * N, buf.data(), r1 - r0, N, kind);
@@ -199,7 +208,6 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t k
   check(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble || y.scalar_type() == at::kBFloat16,
         "y must be float32, float64 or bfloat16");
   const Around a(y, dim);
-  check(a.inner == 1 || y.scalar_type() != at::kBFloat16, "bfloat16 only along the last dim");
   at::Tensor dx = at::empty_like(y);
   if (y.numel() == 0) return dx;
   const int64_t N = a.D, rows = a.outer * a.inner;
@@ -212,6 +220,13 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t k
     const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
     const uint16_t* gp = reinterpret_cast<const uint16_t*>(dy.data_ptr<at::BFloat16>());
     uint16_t* dp = reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>());
+    if (a.inner > 1) {
+      at::parallel_for(0, column_tasks<uint16_t>(a), column_grain<uint16_t>(a), [&](int64_t c0, int64_t c1) {
+        MMK_RUN_VECTORISED(backward_column_tasks<uint16_t>, yp, gp, dp, a.D, a.inner, column_width<uint16_t>(a), c0,
+                           c1, kind);
+      });
+      return dx;
+    }
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / N), [&](int64_t r0, int64_t r1) {
       MMK_RUN_VECTORISED(backward_rows_bf16, yp + r0 * N, gp + r0 * N, dp + r0 * N, r1 - r0, N, kind, streamed);
     });

@@ -247,19 +247,35 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
 // side by side, vectorised across them; the D × w tile (column_width) stays in L2 between the
 // passes. NaN, +inf and columns of only -inf give NaN as the rows do (here the max is NaN, +inf or
 // -inf and x - max NaN where it matters); sums over d in blocks of kColumnBlock (softmax.cpp).
+// S is the storage type: float and double keep the exps in y between the sum pass and the last;
+// bfloat16 (uint16_t, float math, widened as read) makes them again in the last pass, so that each
+// y is rounded once, as the bfloat16 rows round it.
 
-template <typename T, int W>
-MMK_INLINE void forward_columns(const T* x, T* y, int64_t D, int64_t inner, int64_t w, Kind kind) {
+// dst[i] = value(i) for i in [0, n), narrowed to nearest even where S is bfloat16 (narrow_into).
+template <typename S, typename F>
+MMK_INLINE void store_values(S* __restrict__ dst, int64_t n, const F& value) {
+  if constexpr (std::is_same<S, uint16_t>::value) {
+    narrow_into(dst, n, value);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = value(i);
+  }
+}
+
+template <typename S, int W>
+MMK_INLINE void forward_columns(const S* x, S* y, int64_t D, int64_t inner, int64_t w, Kind kind) {
+  using T = decltype(widen(S()));
+  constexpr bool kKeep = std::is_same<S, T>::value;
   constexpr int kLine = W ? W : kMaxColumns;
   const int64_t n = W ? W : w;
   const T sign = kind == kSoftmin ? T(-1) : T(1);
   T m[kLine], s[kLine], part[kLine];
   for (int l = 0; l < kLine; ++l) m[l] = -std::numeric_limits<T>::infinity();
   for (int64_t d = 0; d < D; ++d) {
-    const T* xd = x + d * inner;
+    const S* xd = x + d * inner;
 #pragma omp simd
     for (int64_t l = 0; l < n; ++l) {
-      const T v = sign * xd[l];
+      const T v = sign * widen(xd[l]);
       m[l] = v > m[l] ? v : m[l];
     }
   }
@@ -267,32 +283,39 @@ MMK_INLINE void forward_columns(const T* x, T* y, int64_t D, int64_t inner, int6
   for (int64_t d0 = 0; d0 < D; d0 += kColumnBlock) {
     for (int l = 0; l < kLine; ++l) part[l] = 0;
     for (int64_t d = d0; d < std::min(D, d0 + kColumnBlock); ++d) {
-      const T* xd = x + d * inner;
-      T* yd = y + d * inner;
+      const S* xd = x + d * inner;
+      S* yd = y + d * inner;
 #pragma omp simd
       for (int64_t l = 0; l < n; ++l) {
-        const T e = exp_np(sign * xd[l] - m[l]);
-        yd[l] = e;
+        const T e = exp_for(x, sign * widen(xd[l]) - m[l]);
+        if constexpr (kKeep) yd[l] = e;
         part[l] += e;
       }
     }
     for (int l = 0; l < kLine; ++l) s[l] += part[l];
   }
+  const T* mx = m;  // the lambdas below take the arrays by pointer (by value they would copy them)
+  const T* sc = s;
   if (kind == kLogSoftmax) {
     for (int l = 0; l < kLine; ++l) s[l] = m[l] + std::log(s[l]);  // the shift
     for (int64_t d = 0; d < D; ++d) {
-      const T* xd = x + d * inner;
-      T* yd = y + d * inner;
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) yd[l] = xd[l] - s[l];
+      const S* xd = x + d * inner;
+      store_values(y + d * inner, n, [=](int64_t l) MMK_LAMBDA_INLINE { return widen(xd[l]) - sc[l]; });
     }
     return;
   }
   for (int l = 0; l < kLine; ++l) s[l] = T(1) / s[l];
   for (int64_t d = 0; d < D; ++d) {
-    T* yd = y + d * inner;
+    const S* xd = x + d * inner;
+    S* yd = y + d * inner;
+    if constexpr (kKeep) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) yd[l] *= s[l];
+      for (int64_t l = 0; l < n; ++l) yd[l] *= s[l];
+    } else {
+      store_values(yd, n, [=](int64_t l) MMK_LAMBDA_INLINE {
+        return exp_for(x, sign * widen(xd[l]) - mx[l]) * sc[l];
+      });
+    }
   }
 }
 
@@ -322,9 +345,11 @@ void forward_column_tasks(const T* x, T* y, int64_t D, int64_t inner, int64_t wi
 }
 
 // The backward of forward_columns: per column Σ y·dy over d (log-softmax: Σ dy, and whether any
-// y is above kExpNpMax: std::exp then, as backward_block), then dx.
-template <typename T, int W>
-MMK_INLINE void backward_columns(const T* y, const T* dy, T* dx, int64_t D, int64_t inner, int64_t w, Kind kind) {
+// y is above kExpNpMax: std::exp then, as backward_block), then dx; S as there (bfloat16: sums in
+// float, each dx rounded once).
+template <typename S, int W>
+MMK_INLINE void backward_columns(const S* y, const S* dy, S* dx, int64_t D, int64_t inner, int64_t w, Kind kind) {
+  using T = decltype(widen(S()));
   constexpr int kLine = W ? W : kMaxColumns;
   const int64_t n = W ? W : w;
   T s[kLine], part[kLine], top[kLine];
@@ -335,40 +360,44 @@ MMK_INLINE void backward_columns(const T* y, const T* dy, T* dx, int64_t D, int6
   for (int64_t d0 = 0; d0 < D; d0 += kColumnBlock) {
     for (int l = 0; l < kLine; ++l) part[l] = 0;
     for (int64_t d = d0; d < std::min(D, d0 + kColumnBlock); ++d) {
-      const T* yd = y + d * inner;
-      const T* gd = dy + d * inner;
+      const S* yd = y + d * inner;
+      const S* gd = dy + d * inner;
       if (kind == kLogSoftmax) {
 #pragma omp simd
         for (int64_t l = 0; l < n; ++l) {
-          part[l] += gd[l];
-          top[l] = yd[l] > top[l] ? yd[l] : top[l];
+          const T v = widen(yd[l]);
+          part[l] += widen(gd[l]);
+          top[l] = v > top[l] ? v : top[l];
         }
       } else {
 #pragma omp simd
-        for (int64_t l = 0; l < n; ++l) part[l] += yd[l] * gd[l];
+        for (int64_t l = 0; l < n; ++l) part[l] += widen(yd[l]) * widen(gd[l]);
       }
     }
     for (int l = 0; l < kLine; ++l) s[l] += part[l];
   }
   bool beyond = false;
   for (int64_t l = 0; l < n; ++l) beyond |= top[l] > T(kExpNpMax);
+  const T* sc = s;  // the lambdas below take the sums by pointer (by value they would copy them)
   for (int64_t d = 0; d < D; ++d) {
-    const T* yd = y + d * inner;
-    const T* gd = dy + d * inner;
-    T* xd = dx + d * inner;
+    const S* yd = y + d * inner;
+    const S* gd = dy + d * inner;
+    S* xd = dx + d * inner;
     if (kind == kLogSoftmax) {
       if (beyond) {
-        for (int64_t l = 0; l < n; ++l) xd[l] = gd[l] - std::exp(yd[l]) * s[l];
+        for (int64_t l = 0; l < n; ++l) {
+          const T v = widen(gd[l]) - std::exp(widen(yd[l])) * sc[l];
+          store_values(xd + l, 1, [=](int64_t) MMK_LAMBDA_INLINE { return v; });
+        }
       } else {
-#pragma omp simd
-        for (int64_t l = 0; l < n; ++l) xd[l] = gd[l] - exp_np(yd[l]) * s[l];
+        store_values(xd, n, [=](int64_t l) MMK_LAMBDA_INLINE {
+          return widen(gd[l]) - exp_for(y, widen(yd[l])) * sc[l];
+        });
       }
     } else if (kind == kSoftmax) {
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) xd[l] = yd[l] * (gd[l] - s[l]);
+      store_values(xd, n, [=](int64_t l) MMK_LAMBDA_INLINE { return widen(yd[l]) * (widen(gd[l]) - sc[l]); });
     } else {
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) xd[l] = yd[l] * (s[l] - gd[l]);
+      store_values(xd, n, [=](int64_t l) MMK_LAMBDA_INLINE { return widen(yd[l]) * (sc[l] - widen(gd[l])); });
     }
   }
 }

@@ -288,29 +288,27 @@ def _same_layout(result: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -
     return torch.empty_like(like, dtype=dtype).copy_(result)
 
 
-#: The dtypes csrc/softmax.cpp takes along the last dim (bfloat16 with float math), and along
-#: another dim (its column kernels). Not float64: its exp is std::exp one element at a time, and
+#: The dtypes csrc/softmax.cpp takes, along the last dim and along another (its column kernels):
+#: bfloat16 in float math (along a middle dim 1.5-5.4x ATen's bfloat16 forward, 1.3-1.6x its
+#: backward, Zen 4 VM: bench/NOTES.md). Not float64: its exp is std::exp one element at a time, and
 #: against ATen's vectorised kernels (2 threads, 4M elements) the C++ forward read 0.62-0.72x,
 #: the log-softmax backward 0.69-0.73x, the softmax backward 0.90-1.08x (bench/NOTES.md); the op
 #: still takes float64 when called itself.
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
-_CPP_COLUMN_DTYPES = (torch.float32,)
 
 
-def _cpp_takes(x: torch.Tensor, dim: int, out_dtype: torch.dtype) -> bool:
-    """csrc/softmax.cpp's case: a contiguous tensor, the result in its dtype — float32 / bfloat16
-    along the last dim, float32 along another — measured faster than ATen's there. Other dtypes
-    and layouts measured slower in C++ (see that file and :data:`_CPP_DTYPES`), so they run ATen's."""
-    if not x.is_contiguous() or out_dtype != x.dtype:
-        return False
-    return x.dtype in (_CPP_DTYPES if dim == x.dim() - 1 else _CPP_COLUMN_DTYPES)
+def _cpp_takes(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """csrc/softmax.cpp's case: a contiguous float32 / bfloat16 tensor (along any dim), the result
+    in its dtype — measured faster than ATen's there. Other dtypes and layouts measured slower in
+    C++ (see that file and :data:`_CPP_DTYPES`), so they run ATen's."""
+    return x.is_contiguous() and out_dtype == x.dtype and x.dtype in _CPP_DTYPES
 
 
 def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
-    """The C++ kernel (csrc/softmax.cpp) where :func:`_cpp_takes` (rows along the last dim, or its
+    """The C++ kernel (csrc/softmax.cpp) where :func:`_cpp_takes` (rows along the last dim, its
     column kernels along another); ATen's otherwise."""
     cpp = _cpp.ops()
-    if cpp is not None and _cpp_takes(x, dim, out_dtype):
+    if cpp is not None and _cpp_takes(x, out_dtype):
         return cpp.softmax_forward(x, int(kind), dim)
     if kind == Kind.SOFTMAX:
         y = torch.softmax(x, dim, dtype=out_dtype)
@@ -323,13 +321,12 @@ def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) 
 
 def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                   in_dtype: torch.dtype) -> torch.Tensor:
-    """The C++ op (csrc/softmax.cpp) for contiguous float32 / float64 along any dim and bfloat16
-    rows along the last dim (``dy`` contiguous, of ``y``'s dtype, ``dx`` in it; the op itself runs
-    ATen's kernel for the bfloat16 softmax / softmin backward on a CPU without AVX512-BF16, where
-    its own measured slower); ATen's otherwise."""
+    """The C++ op (csrc/softmax.cpp) where :func:`_cpp_takes` (``dy`` contiguous, of ``y``'s
+    dtype, ``dx`` in it; the op itself runs ATen's kernel for the bfloat16 softmax / softmin
+    backward on a CPU without AVX512-BF16, where its own measured slower); ATen's otherwise."""
     cpp = _cpp.ops()
     y_dtype = y.dtype
-    if cpp is not None and _cpp_takes(y, dim, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous():
+    if cpp is not None and _cpp_takes(y, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous():
         return cpp.softmax_backward(y, dy, int(kind), -1, dim)
     # ATen's CPU kernels compute in y's dtype (no mixed half->float backward on CPU); cast after.
     # (Each call skipped here counts: after a kernel that streams its tensors through the caches,
@@ -443,7 +440,7 @@ def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Ki
             dim %= nd
             cpp = _cpp.loaded  # else _cpu_* (ATen's, or the first call: builds them)
             if (cpp is not None and input.is_contiguous()
-                    and xd in (_CPP_DTYPES if dim == nd - 1 else _CPP_COLUMN_DTYPES)):
+                    and xd in _CPP_DTYPES):
                 return cpp.softmax_forward(input, int(kind), dim)
             return _cpu_forward(input, dim, kind, xd)
     _check_tensor("input", input)
@@ -548,7 +545,7 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
             d = dim % nd
             cpp = _cpp.loaded  # else _cpu_* (ATen's, or the first call: builds them)
             if (cpp is not None and y.is_contiguous() and dy.is_contiguous()
-                    and yd in (_CPP_DTYPES if d == nd - 1 else _CPP_COLUMN_DTYPES)):
+                    and yd in _CPP_DTYPES):
                 try:
                     return cpp.softmax_backward(y, dy, int(k), -1, d)
                 except RuntimeError:  # another shape than y's: the checked way says so
