@@ -83,6 +83,13 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "mmkernels_cpu softmax: 
 // dx would not stay there for the next op anyway.
 constexpr int64_t kBlock = 1024;
 
+// The log-softmax backward stores rows at least this long plainly even past the cache: its sum pass
+// reads only dy, so dx's pass brings y from memory, and there the streamed stores measured slower
+// (fp32, Zen 4 VM, against ATen, 3 and 8 buffer sets: 1024x4096 plain 1.07-1.15x, streamed
+// 1.01-1.06x; 128x32768 1.03-1.04x against 0.90-0.96x; at 2048 elements and under streaming ties
+// or wins: 8192x512 1.09-1.15x against 0.98-1.00x).
+constexpr int64_t kLogPlainRow = 4096;
+
 // Rows at least this long sum the bfloat16 forward's exps over 4 × kSumLanes lanes (vec_level.h
 // blocked_sum): a row's length picks the order of its sum, so every run gives the same bits.
 constexpr int64_t kLongSum = 512;
@@ -195,7 +202,8 @@ at::Tensor softmax_forward(const at::Tensor& x, int64_t kind, int64_t dim) {
 // dx of the softmax-family op `kind` along dim from its output y and the incoming gradient dy:
 // contiguous, of one shape and dtype, as softmax_forward takes them. stream (rows along the last
 // dim): 1 non-temporal stores for dx, 0 plain stores, -1 (default) the former when y, dy and dx
-// exceed the last-level cache; the columns store plainly. With -1 the bfloat16 softmax and softmin
+// exceed the last-level cache (log-softmax rows under kLogPlainRow only); the columns store
+// plainly. With -1 the bfloat16 softmax and softmin
 // backward run ATen's kernel unless the level narrows in one instruction (AVX512-BF16): ours read
 // 1.00-1.09x ATen's on a Zen 4 VM with it, 0.87-0.97x there capped at AVX-512 and 0.80-0.88x on an
 // AVX2 VM, where the narrowing's dozen integer instructions per 16 elements are most of a pass
@@ -211,7 +219,8 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t k
   at::Tensor dx = at::empty_like(y);
   if (y.numel() == 0) return dx;
   const int64_t N = a.D, rows = a.outer * a.inner;
-  const bool streamed = stream > 0 || (stream < 0 && 3 * dx.nbytes() > last_level_cache_bytes());
+  const bool streamed = stream > 0 || (stream < 0 && 3 * dx.nbytes() > last_level_cache_bytes() &&
+                                       !(kind == kLogSoftmax && N >= kLogPlainRow));
   if (y.scalar_type() == at::kBFloat16 && stream < 0 && kind != kLogSoftmax && active_level() < kAvx512Bf16) {
     at::_softmax_backward_data_out(dx, dy, y, dim, at::kBFloat16);
     return kind == kSoftmin ? dx.neg_() : dx;
