@@ -53,7 +53,8 @@ def _medians_us(entries: dict, calls: int, flush) -> dict:
 
 def _before(rev: str, tmp: str):
     """``rev``'s package, exported by ``bench/host_before_after.py`` into ``tmp`` and imported as
-    ``mmkernels_before``, its C++ ops those this process loaded (its own checkout has no csrc/)."""
+    ``mmkernels_before``, its C++ ops those this process loaded: its ``load()`` run on this
+    checkout's ``csrc/`` (the export has none), which finds the library already built."""
     here = str(pathlib.Path(__file__).resolve().parent)
     sys.path.insert(0, here)
     import host_before_after
@@ -62,7 +63,8 @@ def _before(rev: str, tmp: str):
     sys.path.insert(0, tmp)
     import mmkernels_before
 
-    mmkernels_before._cpp._state.update(tried=True, ok=_cpp.load())
+    mmkernels_before._cpp.CSRC = _cpp.CSRC
+    mmkernels_before._cpp.load()
     return mmkernels_before
 
 

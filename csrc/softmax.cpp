@@ -27,22 +27,23 @@
 //
 // Backward (dx = y·(dy - Σ y·dy); log-softmax dy - exp(y)·Σ dy; softmin y·(Σ y·dy - dy)): the
 // sum pass brings the row of y and dy (log-softmax: dy) into cache, the second makes dx from the
-// cached row. It is
-// bound by memory: y and dy read, dx written. When the three tensors exceed the last-level cache,
-// each block of kBlock elements is made in a buffer in L1 and written with non-temporal stores
-// (vec_math.h stream_copy): dx's lines are not read before they are written, 3 tensors' traffic
-// instead of 4 — the lever above ATen's kernel, which the same math at the same traffic could only
-// match. Within the cache, plain stores: streaming there sends dx past a cache that would have
-// kept it (0.68-0.84x ATen's on a Xeon VM reporting 480 MiB of L3, plain stores 0.89-1.06x).
+// cached row. It is bound by memory: y and dy read, dx written. When the three tensors exceed the
+// last-level cache, each block of kBlock elements is made in a buffer in L1 and written with
+// non-temporal stores (vec_math.h stream_copy): dx's lines are not read before they are written, 3
+// tensors' traffic instead of 4 — the lever above ATen's kernel, which the same math at the same
+// traffic could only match (not the log-softmax's long rows: kLogPlainRow). Within the cache,
+// plain stores: streaming there sends dx past a cache that would have kept it (0.68-0.84x ATen's
+// on a Xeon VM reporting 480 MiB of L3, plain stores 0.89-1.06x).
 //
 // Rows in parallel over ATen's threads; each element has one writer and every sum runs in a fixed
 // order whatever the thread count: bitwise-identical reruns.
 //
-// Math in the input's precision. exp: float rows use a degree-7 polynomial after a Cody–Waite
-// reduction (relative error ~1e-7, as csrc/router_simd.h), double rows std::exp. Row sums in
-// blocks (vec_level.h blocked_sum). The loops (softmax_loops.h) are written for the compiler to
-// vectorise and compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline by vec_levels.h, the
-// CPU's best run (other architectures build the baseline only).
+// Math in the input's precision (bfloat16: float). exp: vec_math.h exp_np, a polynomial after a
+// Cody–Waite reduction — degree 6 for float (2e-9 relative), 4 for values stored as bfloat16 —
+// double std::exp (exp_for picks by storage type). Row sums in blocks (vec_level.h blocked_sum).
+// The loops (softmax_loops.h) are written for the compiler to vectorise and compiled for x86-64-v4
+// (AVX-512), v3 (AVX2) and the baseline by vec_levels.h, the CPU's best run (other architectures
+// build the baseline only).
 //
 // Special values as torch: a row holding NaN or +inf, or only -inf, is NaN throughout; -inf
 // entries of other rows give 0 (softmax) / -inf (log-softmax). Softmin is softmax of -x. The
@@ -87,7 +88,8 @@ constexpr int64_t kBlock = 1024;
 // reads only dy, so dx's pass brings y from memory, and there the streamed stores measured slower
 // (fp32, Zen 4 VM, against ATen, 3 and 8 buffer sets: 1024x4096 plain 1.07-1.15x, streamed
 // 1.01-1.06x; 128x32768 1.03-1.04x against 0.90-0.96x; at 2048 elements and under streaming ties
-// or wins: 8192x512 1.09-1.15x against 0.98-1.00x).
+// or wins: 8192x512 1.09-1.15x against 0.98-1.00x). Measured in float32; bfloat16 rows follow it
+// unmeasured (their tensors pass the cache at twice the elements).
 constexpr int64_t kLogPlainRow = 4096;
 
 // Rows at least this long sum the bfloat16 forward's exps over 4 × kSumLanes lanes (vec_level.h
@@ -203,11 +205,11 @@ at::Tensor softmax_forward(const at::Tensor& x, int64_t kind, int64_t dim) {
 // contiguous, of one shape and dtype, as softmax_forward takes them. stream (rows along the last
 // dim): 1 non-temporal stores for dx, 0 plain stores, -1 (default) the former when y, dy and dx
 // exceed the last-level cache (log-softmax rows under kLogPlainRow only); the columns store
-// plainly. With -1 the bfloat16 softmax and softmin
-// backward run ATen's kernel unless the level narrows in one instruction (AVX512-BF16): ours read
-// 1.00-1.09x ATen's on a Zen 4 VM with it, 0.87-0.97x there capped at AVX-512 and 0.80-0.88x on an
-// AVX2 VM, where the narrowing's dozen integer instructions per 16 elements are most of a pass
-// whose only math is y·(dy - s). (An explicit stream runs ours on every level: the tests' way in.)
+// plainly. With -1 the bfloat16 softmax and softmin backward run ATen's kernel unless the level
+// narrows in one instruction (AVX512-BF16): ours read 1.00-1.09x ATen's on a Zen 4 VM with it,
+// 0.87-0.97x there capped at AVX-512 and 0.80-0.88x on an AVX2 VM, where the narrowing's dozen
+// integer instructions per 16 elements are most of a pass whose only math is y·(dy - s). (An
+// explicit stream runs ours on every level: the tests' way in.)
 at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t kind, int64_t stream, int64_t dim) {
   check(y.device().is_cpu() && dy.device().is_cpu() && y.is_contiguous() && dy.is_contiguous() && y.dim() >= 1,
         "y and dy must be contiguous CPU tensors");

@@ -1,7 +1,7 @@
-// The vectorised loops of csrc/softmax.cpp (the forward rows, the backward rows; float / double
-// and bfloat16), included by it through vec_levels.h once per instruction-set level: no include
-// guard, no includes (softmax.cpp includes what they use and defines Kind, widen / narrow, kBlock
-// before), and nothing here but loops. See softmax.cpp for what each computes and why.
+// The vectorised loops of csrc/softmax.cpp (the forward and backward rows and columns; float,
+// double and bfloat16), included by it through vec_levels.h once per instruction-set level: no
+// include guard, no includes (softmax.cpp includes what they use and defines Kind, widen / narrow,
+// kBlock before), and nothing here but loops. See softmax.cpp for what each computes and why.
 
 // forward_row's last pass (y = x - shift for log-softmax, else y *= inv) in chunks of 2 KB, each
 // first asking for the next row's matching lines of x: the memory is idle while this row's y is
@@ -124,11 +124,11 @@ void forward_rows_bf16(const uint16_t* x, uint16_t* y, float* buf, int64_t rows,
 #pragma omp simd
       for (int64_t k = k0; k < k1; ++k) {
         const uint32_t w = pair_at(xr, k);
-        even[k] = exp_np<4>(sign * low_of(w) - m);
-        odd[k] = exp_np<4>(sign * high_of(w) - m);
+        even[k] = exp_for(xr, sign * low_of(w) - m);
+        odd[k] = exp_for(xr, sign * high_of(w) - m);
       }
     }
-    if (N & 1) buf[N - 1] = exp_np<4>(sign * widen(xr[N - 1]) - m);
+    if (N & 1) buf[N - 1] = exp_for(xr, sign * widen(xr[N - 1]) - m);
     // four times the lanes where a row has the terms to fill them (the sum's own pass waits on its
     // adds: 12-16% of the forward at 1024 and 4096 elements; 2-4% slower at 128)
     const auto load = [=](int64_t i) MMK_LAMBDA_INLINE { return buf[i]; };
@@ -224,7 +224,7 @@ void backward_rows_bf16(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int
         int beyond = 0;
 #pragma omp simd reduction(| : beyond)
         for (int64_t i = 0; i < n; ++i) {
-          dst[i] = narrow(widen(gg[i]) - exp_np<4>(widen(yy[i])) * s);
+          dst[i] = narrow(widen(gg[i]) - exp_for(yy, widen(yy[i])) * s);
           beyond |= widen(yy[i]) > kExpNpMax;
         }
         if (beyond) {

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import enum
 import os
+import types
 from typing import Iterator, List, Optional
 
 import torch
@@ -150,8 +151,11 @@ def resolve(device: torch.device) -> Impl:
 
 
 #: What :func:`_nothing_watching` asks, bound once (each attribute lookup counts on a cold call).
-_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
-_compiler = torch.compiler
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+#: Where ``torch.compiler.is_compiling`` reads its session flag (a torch without one: its
+#: ``is_compiling``, bound above, is the whole test).
+_compiler = torch.compiler if hasattr(torch.compiler, "_is_compiling_flag") else types.SimpleNamespace(
+    _is_compiling_flag=False)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 
@@ -161,9 +165,9 @@ def _nothing_watching() -> bool:
 
     The tracing test is ``torch.compiler.is_compiling()`` without its TorchScript test (no
     mmkernels op is scripted): Dynamo folds ``is_dynamo_compiling()`` to True in what it traces,
-    and the flag is set for the rest of a compile or export session. Two Python frames fewer: a
-    cold call (after a kernel that streamed its tensors through the caches) paid ~7 µs for them
-    (``bench/cold_call.py``)."""
+    and the flag is set for the rest of a compile or export session. A Python frame fewer
+    (``is_compiling`` calls ``torch.jit.is_scripting``): a cold call, after a kernel that streamed
+    its tensors through the caches, paid ~7 µs for the two (``bench/cold_call.py``)."""
     return not (_is_dynamo_compiling() or _compiler._is_compiling_flag or _dispatch_modes() or _function_modes())
 
 

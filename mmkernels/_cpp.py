@@ -99,6 +99,7 @@ def load() -> bool:
     _state["tried"] = True
     if os.environ.get("MMKERNELS_CPP", "1") == "0":
         _state["why"] = "disabled by MMKERNELS_CPP=0"
+        _sync_loaded()
         return False
     try:
         _build()
@@ -106,6 +107,7 @@ def load() -> bool:
         _state["why"] = f"build failed or no compiler: {type(exc).__name__}: {_gist(str(exc))}"
         warnings.warn(f"mmkernels: C++ CPU kernels unavailable ({_state['why']}); using the "
                       f"vectorised-torch CPU path", RuntimeWarning, stacklevel=3)
+        _sync_loaded()
         return False
     _state["ok"] = True
     _sync_loaded()
@@ -115,13 +117,14 @@ def load() -> bool:
 class _Overloads:
     """``torch.ops.mmkernels_cpu``'s operators, each looked up once and then an attribute: the
     builtin its default ``OpOverload`` calls (``OpOverload._op``; the overload itself where a
-    torch has no such attribute), the same dispatcher call two Python frames sooner than the
-    packet. Each Python step counts on the CPU path, more than it costs in a tight loop: after a
-    kernel that streams its tensors through the caches, the interpreter's own objects are cold
-    (``bench/cold_call.py``: a small bf16 softmax backward through the overload ~6 µs slower than
-    through its builtin, ATen's binding ~3 µs faster still). Only calls that nothing traces use
-    them (the ops' CPU implementations and short ways): Dynamo knows an ``OpOverload``, not its
-    builtin."""
+    torch has no such attribute), the same dispatcher call a Python frame sooner. Each Python step
+    counts on the CPU path, more than it costs in a tight loop: after a kernel that streams its
+    tensors through the caches, the interpreter's own objects are cold (``bench/cold_call.py``: a
+    small bf16 softmax backward through the overload ~6 µs slower than through its builtin, ATen's
+    binding ~3 µs faster still). FakeTensor and make_fx see either alike (the overload's
+    ``__call__`` only calls the builtin); Dynamo knows an ``OpOverload``, not its builtin, and
+    neither has a fake kernel: callers reach them only where nothing traces (the ops' CPU
+    implementations, behind :func:`mmkernels._backend.direct_call_ok` or ``cpu_path_now``)."""
 
     def __getattr__(self, name: str):
         overload = getattr(getattr(torch.ops, _NAME), name).default
@@ -209,3 +212,4 @@ def empty_cache() -> int:
 def _reset_for_tests(why: Optional[str] = None) -> None:
     """Forget the load attempt (tests simulate a missing compiler with it)."""
     _state.update(tried=False, ok=False, why=why or "not built yet (built on first use)")
+    _sync_loaded()

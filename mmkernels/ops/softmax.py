@@ -433,14 +433,12 @@ class SoftmaxFunction(torch.autograd.Function):
 
 
 def _apply(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype], kind: Kind) -> torch.Tensor:
-    if (dtype is None and type(input) is _Tensor and type(dim) is int and input.is_cpu and not input.requires_grad
-            and _backend.cpu_path_now()):  # the short CPU way
+    if dtype is None and type(input) is _Tensor and type(dim) is int and input.is_cpu and not input.requires_grad:
         nd, xd = input.dim(), input.dtype
-        if -nd <= dim < nd and xd in _FLOATS:
+        if -nd <= dim < nd and xd in _FLOATS and _backend.cpu_path_now():  # the short CPU way
             dim %= nd
             cpp = _cpp.loaded  # else _cpu_* (ATen's, or the first call: builds them)
-            if (cpp is not None and input.is_contiguous()
-                    and xd in _CPP_DTYPES):
+            if cpp is not None and input.is_contiguous() and xd in _CPP_DTYPES:
                 return cpp.softmax_forward(input, int(kind), dim)
             return _cpu_forward(input, dim, kind, xd)
     _check_tensor("input", input)
@@ -544,12 +542,12 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int =
                 and (input_dtype is None or input_dtype is yd) and _backend.cpu_path_now()):
             d = dim % nd
             cpp = _cpp.loaded  # else _cpu_* (ATen's, or the first call: builds them)
-            if (cpp is not None and y.is_contiguous() and dy.is_contiguous()
-                    and yd in _CPP_DTYPES):
+            if cpp is not None and y.is_contiguous() and dy.is_contiguous() and yd in _CPP_DTYPES:
                 try:
                     return cpp.softmax_backward(y, dy, int(k), -1, d)
-                except RuntimeError:  # another shape than y's: the checked way says so
-                    pass
+                except RuntimeError:
+                    if y.shape == dy.shape:  # not the op's shape check (out of memory, ...): as raised
+                        raise
             elif y.shape == dy.shape:
                 return _cpu_backward(y, dy, d, k, yd)
     _check_tensor("grad_output", grad_output)
