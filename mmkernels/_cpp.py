@@ -123,8 +123,11 @@ class _Overloads:
     small bf16 softmax backward through the overload ~6 µs slower than through its builtin, ATen's
     binding ~3 µs faster still). FakeTensor and make_fx see either alike (the overload's
     ``__call__`` only calls the builtin); Dynamo knows an ``OpOverload``, not its builtin, and
-    neither has a fake kernel: callers reach them only where nothing traces (the ops' CPU
-    implementations, behind :func:`mmkernels._backend.direct_call_ok` or ``cpu_path_now``)."""
+    neither has a fake kernel, so a traced call breaks the graph either way. The ops' CPU
+    implementations and short ways reach them where nothing traces (behind
+    :func:`mmkernels._backend.direct_call_ok` or ``cpu_path_now``); ``routing._top_k`` (through
+    ``load_balancing_loss``) has no such test, and its torch way breaks a graph too (a host read
+    for the tied rows)."""
 
     def __getattr__(self, name: str):
         overload = getattr(getattr(torch.ops, _NAME), name).default

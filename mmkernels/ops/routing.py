@@ -438,8 +438,7 @@ def _top_k(key: torch.Tensor, k: int, allowed: Optional[torch.Tensor] = None) ->
     keys is unspecified), and the full stable sort only for the rows where a tie could matter (a
     repeated value among the chosen, or the k-th value also outside them). On CPU tensors the
     check's host read costs nothing."""
-    cpp = (_cpp.ops() if key.device.type == "cpu" and key.dtype in (torch.float32, torch.float64)
-           and _backend.direct_call_ok(key) else None)  # traced (load_balancing_loss compiled): torch ops
+    cpp = _cpp.ops() if key.device.type == "cpu" and key.dtype in (torch.float32, torch.float64) else None
     if cpp is not None:  # csrc/routing.cpp: one insertion pass per row, the same order
         return cpp.top_k_ids(key, k, allowed)
     clean = torch.where(torch.isnan(key), float("-inf"), key)
