@@ -775,6 +775,79 @@ def test_moe_router_in_the_node_equals_the_module_path(case, frozen, backend, de
         assert torch.equal(fused, module) and torch.equal(fused_again, module)
 
 
+@pytest.mark.parametrize("backend,device", [b for b in backends() if b.values[0] == "triton"])
+def test_moe_layer_reuses_a_workspace_only_when_nothing_can_read_it(backend, device):
+    """nn.MoE's Triton path hands its forward's workspace (routing integers, weights, the experts'
+    rows) to the next call of the same shape once the autograd node that saved it is gone, and
+    its backward's scratch once its launches are enqueued. Two forwards before one backward
+    (backwards in the other order), a graph kept for a second backward while other calls run,
+    and the counts a caller keeps across calls all give, bit for bit, what each call gives alone
+    on fresh buffers; and a call after a freed graph does reuse its workspace."""
+    from mmkernels.ops import _workspace
+
+    gen = torch.Generator().manual_seed(7)
+    layer = mnn.MoE(16, 8, 4, 2, capacity_factor=None).to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.3)
+    xs = [torch.randn(12, 16, generator=gen).to(device) * (i + 1) for i in range(2)]
+    dys = [torch.randn(12, 16, generator=gen).to(device) for _ in xs]
+
+    def alone(i):
+        _workspace.clear()
+        x = xs[i].clone().requires_grad_()
+        r = layer(x)
+        r.output.backward(dys[i])
+        grads = [x.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return [r.output.detach(), r.counts.clone()] + grads
+
+    def grads_of(x):
+        out = [x.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return out
+
+    with mmkernels.use_backend(backend):
+        want = [alone(0), alone(1)]
+        assert not torch.equal(want[0][1], want[1][1])  # the two inputs route differently
+        _workspace.clear()
+        # two graphs alive at once, their backwards in the other order
+        x0, x1 = (x.clone().requires_grad_() for x in xs)
+        r0, r1 = layer(x0), layer(x1)
+        assert r0.output.grad_fn.lease.workspace is not r1.output.grad_fn.lease.workspace
+        r1.output.backward(dys[1])
+        got1 = [r1.output.detach(), r1.counts] + grads_of(x1)
+        r0.output.backward(dys[0])
+        got0 = [r0.output.detach(), r0.counts] + grads_of(x0)
+        for got, exp in zip(got0 + got1, want[0] + want[1]):
+            assert torch.equal(got, exp)
+        # a graph kept for a second backward while other calls run and free theirs
+        x0 = xs[0].clone().requires_grad_()
+        r0 = layer(x0)
+        r0.output.backward(dys[0], retain_graph=True)
+        first = grads_of(x0)
+        for _ in range(2):
+            x1 = xs[1].clone().requires_grad_()
+            r1 = layer(x1)
+            r1.output.backward(dys[1])
+            for got, exp in zip([r1.output.detach()] + grads_of(x1), want[1][:1] + want[1][2:]):
+                assert torch.equal(got, exp)
+            del r1
+        x0.grad = None
+        r0.output.backward(dys[0])
+        for got, exp in zip(first + grads_of(x0), want[0][2:] * 2):
+            assert torch.equal(got, exp)
+        assert torch.equal(r0.counts, want[0][1])  # kept by the caller across the calls above
+        # without a graph alive, the next call takes the workspace the last one left
+        ws = r0.output.grad_fn.lease.workspace
+        del r0
+        with torch.no_grad():
+            out = layer(xs[1])
+        assert torch.equal(out.output, want[1][0]) and torch.equal(out.counts, want[1][1])
+        r = layer(xs[0].clone().requires_grad_())
+        assert r.output.grad_fn.lease.workspace is ws
+
+
 def test_layer_plans_follow_the_implementation_in_force():
     """A layer's cached plans are keyed by the implementation that runs (the backend and the CPU
     path selected), not only by shapes: switching either after a first call changes the plan."""

@@ -16,6 +16,7 @@ expose the real kernel's ``arg_names``.
 """
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any, Dict, Sequence, Tuple
 
@@ -23,15 +24,14 @@ from typing import Any, Dict, Sequence, Tuple
 OPTIONS = ("num_warps", "num_stages")
 
 
-class Launch:
-    """One launch of ``module.<kernel>`` on ``grid``: ``args`` are the arguments that follow from
+class Launch(functools.partial):
+    """One launch of ``module.<kernel>`` on ``grid``: ``bound`` are the arguments that follow from
     shapes and options (constexprs, sizes, ``num_warps`` / ``num_stages``), ``runtime`` names the
-    rest, which a call passes in that order: ``launch(*values)``."""
+    rest, which a call passes in that order: ``launch(*values)``. A ``functools.partial`` of the
+    written function, so that a call enters no Python frame before it (``partial`` calls in C)."""
 
-    __slots__ = ("module", "kernel", "grid", "args", "runtime", "_call")
-
-    def __init__(self, module: ModuleType, kernel: str, grid: Tuple[int, ...], runtime: Sequence[str],
-                 args: Dict[str, Any]):
+    def __new__(cls, module: ModuleType, kernel: str, grid: Tuple[int, ...], runtime: Sequence[str],
+                args: Dict[str, Any]):
         names = list(getattr(module, kernel).arg_names)
         constants = {k: v for k, v in args.items() if k not in OPTIONS}
         unknown = (set(constants) | set(runtime)) - set(names)
@@ -39,16 +39,18 @@ class Launch:
         if unknown or missing or set(constants) & set(runtime) or len(set(runtime)) != len(runtime):
             raise TypeError(f"{kernel}: arguments do not match its signature (unknown {sorted(unknown)}, "
                             f"missing {sorted(missing)}, given twice {sorted(set(constants) & set(runtime))})")
-        self.module, self.kernel, self.grid = module, kernel, tuple(grid)
-        self.args, self.runtime = dict(args), tuple(runtime)
-        self._call = _launcher(module, kernel, self.grid, names, self.runtime, constants,
-                               {k: args[k] for k in OPTIONS if k in args})
-
-    def __call__(self, *values) -> None:
-        self._call(*values)
+        grid, runtime = tuple(grid), tuple(runtime)
+        self = super().__new__(cls, _launcher(module, kernel, grid, names, runtime, constants,
+                                              {k: args[k] for k in OPTIONS if k in args}))
+        self.module, self.kernel, self.grid = module, kernel, grid
+        self.bound, self.runtime = dict(args), runtime
+        return self
 
     def __repr__(self) -> str:
         return f"Launch({self.kernel}, grid={self.grid})"
+
+    def __reduce__(self):  # as the arguments it was made from (partial's own pickles the written function)
+        return Launch, (self.module, self.kernel, self.grid, self.runtime, self.bound)
 
 
 def _launcher(module: ModuleType, kernel: str, grid: tuple, names: Sequence[str], runtime: Sequence[str],

@@ -460,7 +460,7 @@ def backward_plan(x, routing, gate_up, b1, b2, spec: ExpertSpec, need, *,
 def backward_scratch(plan: Dict[str, Launch], rows: int, I: int, H: int) -> Tuple[Tuple[int, int], int]:
     """Elements of :func:`launch_backward`'s scratch: ((``dh``, ``buf``) in the storage dtype,
     ``dwp`` in the math dtype)."""
-    return (rows * 2 * I, rows * H if "gather" in plan else 0), rows * plan["dact"].args["NB_I"]
+    return (rows * 2 * I, rows * H if "gather" in plan else 0), rows * plan["dact"].bound["NB_I"]
 
 
 def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec: ExpertSpec, need, *,

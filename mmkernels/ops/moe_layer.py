@@ -9,9 +9,12 @@ step is not graph-captured. Here one ``autograd.Function`` makes the router logi
 experts' backward, the routing's (d weights -> d logits) and the router's in the same call.
 Everything that follows from shapes and options — the argument checks, every launch's grid and
 constants, the split of the workspaces — is made once per shape in a :class:`LayerPlan`
-(:class:`LayerPlans` caches them by the tensors' metadata), so a call allocates and launches: on
-the Triton path the routing's integers and weights are one allocation, the experts' saved rows
-one more, the backward's scratch two.
+(:class:`LayerPlans` caches them by the tensors' metadata), so a call allocates and launches. On
+the Triton path the forward's buffers (the routing's integers and weights in one allocation, the
+experts' saved rows in one more) and the backward's scratch are workspaces split into their views
+once and reused by later calls of the same shape (:mod:`mmkernels.ops._workspace`): the forward's
+when the node that saved them is gone (its ``ctx`` holds a lease), the backward's as soon as its
+launches are enqueued. Only the outputs and the gradients are new tensors per call.
 
 The results are those of the composed ops (:func:`mmkernels.moe.route` then
 :func:`mmkernels.moe.experts`, and ``torch.nn.functional.linear`` for the router), bit for bit.
@@ -27,6 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from mmkernels import _backend
+from mmkernels.ops import _workspace
 from mmkernels.ops import experts as _experts
 from mmkernels.ops import routing as _routing
 from mmkernels.ops._util import cdiv, math_dtype
@@ -43,8 +47,9 @@ class LayerPlan:
     ``x @ weight.T``; else it is the logits (T, E). ``backend``: :func:`mmkernels.ops.experts.backend_of`.
     On the Triton path, ``route`` / ``forward`` are the launches' plans and ``ints`` / ``rows``
     the splits of the routing workspace (int32: the routing weights as float32 when they are 4
-    bytes, every :class:`~mmkernels.ops.routing.Routing` field, the scratch) and of the experts'
-    forward buffer (storage dtype: ``h``, ``act`` and the down GEMM's rows when not split)."""
+    bytes, every :class:`~mmkernels.ops.routing.Routing` field but the counts, the scratch) and of
+    the experts' forward buffer (storage dtype: ``h``, ``act`` and the down GEMM's rows when not
+    split); :func:`_forward_workspace` makes them."""
 
     T: int
     H: int
@@ -61,6 +66,8 @@ class LayerPlan:
     forward: Optional[_experts.ForwardPlan] = None
     ints: Tuple[int, ...] = ()
     rows: Tuple[int, ...] = ()
+    #: Bytes of an element of ``rows`` (the storage dtype's).
+    forward_rows_itemsize: int = 0
     #: The backward's launches by ``need`` (filled at the first backward of each).
     backward_plans: Dict[tuple, dict] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -75,6 +82,22 @@ class LayerPlan:
     @functools.cached_property
     def n_rows(self) -> int:
         return sum(self.rows)
+
+    @functools.cached_property
+    def workspace_layout(self) -> int:
+        """What the forward's workspace (:func:`_forward_workspace`) follows from, as a small int
+        (a key of :mod:`~mmkernels.ops._workspace`, cheap to hash)."""
+        fp = self.forward
+        layout = (self.T, self.rspec.top_k, self.block_m, self.ints, self.rows, self.route.weights_dtype,
+                  self.xspec, fp.splits, fp.y_dtype, self.H)
+        return _LAYOUTS.setdefault(layout, len(_LAYOUTS))
+
+    @functools.cached_property
+    def workspace_bytes(self) -> int:
+        fp, n = self.forward, self.T * self.rspec.top_k
+        weights = 0 if self.weights_in_ints else n * self.route.weights_dtype.itemsize
+        y = fp.splits * n * self.H * fp.y_dtype.itemsize if fp.splits > 1 else 0
+        return 4 * self.n_ints + weights + self.n_rows * self.forward_rows_itemsize + y
 
 
 def layer_plan(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -111,15 +134,16 @@ def layer_plan(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, dow
         return plan
     rp = _routing.route_plan(T, E, rspec, cap, block_m, logits.dtype, False, False)
     n, nt = T * top_k, rp.n_tiles
-    # weights (as float32), ids, counts, offsets, sorted slots, slot rows, dropped (n bools in int32
-    # words), tile experts, tile row starts, the tile count, then the scratch
-    ints = (n if rp.weights_dtype.itemsize == 4 else 0, n, E, E + 1, n, n, cdiv(n, 4), nt, nt, 1, *rp.scratch)
+    # weights (as float32), ids, offsets, sorted slots, slot rows, dropped (n bools in int32 words),
+    # tile experts, tile row starts, the tile count, then the scratch (the counts, which the caller
+    # receives, are allocated per call: a reused workspace is no place for them)
+    ints = (n if rp.weights_dtype.itemsize == 4 else 0, n, E + 1, n, n, cdiv(n, 4), nt, nt, 1, *rp.scratch)
     # the experts' plan reads the dispatch's sizes only
     dispatch = _experts.Dispatch(*(torch.empty_strided((m,), (0,), dtype=torch.int32, device=x.device)
                                    for m in (n, n, E + 1, nt, nt)), top_k, block_m)
     fp = _experts.forward_plan(x, dispatch, gate_up, b1, b2, xspec, save)
     rows = (n * 2 * I if save else 0, n * I, n * H if fp.splits == 1 else 0)  # h, act, the down GEMM's rows
-    return dataclasses.replace(plan, route=rp, forward=fp, ints=ints, rows=rows)
+    return dataclasses.replace(plan, route=rp, forward=fp, ints=ints, rows=rows, forward_rows_itemsize=x.element_size())
 
 
 def _meta(t: Optional[torch.Tensor]):
@@ -156,56 +180,103 @@ class LayerPlans:
         return plan
 
 
-def _triton_route(plan: LayerPlan, logits: torch.Tensor):
-    """(weights (T, k), ids (T·k,), counts (E,), Dispatch): the routing's launches into one
-    workspace (the kernels read the ids by pointer: no (T, k) view is made)."""
+#: Workspace layouts seen (:attr:`LayerPlan.workspace_layout`), each numbered once.
+_LAYOUTS: Dict[tuple, int] = {}
+
+
+def _forward_workspace(plan: LayerPlan, x: torch.Tensor):
+    """The forward's buffers on the Triton path, split into what its launches take: ``(weights (T,
+    k), ids, the routing's other outputs and scratch in :func:`mmkernels.ops.routing.launch_route`'s
+    order after the counts, Dispatch, h, act, y)``. The routing's integers and weights are one int32
+    allocation, ``h`` / ``act`` / the down GEMM's rows one more (the rows their own when split-K
+    makes them float32 partials). Kept for reuse by :mod:`~mmkernels.ops._workspace`."""
     T, k = plan.T, plan.rspec.top_k
-    parts = logits.new_empty(plan.n_ints, dtype=torch.int32).split_with_sizes(plan.ints)
-    w, ids, counts, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts, num_tiles = parts[:10]
+    parts = x.new_empty(plan.n_ints, dtype=torch.int32).split_with_sizes(plan.ints)
+    w, ids, offsets, sorted_slots, slot_rows, dropped, tile_experts, tile_starts = parts[:8]
     weights = (w.view(plan.route.weights_dtype) if plan.weights_in_ints
-               else logits.new_empty(T * k, dtype=plan.route.weights_dtype)).view(T, k)
-    _routing.launch_route(plan.route, logits, None, None, weights, ids, counts, offsets, sorted_slots, slot_rows,
-                          dropped.view(torch.bool), tile_experts, tile_starts, num_tiles, *parts[10:])
-    return weights, ids, counts, _experts.Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_starts, k,
-                                                   plan.block_m)
-
-
-def _triton_experts(plan: LayerPlan, x, weights, gate_up, down, b1, b2, d):
-    """(out (T, H), h, act): the experts' forward launches, ``h`` / ``act`` / the rows in one buffer."""
-    fp = plan.forward
+               else x.new_empty(T * k, dtype=plan.route.weights_dtype)).view(T, k)
+    route = (offsets, sorted_slots, slot_rows, dropped.view(torch.bool), tile_experts, tile_starts, *parts[8:])
+    d = _experts.Dispatch(sorted_slots, slot_rows, offsets, tile_experts, tile_starts, k, plan.block_m)
     h, a, y = x.new_empty(plan.n_rows).split_with_sizes(plan.rows)
+    fp = plan.forward
     if fp.splits > 1:
-        y = x.new_empty(fp.splits * plan.T * plan.rspec.top_k * plan.H, dtype=fp.y_dtype)
+        y = x.new_empty(fp.splits * T * k * plan.H, dtype=fp.y_dtype)
+    return weights, ids, route, d, h, a, y
+
+
+def _triton_forward(plan: LayerPlan, x, logits, gate_up, down, b1, b2, ws):
+    """(out (T, H), counts (E,)): the routing's and the experts' launches into workspace ``ws``
+    (:func:`_forward_workspace`; the kernels read the ids by pointer: no (T, k) view is made)."""
+    weights, ids, route, d, h, a, y = ws
+    counts = x.new_empty(plan.E, dtype=torch.int32)
+    _routing.launch_route(plan.route, logits, None, None, weights, ids, counts, *route)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _experts.launch_forward(fp, x, weights, gate_up, down, b1, b2, d, h if plan.save else None, a, y, out)
-    return out, h, a
+    _experts.launch_forward(plan.forward, x, weights, gate_up, down, b1, b2, d, h if plan.save else None, a, y, out)
+    return out, counts
 
 
-def _triton_backward(plan: LayerPlan, dout, x, logits, weights, ids, gate_up, down, b1, b2, d, h, a, need):
-    """(dx, d gate_up, d down, d b1, d b2, d logits) of the experts and the routing on the Triton
-    path, their scratch in two allocations."""
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    """The backward's launches for one ``need`` (:func:`mmkernels.ops.experts.backward_plan`) and
+    its workspace: the element counts of ``dh`` / ``buf`` (storage dtype), ``dwp`` / ``dw`` (math
+    dtype; ``dw`` none when the routing weights have another dtype), whether ``dl`` is scratch (the
+    router weight's node: the logits gradient feeds the router's GEMMs and is not returned)."""
+
+    launches: Dict[str, object]
+    store: Tuple[int, int]
+    acc: Tuple[int, int]
+    dl_scratch: bool
+    layout: int
+    nbytes: int
+
+
+def backward_plan(plan: LayerPlan, x, d, gate_up, b1, b2, need) -> BackwardPlan:
+    """:class:`BackwardPlan` of ``need``, made at its first backward and kept on ``plan``."""
     bp = plan.backward_plans.get(need)
     if bp is None:
-        bp = plan.backward_plans[need] = _experts.backward_plan(x, d, gate_up, b1, b2, plan.xspec, need)
-    T, H, I, k = plan.T, plan.H, plan.I, plan.rspec.top_k
+        launches = _experts.backward_plan(x, d, gate_up, b1, b2, plan.xspec, need)
+        T, H, I, k = plan.T, plan.H, plan.I, plan.rspec.top_k
+        store, n_dwp = _experts.backward_scratch(launches, T * k, I, H)
+        acc = math_dtype(x.dtype)
+        n_dw = T * k if need[5] and plan.route.weights_dtype == acc else 0
+        dl_scratch = need[5] and plan.gated
+        layout = (plan.workspace_layout, need)
+        nbytes = (sum(store) * x.element_size() + (n_dwp + n_dw) * acc.itemsize
+                  + (T * plan.E * x.element_size() if dl_scratch else 0))
+        bp = plan.backward_plans[need] = BackwardPlan(launches, store, (n_dwp, n_dw), dl_scratch,
+                                                      _LAYOUTS.setdefault(layout, len(_LAYOUTS)), nbytes)
+    return bp
+
+
+def _backward_workspace(plan: LayerPlan, bp: BackwardPlan, x, logits, need):
+    """The backward's scratch, split: ``(dh, buf, dwp, dw (T, k) or None, dl (T, E) or None)``;
+    ``dl`` only when it is scratch (:attr:`BackwardPlan.dl_scratch`). Kept for reuse by
+    :mod:`~mmkernels.ops._workspace`."""
+    T, k = plan.T, plan.rspec.top_k
+    dh, buf = x.new_empty(sum(bp.store)).split_with_sizes(bp.store)
+    dwp, dw = x.new_empty(sum(bp.acc), dtype=math_dtype(x.dtype)).split_with_sizes(bp.acc)
+    dw = dw.view(T, k) if bp.acc[1] else x.new_empty((T, k), dtype=plan.route.weights_dtype) if need[5] else None
+    dl = logits.new_empty((T, plan.E)) if bp.dl_scratch else None
+    return dh, buf, dwp, dw, dl
+
+
+def _triton_backward(plan: LayerPlan, bp: BackwardPlan, ws, dout, x, logits, weights, ids, gate_up, down, b1, b2,
+                     d, h, a, need):
+    """(dx, d gate_up, d down, d b1, d b2, d logits) of the experts and the routing on the Triton
+    path, their scratch the workspace ``ws`` (:func:`_backward_workspace`); ``d logits`` is its
+    ``dl`` when that is scratch, else a new tensor."""
     contiguous = torch.contiguous_format
-    (n_dh, n_buf), n_dwp = _experts.backward_scratch(bp, T * k, I, H)
-    dh, buf = x.new_empty(n_dh + n_buf).split_with_sizes((n_dh, n_buf))
-    acc = math_dtype(x.dtype)
-    n_dw = T * k if need[5] and weights.dtype == acc else 0
-    dwp, dw = x.new_empty(n_dwp + n_dw, dtype=acc).split_with_sizes((n_dwp, n_dw))
-    dw = dw.view(T, k) if n_dw else torch.empty_like(weights) if need[5] else None
+    dh, buf, dwp, dw, dl = ws
     dx = torch.empty_like(x, memory_format=contiguous) if need[0] else None
     dgu = torch.empty_like(gate_up, memory_format=contiguous) if need[1] or need[3] else None
     dd = torch.empty_like(down, memory_format=contiguous) if need[2] or need[4] else None
     db1 = torch.empty_like(b1, memory_format=contiguous) if dgu is not None and b1 is not None else None
     db2 = torch.empty_like(b2, memory_format=contiguous) if dd is not None and b2 is not None else None
-    _experts.launch_backward(bp, dout, x, weights, gate_up, down, b1, b2, d, h, a, dh, dwp, buf, dx, dgu, dd, db1,
-                             db2, dw)
-    dl = None
+    _experts.launch_backward(bp.launches, dout, x, weights, gate_up, down, b1, b2, d, h, a, dh, dwp, buf, dx, dgu,
+                             dd, db1, db2, dw)
     if need[5]:
         dl = _routing.launch_route_backward(plan.route, dw, logits, ids,
-                                            torch.empty_like(logits, memory_format=contiguous))
+                                            dl if dl is not None else torch.empty_like(logits, memory_format=contiguous))
     return dx, dgu, dd, db1, db2, dl
 
 
@@ -221,8 +292,14 @@ class MoELayerFunction(torch.autograd.Function):
     def forward(ctx, x, router, gate_up, down, b1, b2, plan: LayerPlan):
         logits = torch.nn.functional.linear(x, router) if plan.gated else router
         if plan.backend == "triton":
-            weights, ids, counts, d = _triton_route(plan, logits)
-            out, h, a = _triton_experts(plan, x, weights, gate_up, down, b1, b2, d)
+            key = _workspace.reuse_key(plan.workspace_layout, x, plan.workspace_bytes)
+            ws = _workspace.acquire(key) or _forward_workspace(plan, x)
+            out, counts = _triton_forward(plan, x, logits, gate_up, down, b1, b2, ws)
+            weights, ids, _, d, h, a, _ = ws
+            if not plan.save:  # no node keeps it: the next call may take it
+                _workspace.release(key, ws)
+            elif key is not None:  # the node's saved tensors and dispatch are views of it
+                ctx.lease = _workspace.Lease(key, ws)
         else:
             weights, ids, counts, offsets, sorted_slots, slot_rows, _, tile_experts, tile_starts, _ = \
                 _routing.route_impl(logits, None, None, plan.rspec, plan.cap, plan.block_m)
@@ -244,21 +321,26 @@ class MoELayerFunction(torch.autograd.Function):
         nl = nr or (plan.gated and nx)  # d logits: for the logits input, or for the router weight and x
         if not plan.gated:
             logits = router
+        key = ws = None
         if dout is None:
             dx = dgu = dd = db1 = db2 = None
             dl = dlogits if nl else None
         else:
             need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nl)
             if plan.backend == "triton":
-                dx, dgu, dd, db1, db2, dl = _triton_backward(plan, dout, x, logits, weights, ids, gate_up, down, b1,
-                                                             b2, ctx.dispatch, h, a, need)
+                bp = backward_plan(plan, x, ctx.dispatch, gate_up, b1, b2, need)
+                key = _workspace.reuse_key(bp.layout, x, bp.nbytes)
+                ws = _workspace.acquire(key) or _backward_workspace(plan, bp, x, logits, need)
+                dx, dgu, dd, db1, db2, dl = _triton_backward(plan, bp, ws, dout, x, logits, weights, ids, gate_up,
+                                                             down, b1, b2, ctx.dispatch, h, a, need)
             else:
                 dx, dgu, dd, db1, db2, dw = _experts.backward_impl(plan.backend, dout, x, weights, gate_up, down, b1,
                                                                    b2, ctx.dispatch, h, a, plan.xspec, need)
                 dl = _routing.route_backward_impl(dw, logits, ids, plan.rspec) if nl else None
             if dl is not None and dlogits is not None:
                 dl.add_(dlogits)
-        if not plan.gated:
+        if not plan.gated:  # dl is the logits' gradient, not scratch
+            _workspace.release(key, ws)
             return dx, dl, dgu, dd, db1, db2, None
         dw_router = None
         if dl is not None:
@@ -267,6 +349,7 @@ class MoELayerFunction(torch.autograd.Function):
                 dx = dxl if dx is None else dx.add_(dxl)
             if nr:
                 dw_router = dl.t().mm(x)
+        _workspace.release(key, ws)  # its last reader (the router's GEMMs, on dl) is enqueued
         return dx, dw_router, dgu, dd, db1, db2, None
 
 

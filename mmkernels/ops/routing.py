@@ -393,7 +393,7 @@ def launch_route(p: RoutePlan, logits, bias, ids_in, weights, ids, counts, offse
     (``p.scratch`` elements each: ``rank`` .. ``tile_end``)."""
     given = ids_in is not None
     p.topk(logits, bias if bias is not None else logits, ids_in if given else ids, weights, ids, rank, hist, done,
-           *logits.stride(), *(ids_in.stride() if given else (p.topk.args["K"], 1)),
+           *logits.stride(), *(ids_in.stride() if given else (p.topk.bound["K"], 1)),
            bias.stride(0) if bias is not None else 1)
     p.scan(hist, base, total, done, counts, offsets, drop_base, tile_end, num_tiles)
     p.scatter(ids, rank, base, offsets, drop_base, tile_end, num_tiles, sorted_slots, slot_rows, dropped, tile_experts,
