@@ -776,22 +776,24 @@ def test_moe_router_in_the_node_equals_the_module_path(case, frozen, backend, de
 
 
 @pytest.mark.parametrize("backend,device", [b for b in backends() if b.values[0] == "triton"])
-def test_moe_layer_reuses_a_workspace_only_when_nothing_can_read_it(backend, device):
+@pytest.mark.parametrize("tokens,inter", [(12, 8), (2, 256)], ids=["grouped", "split-k"])
+def test_moe_layer_reuses_a_workspace_only_when_nothing_can_read_it(tokens, inter, backend, device):
     """nn.MoE's Triton path hands its forward's workspace (routing integers, weights, the experts'
     rows) to the next call of the same shape once the autograd node that saved it is gone, and
     its backward's scratch once its launches are enqueued. Two forwards before one backward
     (backwards in the other order), a graph kept for a second backward while other calls run,
     and the counts a caller keeps across calls all give, bit for bit, what each call gives alone
-    on fresh buffers; and a call after a freed graph does reuse its workspace."""
+    on fresh buffers; and a call after a freed graph does reuse its workspace. At decode sizes the
+    down GEMM's split-K partials are part of the workspace."""
     from mmkernels.ops import _workspace
 
     gen = torch.Generator().manual_seed(7)
-    layer = mnn.MoE(16, 8, 4, 2, capacity_factor=None).to(device)
+    layer = mnn.MoE(16, inter, 4, 2).to(device)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.3)
-    xs = [torch.randn(12, 16, generator=gen).to(device) * (i + 1) for i in range(2)]
-    dys = [torch.randn(12, 16, generator=gen).to(device) for _ in xs]
+    xs = [torch.randn(tokens, 16, generator=gen).to(device) * (i + 1) for i in range(2)]
+    dys = [torch.randn(tokens, 16, generator=gen).to(device) for _ in xs]
 
     def alone(i):
         _workspace.clear()
@@ -809,7 +811,10 @@ def test_moe_layer_reuses_a_workspace_only_when_nothing_can_read_it(backend, dev
 
     with mmkernels.use_backend(backend):
         want = [alone(0), alone(1)]
-        assert not torch.equal(want[0][1], want[1][1])  # the two inputs route differently
+        plan = next(iter(layer._plans._plans.values()))
+        assert (plan.forward.splits > 1) == (tokens == 2)
+        if tokens > 2:
+            assert not torch.equal(want[0][1], want[1][1])  # the two inputs route differently
         _workspace.clear()
         # two graphs alive at once, their backwards in the other order
         x0, x1 = (x.clone().requires_grad_() for x in xs)
