@@ -397,18 +397,21 @@ def experts_gather_kernel(
 def experts_dw_kernel(
     dwp_ptr, slot_rows_ptr, offsets_ptr, dw_ptr,
     T, K, E, NB_I,
-    BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, NB_PAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr,
 ):
-    """``d w[t, j] = Σ_p dwp[row(t, j), p]`` for kept slots, 0 for dropped ones."""
+    """``d w[t, j] = Σ_p dwp[row(t, j), p]`` for kept slots, 0 for dropped ones. The partials are
+    added in order, ``p = 0, 1, ..``, as ``route_bwd_kernel`` adds them when it reads them itself
+    (``PARTIALS``): the same bits either way."""
     s = tl.program_id(0) * BLOCK_T * K_PAD + tl.arange(0, BLOCK_T * K_PAD)
     t = s // K_PAD
     j = s % K_PAD
     smask = (t < T) & (j < K)
     row = tl.load(slot_rows_ptr + t * K + j, mask=smask, other=0)
     ok = smask & (row < tl.load(offsets_ptr + E))
-    p = tl.arange(0, NB_PAD)
-    part = tl.load(dwp_ptr + row[:, None] * NB_I + p[None, :], mask=ok[:, None] & (p[None, :] < NB_I), other=0.0)
-    tl.store(dw_ptr + t * K + j, tl.sum(part.to(ACC), axis=1).to(dw_ptr.dtype.element_ty), mask=smask)
+    acc = tl.zeros([BLOCK_T * K_PAD], dtype=ACC)
+    for p in range(NB_I):
+        acc += tl.load(dwp_ptr + row * NB_I + p, mask=ok, other=0.0).to(ACC)
+    tl.store(dw_ptr + t * K + j, acc.to(dw_ptr.dtype.element_ty), mask=smask)
 
 
 EXPECTATIONS = {

@@ -282,14 +282,19 @@ def route_scatter_kernel(
 
 @triton.jit
 def route_bwd_kernel(
-    logits_ptr, ids_ptr, dw_ptr, dl_ptr,
-    T, E, K,
+    logits_ptr, ids_ptr, dw_ptr, dl_ptr, slot_rows_ptr, offsets_ptr,
+    T, E, K, NB_P,
     s_lt, s_le, s_dt, s_dj,
     scaling,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    SCORING: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr, PARTIALS: tl.constexpr,
 ):
     """``d logits`` (T, E) from ``d weights`` (T, K): recomputes the chosen scores from the logits.
+
+    ``PARTIALS``: ``dw`` holds the experts' partial sums instead, ``NB_P`` per routed row in
+    routing order (``dwp[row, p]``); slot ``s``'s gradient is their sum at ``row = slot_rows[s]``
+    when kept (``row < offsets[E]``), else 0, added in order ``p = 0, 1, ..`` as
+    ``experts_dw_kernel`` adds them (the same bits as that kernel and then this one).
 
     softmax, no renorm: ``dl = p ⊙ (g - Σ p g)`` with ``g`` the slot gradients scattered to their
     experts; softmax renorm: ``dl_j = q_j (g_j - Σ q g)`` at the chosen experts; sigmoid:
@@ -308,7 +313,14 @@ def route_bwd_kernel(
                 mask=tmask[:, None] & cmask[None, :], other=0.0).to(ACC)
     l = tl.where(cmask[None, :], l, float("-inf"))
     ids = tl.load(ids_ptr + offs_t[:, None] * K + kcols[None, :], mask=smask, other=0)
-    g = tl.load(dw_ptr + offs_t[:, None] * s_dt + kcols[None, :] * s_dj, mask=smask, other=0.0).to(ACC)
+    if PARTIALS:
+        row = tl.load(slot_rows_ptr + offs_t[:, None] * K + kcols[None, :], mask=smask, other=0)
+        kept = smask & (row < tl.load(offsets_ptr + E))
+        g = tl.zeros([BLOCK_T, K_PAD], dtype=ACC)
+        for p in range(NB_P):
+            g += tl.load(dw_ptr + row * NB_P + p, mask=kept, other=0.0).to(ACC)
+    else:
+        g = tl.load(dw_ptr + offs_t[:, None] * s_dt + kcols[None, :] * s_dj, mask=smask, other=0.0).to(ACC)
     g = g * scaling
     lsel = tl.zeros([BLOCK_T, K_PAD], dtype=ACC)
     for j in range(K):

@@ -248,7 +248,8 @@ def targets() -> List[Target]:
 def launches(rec, target: int) -> None:
     """The routing launchers on meta tensors: every launch config :func:`mmkernels.ops.routing.
     launch_configs` stands for (expert counts 1 .. 1024, top-k 1, 8 and E, a few tokens and 2**20),
-    fp32 Mixtral routing forward and backward; at top-k min(8, E) and 2**20 tokens also bf16 Qwen3
+    fp32 Mixtral routing forward and backward (both: from the weights' gradient and from the
+    experts' partial sums); at top-k min(8, E) and 2**20 tokens also bf16 Qwen3
     (no renormalisation), DeepSeek-V3 (sigmoid, bias, groups), plain sigmoid scores, caller-given
     expert ids and fp64."""
     def launch(T, E, k, variant, dtype=torch.float32, **kw):
@@ -261,6 +262,12 @@ def launches(rec, target: int) -> None:
             R.triton_route(logits, bias, ids_in, spec, 2**31 - 1, R.DEFAULT_BLOCK_M)
             ids = torch.empty((T, k), dtype=torch.int32, device="meta")
             R.triton_route_backward(torch.empty((T, k), device="meta"), logits, ids, spec)
+            # a MoE layer's node: the weights' gradient as the experts' partial sums (two per row)
+            p = R.route_plan(T, E, spec, R.NO_CAPACITY, R.DEFAULT_BLOCK_M, dtype, False, False)
+            R.launch_route_backward_from_partials(
+                p, torch.empty((T * k * 2,), dtype=p.weights_dtype, device="meta"), 2,
+                torch.empty((T * k,), dtype=torch.int32, device="meta"),
+                torch.empty((E + 1,), dtype=torch.int32, device="meta"), logits, ids, torch.empty_like(logits))
 
     for E in (1, 2, 8, 61, 128, 256, 1024, R.MAX_EXPERTS):
         for k in sorted({1, min(8, E), E}):

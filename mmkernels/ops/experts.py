@@ -419,7 +419,7 @@ def _backward_plan(T: int, H: int, I: int, k: int, E: int, max_tiles: int, block
         k_pad = next_pow2(k)
         bt = max(1, 1024 // (k_pad * next_pow2(nb_i)))
         plan["dw"] = _launch("experts_dw_kernel", (cdiv(T, bt),), _DW_ARGS,
-                             dict(T=T, K=k, E=E, NB_I=nb_i, BLOCK_T=bt, K_PAD=k_pad, NB_PAD=next_pow2(nb_i),
+                             dict(T=T, K=k, E=E, NB_I=nb_i, BLOCK_T=bt, K_PAD=k_pad,
                                   ACC=common["ACC"]))
     if need[0]:
         c2 = _config("dx", configs, block_m, H, 2 * I, dtype, arch)

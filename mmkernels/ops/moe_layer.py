@@ -218,13 +218,16 @@ def _triton_forward(plan: LayerPlan, x, logits, gate_up, down, b1, b2, ws):
 @dataclasses.dataclass(frozen=True)
 class BackwardPlan:
     """The backward's launches for one ``need`` (:func:`mmkernels.ops.experts.backward_plan`) and
-    its workspace: the element counts of ``dh`` / ``buf`` (storage dtype), ``dwp`` / ``dw`` (math
-    dtype; ``dw`` none when the routing weights have another dtype), whether ``dl`` is scratch (the
-    router weight's node: the logits gradient feeds the router's GEMMs and is not returned)."""
+    its workspace: the element counts of ``dh`` / ``buf`` (storage dtype) and ``dwp`` (math dtype),
+    whether the routing's backward reads ``dwp`` itself (``fold_dw``: the experts' ``dw`` launch is
+    left out; when the two sum in one dtype, i.e. the routing weights have the experts' math dtype)
+    and whether ``dl`` is scratch (the router weight's node: the logits gradient feeds the router's
+    GEMMs and is not returned)."""
 
     launches: Dict[str, object]
     store: Tuple[int, int]
-    acc: Tuple[int, int]
+    n_dwp: int
+    fold_dw: bool
     dl_scratch: bool
     layout: int
     nbytes: int
@@ -238,25 +241,28 @@ def backward_plan(plan: LayerPlan, x, d, gate_up, b1, b2, need) -> BackwardPlan:
         T, H, I, k = plan.T, plan.H, plan.I, plan.rspec.top_k
         store, n_dwp = _experts.backward_scratch(launches, T * k, I, H)
         acc = math_dtype(x.dtype)
-        n_dw = T * k if need[5] and plan.route.weights_dtype == acc else 0
-        dl_scratch = need[5] and plan.gated
-        layout = (plan.workspace_layout, need)
-        nbytes = (sum(store) * x.element_size() + (n_dwp + n_dw) * acc.itemsize
+        fold_dw = bool(need[5]) and plan.route.weights_dtype == acc
+        if fold_dw:
+            launches = {name: launch for name, launch in launches.items() if name != "dw"}
+        dl_scratch = bool(need[5]) and plan.gated
+        nbytes = (sum(store) * x.element_size() + n_dwp * acc.itemsize
+                  + (T * k * plan.route.weights_dtype.itemsize if need[5] and not fold_dw else 0)
                   + (T * plan.E * x.element_size() if dl_scratch else 0))
-        bp = plan.backward_plans[need] = BackwardPlan(launches, store, (n_dwp, n_dw), dl_scratch,
-                                                      _LAYOUTS.setdefault(layout, len(_LAYOUTS)), nbytes)
+        layout = _LAYOUTS.setdefault((plan.workspace_layout, need), len(_LAYOUTS))
+        bp = plan.backward_plans[need] = BackwardPlan(launches, store, n_dwp, fold_dw, dl_scratch, layout, nbytes)
     return bp
 
 
 def _backward_workspace(plan: LayerPlan, bp: BackwardPlan, x, logits, need):
     """The backward's scratch, split: ``(dh, buf, dwp, dw (T, k) or None, dl (T, E) or None)``;
-    ``dl`` only when it is scratch (:attr:`BackwardPlan.dl_scratch`). Kept for reuse by
+    ``dw`` only when the experts reduce ``dwp`` into it (not :attr:`BackwardPlan.fold_dw`), ``dl``
+    only when it is scratch (:attr:`BackwardPlan.dl_scratch`). Kept for reuse by
     :mod:`~mmkernels.ops._workspace`."""
-    T, k = plan.T, plan.rspec.top_k
     dh, buf = x.new_empty(sum(bp.store)).split_with_sizes(bp.store)
-    dwp, dw = x.new_empty(sum(bp.acc), dtype=math_dtype(x.dtype)).split_with_sizes(bp.acc)
-    dw = dw.view(T, k) if bp.acc[1] else x.new_empty((T, k), dtype=plan.route.weights_dtype) if need[5] else None
-    dl = logits.new_empty((T, plan.E)) if bp.dl_scratch else None
+    dwp = x.new_empty(bp.n_dwp, dtype=math_dtype(x.dtype))
+    dw = (x.new_empty((plan.T, plan.rspec.top_k), dtype=plan.route.weights_dtype) if need[5] and not bp.fold_dw
+          else None)
+    dl = logits.new_empty((plan.T, plan.E)) if bp.dl_scratch else None
     return dh, buf, dwp, dw, dl
 
 
@@ -275,8 +281,13 @@ def _triton_backward(plan: LayerPlan, bp: BackwardPlan, ws, dout, x, logits, wei
     _experts.launch_backward(bp.launches, dout, x, weights, gate_up, down, b1, b2, d, h, a, dh, dwp, buf, dx, dgu,
                              dd, db1, db2, dw)
     if need[5]:
-        dl = _routing.launch_route_backward(plan.route, dw, logits, ids,
-                                            dl if dl is not None else torch.empty_like(logits, memory_format=contiguous))
+        if dl is None:
+            dl = torch.empty_like(logits, memory_format=contiguous)
+        if bp.fold_dw:
+            _routing.launch_route_backward_from_partials(plan.route, dwp, bp.launches["dact"].bound["NB_I"],
+                                                         d.slot_rows, d.offsets, logits, ids, dl)
+        else:
+            _routing.launch_route_backward(plan.route, dw, logits, ids, dl)
     return dx, dgu, dd, db1, db2, dl
 
 

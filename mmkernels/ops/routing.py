@@ -320,6 +320,8 @@ class RoutePlan:
     scan: Launch
     scatter: Launch
     bwd: Launch
+    #: The backward reading the experts' partial sums of the weights' gradient (a MoE layer's node).
+    bwd_partials: Launch
 
 
 #: The runtime arguments of each routing kernel's launches (:class:`~mmkernels.ops._launch.Launch`).
@@ -329,7 +331,8 @@ _SCAN_ARGS = ("hist_ptr", "base_ptr", "total_ptr", "done_ptr", "counts_ptr", "of
               "tile_end_ptr", "num_tiles_ptr")
 _SCATTER_ARGS = ("ids_ptr", "rank_ptr", "base_ptr", "offsets_ptr", "drop_base_ptr", "tile_end_ptr", "num_tiles_ptr",
                  "sorted_ptr", "slot_rows_ptr", "dropped_ptr", "tile_expert_ptr", "tile_start_ptr")
-_BWD_ARGS = ("logits_ptr", "ids_ptr", "dw_ptr", "dl_ptr", "s_lt", "s_le", "s_dt", "s_dj")
+_BWD_ARGS = ("logits_ptr", "ids_ptr", "dw_ptr", "dl_ptr", "slot_rows_ptr", "offsets_ptr", "NB_P", "s_lt", "s_le",
+             "s_dt", "s_dj")
 
 
 @functools.lru_cache(maxsize=256)
@@ -360,7 +363,9 @@ def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: 
         topk=Launch(K, "route_topk_kernel", (nb,), _TOPK_ARGS, topk),
         scan=Launch(K, "route_scan_kernel", (cdiv(E, cfg.scan_cols),), _SCAN_ARGS, scan),
         scatter=Launch(K, "route_scatter_kernel", (max(nb, cdiv(n_tiles, TILE_CHUNK)),), _SCATTER_ARGS, scatter),
-        bwd=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS, dict(T=T, E=E, K=k, **rows, **scores)))
+        bwd=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS, dict(T=T, E=E, K=k, PARTIALS=False, **rows, **scores)),
+        bwd_partials=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS,
+                            dict(T=T, E=E, K=k, PARTIALS=True, **rows, **scores)))
 
 
 def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
@@ -410,7 +415,17 @@ def triton_route_backward(grad_weights, logits, ids, spec: RouterSpec,
 
 def launch_route_backward(p: RoutePlan, grad_weights, logits, ids, dl: torch.Tensor) -> torch.Tensor:
     """d logits into ``dl`` (contiguous (T, E), the logits' dtype) from d weights, plan ``p``."""
-    p.bwd(logits, ids, grad_weights, dl, *logits.stride(), *grad_weights.stride())
+    p.bwd(logits, ids, grad_weights, dl, ids, ids, 0, *logits.stride(), *grad_weights.stride())
+    return dl
+
+
+def launch_route_backward_from_partials(p: RoutePlan, partials, n_partials: int, slot_rows, offsets, logits, ids,
+                                        dl: torch.Tensor) -> torch.Tensor:
+    """As :func:`launch_route_backward`, with the weights' gradient given as the experts' partial
+    sums: ``n_partials`` per routed row in routing order (``slot_rows`` / ``offsets`` of the
+    routing; dropped slots get 0). One launch where the experts' reduction and this would be two;
+    the same bits."""
+    p.bwd_partials(logits, ids, partials, dl, slot_rows, offsets, n_partials, *logits.stride(), 0, 0)
     return dl
 
 
