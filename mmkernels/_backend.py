@@ -15,7 +15,7 @@ import functools
 import enum
 import os
 import types
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Union
 
 import torch
 
@@ -124,10 +124,15 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(device: torch.device) -> Impl:
-    """Decide which implementation runs for tensors on ``device`` under the current backend."""
+def resolve(where: Union[torch.device, torch.Tensor]) -> Impl:
+    """Decide which implementation runs for tensors on a device under the current backend:
+    ``where`` is that device or a tensor on it (read from the tensor's ``is_cuda`` / ``is_cpu``: no
+    ``torch.device`` and no string made, half a microsecond of every op call)."""
     backend = get_backend()
-    kind = device.type  # a new str per read
+    if type(where) is torch.device:
+        kind = where.type  # a new str per read
+    else:
+        kind = "cuda" if where.is_cuda else "cpu" if where.is_cpu else where.device.type
     if kind == "cuda":
         if backend == "cpu":
             raise BackendError(
@@ -147,7 +152,8 @@ def resolve(device: torch.device) -> Impl:
                 "TRITON_INTERPRET=1 in the environment before mmkernels is imported"
             )
         return Impl.TRITON
-    raise BackendError(f"mmkernels supports CPU and CUDA tensors, got device {device}")
+    raise BackendError(f"mmkernels supports CPU and CUDA tensors, got device "
+                       f"{where if type(where) is torch.device else where.device}")
 
 
 #: What :func:`_nothing_watching` asks, bound once (each attribute lookup counts on a cold call).

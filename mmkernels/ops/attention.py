@@ -143,7 +143,7 @@ def _torch_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, t
 
 
 def _fused(x: torch.Tensor) -> bool:
-    return x.shape[1] <= MAX_J and _backend.resolve(x.device) is _backend.Impl.TRITON
+    return x.shape[1] <= MAX_J and _backend.resolve(x) is _backend.Impl.TRITON
 
 
 def _cpp_attention(z: torch.Tensor, x: torch.Tensor):
@@ -245,7 +245,7 @@ def _hard_switch_dx(x: torch.Tensor, idx: torch.Tensor, ds: torch.Tensor) -> tor
     """The hard switch's dx (R, J, D): ``ds`` (R, D) at the chosen ``idx`` (R,), 0 elsewhere; one
     write in C++ on the CPU path (csrc/attention.cpp) when nothing traces the call, zeros then a
     scatter otherwise."""
-    if x.is_cpu and _backend.resolve(x.device) is _backend.Impl.CPU and _backend.direct_call_ok(x, idx, ds):
+    if x.is_cpu and _backend.resolve(x) is _backend.Impl.CPU and _backend.direct_call_ok(x, idx, ds):
         cpp = _cpp.ops()
         if cpp is not None and hasattr(cpp, "hard_switch_backward"):
             return cpp.hard_switch_backward(idx, ds, x.shape[1])

@@ -564,7 +564,7 @@ def _forward(z, x, w, bias):
     if z.shape[0] == 0 or w.shape[0] == 0:
         y = torch.zeros(z.shape[0], w.shape[0], dtype=z.dtype, device=z.device)
         return y + bias if bias is not None else y
-    if _backend.resolve(z.device) is _backend.Impl.TRITON:
+    if _backend.resolve(z) is _backend.Impl.TRITON:
         return bilinear_forward_triton(z, x, w, bias)
     cpp = _cpp_bilinear()
     if cpp is not None:
@@ -576,7 +576,7 @@ def _backward(z, x, w, dy, need_dz, need_dx, need_dw):
     if z.shape[0] == 0 or w.shape[0] == 0 or w.shape[1] == 0 or w.shape[2] == 0:
         return (torch.zeros_like(z) if need_dz else None, torch.zeros_like(x) if need_dx else None,
                 torch.zeros_like(w) if need_dw else None)
-    if _backend.resolve(z.device) is _backend.Impl.TRITON:
+    if _backend.resolve(z) is _backend.Impl.TRITON:
         return bilinear_backward_triton(z, x, w, dy, need_dz=need_dz, need_dx=need_dx, need_dw=need_dw)
     cpp = _cpp_bilinear()
     if cpp is not None:
@@ -590,7 +590,7 @@ def _quadratic_forward(x, w, bias):
     if x.shape[0] == 0 or w.shape[0] == 0:
         y = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
         return y + bias if bias is not None else y
-    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+    if _backend.resolve(x) is _backend.Impl.TRITON:
         return bilinear_forward_triton(x, x, w, bias, triangular=True)
     return _cpu_quadratic_forward(x, w, bias)
 
@@ -598,7 +598,7 @@ def _quadratic_forward(x, w, bias):
 def _quadratic_backward(x, w, dy, need_dx, need_dw):
     if x.shape[0] == 0 or w.shape[0] == 0 or w.shape[1] == 0:
         return torch.zeros_like(x) if need_dx else None, torch.zeros_like(w) if need_dw else None
-    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+    if _backend.resolve(x) is _backend.Impl.TRITON:
         dz, dx, dw = bilinear_backward_triton(x, x, w, dy, need_dz=need_dx, need_dx=need_dx, need_dw=need_dw,
                                               triangular=True)
         return (dz.add_(dx) if need_dx else None), dw

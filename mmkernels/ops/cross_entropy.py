@@ -250,7 +250,7 @@ def row_forward(x, target, terms: LossTerms, weight=None, want_target_logp: bool
         return empty, empty.clone(), empty.clone() if want_target_logp else None
     if x.device.type == "cpu":
         check_targets_on_host(target, x.shape[1], terms.ignore_index)
-    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+    if _backend.resolve(x) is _backend.Impl.TRITON:
         return triton_forward(x, target, terms, weight, want_target_logp)
     return _cpu_forward(x, target, terms, weight, want_target_logp)
 
@@ -259,7 +259,7 @@ def row_backward(x, target, lse, g, terms: LossTerms, weight, dx: torch.Tensor) 
     """``dx`` (may be ``x``'s own storage) = ``g[n]`` · d loss_n / d x[n], on ``x``'s backend."""
     if x.shape[0] == 0:
         return dx
-    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+    if _backend.resolve(x) is _backend.Impl.TRITON:
         return triton_backward(x, target, lse, g, terms, weight, dx)
     return _cpu_backward(x, target, lse, g, terms, weight, dx)
 

@@ -779,7 +779,7 @@ def backend_of(x: torch.Tensor) -> str:
     call, at the forward; the backward runs where the forward ran). No tokens: the torch CPU path,
     whatever the device (nothing to launch; its torch ops give the empty result and zero
     gradients). A constant to torch.compile: decided when the graph is traced."""
-    if x.shape[0] and _backend.resolve(x.device) is _backend.Impl.TRITON:
+    if x.shape[0] and _backend.resolve(x) is _backend.Impl.TRITON:
         return "triton"
     return "cpp" if x.is_cpu and _cpp_experts() is not None else "torch"
 

@@ -98,13 +98,13 @@ def _cpu_backward(dout, pre, a, b):
 
 
 def _forward(pre, a, b):
-    if a.numel() and _backend.resolve(a.device) is _backend.Impl.TRITON:
+    if a.numel() and _backend.resolve(a) is _backend.Impl.TRITON:
         return triton_forward(pre, a, b)
     return _cpu_forward(pre, a, b)
 
 
 def _backward(dout, pre, a, b):
-    if a.numel() and _backend.resolve(a.device) is _backend.Impl.TRITON:
+    if a.numel() and _backend.resolve(a) is _backend.Impl.TRITON:
         return triton_backward(dout, pre, a, b)
     return _cpu_backward(dout, pre, a, b)
 

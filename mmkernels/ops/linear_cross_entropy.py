@@ -104,7 +104,7 @@ def chunk_tokens_for(T: int, V: int, device: torch.device, chunk_tokens: Optiona
 def stats_supported(x: torch.Tensor) -> bool:
     """The stats kernel runs on the Triton path for 16-bit and float32 operands (float64 takes the
     sweep: no float64 tensor-core dot)."""
-    return x.dtype != torch.float64 and _backend.resolve(x.device) is _backend.Impl.TRITON
+    return x.dtype != torch.float64 and _backend.resolve(x) is _backend.Impl.TRITON
 
 
 def triton_stats(x, w, b, target, class_weight, terms: LossTerms, *, arch: Optional[int] = None):

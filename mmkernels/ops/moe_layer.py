@@ -146,10 +146,6 @@ def layer_plan(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, dow
     return dataclasses.replace(plan, route=rp, forward=fp, ints=ints, rows=rows, forward_rows_itemsize=x.element_size())
 
 
-def _meta(t: Optional[torch.Tensor]):
-    return None if t is None else (t.shape, t.dtype, t.device)
-
-
 class LayerPlans:
     """The :class:`LayerPlan` s of one layer, by the shapes, dtypes and devices of its tensors, its
     options (``top_k``, ``activation``, the routing's keyword arguments), the implementation that
@@ -157,22 +153,23 @@ class LayerPlans:
     and whether gradients are saved: the checks run on the first call of each."""
 
     def __init__(self):
-        self._options: Optional[tuple] = None
+        self._top_k = self._activation = self._route_kwargs = None
         self._plans: Dict[tuple, LayerPlan] = {}
 
     def __getstate__(self):  # a pickled layer keeps no plans (they hold launch constants)
-        return {"_options": None, "_plans": {}}
+        return {"_top_k": None, "_activation": None, "_route_kwargs": None, "_plans": {}}
 
     def get(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
             b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], top_k: int, block_m: int, activation: str,
             route_kwargs: dict, gated: bool, save: bool) -> LayerPlan:
         """:func:`layer_plan` of these arguments, made at the first call with their metadata."""
-        options = (top_k, activation, route_kwargs)
-        if options != self._options or len(self._plans) >= MAX_PLANS:
-            self._options, self._plans = (top_k, activation, dict(route_kwargs)), {}
+        if (top_k != self._top_k or activation != self._activation or route_kwargs != self._route_kwargs
+                or len(self._plans) >= MAX_PLANS):
+            self._top_k, self._activation, self._route_kwargs, self._plans = top_k, activation, dict(route_kwargs), {}
         key = (gated, save, block_m, _experts.backend_of(x), x.shape, x.dtype, x.device, router.shape, router.dtype,
                router.device, gate_up.shape, gate_up.dtype, gate_up.device, down.shape, down.dtype, down.device,
-               _meta(b1), _meta(b2))
+               None if b1 is None else (b1.shape, b1.dtype, b1.device),
+               None if b2 is None else (b2.shape, b2.dtype, b2.device))
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = layer_plan(x, router, gate_up, down, b1, b2, top_k, block_m, activation,

@@ -135,7 +135,7 @@ def _cpu_dweight(x, da, db, w_dtype, logs=None) -> torch.Tensor:
 
 
 def _fused(x: torch.Tensor) -> bool:
-    return x.numel() > 0 and _backend.resolve(x.device) is _backend.Impl.TRITON
+    return x.numel() > 0 and _backend.resolve(x) is _backend.Impl.TRITON
 
 
 def _terms(x, w):

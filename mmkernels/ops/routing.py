@@ -573,7 +573,7 @@ def route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
     T, E = logits.shape
     if T == 0:
         return _cpu_route(logits, bias, ids_in, spec, cap, block_m)  # nothing to launch
-    if _backend.resolve(logits.device) is _backend.Impl.TRITON:
+    if _backend.resolve(logits) is _backend.Impl.TRITON:
         return triton_route(logits, bias, ids_in, spec, cap, block_m)
     return _cpu_route(logits, bias, ids_in, spec, cap, block_m)
 
@@ -581,7 +581,7 @@ def route_impl(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int):
 def route_backward_impl(grad_weights, logits, ids, spec: RouterSpec) -> torch.Tensor:
     if logits.shape[0] == 0:
         return torch.zeros_like(logits)
-    if _backend.resolve(logits.device) is _backend.Impl.TRITON:
+    if _backend.resolve(logits) is _backend.Impl.TRITON:
         return triton_route_backward(grad_weights, logits, ids, spec)
     return _cpu_route_backward(grad_weights, logits, ids, spec)
 

@@ -347,7 +347,7 @@ def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
 def _forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, dtype=out_dtype)
-    if _backend.resolve(x.device) is _backend.Impl.TRITON:
+    if _backend.resolve(x) is _backend.Impl.TRITON:
         return triton_forward(x, dim, kind, out_dtype)
     return _cpu_forward(x, dim, kind, out_dtype)
 
@@ -356,7 +356,7 @@ def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
               in_dtype: torch.dtype) -> torch.Tensor:
     if y.numel() == 0:
         return torch.empty_like(y, dtype=in_dtype)
-    if _backend.resolve(y.device) is _backend.Impl.TRITON:
+    if _backend.resolve(y) is _backend.Impl.TRITON:
         return triton_backward(y, dy, dim, kind, in_dtype)
     return _cpu_backward(y, dy, dim, kind, in_dtype)
 
