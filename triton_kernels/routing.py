@@ -20,6 +20,9 @@ Counting sort, deterministic, with no atomics:
    ``drop_base[e] + r - CAP`` (dropped); it writes ``sorted_slots[row] = s`` and
    ``slot_rows[s] = row``, and fills the tile table.
 
+``route_block_kernel`` does all three in one program when the tokens fit one block: its ranks
+are the slots' ranks (``base`` is 0), and a barrier stands between the counts and their readers.
+
 Selection: ``K`` rounds of arg-max over the row (ties to the lowest column; NaN keys rank below
 -inf; a group's score counts NaN keys as -inf), so any ``K <= E`` works. Weight math runs in ``ACC`` (float32, float64 for float64 logits).
 """
@@ -60,9 +63,8 @@ def _slot_weights(lsel, valid, SCORING: tl.constexpr, RENORM: tl.constexpr, m_ro
 
 
 @triton.jit
-def route_topk_kernel(
-    logits_ptr, bias_ptr, ids_in_ptr,
-    weights_ptr, ids_ptr, rank_ptr, hist_ptr, done_ptr,
+def _select_block(
+    pid, logits_ptr, bias_ptr, ids_in_ptr,
     T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS,
     s_lt, s_le, s_it, s_ij, s_b,
     scaling,
@@ -70,11 +72,11 @@ def route_topk_kernel(
     SCORING: tl.constexpr, RENORM: tl.constexpr, KEY_ON_SCORES: tl.constexpr, HAS_BIAS: tl.constexpr,
     G_PAD: tl.constexpr, GROUP_TILE: tl.constexpr, GIVEN_IDS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Scores, top-k, weights, block histogram and in-block ranks for ``BLOCK_T`` tokens.
+    """The router's work for token block ``pid``: ``(weights, ids, rank, cnt)`` — the slots'
+    weights (``ACC``), experts and ranks among the block's earlier slots of their expert, as
+    ``[BLOCK_T, K_PAD]`` tiles, and the block's slots per token and expert ``[BLOCK_T, E_PAD]``
+    (rows past ``T`` zero).
 
-    Writes ``weights`` (T, K), ``ids`` (T, K) int32, ``rank`` (T, K) int32 (the slot's rank among
-    the earlier slots of the block with the same expert) and ``hist[pid, :E]`` int32; program 0
-    zeroes the scan's completion counter ``done``.
     ``KEY_ON_SCORES``: select on ``scores (+ bias)``, else on the logits (same order, no rounding).
     ``G_PAD > 1``: group-limited selection (group score = sum of its top-2 keys; keep
     ``TOPK_GROUPS`` of ``N_GROUPS`` groups of ``GROUP_SIZE`` experts; ``G_PAD`` = N_GROUPS
@@ -85,9 +87,6 @@ def route_topk_kernel(
     makes three per group; a padded group's score is never chosen); 0 otherwise. ``GIVEN_IDS``:
     read the choices from ``ids_in`` (clamped into ``[0, E)``) instead of selecting.
     """
-    pid = tl.program_id(0)
-    if pid == 0:
-        tl.store(done_ptr, 0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     kcols = tl.arange(0, K_PAD)
@@ -188,12 +187,43 @@ def route_topk_kernel(
 
     valid = kcols[None, :] < K
     w = _slot_weights(lsel, valid, SCORING, RENORM, m_row, z_row, scaling, EPS)
-    smask = tmask[:, None] & valid
+    return w, ids, rank, cnt
+
+
+@triton.jit
+def route_topk_kernel(
+    logits_ptr, bias_ptr, ids_in_ptr,
+    weights_ptr, ids_ptr, rank_ptr, hist_ptr, done_ptr,
+    T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS,
+    s_lt, s_le, s_it, s_ij, s_b,
+    scaling,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, KEY_ON_SCORES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    G_PAD: tl.constexpr, GROUP_TILE: tl.constexpr, GIVEN_IDS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+):
+    """Scores, top-k, weights, block histogram and in-block ranks for ``BLOCK_T`` tokens
+    (:func:`_select_block`).
+
+    Writes ``weights`` (T, K), ``ids`` (T, K) int32, ``rank`` (T, K) int32 (the slot's rank among
+    the earlier slots of the block with the same expert) and ``hist[pid, :E]`` int32; program 0
+    zeroes the scan's completion counter ``done``.
+    """
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(done_ptr, 0)
+    w, ids, rank, cnt = _select_block(
+        pid, logits_ptr, bias_ptr, ids_in_ptr, T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, s_lt, s_le, s_it, s_ij,
+        s_b, scaling, BLOCK_T, E_PAD, K_PAD, SCORING, RENORM, KEY_ON_SCORES, HAS_BIAS, G_PAD, GROUP_TILE, GIVEN_IDS,
+        EPS, ACC)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    kcols = tl.arange(0, K_PAD)
+    cols = tl.arange(0, E_PAD)
+    smask = (offs_t[:, None] < T) & (kcols[None, :] < K)
     out = offs_t[:, None] * K + kcols[None, :]
     tl.store(weights_ptr + out, w.to(weights_ptr.dtype.element_ty), mask=smask)
     tl.store(ids_ptr + out, ids, mask=smask)
     tl.store(rank_ptr + out, rank, mask=smask)
-    tl.store(hist_ptr + pid * E + cols, tl.sum(cnt, axis=0), mask=cmask)
+    tl.store(hist_ptr + pid * E + cols, tl.sum(cnt, axis=0), mask=cols < E)
 
 
 @triton.jit
@@ -224,19 +254,30 @@ def route_scan_kernel(
     done = tl.atomic_add(done_ptr, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
         ecols = tl.arange(0, E_PAD)
-        emask = ecols < E
-        total = tl.load(total_ptr + ecols, mask=emask, other=0, cache_modifier=".cg")
-        kept = tl.minimum(total, CAP)
-        off = tl.cumsum(kept, axis=0) - kept
-        total_kept = tl.sum(kept, axis=0)
-        drops = total - kept
-        tl.store(counts_ptr + ecols, kept, mask=emask)
-        tl.store(offsets_ptr + ecols, off, mask=emask)
-        tl.store(offsets_ptr + E, total_kept)
-        tl.store(drop_base_ptr + ecols, tl.cumsum(drops, axis=0) - drops + total_kept, mask=emask)
-        tiles = (kept + BLOCK_M - 1) // BLOCK_M
-        tl.store(tile_end_ptr + ecols, tl.cumsum(tiles, axis=0), mask=emask)
-        tl.store(num_tiles_ptr, tl.sum(tiles, axis=0))
+        total = tl.load(total_ptr + ecols, mask=ecols < E, other=0, cache_modifier=".cg")
+        _finish_counts(total, counts_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr, E, CAP, E_PAD,
+                       BLOCK_M)
+
+
+@triton.jit
+def _finish_counts(total, counts_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr, E, CAP,
+                   E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """From the slots per expert ``total`` (``[E_PAD]``, 0 past ``E``): ``counts`` (kept,
+    ``min(total, CAP)``), ``offsets`` (E + 1), ``drop_base`` (first row of each expert's dropped
+    slots), ``tile_end`` (inclusive prefix sum of the tiles per expert) and ``num_tiles``."""
+    ecols = tl.arange(0, E_PAD)
+    emask = ecols < E
+    kept = tl.minimum(total, CAP)
+    off = tl.cumsum(kept, axis=0) - kept
+    total_kept = tl.sum(kept, axis=0)
+    drops = total - kept
+    tl.store(counts_ptr + ecols, kept, mask=emask)
+    tl.store(offsets_ptr + ecols, off, mask=emask)
+    tl.store(offsets_ptr + E, total_kept)
+    tl.store(drop_base_ptr + ecols, tl.cumsum(drops, axis=0) - drops + total_kept, mask=emask)
+    tiles = (kept + BLOCK_M - 1) // BLOCK_M
+    tl.store(tile_end_ptr + ecols, tl.cumsum(tiles, axis=0), mask=emask)
+    tl.store(num_tiles_ptr, tl.sum(tiles, axis=0))
 
 
 @triton.jit
@@ -257,27 +298,80 @@ def route_scatter_kernel(
         slot = offs_t[:, None] * K + kcols[None, :]
         e = tl.load(ids_ptr + slot, mask=smask, other=0)
         r = tl.load(base_ptr + pid * E + e, mask=smask, other=0) + tl.load(rank_ptr + slot, mask=smask, other=0)
-        kept = r < CAP
-        row = tl.where(kept, tl.load(offsets_ptr + e, mask=smask, other=0) + r,
-                       tl.load(drop_base_ptr + e, mask=smask, other=0) + r - CAP)
-        tl.store(sorted_ptr + row, slot, mask=smask)
-        tl.store(slot_rows_ptr + slot, row, mask=smask)
-        tl.store(dropped_ptr + slot, (~kept).to(tl.int1), mask=smask)
-
+        _place_slots(slot, e, r, smask, offsets_ptr, drop_base_ptr, sorted_ptr, slot_rows_ptr, dropped_ptr, CAP)
     if pid * TILE_CHUNK < MAX_TILES:
-        # tile table: tile i belongs to the expert e with tile_end[e-1] <= i < tile_end[e]
-        cols = tl.arange(0, E_PAD)
-        idx = pid * TILE_CHUNK + tl.arange(0, TILE_CHUNK)
-        tend = tl.load(tile_end_ptr + cols, mask=cols < E, other=2**31 - 1)
-        te = tl.sum((tend[None, :] <= idx[:, None]).to(tl.int32), axis=1)
-        te = tl.minimum(te, E - 1)  # idx past the last tile: any expert, masked below
-        first = tl.load(offsets_ptr + te)
-        tiles_e = (tl.load(offsets_ptr + te + 1) - first + BLOCK_M - 1) // BLOCK_M
-        start_tile = tl.load(tile_end_ptr + te) - tiles_e
-        use = idx < tl.load(num_tiles_ptr)
-        tmask = idx < MAX_TILES
-        tl.store(tile_expert_ptr + idx, tl.where(use, te, -1), mask=tmask)
-        tl.store(tile_start_ptr + idx, tl.where(use, first + (idx - start_tile) * BLOCK_M, -1), mask=tmask)
+        _tile_table(pid, offsets_ptr, tile_end_ptr, num_tiles_ptr, tile_expert_ptr, tile_start_ptr, E, MAX_TILES,
+                    E_PAD, TILE_CHUNK, BLOCK_M)
+
+
+@triton.jit
+def _place_slots(slot, e, r, smask, offsets_ptr, drop_base_ptr, sorted_ptr, slot_rows_ptr, dropped_ptr, CAP):
+    """Slots ``slot`` of experts ``e``, each the ``r``-th of its expert: their rows (kept,
+    ``r < CAP``: ``offsets[e] + r``; dropped: ``drop_base[e] + r - CAP``), written both ways, and
+    their drop flags. The per-expert arrays are read from L2 (``.cg``): the one-block kernel wrote
+    them itself a barrier earlier."""
+    kept = r < CAP
+    row = tl.where(kept, tl.load(offsets_ptr + e, mask=smask, other=0, cache_modifier=".cg") + r,
+                   tl.load(drop_base_ptr + e, mask=smask, other=0, cache_modifier=".cg") + r - CAP)
+    tl.store(sorted_ptr + row, slot, mask=smask)
+    tl.store(slot_rows_ptr + slot, row, mask=smask)
+    tl.store(dropped_ptr + slot, (~kept).to(tl.int1), mask=smask)
+
+
+@triton.jit
+def _tile_table(chunk, offsets_ptr, tile_end_ptr, num_tiles_ptr, tile_expert_ptr, tile_start_ptr, E, MAX_TILES,
+                E_PAD: tl.constexpr, TILE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tiles ``chunk·TILE_CHUNK ..`` of the tile table (expert, first row; -1 past ``num_tiles``):
+    tile ``i`` belongs to the expert ``e`` with ``tile_end[e-1] <= i < tile_end[e]`` (reads from
+    L2, as :func:`_place_slots`)."""
+    cols = tl.arange(0, E_PAD)
+    idx = chunk * TILE_CHUNK + tl.arange(0, TILE_CHUNK)
+    tend = tl.load(tile_end_ptr + cols, mask=cols < E, other=2**31 - 1, cache_modifier=".cg")
+    te = tl.sum((tend[None, :] <= idx[:, None]).to(tl.int32), axis=1)
+    te = tl.minimum(te, E - 1)  # idx past the last tile: any expert, masked below
+    first = tl.load(offsets_ptr + te, cache_modifier=".cg")
+    tiles_e = (tl.load(offsets_ptr + te + 1, cache_modifier=".cg") - first + BLOCK_M - 1) // BLOCK_M
+    start_tile = tl.load(tile_end_ptr + te, cache_modifier=".cg") - tiles_e
+    use = idx < tl.load(num_tiles_ptr, cache_modifier=".cg")
+    tmask = idx < MAX_TILES
+    tl.store(tile_expert_ptr + idx, tl.where(use, te, -1), mask=tmask)
+    tl.store(tile_start_ptr + idx, tl.where(use, first + (idx - start_tile) * BLOCK_M, -1), mask=tmask)
+
+
+@triton.jit
+def route_block_kernel(
+    logits_ptr, bias_ptr, ids_in_ptr,
+    weights_ptr, ids_ptr, counts_ptr, offsets_ptr, sorted_ptr, slot_rows_ptr, dropped_ptr, tile_expert_ptr,
+    tile_start_ptr, num_tiles_ptr, drop_base_ptr, tile_end_ptr,
+    T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, CAP, MAX_TILES,
+    s_lt, s_le, s_it, s_ij, s_b,
+    scaling,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, KEY_ON_SCORES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    G_PAD: tl.constexpr, GROUP_TILE: tl.constexpr, GIVEN_IDS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+    TILE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The whole routing in one program when the tokens fit one block (``T <= BLOCK_T``: decode):
+    the router (:func:`_select_block`), the counts from its histogram (the block's ranks are the
+    slots' ranks: no scan), then, after a barrier, the slots' rows and the tile table — what the
+    three kernels above write, in one launch where they take three."""
+    w, ids, rank, cnt = _select_block(
+        0, logits_ptr, bias_ptr, ids_in_ptr, T, E, K, N_GROUPS, GROUP_SIZE, TOPK_GROUPS, s_lt, s_le, s_it, s_ij,
+        s_b, scaling, BLOCK_T, E_PAD, K_PAD, SCORING, RENORM, KEY_ON_SCORES, HAS_BIAS, G_PAD, GROUP_TILE, GIVEN_IDS,
+        EPS, ACC)
+    offs_t = tl.arange(0, BLOCK_T)
+    kcols = tl.arange(0, K_PAD)
+    smask = (offs_t[:, None] < T) & (kcols[None, :] < K)
+    slot = offs_t[:, None] * K + kcols[None, :]
+    tl.store(weights_ptr + slot, w.to(weights_ptr.dtype.element_ty), mask=smask)
+    tl.store(ids_ptr + slot, ids, mask=smask)
+    _finish_counts(tl.sum(cnt, axis=0), counts_ptr, offsets_ptr, drop_base_ptr, tile_end_ptr, num_tiles_ptr, E, CAP,
+                   E_PAD, BLOCK_M)
+    tl.debug_barrier()  # the counts, offsets, drop rows and tile ends are in memory for every thread
+    _place_slots(slot, ids, rank, smask, offsets_ptr, drop_base_ptr, sorted_ptr, slot_rows_ptr, dropped_ptr, CAP)
+    for chunk in range(0, tl.cdiv(MAX_TILES, TILE_CHUNK)):
+        _tile_table(chunk, offsets_ptr, tile_end_ptr, num_tiles_ptr, tile_expert_ptr, tile_start_ptr, E, MAX_TILES,
+                    E_PAD, TILE_CHUNK, BLOCK_M)
 
 
 @triton.jit
@@ -359,6 +453,7 @@ def route_bwd_kernel(
 
 
 EXPECTATIONS = {
+    "route_block_kernel": {"local_memory": 0},
     "route_topk_kernel": {"local_memory": 0},
     "route_scan_kernel": {"local_memory": 0},
     "route_scatter_kernel": {"local_memory": 0},

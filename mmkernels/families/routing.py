@@ -247,7 +247,8 @@ def targets() -> List[Target]:
 
 def launches(rec, target: int) -> None:
     """The routing launchers on meta tensors: every launch config :func:`mmkernels.ops.routing.
-    launch_configs` stands for (expert counts 1 .. 1024, top-k 1, 8 and E, a few tokens and 2**20),
+    launch_configs` stands for (expert counts 1 .. 1024, top-k 1, 8 and E, a few tokens and 2**20;
+    one token too, whose routing is one block and one launch at every expert count),
     fp32 Mixtral routing forward and backward (both: from the weights' gradient and from the
     experts' partial sums); at top-k min(8, E) and 2**20 tokens also bf16 Qwen3
     (no renormalisation), DeepSeek-V3 (sigmoid, bias, groups), plain sigmoid scores, caller-given
@@ -273,6 +274,7 @@ def launches(rec, target: int) -> None:
         for k in sorted({1, min(8, E), E}):
             for T in (5, 1 << 20):
                 launch(T, E, k, "fp32 mixtral")
+        launch(1, E, min(8, E), "fp32 mixtral")  # one token: one block at every expert count
         k, T = min(8, E), 1 << 20
         launch(T, E, k, "bf16 qwen3", torch.bfloat16, renormalize=False)
         launch(T, E, k, "fp32 given ids", given=True)

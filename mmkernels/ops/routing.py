@@ -13,6 +13,10 @@ One routing is three launches on the Triton path, none of which waits on the hos
    last program to finish makes the per-expert counts, offsets, capacity drops and tile counts;
 3. ``route_scatter_kernel`` — the stable scatter (``sorted_slots`` and its inverse) and the tile
    table of the grouped GEMM.
+
+When the tokens fit one router block (decode: up to 64 tokens at 8 experts, 16 at 128), it is one
+launch, ``route_block_kernel``: the same three steps in one program, with a barrier where the
+launches would end, and no scan (one block's ranks are the slots' ranks).
 """
 from __future__ import annotations
 
@@ -319,6 +323,8 @@ class RoutePlan:
     topk: Launch
     scan: Launch
     scatter: Launch
+    #: The three above in one program when the tokens fit one block (``route_block_kernel``), else None.
+    block: Optional[Launch]
     bwd: Launch
     #: The backward reading the experts' partial sums of the weights' gradient (a MoE layer's node).
     bwd_partials: Launch
@@ -331,6 +337,9 @@ _SCAN_ARGS = ("hist_ptr", "base_ptr", "total_ptr", "done_ptr", "counts_ptr", "of
               "tile_end_ptr", "num_tiles_ptr")
 _SCATTER_ARGS = ("ids_ptr", "rank_ptr", "base_ptr", "offsets_ptr", "drop_base_ptr", "tile_end_ptr", "num_tiles_ptr",
                  "sorted_ptr", "slot_rows_ptr", "dropped_ptr", "tile_expert_ptr", "tile_start_ptr")
+_BLOCK_ARGS = ("logits_ptr", "bias_ptr", "ids_in_ptr", "weights_ptr", "ids_ptr", "counts_ptr", "offsets_ptr",
+               "sorted_ptr", "slot_rows_ptr", "dropped_ptr", "tile_expert_ptr", "tile_start_ptr", "num_tiles_ptr",
+               "drop_base_ptr", "tile_end_ptr", "s_lt", "s_le", "s_it", "s_ij", "s_b")
 _BWD_ARGS = ("logits_ptr", "ids_ptr", "dw_ptr", "dl_ptr", "slot_rows_ptr", "offsets_ptr", "NB_P", "s_lt", "s_le",
              "s_dt", "s_dj")
 
@@ -363,6 +372,8 @@ def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: 
         topk=Launch(K, "route_topk_kernel", (nb,), _TOPK_ARGS, topk),
         scan=Launch(K, "route_scan_kernel", (cdiv(E, cfg.scan_cols),), _SCAN_ARGS, scan),
         scatter=Launch(K, "route_scatter_kernel", (max(nb, cdiv(n_tiles, TILE_CHUNK)),), _SCATTER_ARGS, scatter),
+        block=Launch(K, "route_block_kernel", (1,), _BLOCK_ARGS,
+                     dict(topk, CAP=cap, MAX_TILES=n_tiles, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m)) if nb == 1 else None,
         bwd=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS, dict(T=T, E=E, K=k, PARTIALS=False, **rows, **scores)),
         bwd_partials=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS,
                             dict(T=T, E=E, K=k, PARTIALS=True, **rows, **scores)))
@@ -370,7 +381,7 @@ def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: 
 
 def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
                   config: Optional[RoutingConfig] = None):
-    """The three routing launches; returns the tensors of :class:`Routing` in field order."""
+    """The routing's launches (:func:`launch_route`); returns the tensors of :class:`Routing` in field order."""
     T, E = logits.shape
     k = spec.top_k
     p = route_plan(T, E, spec, cap, block_m, logits.dtype, bias is not None, ids_in is not None, config)
@@ -393,10 +404,17 @@ def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
 
 def launch_route(p: RoutePlan, logits, bias, ids_in, weights, ids, counts, offsets, sorted_slots, slot_rows, dropped,
                  tile_experts, tile_row_starts, num_tiles, rank, hist, base, total, done, drop_base, tile_end) -> None:
-    """The three routing launches of plan ``p`` into given tensors: the :class:`Routing` fields
-    (``weights`` .. ``num_tiles``; only their data pointers count, 1-D views do) and the scratch
-    (``p.scratch`` elements each: ``rank`` .. ``tile_end``)."""
+    """The routing launches of plan ``p`` into given tensors — three, or one when the tokens fit
+    one block (``p.block``) — : the :class:`Routing` fields (``weights`` .. ``num_tiles``; only
+    their data pointers count, 1-D views do) and the scratch (``p.scratch`` elements each: ``rank``
+    .. ``tile_end``; the one-block launch uses ``drop_base`` and ``tile_end`` only)."""
     given = ids_in is not None
+    if p.block is not None:
+        p.block(logits, bias if bias is not None else logits, ids_in if given else ids, weights, ids, counts, offsets,
+                sorted_slots, slot_rows, dropped, tile_experts, tile_row_starts, num_tiles, drop_base, tile_end,
+                *logits.stride(), *(ids_in.stride() if given else (p.topk.bound["K"], 1)),
+                bias.stride(0) if bias is not None else 1)
+        return
     p.topk(logits, bias if bias is not None else logits, ids_in if given else ids, weights, ids, rank, hist, done,
            *logits.stride(), *(ids_in.stride() if given else (p.topk.bound["K"], 1)),
            bias.stride(0) if bias is not None else 1)
