@@ -18,6 +18,11 @@ caching allocator does), never during CUDA graph capture (a captured graph keeps
 and only for workspaces of at most :data:`MAX_BYTES`: at large sizes the kernels' time dwarfs an
 allocation, and memory held idle would not be. At most :data:`KEEP` idle workspaces are kept per
 layout. Reused memory is as uninitialised as a new allocation's: kernels write before they read.
+
+A leased workspace stays with its node for the node's life, also where saved-tensor hooks would
+have let its saved tensors go earlier (activation checkpointing, offloading): at most
+:data:`MAX_BYTES` per node, the size of a decode step's buffers (Qwen3-30B-A3B at 64 tokens in
+bf16: 2.8 MB).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from typing import Any, Dict, Hashable, List, Optional
 import torch
 
 #: The largest workspace (bytes) that is kept for reuse.
-MAX_BYTES = 16 << 20
+MAX_BYTES = 4 << 20
 #: Idle workspaces kept per layout (and device, and stream); more are left to the allocator.
 KEEP = 8
 
