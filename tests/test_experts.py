@@ -853,6 +853,92 @@ def test_moe_layer_reuses_a_workspace_only_when_nothing_can_read_it(tokens, inte
         assert r.output.grad_fn.lease.workspace is ws
 
 
+def _moe_layers(n: int, device, inter: int = 8, dtype=torch.float32, seed: int = 11):
+    """``n`` small nn.MoE layers of one shape (16 -> 16, 4 experts, top-2), weights drawn large
+    enough that the routing varies."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = [mnn.MoE(16, inter, 4, 2) for _ in range(n)]
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return [layer.to(device=device, dtype=dtype) for layer in layers]
+
+
+@pytest.mark.parametrize("backend,device", [b for b in backends() if b.values[0] == "triton"])
+def test_moe_layer_workspace_reuse_under_checkpointing_double_backward_and_dtypes(backend, device):
+    """Where a reused workspace could still be read: activation checkpointing (its recomputed
+    saved tensors outlive their node: no reuse under saved-tensor hooks), a double backward (its
+    graph keeps the router's d logits: no reuse of the backward's scratch with create_graph), and
+    layers of one shape in two dtypes (their workspaces have different sizes: different layouts).
+    Each gives what the same calls give with nothing reused."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mmkernels.ops import _workspace
+
+    x0 = torch.randn(12, 16, generator=torch.Generator().manual_seed(5)).to(device)
+
+    def run(reuse: bool, checkpointed: bool):
+        _workspace.clear()
+        previous, _workspace.MAX_BYTES = _workspace.MAX_BYTES, _workspace.MAX_BYTES if reuse else -1
+        try:
+            a, b = _moe_layers(2, device)
+            x = x0.clone().requires_grad_()
+            h = x
+            for layer in (a, b):  # the backward: b's node, then a's (one layout)
+                h = (checkpoint(lambda t, m=layer: m(t).output, h, use_reentrant=False) if checkpointed
+                     else layer(h).output)
+            # first order with a graph, another layer's backward in between, then the second order
+            (gx,) = torch.autograd.grad(h.square().sum(), x, create_graph=True)
+            y = b(x0 * 2).output
+            y.sum().backward()
+            gx.square().sum().backward()
+            return [gx.detach(), y.detach()] + [p.grad for layer in (a, b) for p in layer.parameters()]
+        finally:
+            _workspace.MAX_BYTES = previous
+
+    with mmkernels.use_backend(backend):
+        for checkpointed in (False, True):
+            for got, want in zip(run(True, checkpointed), run(False, checkpointed)):
+                assert (got is None and want is None) or torch.equal(got, want)  # None: no second-order path
+        # one shape in two dtypes: two layouts, each call as on fresh buffers
+        _workspace.clear()
+        layouts = set()
+        for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+            (layer,) = _moe_layers(1, device, dtype=dtype)
+            x = x0.to(dtype, copy=True).requires_grad_()
+            layer(x).output.sum().backward()
+            plan = next(iter(layer._plans._plans.values()))
+            layouts.add((dtype, plan.workspace_layout) + tuple(bp.layout for bp in plan.backward_plans.values()))
+            got = [x.grad] + [p.grad for p in layer.parameters()]
+            _workspace.clear()
+            layer.zero_grad(set_to_none=True)
+            x = x0.to(dtype, copy=True).requires_grad_()
+            layer(x).output.sum().backward()
+            for g, want in zip(got, [x.grad] + [p.grad for p in layer.parameters()]):
+                assert torch.equal(g, want)
+        assert len(layouts) == 2 and len({ids[1:] for ids in layouts}) == 2
+
+
+def test_workspace_pool_keeps_within_its_bounds():
+    """Idle workspaces: none under a None key, at most KEEP per key and MAX_IDLE_BYTES in all,
+    handed out once each, last in first out."""
+    from mmkernels.ops import _workspace as W
+
+    W.clear()
+    W.release(None, "a", 1)
+    assert W.acquire(None) is None
+    for i in range(W.KEEP + 2):
+        W.release("k", i, 1)
+    assert [W.acquire("k") for _ in range(W.KEEP + 1)] == list(range(W.KEEP - 1, -1, -1)) + [None]
+    W.release("big", "x", W.MAX_IDLE_BYTES)
+    W.release("other", "y", 1)  # over the budget: left to the allocator
+    assert W.acquire("other") is None and W.acquire("big") == "x"
+    W.release("other", "y", 1)
+    assert W.acquire("other") == "y"
+    W.clear()
+
+
 def test_layer_plans_follow_the_implementation_in_force():
     """A layer's cached plans are keyed by the implementation that runs (the backend and the CPU
     path selected), not only by shapes: switching either after a first call changes the plan."""

@@ -66,8 +66,8 @@ class LayerPlan:
     forward: Optional[_experts.ForwardPlan] = None
     ints: Tuple[int, ...] = ()
     rows: Tuple[int, ...] = ()
-    #: Bytes of an element of ``rows`` (the storage dtype's).
-    forward_rows_itemsize: int = 0
+    #: The dtype of ``rows`` (the storage dtype).
+    forward_rows_dtype: Optional[torch.dtype] = None
     #: The backward's launches by ``need`` (filled at the first backward of each).
     backward_plans: Dict[tuple, dict] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -88,16 +88,16 @@ class LayerPlan:
         """What the forward's workspace (:func:`_forward_workspace`) follows from, as a small int
         (a key of :mod:`~mmkernels.ops._workspace`, cheap to hash)."""
         fp = self.forward
-        layout = (self.T, self.rspec.top_k, self.block_m, self.ints, self.rows, self.route.weights_dtype,
-                  self.xspec, fp.splits, fp.y_dtype, self.H)
-        return _LAYOUTS.setdefault(layout, len(_LAYOUTS))
+        layout = ("forward", self.T, self.rspec.top_k, self.block_m, self.E, self.H, self.ints,
+                  self.route.weights_dtype, self.rows, self.forward_rows_dtype, fp.splits, fp.y_dtype)
+        return _workspace.layout_id(_LAYOUTS, layout)
 
     @functools.cached_property
     def workspace_bytes(self) -> int:
         fp, n = self.forward, self.T * self.rspec.top_k
         weights = 0 if self.weights_in_ints else n * self.route.weights_dtype.itemsize
         y = fp.splits * n * self.H * fp.y_dtype.itemsize if fp.splits > 1 else 0
-        return 4 * self.n_ints + weights + self.n_rows * self.forward_rows_itemsize + y
+        return 4 * self.n_ints + weights + self.n_rows * self.forward_rows_dtype.itemsize + y
 
 
 def layer_plan(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -143,7 +143,7 @@ def layer_plan(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, dow
                                    for m in (n, n, E + 1, nt, nt)), top_k, block_m)
     fp = _experts.forward_plan(x, dispatch, gate_up, b1, b2, xspec, save)
     rows = (n * 2 * I if save else 0, n * I, n * H if fp.splits == 1 else 0)  # h, act, the down GEMM's rows
-    return dataclasses.replace(plan, route=rp, forward=fp, ints=ints, rows=rows, forward_rows_itemsize=x.element_size())
+    return dataclasses.replace(plan, route=rp, forward=fp, ints=ints, rows=rows, forward_rows_dtype=x.dtype)
 
 
 class LayerPlans:
@@ -242,10 +242,11 @@ def backward_plan(plan: LayerPlan, x, d, gate_up, b1, b2, need) -> BackwardPlan:
         if fold_dw:
             launches = {name: launch for name, launch in launches.items() if name != "dw"}
         dl_scratch = bool(need[5]) and plan.gated
-        nbytes = (sum(store) * x.element_size() + n_dwp * acc.itemsize
-                  + (T * k * plan.route.weights_dtype.itemsize if need[5] and not fold_dw else 0)
-                  + (T * plan.E * x.element_size() if dl_scratch else 0))
-        layout = _LAYOUTS.setdefault((plan.workspace_layout, need), len(_LAYOUTS))
+        dw = (T, k, plan.route.weights_dtype) if need[5] and not fold_dw else None
+        dl = (T, plan.E, x.dtype) if dl_scratch else None  # the logits' dtype: gated, they are x @ weight.T
+        nbytes = (sum(store) * x.element_size() + n_dwp * acc.itemsize + (T * k * dw[2].itemsize if dw else 0)
+                  + (T * plan.E * x.element_size() if dl else 0))
+        layout = _workspace.layout_id(_LAYOUTS, ("backward", store, x.dtype, n_dwp, acc, dw, dl))
         bp = plan.backward_plans[need] = BackwardPlan(launches, store, n_dwp, fold_dw, dl_scratch, layout, nbytes)
     return bp
 
@@ -300,14 +301,16 @@ class MoELayerFunction(torch.autograd.Function):
     def forward(ctx, x, router, gate_up, down, b1, b2, plan: LayerPlan):
         logits = torch.nn.functional.linear(x, router) if plan.gated else router
         if plan.backend == "triton":
-            key = _workspace.reuse_key(plan.workspace_layout, x, plan.workspace_bytes)
+            # under saved-tensor hooks the saved tensors may outlive the node, and with it the lease
+            key = (_workspace.reuse_key(plan.workspace_layout, x, plan.workspace_bytes)
+                   if not (plan.save and _workspace.saved_tensor_hooks_active()) else None)
             ws = _workspace.acquire(key) or _forward_workspace(plan, x)
             out, counts = _triton_forward(plan, x, logits, gate_up, down, b1, b2, ws)
             weights, ids, _, d, h, a, _ = ws
             if not plan.save:  # no node keeps it: the next call may take it
-                _workspace.release(key, ws)
+                _workspace.release(key, ws, plan.workspace_bytes)
             elif key is not None:  # the node's saved tensors and dispatch are views of it
-                ctx.lease = _workspace.Lease(key, ws)
+                ctx.lease = _workspace.Lease(key, ws, plan.workspace_bytes)
         else:
             weights, ids, counts, offsets, sorted_slots, slot_rows, _, tile_experts, tile_starts, _ = \
                 _routing.route_impl(logits, None, None, plan.rspec, plan.cap, plan.block_m)
@@ -330,6 +333,7 @@ class MoELayerFunction(torch.autograd.Function):
         if not plan.gated:
             logits = router
         key = ws = None
+        nbytes = 0
         if dout is None:
             dx = dgu = dd = db1 = db2 = None
             dl = dlogits if nl else None
@@ -337,7 +341,9 @@ class MoELayerFunction(torch.autograd.Function):
             need = (nx, ngu, nd, nb1 and b1 is not None, nb2 and b2 is not None, nl)
             if plan.backend == "triton":
                 bp = backward_plan(plan, x, ctx.dispatch, gate_up, b1, b2, need)
-                key = _workspace.reuse_key(bp.layout, x, bp.nbytes)
+                # a double backward's graph (create_graph) keeps dl past this call: no reuse then
+                key = _workspace.reuse_key(bp.layout, x, bp.nbytes) if not torch.is_grad_enabled() else None
+                nbytes = bp.nbytes
                 ws = _workspace.acquire(key) or _backward_workspace(plan, bp, x, logits, need)
                 dx, dgu, dd, db1, db2, dl = _triton_backward(plan, bp, ws, dout, x, logits, weights, ids, gate_up,
                                                              down, b1, b2, ctx.dispatch, h, a, need)
@@ -348,7 +354,7 @@ class MoELayerFunction(torch.autograd.Function):
             if dl is not None and dlogits is not None:
                 dl.add_(dlogits)
         if not plan.gated:  # dl is the logits' gradient, not scratch
-            _workspace.release(key, ws)
+            _workspace.release(key, ws, nbytes)
             return dx, dl, dgu, dd, db1, db2, None
         dw_router = None
         if dl is not None:
@@ -357,7 +363,7 @@ class MoELayerFunction(torch.autograd.Function):
                 dx = dxl if dx is None else dx.add_(dxl)
             if nr:
                 dw_router = dl.t().mm(x)
-        _workspace.release(key, ws)  # its last reader (the router's GEMMs, on dl) is enqueued
+        _workspace.release(key, ws, nbytes)  # its last reader (the router's GEMMs, on dl) is enqueued
         return dx, dw_router, dgu, dd, db1, db2, None
 
 

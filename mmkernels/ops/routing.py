@@ -372,8 +372,9 @@ def route_plan(T: int, E: int, spec: RouterSpec, cap: int, block_m: int, dtype: 
         topk=Launch(K, "route_topk_kernel", (nb,), _TOPK_ARGS, topk),
         scan=Launch(K, "route_scan_kernel", (cdiv(E, cfg.scan_cols),), _SCAN_ARGS, scan),
         scatter=Launch(K, "route_scatter_kernel", (max(nb, cdiv(n_tiles, TILE_CHUNK)),), _SCATTER_ARGS, scatter),
-        block=Launch(K, "route_block_kernel", (1,), _BLOCK_ARGS,
-                     dict(topk, CAP=cap, MAX_TILES=n_tiles, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m)) if nb == 1 else None,
+        block=(Launch(K, "route_block_kernel", (1,), _BLOCK_ARGS,
+                      dict(topk, CAP=cap, MAX_TILES=n_tiles, TILE_CHUNK=TILE_CHUNK, BLOCK_M=block_m))
+               if nb == 1 else None),
         bwd=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS, dict(T=T, E=E, K=k, PARTIALS=False, **rows, **scores)),
         bwd_partials=Launch(K, "route_bwd_kernel", (nb,), _BWD_ARGS,
                             dict(T=T, E=E, K=k, PARTIALS=True, **rows, **scores)))
