@@ -318,7 +318,15 @@ class MoELayerFunction(torch.autograd.Function):
                                   plan.block_m)
             out, h, a = _experts.forward_impl(plan.backend, x, weights, gate_up, down, b1, b2, d, plan.xspec,
                                               plan.save)
-        ctx.save_for_backward(x, router, gate_up, down, b1, b2, logits if plan.gated else None, weights, ids, h, a)
+        if plan.backend == "triton" and plan.save and key is not None:  # leased
+            # views of the leased workspace (so no saved-tensor hooks are in force): kept by the
+            # lease for the node's life, written by no one else, no output among them
+            ctx.save_for_backward(x, router, gate_up, down, b1, b2, logits if plan.gated else None)
+            ctx.buffers = (weights, ids, h, a)
+        else:
+            ctx.save_for_backward(x, router, gate_up, down, b1, b2, logits if plan.gated else None, weights, ids, h,
+                                  a)
+            ctx.buffers = None
         ctx.dispatch, ctx.plan = d, plan
         ctx.mark_non_differentiable(counts)
         ctx.set_materialize_grads(False)
@@ -326,7 +334,11 @@ class MoELayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dcounts, dlogits=None):
-        x, router, gate_up, down, b1, b2, logits, weights, ids, h, a = ctx.saved_tensors
+        if ctx.buffers is None:
+            x, router, gate_up, down, b1, b2, logits, weights, ids, h, a = ctx.saved_tensors
+        else:
+            x, router, gate_up, down, b1, b2, logits = ctx.saved_tensors
+            weights, ids, h, a = ctx.buffers
         plan = ctx.plan
         nx, nr, ngu, nd, nb1, nb2 = ctx.needs_input_grad[:6]
         nl = nr or (plan.gated and nx)  # d logits: for the logits input, or for the router weight and x
