@@ -20,7 +20,9 @@ In order:
    Triton module does not import is skipped, and the output says so;
 3. config exploration: the families' probes, alternative launch configs timed next to the
    resolver's choice (:mod:`mmkernels.bench.explore`), checked against the resolver's output;
-4. the acceptance targets of each family, PASS / FAIL;
+4. the acceptance targets of each family, PASS / FAIL; with the routing or experts family, the
+   MoE host times with the kernels launched (:func:`host_times`: one layer's forward and backward,
+   one ``moe.route`` call against its 60 µs target);
 5. ``gpu_suite.json`` (everything: environment, ceilings, raw medians and samples) and
    ``gpu_suite.md`` in ``--out``; a results table, then a short summary last.
 
@@ -196,6 +198,30 @@ def write_markdown(path: Path, payload: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+#: The public route's host time per call that a GPU run is held to (T = 16384, E = 128, k = 8).
+ROUTE_HOST_US = 60.0
+
+
+def host_times(device, dry_run: bool) -> dict:
+    """The MoE host times on ``device``, with the kernels launched: one ``nn.MoE`` layer's forward and
+    backward (one layer, and per layer in a stack of eight) and one ``moe.route`` call at T = 16384,
+    E = 128, k = 8 against :data:`ROUTE_HOST_US`. A dry run records the layer's launches instead
+    (as the main job does) and routes 64 tokens: the interpreter would time its own Python."""
+    from mmkernels.bench.host import STACK_LAYERS, host_time_line, moe_layer_host_time, route_host_time
+
+    on = None if dry_run else device
+    one = moe_layer_host_time(repeats=20 if dry_run else 200, device=on)
+    stack = moe_layer_host_time(repeats=10 if dry_run else 100, layers=STACK_LAYERS, device=on)
+    route = (route_host_time(device, tokens=64, experts=16, top_k=2, repeats=3, warmup=1) if dry_run
+             else route_host_time(device))
+    status = "PASS" if route["route_us"] <= ROUTE_HOST_US else "FAIL"
+    lines = [host_time_line(one, stack),
+             f"route host time per call {route['shape']}: {route['route_us']:.0f} µs "
+             f"(target <= {ROUTE_HOST_US:.0f} µs at T=16384, E=128, k=8: {status if not dry_run else 'dry run'})"]
+    return {"layer": one, "stack": stack, "route": route, "route_target_us": ROUTE_HOST_US,
+            "route_status": None if dry_run else status, "lines": lines}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -279,6 +305,12 @@ def main(argv=None) -> int:
     if skipped:
         print(f"time budget ({args.max_minutes} min) spent: skipped {len(skipped)} cases", flush=True)
 
+    host = None
+    if not args.family or {"routing", "experts"} & set(args.family):
+        host = host_times(device, args.dry_run)
+        for line in host["lines"]:
+            print(line, flush=True)
+
     from mmkernels.bench import explore as ex
     from mmkernels.families import FAMILIES
 
@@ -300,7 +332,7 @@ def main(argv=None) -> int:
         "kind": "mmkernels-gpu-suite", "dry_run": args.dry_run, "environment": env,
         "reference": ref_name, "ceilings": ceilings, "options": {**vars(args), "measure": dataclasses.asdict(opts)},
         "elapsed_s": elapsed, "results": rows, "targets": targets, "skipped": skipped,
-        "skipped_families": skipped_families, "explore": explored,
+        "skipped_families": skipped_families, "explore": explored, "host_time": host,
     }
     bench.write_json(out / JSON_NAME, payload)
     write_markdown(out / MD_NAME, payload)
@@ -327,6 +359,8 @@ def main(argv=None) -> int:
     for t in targets:
         for line in t["failing"][:4]:
             print(f"  {t['status']} {line}")
+    for line in (host or {}).get("lines", []):
+        print(line)
     for family, why in skipped_families.items():
         print(f"SKIPPED family {family}: {why}")
     if skipped:

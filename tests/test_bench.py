@@ -129,6 +129,10 @@ def test_gpu_suite_dry_run(tmp_path):
     assert set(parts) == {"y", "dz", "dx", "dw", "db"}
     assert parts["y"]["sampled_elements"] < 40 * 6  # the check's row sample ran
     assert {t["status"] for t in data["targets"]} == {"NO DATA"}  # no M=8192 cases in a dry run
+    host = data["host_time"]  # the MoE host times: recorded launches and a tiny route in a dry run
+    assert host["layer"]["forward_launches"] > 0 and host["stack"]["layers"] == 8
+    assert host["route"]["route_us"] > 0 and host["route_status"] is None
+    assert "MoE layer host time" in proc.stdout and "route host time per call" in proc.stdout
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## Correctness" in md and f"{len(rows)}/{len(rows)} passed" in md
     assert "## Acceptance targets" in md and "## Raw medians" in md

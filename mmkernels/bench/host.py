@@ -3,7 +3,8 @@ argument checks, allocations, Python, autograd bookkeeping and the launch prepar
 path — measured on every machine: the layer runs its Triton path on CPU tensors with every kernel
 of the routing and experts families recorded rather than launched (:func:`launches_recorded`), so
 the figure is the host's share alone, without the device's. On a GPU the launches themselves (the
-JIT's argument binding, the driver) come on top; the GPU suite times whole calls.
+JIT's argument binding, the driver) come on top: the GPU suite measures the layer with its kernels
+launched (``device``) and the public :func:`mmkernels.moe.route` call (:func:`route_host_time`).
 
 :func:`moe_layer_host_time` is what the main job prints, for one layer and per layer in a stack
 (:func:`host_time_line`); ``python -m mmkernels.bench.host`` prints that line alone.
@@ -14,7 +15,7 @@ import contextlib
 import importlib
 import statistics
 import time
-from typing import Dict, Iterator, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -61,11 +62,16 @@ def launches_recorded(families: Sequence[str] = MOE_FAMILIES) -> Iterator[list]:
 
 def moe_layer_host_time(tokens: int = 16, hidden: int = 32, intermediate: int = 16, experts: int = 16,
                         top_k: int = 4, repeats: int = 200, warmup: int = 20, layers: int = 1,
-                        **layer_kw) -> Dict[str, float]:
+                        device: Optional[torch.device] = None, **layer_kw) -> Dict[str, float]:
     """Median host microseconds of one ``mmkernels.nn.MoE`` layer's forward (router linear, route,
     experts) and backward, launches recorded (:func:`launches_recorded`); also the launches per
     forward and backward. Small sizes on purpose: on CPU tensors a large allocation's page faults
     would be counted, which a GPU's caching allocator does not pay.
+
+    ``device`` a CUDA device: the layer runs there and its kernels are launched for real, so the
+    figure includes the JIT's per-call binding and the driver's launch; each iteration waits for
+    the GPU after its timed calls (the host time, not the device's, is measured), and the launch
+    counts are None.
 
     ``layers`` > 1: a stack of that many layers (each with its own weights, each feeding the
     next) runs forward and then one ``backward`` from the last output, and the figures are per
@@ -74,13 +80,14 @@ def moe_layer_host_time(tokens: int = 16, hidden: int = 32, intermediate: int = 
     once per step, not once per layer; the stack shares it out as a model does."""
     from mmkernels import nn as mnn
 
+    cuda = device is not None and torch.device(device).type == "cuda"
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host time is one thread's; the router linear's threads would only wait
-    stack = [mnn.MoE(hidden, intermediate, experts, top_k, **layer_kw) for _ in range(layers)]
-    x = torch.randn(tokens, hidden, requires_grad=True)
+    stack = [mnn.MoE(hidden, intermediate, experts, top_k, **layer_kw).to(device) for _ in range(layers)]
+    x = torch.randn(tokens, hidden, device=device, requires_grad=True)
     fwd, bwd = [], []
-    with launches_recorded() as calls:
+    with (contextlib.nullcontext([]) if cuda else launches_recorded()) as calls:
         n_fwd = n_bwd = 0
         for i in range(warmup + repeats):
             start = len(calls)
@@ -99,10 +106,35 @@ def moe_layer_host_time(tokens: int = 16, hidden: int = 32, intermediate: int = 
             for layer in stack:
                 layer.zero_grad(set_to_none=True)
             x.grad = None
+            if cuda:
+                torch.cuda.synchronize(device)
     torch.set_num_threads(threads)
     return {"forward_us": statistics.median(fwd), "backward_us": statistics.median(bwd),
-            "forward_launches": n_fwd, "backward_launches": n_bwd, "layers": layers,
+            "forward_launches": None if cuda else n_fwd, "backward_launches": None if cuda else n_bwd,
+            "layers": layers, "device": str(device or "cpu (launches recorded)"),
             "shape": dict(tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k)}
+
+
+def route_host_time(device: torch.device, tokens: int = 16384, experts: int = 128, top_k: int = 8,
+                    repeats: int = 200, warmup: int = 20) -> Dict[str, float]:
+    """Median host microseconds of one :func:`mmkernels.moe.route` call on ``device`` (its checks,
+    allocations and launches; each iteration waits for the GPU after its timed call): what a model
+    pays per MoE layer when its step is not graph-captured. No gradient is recorded."""
+    from mmkernels import moe
+
+    logits = torch.randn(tokens, experts, device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            moe.route(logits, top_k)
+            t1 = time.perf_counter()
+            if i >= warmup:
+                times.append((t1 - t0) * 1e6)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+    return {"route_us": statistics.median(times), "device": str(device),
+            "shape": dict(tokens=tokens, experts=experts, top_k=top_k)}
 
 
 #: The stack depth of the per-layer figure the main job prints beside the single layer's.
@@ -111,10 +143,14 @@ STACK_LAYERS = 8
 
 def host_time_line(one: Dict[str, float], stacked: Dict[str, float]) -> str:
     """The main job's line: one layer's forward and backward, then per layer in a stack."""
+    if one["forward_launches"] is None:  # on a GPU, launched
+        what, n_fwd, n_bwd = f"launched on {one['device']}", "", ""
+    else:
+        what = "launches recorded, not run"
+        n_fwd, n_bwd = f" ({one['forward_launches']} launches)", f" ({one['backward_launches']} launches)"
     return (f"MoE layer host time (the Triton path's Python, checks, allocations and launch preparation; "
-            f"launches recorded, not run; {one['shape']}): one layer: forward {one['forward_us']:.0f} µs "
-            f"({one['forward_launches']} launches), backward {one['backward_us']:.0f} µs "
-            f"({one['backward_launches']} launches); per layer in a stack of {stacked['layers']} (one backward "
+            f"{what}; {one['shape']}): one layer: forward {one['forward_us']:.0f} µs{n_fwd}, backward "
+            f"{one['backward_us']:.0f} µs{n_bwd}; per layer in a stack of {stacked['layers']} (one backward "
             f"call): forward {stacked['forward_us']:.0f} µs, backward {stacked['backward_us']:.0f} µs")
 
 
