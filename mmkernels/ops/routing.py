@@ -386,20 +386,20 @@ def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
     T, E = logits.shape
     k = spec.top_k
     p = route_plan(T, E, spec, cap, block_m, logits.dtype, bias is not None, ids_in is not None, config)
-    dev = logits.device
-    outs = (torch.empty((T, k), dtype=p.weights_dtype, device=dev),     # weights
-            torch.empty((T, k), dtype=torch.int32, device=dev),         # ids
-            torch.empty((E,), dtype=torch.int32, device=dev),           # counts
-            torch.empty((E + 1,), dtype=torch.int32, device=dev),       # offsets
-            torch.empty((T * k,), dtype=torch.int32, device=dev),       # sorted_slots
-            torch.empty((T * k,), dtype=torch.int32, device=dev),       # slot_rows
-            torch.empty((T, k), dtype=torch.bool, device=dev),          # dropped
-            torch.empty((p.n_tiles,), dtype=torch.int32, device=dev),   # tile_experts
-            torch.empty((p.n_tiles,), dtype=torch.int32, device=dev),   # tile_row_starts
-            torch.empty((1,), dtype=torch.int32, device=dev))           # num_tiles
+    ids = logits.new_empty((T, k), dtype=torch.int32)
+    # 1-D int32 outputs from ids (new_empty of a length, no dtype: the cheapest allocation call)
+    outs = (logits.new_empty((T, k), dtype=p.weights_dtype),     # weights
+            ids,                                                # ids
+            ids.new_empty(E),                                   # counts
+            ids.new_empty(E + 1),                               # offsets
+            ids.new_empty(T * k),                               # sorted_slots
+            ids.new_empty(T * k),                               # slot_rows
+            logits.new_empty((T, k), dtype=torch.bool),         # dropped
+            ids.new_empty(p.n_tiles),                           # tile_experts
+            ids.new_empty(p.n_tiles),                           # tile_row_starts
+            ids.new_empty(1))                                   # num_tiles
     # one workspace for the scratch; the done counter is zeroed by the router kernel
-    launch_route(p, logits, bias, ids_in, *outs,
-                 *torch.empty((sum(p.scratch),), dtype=torch.int32, device=dev).split(p.scratch))
+    launch_route(p, logits, bias, ids_in, *outs, *ids.new_empty(sum(p.scratch)).split_with_sizes(p.scratch))
     return outs
 
 
