@@ -381,12 +381,11 @@ def triton_forward(x, weights, gate_up, down, b1, b2, routing, spec: ExpertSpec,
     I = gate_up.shape[1] // 2
     k = routing.top_k
     plan = forward_plan(x, routing, gate_up, b1, b2, spec, save_h, configs=configs, arch=arch, split_k=split_k)
-    dev = x.device
-    h = torch.empty((T * k, 2 * I), dtype=x.dtype, device=dev) if save_h else None
-    a = torch.empty((T * k, I), dtype=x.dtype, device=dev)
+    h = x.new_empty((T * k, 2 * I)) if save_h else None
+    a = x.new_empty((T * k, I))
     # y: the weighted expert outputs in row order; split-K: one plane of partial sums per split (ACC)
-    y = torch.empty((plan.splits, T * k, H), dtype=plan.y_dtype, device=dev)
-    out = torch.empty((T, H), dtype=x.dtype, device=dev)
+    y = x.new_empty((plan.splits, T * k, H), dtype=plan.y_dtype)
+    out = x.new_empty((T, H))
     launch_forward(plan, x, weights, gate_up, down, b1, b2, routing, h, a, y, out)
     return out, h, y, a
 
@@ -470,19 +469,17 @@ def triton_backward(dout, x, weights, gate_up, down, b1, b2, routing, h, a, spec
     T, H = x.shape
     E, I2, _ = gate_up.shape
     k = routing.top_k
-    dev = x.device
     plan = backward_plan(x, routing, gate_up, b1, b2, spec, need, configs=configs, arch=arch)
     (n_dh, n_buf), n_dwp = backward_scratch(plan, T * k, I2 // 2, H)
-    dh, buf = torch.empty((n_dh + n_buf,), dtype=x.dtype, device=dev).split((n_dh, n_buf))
-    grads = (torch.empty((T, H), dtype=x.dtype, device=dev) if need[0] else None,
-             torch.empty((E, I2, H), dtype=gate_up.dtype, device=dev) if need[1] or need[3] else None,
-             torch.empty(down.shape, dtype=down.dtype, device=dev) if need[2] or need[4] else None,
-             torch.empty((E, I2), dtype=gate_up.dtype, device=dev) if (need[1] or need[3]) and b1 is not None
-             else None,
-             torch.empty((E, H), dtype=down.dtype, device=dev) if (need[2] or need[4]) and b2 is not None else None,
-             torch.empty((T, k), dtype=weights.dtype, device=dev) if need[5] else None)
+    dh, buf = x.new_empty(n_dh + n_buf).split_with_sizes((n_dh, n_buf))
+    grads = (x.new_empty((T, H)) if need[0] else None,
+             gate_up.new_empty((E, I2, H)) if need[1] or need[3] else None,
+             down.new_empty(down.shape) if need[2] or need[4] else None,
+             gate_up.new_empty((E, I2)) if (need[1] or need[3]) and b1 is not None else None,
+             down.new_empty((E, H)) if (need[2] or need[4]) and b2 is not None else None,
+             weights.new_empty((T, k)) if need[5] else None)
     launch_backward(plan, dout, x, weights, gate_up, down, b1, b2, routing, h, a,
-                    dh, torch.empty((n_dwp,), dtype=math_dtype(x.dtype), device=dev), buf, *grads)
+                    dh, x.new_empty(n_dwp, dtype=math_dtype(x.dtype)), buf, *grads)
     return grads
 
 
