@@ -73,10 +73,9 @@ def reuse_key(layout: Hashable, like: torch.Tensor, nbytes: int) -> Optional[Has
     return None
 
 
-def _current_stream(index: int) -> int:
-    """The current CUDA stream's handle on GPU ``index``, read as Triton's launcher reads it."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
+#: The current CUDA stream's handle on a GPU by index, read as Triton's launcher reads it.
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 def acquire(key: Optional[Hashable]) -> Optional[Any]:

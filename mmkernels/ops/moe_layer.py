@@ -300,6 +300,7 @@ class MoELayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, router, gate_up, down, b1, b2, plan: LayerPlan):
         logits = torch.nn.functional.linear(x, router) if plan.gated else router
+        leased = False
         if plan.backend == "triton":
             # under saved-tensor hooks the saved tensors may outlive the node, and with it the lease
             key = (_workspace.reuse_key(plan.workspace_layout, x, plan.workspace_bytes)
@@ -311,6 +312,7 @@ class MoELayerFunction(torch.autograd.Function):
                 _workspace.release(key, ws, plan.workspace_bytes)
             elif key is not None:  # the node's saved tensors and dispatch are views of it
                 ctx.lease = _workspace.Lease(key, ws, plan.workspace_bytes)
+                leased = True
         else:
             weights, ids, counts, offsets, sorted_slots, slot_rows, _, tile_experts, tile_starts, _ = \
                 _routing.route_impl(logits, None, None, plan.rspec, plan.cap, plan.block_m)
@@ -318,7 +320,7 @@ class MoELayerFunction(torch.autograd.Function):
                                   plan.block_m)
             out, h, a = _experts.forward_impl(plan.backend, x, weights, gate_up, down, b1, b2, d, plan.xspec,
                                               plan.save)
-        if plan.backend == "triton" and plan.save and key is not None:  # leased
+        if leased:
             # views of the leased workspace (so no saved-tensor hooks are in force): kept by the
             # lease for the node's life, written by no one else, no output among them
             ctx.save_for_backward(x, router, gate_up, down, b1, b2, logits if plan.gated else None)

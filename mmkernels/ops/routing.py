@@ -405,10 +405,10 @@ def triton_route(logits, bias, ids_in, spec: RouterSpec, cap: int, block_m: int,
 
 def launch_route(p: RoutePlan, logits, bias, ids_in, weights, ids, counts, offsets, sorted_slots, slot_rows, dropped,
                  tile_experts, tile_row_starts, num_tiles, rank, hist, base, total, done, drop_base, tile_end) -> None:
-    """The routing launches of plan ``p`` into given tensors — three, or one when the tokens fit
-    one block (``p.block``) — : the :class:`Routing` fields (``weights`` .. ``num_tiles``; only
-    their data pointers count, 1-D views do) and the scratch (``p.scratch`` elements each: ``rank``
-    .. ``tile_end``; the one-block launch uses ``drop_base`` and ``tile_end`` only)."""
+    """The routing launches of plan ``p`` (three, or one when the tokens fit one block:
+    ``p.block``) into given tensors: the :class:`Routing` fields (``weights`` .. ``num_tiles``;
+    only their data pointers count, 1-D views do) and the scratch (``p.scratch`` elements each:
+    ``rank`` .. ``tile_end``; the one-block launch uses ``drop_base`` and ``tile_end`` only)."""
     given = ids_in is not None
     if p.block is not None:
         p.block(logits, bias if bias is not None else logits, ids_in if given else ids, weights, ids, counts, offsets,
