@@ -1,10 +1,10 @@
 // The softmax family on the CPU: softmax, log-softmax and softmin, forward and the fused backward —
 // the CPU path of mmkernels.ops.softmax for contiguous float32, float64 and bfloat16 along any dim
 // (the rows along the last, the columns along another; bfloat16 in float math, widened as read,
-// narrowed to nearest even once as written). On the 2-core AVX2 VM the bfloat16 forward measured
-// 1.04-1.23x ATen's and the log-softmax backward 1.12-1.15x, but the softmax / softmin backward
-// 0.80-0.88x: that one runs ATen's kernel unless the CPU narrows with AVX512-BF16
-// (softmax_backward). Every other layout and dtype runs ATen's kernels (float16: 0.6x in C++ with
+// narrowed to nearest even once as written). On a 2-core AVX2 VM (Zen 3), 2 threads, 4 buffer
+// sets, the bfloat16 forward measured 1.96-2.19x ATen's and the softmax backward 1.04-1.19x (see
+// forward_rows_bf16 and softmax_backward for what made them so). Every other layout and dtype runs
+// ATen's kernels (float16: 0.6x in C++ with
 // c10's conversions). float64 is computed here when the op is called, but the Python side sends it
 // to ATen: its exp is std::exp per element, 0.62-0.73x ATen's vectorised forward and log-softmax
 // backward on a Zen 4 VM.
@@ -99,8 +99,10 @@ constexpr int64_t kLongSum = 512;
 // bfloat16 forward rows at least kPrefetchRow long ask for the next row's x (into L2) while making
 // this row's exps, a chunk of kPrefetchPairs pairs (2 KB of x) at a time: a long row's exps
 // otherwise leave the memory idle, and the next row's max pass waits on it (1024x4096 out of cache:
-// 1.09-1.26x the forward without; asking for y's lines with write intent as well: 0.89-0.98x).
-constexpr int64_t kPrefetchRow = 2048;
+// 1.09-1.26x the forward without; asking for y's lines with write intent as well: 0.89-0.98x). From
+// 1024 elements since the cheaper exps (2-core AVX2 VM, 2 threads, 4 buffer sets of 4096x1024:
+// 1.60-1.63 against 1.86-2.02 ms); at 128-512 the asking measured nothing or slower.
+constexpr int64_t kPrefetchRow = 1024;
 constexpr int64_t kPrefetchPairs = 512;
 
 // float / double forward rows of kPrefetchRowBytes .. kPrefetchRowMaxBytes ask for the next row's x
@@ -205,11 +207,11 @@ at::Tensor softmax_forward(const at::Tensor& x, int64_t kind, int64_t dim) {
 // contiguous, of one shape and dtype, as softmax_forward takes them. stream (rows along the last
 // dim): 1 non-temporal stores for dx, 0 plain stores, -1 (default) the former when y, dy and dx
 // exceed the last-level cache (log-softmax rows under kLogPlainRow only); the columns store
-// plainly. With -1 the bfloat16 softmax and softmin backward run ATen's kernel unless the level
-// narrows in one instruction (AVX512-BF16): ours read 1.00-1.09x ATen's on a Zen 4 VM with it,
-// 0.87-0.97x there capped at AVX-512 and 0.80-0.88x on an AVX2 VM, where the narrowing's dozen
-// integer instructions per 16 elements are most of a pass whose only math is y·(dy - s). (An
-// explicit stream runs ours on every level: the tests' way in.)
+// plainly. The bfloat16 softmax and softmin backward read y and dy as pairs and narrow each pair's
+// dx into one word without narrow's NaN select (vec_math.h narrow_pair): on the 2-core AVX2 VM,
+// 2 threads, plain stores 1.04-1.19x ATen's kernel at the four row shapes of the main job (with
+// narrow's select, element by element, 0.80-0.88x, and ATen's kernel ran here instead below the
+// AVX512-BF16 level).
 at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t kind, int64_t stream, int64_t dim) {
   check(y.device().is_cpu() && dy.device().is_cpu() && y.is_contiguous() && dy.is_contiguous() && y.dim() >= 1,
         "y and dy must be contiguous CPU tensors");
@@ -223,10 +225,6 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t k
   const int64_t N = a.D, rows = a.outer * a.inner;
   const bool streamed = stream > 0 || (stream < 0 && 3 * dx.nbytes() > last_level_cache_bytes() &&
                                        !(kind == kLogSoftmax && N >= kLogPlainRow));
-  if (y.scalar_type() == at::kBFloat16 && stream < 0 && kind != kLogSoftmax && active_level() < kAvx512Bf16) {
-    at::_softmax_backward_data_out(dx, dy, y, dim, at::kBFloat16);
-    return kind == kSoftmin ? dx.neg_() : dx;
-  }
   if (y.scalar_type() == at::kBFloat16) {
     const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
     const uint16_t* gp = reinterpret_cast<const uint16_t*>(dy.data_ptr<at::BFloat16>());

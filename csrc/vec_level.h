@@ -93,9 +93,10 @@ MMK_INLINE void narrow_into(uint16_t* __restrict__ dst, int64_t n, const F& valu
 }
 
 // The pairs of narrow_into: dst[2k] = narrow(low(k)), dst[2k + 1] = narrow(high(k)) for k in
-// [0, pairs) — values made from a row read as pairs (vec_math.h pair_at), stored in order. With
-// AVX512-BF16, 16 pairs at a time: one vcvtne2ps2bf16 and one permutation that interleaves them
-// (subnormal blocks as narrow_into's); elsewhere each pair one 32-bit store.
+// [0, pairs) — values made by arithmetic from bfloat16 operands (vec_math.h rounded_high's
+// condition), from a row read as pairs (vec_math.h pair_at), stored in order. With AVX512-BF16,
+// 16 pairs at a time: one vcvtne2ps2bf16 and one permutation that interleaves them (subnormal
+// blocks as narrow_into's); elsewhere each pair one 32-bit word (vec_math.h narrow_pair).
 template <typename Lo, typename Hi>
 MMK_INLINE void narrow_pairs_into(uint16_t* __restrict__ dst, int64_t pairs, const Lo& low, const Hi& high) {
   int64_t k = 0;
@@ -123,7 +124,7 @@ MMK_INLINE void narrow_pairs_into(uint16_t* __restrict__ dst, int64_t pairs, con
 #endif
 #pragma omp simd
   for (int64_t j = k; j < pairs; ++j) {
-    const uint32_t w = uint32_t(narrow(low(j))) | uint32_t(narrow(high(j))) << 16;
+    const uint32_t w = narrow_pair(low(j), high(j));
     std::memcpy(dst + 2 * j, &w, sizeof(w));
   }
 }

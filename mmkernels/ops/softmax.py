@@ -322,8 +322,7 @@ def _cpu_forward(x: torch.Tensor, dim: int, kind: Kind, out_dtype: torch.dtype) 
 def _cpu_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
                   in_dtype: torch.dtype) -> torch.Tensor:
     """The C++ op (csrc/softmax.cpp) where :func:`_cpp_takes` (``dy`` contiguous, of ``y``'s
-    dtype, ``dx`` in it; the op itself runs ATen's kernel for the bfloat16 softmax / softmin
-    backward on a CPU without AVX512-BF16, where its own measured slower); ATen's otherwise."""
+    dtype, ``dx`` in it); ATen's otherwise."""
     cpp = _cpp.ops()
     y_dtype = y.dtype
     if cpp is not None and _cpp_takes(y, in_dtype) and dy.dtype == y_dtype and dy.is_contiguous():
