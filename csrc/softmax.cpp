@@ -105,13 +105,14 @@ constexpr int64_t kLongSum = 512;
 constexpr int64_t kPrefetchRow = 1024;
 constexpr int64_t kPrefetchPairs = 512;
 
-// float / double forward rows of kPrefetchRowBytes .. kPrefetchRowMaxBytes ask for the next row's x
-// (into L2) during their last pass, 2 KB at a time (forward_rows_ahead; other lengths run
-// forward_rows, as before): fp32 1024x4096 out of cache 1.05-1.12x the forward without, 2048
-// elements 1.01-1.08x; 8192 elements 0.95-0.99x and 32768 0.88x (the next row asked for while
-// this one's own lines are still coming), so not there.
-constexpr int64_t kPrefetchRowBytes = 8192;
-constexpr int64_t kPrefetchRowMaxBytes = 16384;
+// Float and double forward rows ask for x this many bytes ahead of their exps, or a row ahead where
+// a row is longer (softmax_loops.h forward_rows): the memory would otherwise sit idle while a row's
+// exps are made in cache, and the next row's max pass would wait on it. 2-core AVX2 VM, 2 threads,
+// fp32, 6 buffer sets, 400 interleaved rounds (median ms, standalone harness) against the last pass
+// asking for the next row (8-16 KB rows) or nothing: 4096x1024 1.75 -> 1.39, 2048x2048
+// 1.80 -> 1.49, 1024x4096 1.85 -> 1.62, 512x8192 1.98 -> 1.68 (32 KB ahead), 256x16384
+// 1.97 -> 1.73 (64 KB); 32768x128 and 16384x256 the same either way.
+constexpr int64_t kAheadBytes = 16384;
 
 // The column kernels' most columns in a tile, and the d's summed into one partial per column.
 constexpr int kMaxColumns = 256;
@@ -190,14 +191,8 @@ at::Tensor softmax_forward(const at::Tensor& x, int64_t kind, int64_t dim) {
       });
       return;
     }
-    const int64_t row_bytes = N * int64_t(sizeof(scalar_t));
-    const bool ahead = row_bytes >= kPrefetchRowBytes && row_bytes <= kPrefetchRowMaxBytes;
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / N), [&](int64_t r0, int64_t r1) {
-      if (ahead) {
-        MMK_RUN_VECTORISED(forward_rows_ahead<scalar_t>, xp + r0 * N, yp + r0 * N, r1 - r0, N, kind);
-      } else {
-        MMK_RUN_VECTORISED(forward_rows<scalar_t>, xp + r0 * N, yp + r0 * N, r1 - r0, N, kind);
-      }
+      MMK_RUN_VECTORISED(forward_rows<scalar_t>, xp + r0 * N, yp + r0 * N, r1 - r0, N, kind);
     });
   });
   return y;

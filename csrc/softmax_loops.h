@@ -3,31 +3,11 @@
 // include guard, no includes (softmax.cpp includes what they use and defines Kind, widen / narrow,
 // kBlock before), and nothing here but loops. See softmax.cpp for what each computes and why.
 
-// forward_row's last pass (y = x - shift for log-softmax, else y *= inv) in chunks of 2 KB, each
-// first asking for the next row's matching lines of x: the memory is idle while this row's y is
-// made in cache, and the next row's max pass would wait on it.
+// One row of N: y = kind(x), in T's own precision (float or double). While the exps are made, a
+// block of kSumBlock at a time, the lines of x at [ahead, ahead_end) matching the block's are asked
+// for (into L2): the bytes a distance behind this row that a later row will read (forward_rows).
 template <typename T>
-MMK_INLINE void forward_row_last_pass_prefetching(const T* x, T* y, int64_t N, Kind kind, T shift, T inv,
-                                                  const T* next) {
-  constexpr int64_t kChunk = 2048 / sizeof(T);
-  for (int64_t i0 = 0; i0 < N; i0 += kChunk) {
-    const int64_t i1 = std::min(N, i0 + kChunk);
-    const char* nx = reinterpret_cast<const char*>(next + i0);
-    for (int64_t b = 0; b < (i1 - i0) * int64_t(sizeof(T)); b += 64) __builtin_prefetch(nx + b, 0, 2);
-    if (kind == kLogSoftmax) {
-#pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) y[i] = x[i] - shift;
-    } else {
-#pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) y[i] *= inv;
-    }
-  }
-}
-
-// One row of N: y = kind(x), in T's own precision (float or double); with kAhead, ``next`` is the
-// next row's x, asked for while this row is finished.
-template <typename T, bool kAhead = false>
-MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const T* next = nullptr) {
+MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const char* ahead, const char* ahead_end) {
   const T sign = kind == kSoftmin ? T(-1) : T(1);
   const T inf = std::numeric_limits<T>::infinity();
   T m = -inf;
@@ -44,15 +24,17 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const T* nex
   }
   // the exps into y (the log-softmax's too: y is overwritten below) and their sum, in one pass (the
   // sum's order as a pass of its own over y: the same bits; 1.05-1.10x the forward of two passes)
-  const T s = blocked_sum<T>(N, [=](int64_t i) MMK_LAMBDA_INLINE {
-    const T e = exp_np(sign * x[i] - m);
-    y[i] = e;
-    return e;
-  });
-  if (kAhead) {
-    forward_row_last_pass_prefetching(x, y, N, kind, kind == kLogSoftmax ? m + std::log(s) : T(0), T(1) / s, next);
-    return;
-  }
+  const T s = blocked_sum<T>(
+      N,
+      [=](int64_t i) MMK_LAMBDA_INLINE {
+        const T e = exp_np(sign * x[i] - m);
+        y[i] = e;
+        return e;
+      },
+      [=](int64_t i0, int64_t i1) MMK_LAMBDA_INLINE {
+        const char* end = std::min(ahead + i1 * int64_t(sizeof(T)), ahead_end);
+        for (const char* b = ahead + i0 * int64_t(sizeof(T)); b < end; b += 64) __builtin_prefetch(b, 0, 2);
+      });
   if (kind == kLogSoftmax) {
     const T shift = m + std::log(s);
 #pragma omp simd
@@ -64,17 +46,16 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const T* nex
   for (int64_t i = 0; i < N; ++i) y[i] *= inv;
 }
 
+// Rows of float or double, each asking for x max(kAheadBytes, a row) ahead of its exps (softmax.cpp
+// kAheadBytes), up to the end of these rows.
 template <typename T>
 void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
-  for (int64_t r = 0; r < rows; ++r) forward_row<T>(x + r * N, y + r * N, N, Kind(kind));
-}
-
-// forward_rows for rows of kPrefetchRowBytes .. kPrefetchRowMaxBytes (softmax.cpp): each row but
-// the last asks for the next one's x during its last pass.
-template <typename T>
-void forward_rows_ahead(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
-  for (int64_t r = 0; r + 1 < rows; ++r) forward_row<T, true>(x + r * N, y + r * N, N, Kind(kind), x + (r + 1) * N);
-  if (rows > 0) forward_row<T>(x + (rows - 1) * N, y + (rows - 1) * N, N, Kind(kind));
+  const int64_t distance = std::max<int64_t>(kAheadBytes, N * int64_t(sizeof(T)));
+  const char* end = reinterpret_cast<const char*>(x + rows * N);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * N;
+    forward_row<T>(xr, y + r * N, N, Kind(kind), reinterpret_cast<const char*>(xr) + distance, end);
+  }
 }
 
 // The largest element of a bfloat16 row (kMin: the smallest), read as pairs; NaN may or may not

@@ -40,13 +40,20 @@ MMK_INLINE A lane_tree(const A* lane) {
 // Lanes (a multiple of kSumLanes): more partial sums for a term that is only a load — each lane's
 // sum is a chain of dependent adds (three cycles each on Zen 4), which a loop of loads and adds
 // waits on; they are folded in halves down to kSumLanes first (lane l + lane l + Lanes / 2, ...).
-template <typename A, int Lanes = kSumLanes, typename F>
-MMK_INLINE A blocked_sum(int64_t n, const F& term) {
+// before_block(i0, i1), when given, runs before the terms of each block [i0, i1) (a loop asks for
+// memory it will read later there: softmax_loops.h forward_row).
+struct NoBlockHook {
+  MMK_INLINE void operator()(int64_t, int64_t) const {}
+};
+
+template <typename A, int Lanes = kSumLanes, typename F, typename B = NoBlockHook>
+MMK_INLINE A blocked_sum(int64_t n, const F& term, const B& before_block = B()) {
   static_assert(Lanes % kSumLanes == 0 && (Lanes / kSumLanes & (Lanes / kSumLanes - 1)) == 0,
                 "Lanes: kSumLanes times a power of two");
   A s = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
     const int64_t i1 = std::min(n, i0 + kSumBlock);
+    before_block(i0, i1);
     A lane[Lanes] = {};
     int64_t i = i0;
     for (; i + Lanes <= i1; i += Lanes) {
