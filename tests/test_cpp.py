@@ -28,7 +28,8 @@ FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_exp
 
 OPS = ("route_softmax_topk", "top_k_ids", "cpu_isa", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "softmax_forward", "softmax_backward", "gated_blend_forward", "gated_blend_backward",
-       "attention_forward", "attention_backward", "hard_switch_backward", "cache_info", "empty_cache")
+       "attention_forward", "attention_backward", "hard_switch_backward", "product_exp_cis_", "product_dx_",
+       "cache_info", "empty_cache")
 
 
 @needs_cpp
@@ -37,7 +38,7 @@ def test_cpp_kernels_build_and_say_so():
     assert _cpp.status().startswith("C++ CPU kernels active")
     from mmkernels.families import cpu_paths
 
-    assert "C++ for attention, bilinear, experts, gating, routing, softmax; torch for cross_entropy" in cpu_paths()
+    assert "C++ for attention, bilinear, experts, gating, product, routing, softmax; torch for cross_entropy" in cpu_paths()
     missing = [name for name in OPS if not hasattr(_cpp.ops(), name)]
     assert not missing, f"operators not registered: {missing}"
 
@@ -427,6 +428,21 @@ def test_route_on_both_cpu_impls_against_the_reference(kw, cpu_isa):
     # the C++ router's softmax: in double, rounded once, or float32 in a vector row kernel (as torch's)
     torch.testing.assert_close(out["cpp"].weights, out["torch"].weights, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(out["cpp"].weights.double(), ref["weights"].detach(), rtol=2e-6, atol=1e-7)
+
+
+@needs_cpp
+def test_product_ops_check_their_inputs():
+    assert _cpp.load(), _cpp.status()
+    ops = _cpp.ops()
+    a = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.product_exp_cis_(a.double(), a.double(), True)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.product_exp_cis_(a.t(), a.clone().t(), True)
+    with pytest.raises(RuntimeError, match="one shape"):
+        ops.product_exp_cis_(a, torch.randn(4, 5), True)
+    with pytest.raises(RuntimeError, match="one shape"):
+        ops.product_dx_(a, torch.randn(6, 4), 1e-30)
 
 
 @needs_cpp

@@ -47,7 +47,7 @@ def _check_product(x, w, v, do, backend):
     return out
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("lead,I,J,K", [((1,), 1, 1, 0), ((20,), 9, 7, 3), ((2, 35), 40, 70, 0), ((130,), 33, 5, 4)])
 def test_product_unit(lead, I, J, K, dtype, backend, device, poison_outputs):
@@ -55,7 +55,7 @@ def test_product_unit(lead, I, J, K, dtype, backend, device, poison_outputs):
     _check_product(*_product_inputs(lead, I, J, K, dtype, device, seed=I * J + K), backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_product_unit_integer_exponents_are_exact_products(backend, device, poison_outputs):
     """Integer exponents: the log-space form is the real product Π x_i^{w_ji}, signs and exact
     zeros included (0^0 = 1, 0^k = 0 up to 2^-100 per power)."""
@@ -65,7 +65,24 @@ def test_product_unit_integer_exponents_are_exact_products(backend, device, pois
     torch.testing.assert_close(out.cpu(), direct, rtol=1e-12, atol=1e-25)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
+@pytest.mark.parametrize("integer", [False, True], ids=["real", "integer"])
+def test_product_unit_float32_zeros_signs_and_magnitudes(integer, backend, device, poison_outputs):
+    """float32 (the CPU path's C++ epilogue and dx, csrc/product.cpp): exact zeros, -0.0, small and
+    large |x|, real and integer exponents (cos / sin of π·B exactly ±1 and 0 at integer B), against
+    the float64 reference; a rerun gives the same bits."""
+    x, w, v, do = _product_inputs((64,), 12, 9, 4, torch.float32, device, seed=11, integer=integer)
+    x[::7, 1] = 0.0
+    x[3::7, 2] = -0.0
+    x[1::9, 3] = 1e-4  # |log x| up to ~9: float32 keeps exp(A) within its tolerance
+    x[2::9, 4] = -300.0
+    first = _check_product(x, w, v, do, backend)
+    with mmkernels.use_backend(backend):
+        again = mmkernels.product_unit(x, w, v)
+    assert torch.equal(first.detach(), again)
+
+
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_product_unit_gradcheck(backend, device):
     x, w, v, _ = _product_inputs((4,), 3, 2, 2, torch.float64, device, seed=9)
     args = tuple(t.detach().requires_grad_() for t in (x, w, v))

@@ -131,4 +131,5 @@ def launches(rec, target: int) -> None:
 
 
 FAMILY = Family(name="product", summary="product units (log space), sigma-pi units and the pi-sigma network",
-                cases=cases, inputs=inputs, variants=variants, launches=launches)
+                cases=cases, inputs=inputs, variants=variants, launches=launches,
+                cpp_ops=("product_exp_cis_", "product_dx_"))

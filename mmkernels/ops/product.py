@@ -22,7 +22,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from mmkernels import _backend
+from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
@@ -116,15 +116,34 @@ def _log_and_sign(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.log(xm.abs().clamp_min(PRODUCT_EPS)), (xm < 0).to(xm.dtype)
 
 
+def _cpp_product(*ts: torch.Tensor):
+    """``torch.ops.mmkernels_cpu`` when the C++ product steps (csrc/product.cpp) are selected,
+    built and take these tensors (contiguous float32), else None (the torch composition)."""
+    cpp = _cpp.ops()
+    if cpp is None or not hasattr(cpp, "product_exp_cis_"):
+        return None
+    for t in ts:
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            return None
+    return cpp
+
+
 def _cpu_terms(x, w, keep_logs: bool = False, need_q: bool = True):
     """(P, Q) on the CPU path (Q None unless ``need_q``: only the backward reads it);
     ``keep_logs``: also ``log|x|`` and ``[x < 0]``, which the backward's ``dW`` reads (saved
-    rather than made again from ``x``)."""
+    rather than made again from ``x``). The two GEMMs are ATen's; exp·cos and exp·sin after them
+    one C++ pass in place (float32), else torch ops."""
     lg, neg = _log_and_sign(x)
     wm = w.to(lg.dtype)
-    ea, angle = torch.exp_(lg @ wm.T), (neg @ wm.T).mul_(math.pi)
-    p = torch.cos(angle).mul_(ea)  # ea·cos, ea·sin
-    q = angle.sin_().mul_(ea) if need_q else None
+    a, b = lg @ wm.T, neg @ wm.T
+    cpp = _cpp_product(a, b)
+    if cpp is not None:
+        cpp.product_exp_cis_(a, b, need_q)
+        p, q = a, (b if need_q else None)
+    else:
+        ea, angle = torch.exp_(a), b.mul_(math.pi)
+        p = torch.cos(angle).mul_(ea)  # ea·cos, ea·sin
+        q = angle.sin_().mul_(ea) if need_q else None
     return (p, q, lg, neg) if keep_logs else (p, q)
 
 
@@ -200,9 +219,15 @@ class ProductTermsFunction(torch.autograd.Function):
         db = dp.mul(-math.pi).mul_(q)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            xm = x.to(p.dtype)
             dlog = da @ w.to(p.dtype)
-            dx = torch.where(xm.abs() > PRODUCT_EPS, dlog / xm, 0.0).to(x.dtype)
+            # the C++ step in place where no graph is recorded (it has no derivative of its own)
+            cpp = None if torch.is_grad_enabled() else _cpp_product(dlog, x)
+            if cpp is not None:
+                cpp.product_dx_(dlog, x, PRODUCT_EPS)
+                dx = dlog
+            else:
+                xm = x.to(p.dtype)
+                dx = torch.where(xm.abs() > PRODUCT_EPS, dlog / xm, 0.0).to(x.dtype)
         if ctx.needs_input_grad[1]:
             if lg is not None:
                 dw = _cpu_dweight(x, da, db, w.dtype, (lg, neg))
@@ -255,7 +280,8 @@ def product_unit(x: torch.Tensor, weight: torch.Tensor, out_weight: Optional[tor
 
     On CUDA (and under Triton's interpreter) one fused kernel computes both sums from one load of
     ``x`` with ``exp·cos`` in its epilogue (fp32 IEEE dots), and a second builds ``dW``; the
-    ``v``-layer is an ordinary GEMM. On CPU, torch ops.
+    ``v``-layer is an ordinary GEMM. On CPU, ATen's GEMMs, the steps between them one C++ pass
+    each for float32 (csrc/product.cpp), torch ops otherwise.
 
     Args:
         x: ``(..., I)`` inputs, float16 / bfloat16 / float32 / float64 (math in float32, float64
