@@ -1,9 +1,14 @@
 // The product unit's elementwise steps on the CPU — the CPU path of mmkernels.ops.product for
-// float32 (its math dtype; float64 runs the torch composition): the two GEMMs A = log|x|·Wᵀ and
+// float32 (its math dtype; float64 runs the torch composition; the product over the last dim
+// float64 too): the two GEMMs A = log|x|·Wᵀ and
 // B = [x < 0]·Wᵀ stay ATen's, and what the composition did around them in a pass and a temporary
 // per op is one pass each here.
 //
-// Registered as mmkernels_cpu::product_exp_cis_ (P = exp(A)·cos(πB) into A and, when asked,
+// Registered as mmkernels_cpu::product_over_last / product_over_last_backward (the product of
+// each row of S factors and its gradient g·Π_{t≠s} h_t from prefix and suffix products — no
+// division, exact with zeros — for the pi-sigma network and the sigma-pi unit: one pass each, where
+// ProductOverLastFunction's torch ops made 3·S - 4 products of strided slices and a stack),
+// mmkernels_cpu::product_exp_cis_ (P = exp(A)·cos(πB) into A and, when asked,
 // Q = exp(A)·sin(πB) into B: the forward's epilogue; the composition made exp, the π multiply,
 // cos, sin and two products, four passes over (N, J) and three temporaries) and product_dx_ (dx =
 // dlog / x where |x| > eps, else 0, into dlog: the backward's last step; abs, compare, divide and
@@ -16,9 +21,11 @@
 // over float's whole range (exp_any). NaN in a or b, and ±inf in b, give NaN as torch's would.
 // Elements in parallel over ATen's threads, each with one writer: bitwise-identical reruns.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -101,15 +108,73 @@ void product_dx_(at::Tensor& dlog, const at::Tensor& x, double eps) {
   });
 }
 
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              op, ": ", name, " must be a contiguous float32 or float64 CPU tensor");
+}
+
+// fn<T, S>(args..., s_count) at the active level for the rows' factor count S: 2, 3, 4 and 8 as
+// constants, others at run time (MMK_COMMA: a comma that does not split the macro's arguments).
+#define MMK_COMMA ,
+#define MMK_BY_FACTORS(fn, T, S, ...)                                        \
+  switch (S) {                                                               \
+    case 2: MMK_RUN_VECTORISED(fn<T MMK_COMMA 2>, __VA_ARGS__, S); break;    \
+    case 3: MMK_RUN_VECTORISED(fn<T MMK_COMMA 3>, __VA_ARGS__, S); break;    \
+    case 4: MMK_RUN_VECTORISED(fn<T MMK_COMMA 4>, __VA_ARGS__, S); break;    \
+    case 8: MMK_RUN_VECTORISED(fn<T MMK_COMMA 8>, __VA_ARGS__, S); break;    \
+    default: MMK_RUN_VECTORISED(fn<T MMK_COMMA 0>, __VA_ARGS__, S); break;   \
+  }
+
+// h: (..., S), S >= 1 -> (...): the product of each row of S factors.
+at::Tensor product_over_last(const at::Tensor& h) {
+  check_rows(h, "product_over_last", "h");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) >= 1, "product_over_last: h must have a last dim of 1 or more");
+  const int64_t S = h.size(-1), rows = h.numel() / S;
+  at::Tensor out = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "product_over_last", [&] {
+    const scalar_t* ph = h.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / S), [&](int64_t r0, int64_t r1) {
+      MMK_BY_FACTORS(prod_last_range, scalar_t, S, ph + r0 * S, po + r0, r1 - r0)
+    });
+  });
+  return out;
+}
+
+// h: (..., S), g: (...) -> dh: (..., S), g·Π_{t≠s} h_t.
+at::Tensor product_over_last_backward(const at::Tensor& h, const at::Tensor& g) {
+  check_rows(h, "product_over_last_backward", "h");
+  check_rows(g, "product_over_last_backward", "g");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) >= 1 && g.scalar_type() == h.scalar_type() &&
+                  g.sizes() == h.sizes().slice(0, h.dim() - 1),
+              "product_over_last_backward: g must be h's shape without its last dim, in h's dtype");
+  const int64_t S = h.size(-1), rows = h.numel() / S;
+  at::Tensor dh = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "product_over_last_backward", [&] {
+    const scalar_t* ph = h.data_ptr<scalar_t>();
+    const scalar_t* pg = g.data_ptr<scalar_t>();
+    scalar_t* pd = dh.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / S), [&](int64_t r0, int64_t r1) {
+      MMK_BY_FACTORS(prod_last_backward_range, scalar_t, S, ph + r0 * S, pg + r0, pd + r0 * S, r1 - r0)
+    });
+  });
+  return dh;
+}
+
 }  // namespace
 }  // namespace mmkernels
 
 TORCH_LIBRARY_FRAGMENT(mmkernels_cpu, m) {
   m.def("product_exp_cis_(Tensor(a!) a, Tensor(b!) b, bool with_sin) -> ()");
   m.def("product_dx_(Tensor(a!) dlog, Tensor x, float eps) -> ()");
+  m.def("product_over_last(Tensor h) -> Tensor");
+  m.def("product_over_last_backward(Tensor h, Tensor g) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cpu, CPU, m) {
   m.impl("product_exp_cis_", &mmkernels::product_exp_cis_);
   m.impl("product_dx_", &mmkernels::product_dx_);
+  m.impl("product_over_last", &mmkernels::product_over_last);
+  m.impl("product_over_last_backward", &mmkernels::product_over_last_backward);
 }

@@ -29,6 +29,7 @@ FIELDS = ("counts", "offsets", "sorted_slots", "slot_rows", "dropped", "tile_exp
 OPS = ("route_softmax_topk", "top_k_ids", "cpu_isa", "route_metadata", "experts_forward", "experts_backward",
        "bilinear_forward", "bilinear_backward", "softmax_forward", "softmax_backward", "gated_blend_forward", "gated_blend_backward",
        "attention_forward", "attention_backward", "hard_switch_backward", "product_exp_cis_", "product_dx_",
+       "product_over_last", "product_over_last_backward",
        "cache_info", "empty_cache")
 
 

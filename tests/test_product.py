@@ -9,7 +9,8 @@ import torch
 
 import mmkernels
 from mmkernels import testing as mt
-from tests.conftest import assert_compiled_clean, backends, compile_family
+from mmkernels import _cpp
+from tests.conftest import CPU_IMPLS, assert_compiled_clean, backends, compile_family
 from mmkernels.reference import pi_sigma_ref, product_unit_magnitudes, product_unit_ref, sigma_pi_unit_ref
 
 
@@ -90,7 +91,7 @@ def test_product_unit_gradcheck(backend, device):
         assert torch.autograd.gradcheck(mmkernels.product_unit, args)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_sigma_pi_unit_with_sparse_conjuncts(backend, device, poison_outputs):
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64)
@@ -112,7 +113,7 @@ def test_sigma_pi_unit_with_sparse_conjuncts(backend, device, poison_outputs):
         mt.assert_close(a.grad, r.grad, backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_pi_sigma(backend, device, poison_outputs):
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(7, 4, generator=gen, dtype=torch.float64)
@@ -133,27 +134,38 @@ def test_pi_sigma(backend, device, poison_outputs):
         mt.assert_close(a.grad, r.grad, backend=backend)
 
 
-@pytest.mark.parametrize("S", [0, 1, 2, 3, 5])
-def test_product_over_last_is_exact_with_zeros_and_twice_differentiable(S):
+@pytest.mark.parametrize("cpu_impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("S", [0, 1, 2, 3, 4, 5, 8])
+def test_product_over_last_is_exact_with_zeros_and_twice_differentiable(S, dtype, cpu_impl):
     """The products' backward (prefix times suffix products, no division) against torch's own
-    product backward bitwise on float64, with one and with several zero factors in a product, and
-    its own gradient (gradgradcheck)."""
+    product backward (bitwise in float64), with one and with several zero factors in a product, and
+    its own gradient (gradgradcheck); on both CPU impls (the C++ pass of csrc/product.cpp: S of 2,
+    3, 4 and 8 compiled as constants, the rest at run time), 41 rows so that a vector's tail runs."""
     from mmkernels.ops.product import ProductOverLastFunction
 
     gen = torch.Generator().manual_seed(11)
-    h = torch.randn(4, 3, S, generator=gen, dtype=torch.float64)
+    h = torch.randn(41, 3, S, generator=gen, dtype=torch.float64).to(dtype)
     if S >= 2:
         h[0, 0, 0] = 0.0       # one zero: its gradient is the product of the others
         h[1, 1, :2] = 0.0      # two zeros: every gradient of that product is 0
-    g = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    g = torch.randn(41, 3, generator=gen, dtype=torch.float64).to(dtype)
     ours, theirs = h.clone().requires_grad_(), h.clone().requires_grad_()
     out = ProductOverLastFunction.apply(ours)
     out.backward(g)
     theirs.prod(dim=-1).backward(g)
-    assert torch.equal(out, theirs.prod(dim=-1).detach())
-    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-15, atol=0)
-    leaf = h.clone().requires_grad_()
-    assert torch.autograd.gradgradcheck(ProductOverLastFunction.apply, (leaf,))
+    rtol = 1e-15 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(out, theirs.prod(dim=-1).detach(), rtol=rtol, atol=0)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=rtol, atol=0)
+    if S >= 2:  # two zero factors: every gradient of that product is exactly 0
+        assert not ours.grad[1, 1].any()
+    with _cpp.use_cpu_impl("torch"):  # the torch ops' gradient: the C++ pass keeps their order
+        plain = h.clone().requires_grad_()
+        ProductOverLastFunction.apply(plain).backward(g)
+    assert torch.equal(ours.grad, plain.grad)
+    if dtype == torch.float64:
+        leaf = h.clone().requires_grad_()
+        assert torch.autograd.gradgradcheck(ProductOverLastFunction.apply, (leaf,))
 
 
 def test_bad_input_names_the_argument():

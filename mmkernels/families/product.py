@@ -132,4 +132,4 @@ def launches(rec, target: int) -> None:
 
 FAMILY = Family(name="product", summary="product units (log space), sigma-pi units and the pi-sigma network",
                 cases=cases, inputs=inputs, variants=variants, launches=launches,
-                cpp_ops=("product_exp_cis_", "product_dx_"))
+                cpp_ops=("product_exp_cis_", "product_dx_", "product_over_last", "product_over_last_backward"))

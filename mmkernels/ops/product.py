@@ -238,22 +238,43 @@ class ProductTermsFunction(torch.autograd.Function):
         return dx, dw, None
 
 
+def _cpp_over_last(h: torch.Tensor, g: Optional[torch.Tensor] = None):
+    """``torch.ops.mmkernels_cpu`` when its product over the last dim (csrc/product.cpp) is
+    selected, built and takes ``h`` (a contiguous float32 / float64 CPU tensor with factors, no
+    tracing) and ``g`` (a CPU tensor of its dtype), else None."""
+    if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.float64) or h.dim() == 0 or not h.shape[-1]:
+        return None
+    if not h.is_contiguous() or (g is not None and (g.device.type != "cpu" or g.dtype != h.dtype)):
+        return None
+    if not (_backend.direct_call_ok(h) if g is None else _backend.direct_call_ok(h, g)):
+        return None
+    cpp = _cpp.ops()
+    return cpp if cpp is not None and hasattr(cpp, "product_over_last") else None
+
+
 class ProductOverLastFunction(torch.autograd.Function):
     """``h.prod(-1)`` whose backward multiplies the prefix and suffix products: the gradient of
     factor ``s`` is ``g · Π_{t<s} h_t · Π_{t>s} h_t``, 3·S - 4 multiplies of ``h``'s slices, no
     division (exact with any number of zero factors) and none of the zero test torch's product
-    backward runs. The backward is made of torch ops, so it is itself differentiable.
+    backward runs. On the CPU (contiguous float32 / float64, nothing tracing) each way is one C++
+    pass (csrc/product.cpp; the backward's in its torch ops' order, the same bits); the backward
+    runs its torch ops where a graph is recorded, so it is itself differentiable.
 
     ``h``: ``(..., S)``; returns ``(..., )``."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(h)
-        return h.prod(dim=-1)
+        cpp = _cpp_over_last(h)
+        return cpp.product_over_last(h) if cpp is not None else h.prod(dim=-1)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         (h,) = ctx.saved_tensors
+        # one C++ pass where no graph is recorded (it has no derivative of its own), the same bits
+        cpp = None if torch.is_grad_enabled() else _cpp_over_last(h, g)
+        if cpp is not None:
+            return cpp.product_over_last_backward(h, g.contiguous())
         factors = h.unbind(dim=-1)
         if not factors:
             return torch.zeros_like(h)
