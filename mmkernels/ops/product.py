@@ -221,7 +221,9 @@ class ProductTermsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dlog = da @ w.to(p.dtype)
             # the C++ step in place where no graph is recorded (it has no derivative of its own)
-            cpp = None if torch.is_grad_enabled() else _cpp_product(dlog, x)
+            # and nothing traces
+            direct = not torch.is_grad_enabled() and _backend.direct_call_ok(dlog, x)
+            cpp = _cpp_product(dlog, x) if direct else None
             if cpp is not None:
                 cpp.product_dx_(dlog, x, PRODUCT_EPS)
                 dx = dlog
