@@ -2,6 +2,8 @@
 against F.bilinear, on the CPU path and the Triton path; gradcheck, nn.Bilinear, bad input."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ BACKENDS = backends(cpu_torch=True)  # CPU: the C++ kernels and the vectorised-t
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", mt.cases("bilinear", tag="interp"), ids=lambda c: c.id)
 def test_forward_and_all_gradients(case, backend, device, poison_outputs):
-    ins = mt.make_inputs(case, device, seed=hash(case.id) % 2**31)
+    ins = mt.make_inputs(case, device, seed=zlib.crc32(case.id.encode()))  # str hash() changes per process
     z, x, w = (ins[k].requires_grad_() for k in ("z", "x", "w"))
     bias = ins.get("bias")
     if bias is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def test_forward_backward(case, backend, device, poison_outputs):
     # bf16 runs under the interpreter too: the kernels only load bf16 and convert (math is fp32),
     # which the interpreter gets right; bf16 *arithmetic* there is what DESIGN.md warns about.
     dim = case.params["dim"]
-    inputs = mt.make_inputs(case, device, seed=hash(case.id) % 2**31)
+    inputs = mt.make_inputs(case, device, seed=zlib.crc32(case.id.encode()))  # str hash() changes per process
     x, dy = inputs["x"].requires_grad_(), inputs["dy"]
     dy_before = dy.detach().clone()
 
