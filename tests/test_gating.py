@@ -47,6 +47,17 @@ def test_forward_backward(shape, dtype, backend, device, poison_outputs):
     _check(a, b, w, None, dout, backend)
 
 
+@pytest.mark.parametrize("backend,device", [b for b in backends(cpu_torch=True) if b.values[0] == "cpu"])
+def test_double_backward(backend, device):
+    """create_graph: the blend's backward runs torch ops there (the C++ kernel has no derivative of
+    its own), so a gradient of the gradient is right (gradgradcheck, float64)."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(6, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    with mmkernels.use_backend(backend):
+        assert torch.autograd.gradgradcheck(mmkernels.gated_fusion, (a, b, w))
+
+
 @pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_strided_pathways_and_gradcheck(backend, device):
     a, b, w, c, dout = _inputs((6, 5), torch.float64, device, seed=3)

@@ -83,6 +83,16 @@ def test_product_unit_float32_zeros_signs_and_magnitudes(integer, backend, devic
     assert torch.equal(first.detach(), again)
 
 
+@pytest.mark.parametrize("backend,device", [b for b in backends(cpu_torch=True) if b.values[0] == "cpu"])
+def test_product_unit_double_backward(backend, device):
+    """create_graph: the backward makes P, Q and the logs again from x and W with torch ops, so a
+    gradient of the gradient is right (gradgradcheck, float64; the saved P and Q carry no graph)."""
+    x, w, v, _ = _product_inputs((4,), 3, 2, 2, torch.float64, device, seed=9)
+    args = tuple(t.detach().requires_grad_() for t in (x, w, v))
+    with mmkernels.use_backend(backend):
+        assert torch.autograd.gradgradcheck(mmkernels.product_unit, args)
+
+
 @pytest.mark.parametrize("backend,device", backends(cpu_torch=True))
 def test_product_unit_gradcheck(backend, device):
     x, w, v, _ = _product_inputs((4,), 3, 2, 2, torch.float64, device, seed=9)

@@ -141,8 +141,19 @@ def _(dout, pre, a, b):
 # autograd
 # ----------------------------------------------------------------------------------------------
 
+def _differentiable_backward(dout, pre, a, b):
+    """(dpre, da, db) of the blend in torch ops (math dtype, cast back): what a double backward
+    (``create_graph``) differentiates; the kernels' backward has no derivative of its own."""
+    g = torch.sigmoid(_math(pre))
+    dm = _math(dout)
+    da = dm * g
+    dpre = da * (_math(a) - _math(b)) * (1 - g)
+    return dpre.to(pre.dtype), da.to(a.dtype), (dm - da).to(b.dtype)
+
+
 class GatedBlendFunction(torch.autograd.Function):
-    """The blend on (R, D) rows; saves pre, a, b (the gate is recomputed, never stored)."""
+    """The blend on (R, D) rows; saves pre, a, b (the gate is recomputed, never stored). Under
+    ``create_graph`` the backward runs torch ops, so that a double backward sees its graph."""
 
     @staticmethod
     def forward(ctx, pre, a, b):
@@ -153,6 +164,8 @@ class GatedBlendFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         pre, a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: the gradient as torch ops, differentiable
+            return _differentiable_backward(dout, pre, a, b)
         if _backend.direct_call_ok(dout, pre, a, b):
             da, db, dpre = _backward(dout, pre, a, b)
         else:

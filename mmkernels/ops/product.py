@@ -195,7 +195,8 @@ class ProductTermsFunction(torch.autograd.Function):
     Saves x, W, P and Q = exp(A)·sin(πB) (math dtype; on the CPU path also log|x| and [x<0] when
     dW is needed); backward: dA = dP·P, dB = -π·dP·Q,
     dx = (dA·W) / x (0 where |x| was clamped; the sign indicator has no gradient),
-    dW = dAᵀ·log|x| + dBᵀ·[x<0] (fused)."""
+    dW = dAᵀ·log|x| + dBᵀ·[x<0] (fused). Under ``create_graph`` the backward makes P, Q and the
+    logs again from x and W with torch ops, so that its result is differentiable."""
 
     @staticmethod
     def forward(ctx, x, w, grad: bool = True):
@@ -214,9 +215,14 @@ class ProductTermsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dp):
         x, w, p, q, lg, neg = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: P, Q and the logs again as torch ops of x
+            lg, neg = _log_and_sign(x)  # and W, so that the gradient below has a graph to them
+            wm = w.to(lg.dtype)
+            ea, angle = torch.exp(lg @ wm.T), (neg @ wm.T) * math.pi
+            p, q = ea * torch.cos(angle), ea * torch.sin(angle)
         dp = dp.to(p.dtype)
         da = dp * p
-        db = dp.mul(-math.pi).mul_(q)
+        db = (dp * q).mul_(-math.pi)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dlog = da @ w.to(p.dtype)
