@@ -2,10 +2,12 @@
 and the pieces they share (the package mmkernels/bench/). Kept to a few tiny runs (well under a minute)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -370,6 +372,40 @@ def test_time_interleaved_takes_samples_in_turn():
     assert t["a"].buffer_sets == 3 and t["a"].method == "perf_counter-interleaved"
     with pytest.raises(ValueError):
         bench.timing.time_interleaved({"a": []})
+
+
+def test_time_interleaved_settles_a_spread_row(monkeypatch):
+    """A stall over two of an entry's five samples: whole walks more (both entries alike) until the
+    quartile spread is under settle_spread, and the median is the quiet one; never past settle_s or
+    max_repeats, and never with a fixed number of repeats. (A scripted clock: the calls advance it.)"""
+    clock = [0.0]
+    monkeypatch.setattr(bench.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def entry(durations_ms):
+        it = iter(durations_ms)
+        return [lambda: clock.__setitem__(0, clock[0] + next(it) / 1e3)]
+
+    def run(a_ms, **kw):
+        named = {"a": entry(a_ms), "b": entry(itertools.repeat(2.0))}
+        return bench.timing.time_interleaved(named, warmup=1, target_s=1e-3, min_repeats=5, **kw)
+
+    untimed = [1.0, 1.0]  # a warm-up call and the estimate's
+    stall = untimed + [1.0, 9.0, 9.0, 1.0, 1.0]
+    t = run(itertools.chain(stall, itertools.repeat(1.0)), settle_spread=0.1, settle_s=1.0)
+    # [1 x 7, 9, 9]: the quartiles at 1 (inclusive method), after four walks of (a, b)
+    assert [len(v.samples_ms) for v in t.values()] == [9, 9]
+    assert t["a"].median_ms == pytest.approx(1.0) and t["a"].quartile_spread == pytest.approx(0.0)
+    assert t["b"].median_ms == pytest.approx(2.0)
+    # a stall that never ends: stops at settle_s (3 ms a walk: 0.03 s is ten walks) or max_repeats
+    forever = itertools.chain(untimed, itertools.cycle([1.0, 9.0]))
+    t = run(forever, settle_spread=0.1, settle_s=0.03)
+    assert 5 < len(t["a"].samples_ms) <= 5 + 11 and len(t["a"].samples_ms) == len(t["b"].samples_ms)
+    forever = itertools.chain(untimed, itertools.cycle([1.0, 9.0]))
+    assert len(run(forever, settle_spread=0.1, settle_s=10.0, max_repeats=12)["a"].samples_ms) == 12
+    forever = itertools.chain(untimed, itertools.cycle([1.0, 9.0]))
+    assert len(run(forever, settle_spread=0.1, settle_s=10.0, repeats=5)["a"].samples_ms) == 5
+    assert len(run(itertools.chain(stall, itertools.repeat(1.0)))["a"].samples_ms) == 5  # settling off
+    assert bench.timing.quartile_spread([1.0]) != bench.timing.quartile_spread([1.0])  # NaN
 
 
 def test_time_interleaved_gives_each_call_a_set_as_long_untouched():

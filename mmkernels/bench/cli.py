@@ -23,6 +23,13 @@ from .report import baselines_table, ceilings_line, fmt_num, plot_results, resul
 #: What every check compares with.
 REFERENCE = "mmkernels.reference (float64)"
 
+#: On CPU, a row whose samples of some entry spread more than this (quartiles over median) takes
+#: more, for up to SETTLE_S seconds (timing.py time_interleaved; not with ``--quick``). In six runs
+#: of the main job on the 2-core VM, 26% of the timings spread more than 0.10 and 12% more than 0.15,
+#: with five to seven samples each on the rows of ~9 ms.
+SETTLE_SPREAD = 0.10
+SETTLE_S = 1.0
+
 
 def _family_names() -> List[str]:
     from mmkernels.families import FAMILIES
@@ -105,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=2 if args.quick else 3,
         target_s=0.05 if args.quick else 0.2,
         min_repeats=3 if args.quick else 5,
+        settle_spread=0.0 if args.quick else SETTLE_SPREAD,
+        settle_s=SETTLE_S,
         compile_baseline=args.compile_baseline,
         memory=not args.no_memory,
     )

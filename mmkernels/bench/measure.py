@@ -26,7 +26,9 @@ class MeasureOptions:
     """How :func:`measure_case` measures.
 
     ``repeats`` fixes the samples per timing; else they fill ``target_s`` within
-    ``[min_repeats, max_repeats]``. ``graph``: replay CUDA graphs for sub-millisecond calls.
+    ``[min_repeats, max_repeats]``, and on CPU a row whose samples spread more than
+    ``settle_spread`` (quartiles over median) takes more for up to ``settle_s`` (timing.py
+    :func:`time_interleaved`; 0: never). ``graph``: replay CUDA graphs for sub-millisecond calls.
     ``eager_timing``: on CUDA also time ours and the eager baseline call by call (launch overhead
     included), stored as ``*_percall_ms``. ``check_max_elems`` bounds the reference sample.
     """
@@ -36,6 +38,8 @@ class MeasureOptions:
     target_s: float = 0.2
     min_repeats: int = 5
     max_repeats: int = 100
+    settle_spread: float = 0.0
+    settle_s: float = 0.0
     graph: bool = True
     eager_timing: bool = False
     compile_baseline: bool = False
@@ -48,6 +52,10 @@ class MeasureOptions:
     def timing_kwargs(self) -> Dict[str, Any]:
         return dict(warmup=self.warmup, repeats=self.repeats, target_s=self.target_s,
                     min_repeats=self.min_repeats, max_repeats=self.max_repeats)
+
+    def interleaved_kwargs(self) -> Dict[str, Any]:
+        """:meth:`timing_kwargs` and the settling of the CPU's interleaved timings."""
+        return dict(self.timing_kwargs(), settle_spread=self.settle_spread, settle_s=self.settle_s)
 
 
 def variants_for(case: Case, compile_baseline: bool = False) -> List[Variant]:
@@ -164,7 +172,7 @@ def measure_variant(variant: Variant, sets: Sequence[Inputs], check: Mapping[str
                 named[name] = calls(fn)
             except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                 row.setdefault("baseline_errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        timings = time_interleaved(named, **kw)
+        timings = time_interleaved(named, **opts.interleaved_kwargs())
     if opts.eager_timing and device.type == "cuda":
         for name, fn in (("ours", variant.ours), ("eager", variant.baselines["eager"])):
             row[f"{name}_percall_ms"] = time_fn(calls(fn), device, graph=False, **kw).median_ms

@@ -38,10 +38,29 @@ class Timing:
             return float("nan")
         return (max(self.samples_ms) - min(self.samples_ms)) / self.median_ms
 
+    @property
+    def quartile_spread(self) -> float:
+        """:func:`quartile_spread` of the samples: how far the middle half of them lie apart."""
+        return quartile_spread(self.samples_ms)
+
     def to_json(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["spread"] = self.spread
+        d["quartile_spread"] = self.quartile_spread
         return d
+
+
+def quartile_spread(samples: Sequence[float]) -> float:
+    """(third quartile - first quartile) / median of ``samples``: how far apart the middle half lie,
+    which a few stalled samples do not move (``spread``, max - min, takes the worst one); NaN for
+    fewer than two samples or a median of 0."""
+    if len(samples) < 2:
+        return float("nan")
+    median = statistics.median(samples)
+    if median <= 0:
+        return float("nan")
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / median
 
 
 #: Below this per-call time, CUDA timings replay a graph of many calls so launch gaps do not count.
@@ -166,7 +185,8 @@ def pair_walk(n: int) -> List[int]:
 
 def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup: int = 3,
                      repeats: Optional[int] = None, target_s: float = 0.2, min_repeats: int = 5,
-                     max_repeats: int = 100) -> Dict[str, Timing]:
+                     max_repeats: int = 100, settle_spread: float = 0.0,
+                     settle_s: float = 0.0) -> Dict[str, Timing]:
     """CPU: the median time of one call of each entry of ``named``, the entries' samples taken in
     turn so that a slow drift of the machine (another load, frequency, memory state) shifts every
     entry alike and their ratios keep (timing each entry in its own stretch, ratios between
@@ -183,7 +203,14 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
     followed the same other, on a Zen 4 VM ATen's softmax backward 1.06 ms after our plain-stored
     dx and 1.25 ms after our streamed one. Each entry is warmed up as :func:`time_fn` does; the
     number of samples is what fits all entries in ``target_s`` (clamped to ``[min_repeats,
-    max_repeats]``); the last walk stops where each entry has them."""
+    max_repeats]``); the last walk stops where each entry has them.
+
+    Settling (``settle_spread`` > 0, no fixed ``repeats``): while some entry's
+    :func:`quartile_spread` is above ``settle_spread``, whole walks more (every entry as many
+    samples more) for up to ``settle_s`` seconds or ``max_repeats`` samples an entry. A stall of the
+    machine that covers two or three of a row's five samples moves their median (on the 2-core VM a
+    row of ~9 ms read 9.2-49.9 ms within one entry's seven samples); taken longer, the stall is a
+    smaller part of the samples, and a quiet row keeps the samples it had."""
     named = {n: list(c) for n, c in named.items()}
     if not named or any(not c for c in named.values()):
         raise ValueError("time_interleaved needs at least one callable per entry")
@@ -200,18 +227,27 @@ def time_interleaved(named: Dict[str, Sequence[Callable[[], object]]], *, warmup
     samples: Dict[str, List[float]] = {name: [] for name in named}
     names = list(named)
     walk = pair_walk(len(names))
-    call = 0
+    call = 0  # timed calls so far: the c-th runs buffer set c % len(calls) of its entry
+
+    def take(name: str) -> None:
+        nonlocal call
+        calls = named[name]
+        fn = calls[call % len(calls)]
+        call += 1
+        t0 = time.perf_counter()
+        fn()
+        samples[name].append((time.perf_counter() - t0) * 1e3)
+
     while any(len(v) < n for v in samples.values()):
         for e in walk:
-            name = names[e]
-            if len(samples[name]) >= n:  # the last walk, cut short where an entry has its samples
-                continue
-            calls = named[name]
-            fn = calls[call % len(calls)]
-            call += 1
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            if len(samples[names[e]]) < n:  # the last walk, cut short where an entry has its samples
+                take(names[e])
+    if settle_spread > 0 and not repeats:
+        deadline = time.perf_counter() + settle_s
+        while (time.perf_counter() < deadline and len(samples[names[0]]) < max_repeats
+               and max(quartile_spread(v) for v in samples.values()) > settle_spread):
+            for e in walk:
+                take(names[e])
     return {name: Timing(statistics.median(v), v, "perf_counter-interleaved", 1, len(named[name]))
             for name, v in samples.items()}
 
