@@ -162,6 +162,9 @@ at::Tensor product_over_last_backward(const at::Tensor& h, const at::Tensor& g) 
   return dh;
 }
 
+#undef MMK_BY_FACTORS
+#undef MMK_COMMA
+
 }  // namespace
 }  // namespace mmkernels
 

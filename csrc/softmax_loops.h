@@ -4,10 +4,11 @@
 // kBlock before), and nothing here but loops. See softmax.cpp for what each computes and why.
 
 // One row of N: y = kind(x), in T's own precision (float or double). While the exps are made, a
-// block of kSumBlock at a time, the lines of x at [ahead, ahead_end) matching the block's are asked
-// for (into L2): the bytes a distance behind this row that a later row will read (forward_rows).
+// block of kSumBlock at a time, the lines of the rows' x at bytes [ahead, limit) of `base` matching
+// the block's are asked for (into L2): the bytes a distance behind this row that a later row will
+// read (forward_rows; offsets, so that no pointer is made past the rows' end).
 template <typename T>
-MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const char* ahead, const char* ahead_end) {
+MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const char* base, int64_t ahead, int64_t limit) {
   const T sign = kind == kSoftmin ? T(-1) : T(1);
   const T inf = std::numeric_limits<T>::infinity();
   T m = -inf;
@@ -32,8 +33,8 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const char* 
         return e;
       },
       [=](int64_t i0, int64_t i1) MMK_LAMBDA_INLINE {
-        const char* end = std::min(ahead + i1 * int64_t(sizeof(T)), ahead_end);
-        for (const char* b = ahead + i0 * int64_t(sizeof(T)); b < end; b += 64) __builtin_prefetch(b, 0, 2);
+        const int64_t end = std::min(ahead + i1 * int64_t(sizeof(T)), limit);
+        for (int64_t b = ahead + i0 * int64_t(sizeof(T)); b < end; b += 64) __builtin_prefetch(base + b, 0, 2);
       });
   if (kind == kLogSoftmax) {
     const T shift = m + std::log(s);
@@ -50,11 +51,11 @@ MMK_INLINE void forward_row(const T* x, T* y, int64_t N, Kind kind, const char* 
 // kAheadBytes), up to the end of these rows.
 template <typename T>
 void forward_rows(const T* x, T* y, int64_t rows, int64_t N, int64_t kind) {
-  const int64_t distance = std::max<int64_t>(kAheadBytes, N * int64_t(sizeof(T)));
-  const char* end = reinterpret_cast<const char*>(x + rows * N);
+  const int64_t row_bytes = N * int64_t(sizeof(T));
+  const int64_t distance = std::max<int64_t>(kAheadBytes, row_bytes);
+  const char* base = reinterpret_cast<const char*>(x);
   for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * N;
-    forward_row<T>(xr, y + r * N, N, Kind(kind), reinterpret_cast<const char*>(xr) + distance, end);
+    forward_row<T>(x + r * N, y + r * N, N, Kind(kind), base, r * row_bytes + distance, rows * row_bytes);
   }
 }
 

@@ -128,14 +128,20 @@ def _cpp_product(*ts: torch.Tensor):
     return cpp
 
 
+def _exponents(x, w):
+    """``log|x|``, ``[x < 0]`` and the two GEMMs of the CPU path, ``A = log|x|·Wᵀ`` and
+    ``B = [x<0]·Wᵀ``, in the math dtype (torch ops: differentiable)."""
+    lg, neg = _log_and_sign(x)
+    wm = w.to(lg.dtype)
+    return lg, neg, lg @ wm.T, neg @ wm.T
+
+
 def _cpu_terms(x, w, keep_logs: bool = False, need_q: bool = True):
     """(P, Q) on the CPU path (Q None unless ``need_q``: only the backward reads it);
     ``keep_logs``: also ``log|x|`` and ``[x < 0]``, which the backward's ``dW`` reads (saved
     rather than made again from ``x``). The two GEMMs are ATen's; exp·cos and exp·sin after them
     one C++ pass in place (float32), else torch ops."""
-    lg, neg = _log_and_sign(x)
-    wm = w.to(lg.dtype)
-    a, b = lg @ wm.T, neg @ wm.T
+    lg, neg, a, b = _exponents(x, w)
     cpp = _cpp_product(a, b)
     if cpp is not None:
         cpp.product_exp_cis_(a, b, need_q)
@@ -216,9 +222,8 @@ class ProductTermsFunction(torch.autograd.Function):
     def backward(ctx, dp):
         x, w, p, q, lg, neg = ctx.saved_tensors
         if torch.is_grad_enabled():  # a double backward: P, Q and the logs again as torch ops of x
-            lg, neg = _log_and_sign(x)  # and W, so that the gradient below has a graph to them
-            wm = w.to(lg.dtype)
-            ea, angle = torch.exp(lg @ wm.T), (neg @ wm.T) * math.pi
+            lg, neg, a, b = _exponents(x, w)  # and W, so that the gradient below has a graph to them
+            ea, angle = torch.exp(a), b * math.pi
             p, q = ea * torch.cos(angle), ea * torch.sin(angle)
         dp = dp.to(p.dtype)
         da = dp * p
