@@ -1,9 +1,10 @@
-"""Small helpers every launcher uses, written once: sizes (:func:`next_pow2`, :func:`cdiv`) and the
-math dtype (:func:`math_dtype` in torch, :func:`acc_dtype` as the kernels' ``ACC`` constexpr)."""
+"""Small helpers every launcher uses, written once: sizes (:func:`next_pow2`, :func:`cdiv`), the
+math dtype (:func:`math_dtype` in torch, :func:`acc_dtype` as the kernels' ``ACC`` constexpr) and
+the gradients of a torch composition with their graph (:func:`graph_grads`: a double backward)."""
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,6 +34,26 @@ def acc_dtype(*dtypes: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if math_dtype(*dtypes) == torch.float64 else tl.float32
+
+
+def graph_grads(compose: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
+                needs: Sequence[bool], grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``compose(*inputs)`` (torch ops, differentiable) for ``grad_out``, with their
+    graph to ``inputs`` and ``grad_out``: an autograd Function's backward under ``create_graph``,
+    where its kernels (C++ or Triton, no derivative of their own) would give a gradient whose own
+    gradient is silently 0. ``needs``: the Function's ``ctx.needs_input_grad`` for ``inputs``;
+    one result per input, None where not needed (zeros where the output does not depend on it)."""
+    wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+    got = iter(torch.autograd.grad(compose(*inputs), wanted, grad_out, create_graph=True, allow_unused=True)
+               if wanted else ())
+    out = []
+    for t, n in zip(inputs, needs):
+        if not n or t is None:
+            out.append(None)
+            continue
+        g = next(got)
+        out.append(torch.zeros_like(t) if g is None else g)
+    return tuple(out)
 
 
 def tf32_allowed() -> bool:

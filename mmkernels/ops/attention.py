@@ -17,7 +17,7 @@ from mmkernels.ops._checks import FLOATS as _FLOATS
 from mmkernels.ops._checks import check_same as _check_same
 from mmkernels.ops._checks import check_tensor as _check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset, split_float
-from mmkernels.ops._util import acc_dtype, math_dtype, next_pow2
+from mmkernels.ops._util import acc_dtype, graph_grads, math_dtype, next_pow2
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver
@@ -142,6 +142,20 @@ def _torch_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, t
     return dz.to(z.dtype), dx.to(x.dtype)
 
 
+def _differentiable_forward(z, x, mask, tau: float) -> torch.Tensor:
+    """s as torch ops of z and x, differentiable in both everywhere (an empty row's logits are 0
+    before its softmax and its weights 0 after it, so no NaN reaches a gradient): what the backward
+    differentiates under ``create_graph`` (:func:`~mmkernels.ops._util.graph_grads`)."""
+    logits = z.to(math_dtype(z.dtype)) / tau
+    if mask is not None:
+        empty = ~mask.any(dim=1, keepdim=True)
+        logits = logits.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
+    p = torch.softmax(logits, dim=1)
+    if mask is not None:
+        p = p.masked_fill(~mask | empty, 0.0)
+    return torch.bmm(p.unsqueeze(1), x.to(p.dtype)).squeeze(1).to(x.dtype)
+
+
 def _fused(x: torch.Tensor) -> bool:
     return x.shape[1] <= MAX_J and _backend.resolve(x) is _backend.Impl.TRITON
 
@@ -221,7 +235,9 @@ def _(z, x, mask, s, lse, ds, tau):
 # ----------------------------------------------------------------------------------------------
 
 class AttentionFunction(torch.autograd.Function):
-    """Saves z, x, the output s and one log-sum-exp per row (never the probabilities)."""
+    """Saves z, x, the output s and one log-sum-exp per row (never the probabilities). Under
+    ``create_graph`` the backward differentiates :func:`_differentiable_forward` instead of running
+    the kernels, so that its gradients have a graph (a double backward)."""
 
     @staticmethod
     def forward(ctx, z, x, mask, tau: float):
@@ -234,6 +250,11 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ds):
         z, x, mask, s, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            tau = ctx.tau
+            dz, dx = graph_grads(lambda z_, x_: _differentiable_forward(z_, x_, mask, tau), (z, x),
+                                 ctx.needs_input_grad[:2], ds)
+            return dz, dx, None, None
         if _backend.direct_call_ok(*(t for t in (z, x, mask, s, lse, ds) if t is not None)):
             dz, dx = _backward(z, x, mask, s, lse, ds, ctx.tau)
         else:
@@ -255,7 +276,8 @@ def _hard_switch_dx(x: torch.Tensor, idx: torch.Tensor, ds: torch.Tensor) -> tor
 
 class HardSwitchFunction(torch.autograd.Function):
     """Forward: x[..., argmax z, :]. Backward: the selected input gets ds, the others 0; z gets the
-    soft switch's gradient at temperature τ when straight-through, else none."""
+    soft switch's gradient at temperature τ when straight-through, else none. Under
+    ``create_graph`` both as torch ops (a scatter; :func:`_differentiable_forward`'s gradient)."""
 
     @staticmethod
     def forward(ctx, z, x, straight_through: bool, tau: float):
@@ -268,6 +290,14 @@ class HardSwitchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ds):
         z, x, idx = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: the gradients as torch ops, with their graph
+            index = idx[:, None, None].expand(-1, 1, x.shape[2])
+            dx = torch.zeros_like(x).scatter(1, index, ds.to(x.dtype).unsqueeze(1))
+            dz = None
+            if ctx.straight_through and ctx.needs_input_grad[0]:
+                tau = ctx.tau
+                (dz,) = graph_grads(lambda z_: _differentiable_forward(z_, x, None, tau), (z,), (True,), ds)
+            return dz, dx, None, None
         dx = _hard_switch_dx(x, idx, ds.to(x.dtype))
         dz = None
         if ctx.straight_through and ctx.needs_input_grad[0]:

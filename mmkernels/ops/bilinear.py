@@ -27,7 +27,8 @@ import torch
 from mmkernels import _backend, _cpp
 from mmkernels.ops._checks import FLOATS, check_same, check_tensor
 from mmkernels.ops._layout import INT32_LIMIT, max_offset
-from mmkernels.ops._util import acc_dtype, cdiv, dot_f32, gpu_arch, math_dtype, next_pow2, sm_count, tf32_allowed
+from mmkernels.ops._util import (acc_dtype, cdiv, dot_f32, gpu_arch, graph_grads, math_dtype, next_pow2, sm_count,
+                                 tf32_allowed)
 
 # ----------------------------------------------------------------------------------------------
 # Config resolver (heuristic; configs are data)
@@ -669,9 +670,26 @@ def _(x, w, dy, need_dx, need_dw):
 # ----------------------------------------------------------------------------------------------
 
 
+def _differentiable_bilinear(z, x, w):
+    """``y`` without its bias as one einsum in the math dtype (differentiable in z, x and w): what
+    the backward differentiates under ``create_graph`` (:func:`~mmkernels.ops._util.graph_grads`)."""
+    md = math_dtype(z.dtype)
+    return torch.einsum("nh,ni,jhi->nj", z.to(md), x.to(md), w.to(md)).to(z.dtype)
+
+
+def _differentiable_quadratic(x, w):
+    """The quadratic layer's ``y`` without its bias as torch ops in the math dtype (the packed
+    products, then a GEMM): differentiable in x and w, for the backward under ``create_graph``."""
+    r, cc = _triu_indices(x.shape[1], x.device)
+    md = math_dtype(x.dtype)
+    xm = x.to(md)
+    return ((xm[:, r] * xm[:, cc]) @ w.to(md).t()).to(x.dtype)
+
+
 class BilinearFunction(torch.autograd.Function):
     """Forward saves z, x and w (never the outer product); backward computes only the gradients
-    autograd asks for; the bias gradient is the column sum of dy."""
+    autograd asks for; the bias gradient is the column sum of dy. Under ``create_graph`` the
+    gradients are those of :func:`_differentiable_bilinear`, with their graph (a double backward)."""
 
     @staticmethod
     def forward(ctx, z, x, w, bias):
@@ -687,7 +705,9 @@ class BilinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         z, x, w = ctx.saved_tensors
         need_dz, need_dx, need_dw, need_db = ctx.needs_input_grad
-        if need_dz or need_dx or need_dw:
+        if torch.is_grad_enabled():
+            dz, dx, dw = graph_grads(_differentiable_bilinear, (z, x, w), (need_dz, need_dx, need_dw), dy)
+        elif need_dz or need_dx or need_dw:
             if _backend.direct_call_ok(z, x, w, dy):
                 dz, dx, dw = _backward(z, x, w, dy, need_dz, need_dx, need_dw)
             else:
@@ -701,7 +721,8 @@ class BilinearFunction(torch.autograd.Function):
 
 class QuadraticFunction(torch.autograd.Function):
     """The quadratic layer's op: forward saves x and the packed weight; backward computes the
-    gradients asked for (the input's is the sum of its two factors' in the products)."""
+    gradients asked for (the input's is the sum of its two factors' in the products); under
+    ``create_graph`` those of :func:`_differentiable_quadratic`, with their graph."""
 
     @staticmethod
     def forward(ctx, x, w, bias):
@@ -718,7 +739,9 @@ class QuadraticFunction(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad
         dx = dw = None
-        if need_dx or need_dw:
+        if torch.is_grad_enabled():
+            dx, dw = graph_grads(_differentiable_quadratic, (x, w), (need_dx, need_dw), dy)
+        elif need_dx or need_dw:
             if _backend.direct_call_ok(x, w, dy):
                 dx, dw = _quadratic_backward(x, w, dy, need_dx, need_dw)
             else:

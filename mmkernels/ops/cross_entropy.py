@@ -10,6 +10,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
@@ -330,6 +331,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # a gradient of the gradient: a clear error, not a silent 0
     def backward(ctx, grad):
         x, target, weight, lse, count = ctx.saved_tensors
         terms, reduction, inplace = ctx.args

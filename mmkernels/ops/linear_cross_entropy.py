@@ -26,6 +26,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mmkernels import _backend
 from mmkernels.ops._checks import FLOATS as _FLOATS
@@ -331,6 +332,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss.to(x.dtype), tlp
 
     @staticmethod
+    @once_differentiable  # a gradient of the gradient: a clear error, not a silent 0
     def backward(ctx, grad, _grad_tlp):
         terms, grads, chunk_tokens = ctx.args
         if ctx.eager:

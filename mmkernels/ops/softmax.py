@@ -393,8 +393,26 @@ def _(y, dy, dim, kind, in_dtype):
 # ----------------------------------------------------------------------------------------------
 
 
+def _differentiable_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: Kind,
+                             in_dtype: torch.dtype) -> torch.Tensor:
+    """dx as torch ops of ``y`` and ``dy`` in the math dtype (float32; float64 for float64), so that
+    it has a graph to both: the backward under ``create_graph`` (the kernels have no derivative of
+    their own). Softmax ``y·(dy - Σ y·dy)``, softmin its negative, log-softmax ``dy - exp(y)·Σ dy``."""
+    math_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yf, gf = y.to(math_dtype), dy.to(math_dtype)
+    if kind == Kind.LOG_SOFTMAX:
+        dx = gf - torch.exp(yf) * gf.sum(dim, keepdim=True)
+    else:
+        dx = yf * (gf - (yf * gf).sum(dim, keepdim=True))
+        if kind == Kind.SOFTMIN:
+            dx = -dx
+    return dx.to(in_dtype)
+
+
 class SoftmaxFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves only ``y``; backward is one fused kernel (read y, dy; write dx)."""
+    """Autograd wrapper: forward saves only ``y``; backward is one fused kernel (read y, dy; write
+    dx), or torch ops under ``create_graph`` (:func:`_differentiable_backward`: a gradient of the
+    gradient)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, kind: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -409,6 +427,8 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: y has a graph to x (through this Function)
+            return _differentiable_backward(y, dy, ctx.dim, Kind(ctx.kind), ctx.in_dtype), None, None, None
         if _backend.direct_call_ok(y, dy):
             dx = _backward(y, dy, ctx.dim, Kind(ctx.kind), ctx.in_dtype)
         else:
