@@ -97,8 +97,10 @@ def test_float32_second_derivative(name, backend, device):
 def test_losses_first_derivative_under_create_graph_and_a_clear_error_past_it(name, backend, device):
     """The losses' backward has no torch-ops twin (once_differentiable): under create_graph the first
     derivative is the usual one (cross-entropy's raised there before: an out= op in its CPU path),
-    and a second one raises — torch's own error for a gradient without a graph, or
-    once_differentiable's where the incoming gradient has one — never a silent 0."""
+    and a second one through the loss alone raises — torch's own error for a gradient without a
+    graph, or once_differentiable's where the incoming gradient has one. (Inside a larger graph
+    whose incoming gradient has none, the loss's own curvature is still dropped without an error:
+    once_differentiable raises only where the incoming gradient has a graph.)"""
     gen = torch.Generator().manual_seed(2)
     target = torch.randint(0, 9, (6,), generator=gen).to(device)
     if name == "cross_entropy":
