@@ -46,8 +46,8 @@ CASES = {
     "bilinear": (mmkernels.bilinear, _bilinear_ref, [(6, 4), (6, 5), (3, 4, 5)]),
     "quadratic": (mmkernels.quadratic, quadratic_ref, [(6, 4), (3, 10)]),
     "pi_sigma": (lambda z, w: mmkernels.pi_sigma(z, w, activation=None), pi_sigma_ref, [(5, 6), (3, 4, 6)]),
-    "sigma_pi_unit": (lambda z, w: mmkernels.sigma_pi_unit(z, CONJUNCTS, w), lambda z, w: sigma_pi_unit_ref(z, CONJUNCTS, w),
-                      [(5, 6), (2, 3)]),
+    "sigma_pi_unit": (lambda z, w: mmkernels.sigma_pi_unit(z, CONJUNCTS, w),
+                      lambda z, w: sigma_pi_unit_ref(z, CONJUNCTS, w), [(5, 6), (2, 3)]),
 }
 
 
@@ -105,7 +105,8 @@ def test_losses_first_derivative_under_create_graph_and_a_clear_error_past_it(na
     target = torch.randint(0, 9, (6,), generator=gen).to(device)
     if name == "cross_entropy":
         args = [torch.randn(6, 9, generator=gen, dtype=torch.float64).to(device).requires_grad_()]
-        ours, ref = (lambda x: mmkernels.cross_entropy(x, target)), (lambda x: torch.nn.functional.cross_entropy(x, target))
+        ours = lambda x: mmkernels.cross_entropy(x, target)  # noqa: E731
+        ref = lambda x: torch.nn.functional.cross_entropy(x, target)  # noqa: E731
     else:
         args = [torch.randn(6, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_(),
                 torch.randn(9, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()]

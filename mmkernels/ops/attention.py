@@ -142,20 +142,6 @@ def _torch_backward(z, x, mask, s, lse, ds, tau: float) -> Tuple[torch.Tensor, t
     return dz.to(z.dtype), dx.to(x.dtype)
 
 
-def _differentiable_forward(z, x, mask, tau: float) -> torch.Tensor:
-    """s as torch ops of z and x, differentiable in both everywhere (an empty row's logits are 0
-    before its softmax and its weights 0 after it, so no NaN reaches a gradient): what the backward
-    differentiates under ``create_graph`` (:func:`~mmkernels.ops._util.graph_grads`)."""
-    logits = z.to(math_dtype(z.dtype)) / tau
-    if mask is not None:
-        empty = ~mask.any(dim=1, keepdim=True)
-        logits = logits.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
-    p = torch.softmax(logits, dim=1)
-    if mask is not None:
-        p = p.masked_fill(~mask | empty, 0.0)
-    return torch.bmm(p.unsqueeze(1), x.to(p.dtype)).squeeze(1).to(x.dtype)
-
-
 def _fused(x: torch.Tensor) -> bool:
     return x.shape[1] <= MAX_J and _backend.resolve(x) is _backend.Impl.TRITON
 
@@ -236,8 +222,8 @@ def _(z, x, mask, s, lse, ds, tau):
 
 class AttentionFunction(torch.autograd.Function):
     """Saves z, x, the output s and one log-sum-exp per row (never the probabilities). Under
-    ``create_graph`` the backward differentiates :func:`_differentiable_forward` instead of running
-    the kernels, so that its gradients have a graph (a double backward)."""
+    ``create_graph`` the backward differentiates :func:`_torch_forward` (torch ops) instead of
+    running the kernels, so that its gradients have a graph (a double backward)."""
 
     @staticmethod
     def forward(ctx, z, x, mask, tau: float):
@@ -252,7 +238,7 @@ class AttentionFunction(torch.autograd.Function):
         z, x, mask, s, lse = ctx.saved_tensors
         if torch.is_grad_enabled():
             tau = ctx.tau
-            dz, dx = graph_grads(lambda z_, x_: _differentiable_forward(z_, x_, mask, tau), (z, x),
+            dz, dx = graph_grads(lambda z_, x_: _torch_forward(z_, x_, mask, tau)[0], (z, x),
                                  ctx.needs_input_grad[:2], ds)
             return dz, dx, None, None
         if _backend.direct_call_ok(*(t for t in (z, x, mask, s, lse, ds) if t is not None)):
@@ -264,9 +250,10 @@ class AttentionFunction(torch.autograd.Function):
 
 def _hard_switch_dx(x: torch.Tensor, idx: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     """The hard switch's dx (R, J, D): ``ds`` (R, D) at the chosen ``idx`` (R,), 0 elsewhere; one
-    write in C++ on the CPU path (csrc/attention.cpp) when nothing traces the call, zeros then a
-    scatter otherwise."""
-    if x.is_cpu and _backend.resolve(x) is _backend.Impl.CPU and _backend.direct_call_ok(x, idx, ds):
+    write in C++ on the CPU path (csrc/attention.cpp) when nothing traces the call and no graph is
+    recorded, zeros then a scatter (differentiable in ``ds``) otherwise."""
+    if (x.is_cpu and not torch.is_grad_enabled() and _backend.resolve(x) is _backend.Impl.CPU
+            and _backend.direct_call_ok(x, idx, ds)):
         cpp = _cpp.ops()
         if cpp is not None and hasattr(cpp, "hard_switch_backward"):
             return cpp.hard_switch_backward(idx, ds, x.shape[1])
@@ -277,7 +264,7 @@ def _hard_switch_dx(x: torch.Tensor, idx: torch.Tensor, ds: torch.Tensor) -> tor
 class HardSwitchFunction(torch.autograd.Function):
     """Forward: x[..., argmax z, :]. Backward: the selected input gets ds, the others 0; z gets the
     soft switch's gradient at temperature τ when straight-through, else none. Under
-    ``create_graph`` both as torch ops (a scatter; :func:`_differentiable_forward`'s gradient)."""
+    ``create_graph`` both as torch ops (the scatter; :func:`_torch_forward`'s gradient)."""
 
     @staticmethod
     def forward(ctx, z, x, straight_through: bool, tau: float):
@@ -290,19 +277,15 @@ class HardSwitchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ds):
         z, x, idx = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a double backward: the gradients as torch ops, with their graph
-            index = idx[:, None, None].expand(-1, 1, x.shape[2])
-            dx = torch.zeros_like(x).scatter(1, index, ds.to(x.dtype).unsqueeze(1))
-            dz = None
-            if ctx.straight_through and ctx.needs_input_grad[0]:
-                tau = ctx.tau
-                (dz,) = graph_grads(lambda z_: _differentiable_forward(z_, x, None, tau), (z,), (True,), ds)
-            return dz, dx, None, None
-        dx = _hard_switch_dx(x, idx, ds.to(x.dtype))
+        dx = _hard_switch_dx(x, idx, ds.to(x.dtype))  # a scatter with its graph under create_graph
         dz = None
         if ctx.straight_through and ctx.needs_input_grad[0]:
-            s_soft, lse = _forward(z, x, None, ctx.tau)
-            dz, _ = _backward(z, x, None, s_soft, lse, ds, ctx.tau)
+            if torch.is_grad_enabled():  # a double backward: the soft switch's gradient with its graph
+                tau = ctx.tau
+                (dz,) = graph_grads(lambda z_: _torch_forward(z_, x, None, tau)[0], (z,), (True,), ds)
+            else:
+                s_soft, lse = _forward(z, x, None, ctx.tau)
+                dz, _ = _backward(z, x, None, s_soft, lse, ds, ctx.tau)
         return dz, dx, None, None
 
 

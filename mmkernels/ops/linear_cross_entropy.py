@@ -332,7 +332,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss.to(x.dtype), tlp
 
     @staticmethod
-    @once_differentiable  # a gradient of the gradient: a clear error, not a silent 0
+    @once_differentiable  # no torch-ops twin: a second derivative raises where the incoming gradient has a graph
     def backward(ctx, grad, _grad_tlp):
         terms, grads, chunk_tokens = ctx.args
         if ctx.eager:

@@ -398,8 +398,8 @@ def _differentiable_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, kind: 
     """dx as torch ops of ``y`` and ``dy`` in the math dtype (float32; float64 for float64), so that
     it has a graph to both: the backward under ``create_graph`` (the kernels have no derivative of
     their own). Softmax ``y·(dy - Σ y·dy)``, softmin its negative, log-softmax ``dy - exp(y)·Σ dy``."""
-    math_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    yf, gf = y.to(math_dtype), dy.to(math_dtype)
+    md = math_dtype(y.dtype)
+    yf, gf = y.to(md), dy.to(md)
     if kind == Kind.LOG_SOFTMAX:
         dx = gf - torch.exp(yf) * gf.sum(dim, keepdim=True)
     else:
